@@ -1,0 +1,30 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use and are idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# torch is pinned in the same pip command as the HF stack so pip never swaps in a CUDA build.
+# The `fairness` package only ships UCI Adult; its declared dependencies are broken -> --no-deps.
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps fairness==0.1.8
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
+	  $(PY) -m pytest -q tests
+
+demo: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
+	  $(PY) examples/train_text.py --demo
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,187 @@
+"""The bias detector: attention pooling + MLP + sigmoid → a per-example risk score p_s(x) ∈ [0, 1].
+
+`DetectorNet` is the network of one adapter. `FairBiasDetector` is the container that lives in the model tree at
+`<model>.fair_bias_detector`; it is a PEFT tuner layer, so PEFT's own machinery (set/delete adapter, requires_grad,
+dtype casts, state dict) handles the detectors and the prototype buffers of every FairLoRA adapter. The detector is
+frozen by default (via PEFT's `frozen_peft_weight_names`); `FairTrainer` unfreezes it for its detector stage.
+`pool_tokens` is shared with the trainer, which pools the final representation the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class FairTunerLayer(BaseTunerLayer):
+    """Marker base class of every FairLoRA tuner layer (the LoRA layers and the detector container)."""
+
+
+def as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """View a hidden tensor as tokens (B, T, d): (B, d) → (B, 1, d); (B, C, H, W) → (B, H·W, C)."""
+    if hidden.dim() == 2:
+        return hidden.unsqueeze(1)
+    if hidden.dim() == 3:
+        return hidden
+    if hidden.dim() == 4:
+        return hidden.flatten(2).transpose(1, 2)
+    raise ValueError(f"The detector cannot read a hidden tensor of shape {tuple(hidden.shape)}; expected 2-4 dims.")
+
+
+def align_mask(mask: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Return a (B, T) {0,1} mask matching `tokens`, or None when there is no usable 2-D attention mask."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != tokens.shape[0]:
+        return None
+    if mask.shape[1] != tokens.shape[1]:
+        if mask.shape[1] < tokens.shape[1]:
+            return None
+        mask = mask[:, -tokens.shape[1] :]  # decoders with a cache: the mask covers past + current tokens
+    return mask.to(tokens.dtype)
+
+
+def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
+    """Pool (B, T, d) tokens to (B, d) with 'cls' (first token), 'mean' (masked) or 'last' (last non-padding)."""
+    if how == "cls":
+        return tokens[:, 0]
+    if how == "mean":
+        if mask is None:
+            return tokens.mean(dim=1)
+        weights = mask.unsqueeze(-1)
+        return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if how == "last":
+        if mask is None:
+            return tokens[:, -1]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        last = (mask.long() * positions).argmax(dim=1)  # works for left and right padding
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+    raise ValueError(f"Unknown pooling {how!r}; choose 'cls', 'mean' or 'last'.")
+
+
+class DetectorNet(nn.Module):
+    """LayerNorm → pooling → MLP (ReLU, dropout) → logit. `forward` returns the risk score sigmoid(logit), shape (B,).
+
+    Attention pooling (paper, Sec. 3.2): e_i = vᵀ tanh(W h_i + b), α = softmax(e) over non-padding tokens,
+    h_pool = Σ_i α_i h_i. The output layer is Xavier-initialised with gain 0.1 and a zero bias, so a fresh detector
+    scores every example ≈ 0.5.
+    """
+
+    # Submodule names are deliberately unusual ("in_norm", "pool_energy", "risk_mlp") so that suffix matching of
+    # `modules_to_save=["classifier", "score", "norm"]` never wraps detector internals.
+    def __init__(self, input_dim: int, hidden_sizes: list[int], dropout: float, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+        self.in_norm = nn.LayerNorm(input_dim)
+        if pooling == "attention":
+            attn_dim = hidden_sizes[0] if hidden_sizes else input_dim
+            self.pool_proj = nn.Linear(input_dim, attn_dim)
+            self.pool_energy = nn.Linear(attn_dim, 1, bias=False)
+        layers: list[nn.Module] = []
+        width = input_dim
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.risk_mlp = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.risk_mlp[-1].weight, gain=0.1)
+
+    def logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tokens = as_tokens(hidden).to(self.in_norm.weight.dtype)
+        mask = align_mask(mask, tokens)
+        tokens = self.in_norm(tokens)
+        if self.pooling == "attention":
+            scores = self.pool_energy(torch.tanh(self.pool_proj(tokens))).squeeze(-1)
+            if mask is not None:
+                scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
+            alpha = torch.softmax(scores, dim=1).unsqueeze(-1)
+            pooled = (alpha * tokens).sum(dim=1)
+        else:
+            pooled = pool_tokens(tokens, mask, self.pooling)
+        return self.risk_mlp(pooled).squeeze(-1)
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden, mask))
+
+
+class FairBiasDetector(nn.Module, FairTunerLayer):
+    """Container of the per-adapter detectors and prototype buffers, attached at `<model>.fair_bias_detector`.
+
+    Keys in the adapter checkpoint: `fair_bias_detector.fairlora_detector.<params>`,
+    `fair_bias_detector.fairlora_prototypes` ((K, 2, d) per-(class × group) mean representations) and
+    `fair_bias_detector.fairlora_prototype_counts` ((K, 2) row counts; all zero until the prototype stage has run).
+    """
+
+    adapter_layer_names = ("fairlora_detector",)
+    other_param_names = ("fairlora_prototypes", "fairlora_prototype_counts")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fairlora_detector = nn.ModuleDict()
+        self.fairlora_prototypes = BufferDict(persistent=True)
+        self.fairlora_prototype_counts = BufferDict(persistent=True)
+        self.frozen_peft_weight_names = {}
+        self._active_adapter = []
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features = 0
+        self.out_features = 1
+
+    # BaseTunerLayer reads these from `base_layer`; the detector wraps no base layer.
+    def get_base_layer(self) -> nn.Module:
+        return self
+
+    @property
+    def weight(self):  # pragma: no cover - only here so PEFT helpers that probe `.weight` do not recurse
+        raise AttributeError("FairBiasDetector has no base weight")
+
+    @property
+    def bias(self):  # pragma: no cover
+        raise AttributeError("FairBiasDetector has no base bias")
+
+    def update_layer(self, adapter_name: str, config, num_classes: int, representation_dim: int, device, dtype):
+        self.in_features = config.detector_input_dim
+        net = DetectorNet(config.detector_input_dim, config.detector_hidden_sizes, config.detector_dropout,
+                          config.detector_pooling)
+        self.fairlora_detector[adapter_name] = net.to(device=device)
+        self.fairlora_prototypes[adapter_name] = torch.zeros(num_classes, 2, representation_dim, device=device)
+        self.fairlora_prototype_counts[adapter_name] = torch.zeros(num_classes, 2, device=device)
+        self.set_detector_trainable(adapter_name, False)
+
+    def set_detector_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Freeze (default) or unfreeze the detector of `adapter_name`; PEFT's adapter switching keeps the choice."""
+        if trainable:
+            self.frozen_peft_weight_names.pop(adapter_name, None)
+        else:
+            self.frozen_peft_weight_names[adapter_name] = ("fairlora_detector",)
+        if adapter_name in self.fairlora_detector:
+            self.fairlora_detector[adapter_name].requires_grad_(trainable)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        if device is None:
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+
+    def merge(self, *args, **kwargs) -> None:
+        return None  # nothing to merge: the detector only gates
+
+    def unmerge(self) -> None:
+        return None
+
+    def forward(self, x=None, *args, **kwargs):
+        """Identity. The detectors run from the gate hooks (gate.py); this only matters when the wrapped model is an
+        `nn.Sequential`, which calls every child in order, including this container."""
+        return x

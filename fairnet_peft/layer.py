@@ -1,0 +1,131 @@
+"""Conditional LoRA layers: y = W x + g(x) · (α / r) · B A x, with a hard per-example gate g(x) ∈ {0, 1}.
+
+The gate covers every token/position of an example (batch row); it comes from the model's `GateState` (gate.py).
+The LoRA math lives in `FairLoraLayer.lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute at
+all, every row gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated
+rows only and added with `index_add`. Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
+Merging is refused: the gate depends on the input, so no single merged weight exists.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .detector import FairTunerLayer
+from .gate import STATE_ATTR
+
+MERGE_REFUSED = (
+    "FairLoRA adapters cannot be merged: the update is switched on per example by the bias detector, so no single "
+    "merged weight reproduces the model. Keep the adapter unmerged (inference is still a single pass), or, to get a "
+    "plain always-on LoRA (the τ = 0 ablation), copy fairlora_A/fairlora_B into a peft LoraConfig model and merge that."
+)
+
+
+class FairLoraLayer(nn.Module, FairTunerLayer):
+    adapter_layer_names = ("fairlora_A", "fairlora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "fairlora_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, gate_state) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.fairlora_dropout = nn.ModuleDict()
+        self.fairlora_A = nn.ModuleDict()
+        self.fairlora_B = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.__dict__[STATE_ATTR] = gate_state
+        if isinstance(base_layer, nn.Linear):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif isinstance(base_layer, Conv1D):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # Conv2d
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.update_layer(adapter_name, config)
+
+    # ------------------------------------------------------------------ construction
+    def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
+        base = self.get_base_layer()
+        if isinstance(base, nn.Conv2d):
+            a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+            return a, nn.Conv2d(r, base.out_channels, 1, bias=False)
+        return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
+
+    def update_layer(self, adapter_name: str, config) -> None:
+        self.r[adapter_name] = config.r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.fairlora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.fairlora_A[adapter_name], self.fairlora_B[adapter_name] = self._make_pair(config.r)
+        self.reset_lora_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_lora_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        a, b = self.fairlora_A[adapter_name], self.fairlora_B[adapter_name]
+        if a.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(b.weight)
+        else:
+            nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+
+    # ------------------------------------------------------------------ math (the one place)
+    def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """(α / r) · B A dropout(x), in the adapter's dtype."""
+        a = self.fairlora_A[adapter_name]
+        x = self._cast_input_dtype(x, a.weight.dtype)
+        return self.fairlora_B[adapter_name](a(self.fairlora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        state = self.__dict__[STATE_ATTR]
+        for adapter in self.active_adapters:
+            if adapter not in self.fairlora_A:
+                continue
+            record = state.record(adapter)
+            if record is None or record.n_on == 0:
+                continue  # dynamic cost: no gated row, no LoRA compute
+            if record.n_on == record.batch_size:
+                result = result + self.lora_delta(x, adapter).to(result.dtype)
+                continue
+            if x.shape[0] != record.batch_size:
+                raise RuntimeError(
+                    f"FairLoRA layer got an input with {x.shape[0]} rows but the gate has {record.batch_size}: this "
+                    "module does not keep the batch in dim 0, so it cannot be gated per example. Exclude it from "
+                    "`target_modules`."
+                )
+            idx = record.idx.to(x.device)
+            delta = self.lora_delta(x.index_select(0, idx), adapter)
+            result = result.index_add(0, idx, delta.to(result.dtype))
+        return result
+
+    # ------------------------------------------------------------------ merging is refused
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_REFUSED)
+
+    def unmerge(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "fairlora." + super().__repr__()
+
+
+def dispatch(target: nn.Module, adapter_name: str, config, gate_state) -> FairLoraLayer:
+    base = target.get_base_layer() if isinstance(target, FairTunerLayer) else target
+    if isinstance(base, (nn.Linear, Conv1D, nn.Conv2d)):
+        return FairLoraLayer(target, adapter_name, config, gate_state)
+    raise ValueError(
+        f"FairLoRA cannot adapt {type(base).__name__} modules; supported are torch.nn.Linear, transformers Conv1D "
+        "and torch.nn.Conv2d. Change FairLoraConfig.target_modules to name only such modules."
+    )

@@ -1,0 +1,232 @@
+"""`FairLoraModel`: the PEFT tuner that injects FairLoRA into a model.
+
+`inject_adapter` resolves the model-dependent settings (layer stack, detector read point, default target modules
+and layers, sizes) and writes them into the config, lets PEFT wrap the target modules (`_create_and_replace` →
+`layer.dispatch`), then attaches the detector container at `<model>.fair_bias_detector` and the gate hooks
+(gate.py). Everything per model lives on the wrapped model, not on this tuner, so transformers' own
+`model.load_adapter(...)` (which injects through a throw-away tuner) gets the same behaviour as `PeftModel`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _remove_adapter_name_from_state_dict_key
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import FairLoraConfig
+from .detector import FairBiasDetector, FairTunerLayer
+from .gate import DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, root_post_hook, root_pre_hook
+from .layer import MERGE_REFUSED, dispatch
+
+_STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
+# Attention query/value projections by naming family, tried in order when the model type is not in PEFT's mapping
+# or its names changed (transformers 5 ViT uses q_proj/v_proj where PEFT's mapping still says query/value).
+_QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("qkv",))
+
+
+def find_layer_stack(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
+    """The longest ModuleList of same-type blocks named like a layer stack ('layer', 'layers', 'h', 'blocks')."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if name.rpartition(".")[2] not in _STACK_NAMES or len({type(m) for m in module}) != 1:
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    return best
+
+
+def _model_config(model: nn.Module) -> dict:
+    """model_type, hidden_size and num_labels of a transformers model (attribute aliases resolved), else {}."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_labels": getattr(config, "num_labels", None),
+    }
+
+
+class FairLoraModel(BaseTuner):
+    """PEFT tuner for `FairLoraConfig`. Created by `get_peft_model`; users do not instantiate it directly."""
+
+    prefix: str = "fairlora_"
+    tuner_layer_cls = FairTunerLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------ injection
+    def _gate_state(self, model: nn.Module) -> GateState:
+        state = model.__dict__.get(STATE_ATTR)
+        if state is None:
+            state = GateState(None)  # the detector container is attached after PEFT's first injection
+            model.__dict__[STATE_ATTR] = state
+            model.__dict__["_fairlora_is_root"] = True
+            state.root_handles = [
+                model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
+                model.register_forward_hook(root_post_hook, with_kwargs=True),
+            ]
+        return state
+
+    def _prepare_adapter_config(self, peft_config: FairLoraConfig, model_config: dict) -> FairLoraConfig:
+        return peft_config  # resolved against the model itself in `_resolve_config`
+
+    def _resolve_config(self, model: nn.Module, config: FairLoraConfig) -> None:
+        model_config = _model_config(model)
+        stack = find_layer_stack(model)
+        module_names = dict(model.named_modules())
+        if config.detector_module is None and stack is not None:
+            n_layers = len(stack[1])
+            layer = n_layers // 2 if config.detector_layer is None else config.detector_layer
+            if not 0 <= layer < n_layers:
+                raise ValueError(
+                    f"FairLoraConfig.detector_layer={layer} is out of range: this model has {n_layers} blocks in "
+                    f"'{stack[0]}', so the valid range is 0..{n_layers - 1} (the detector reads the input of that block)."
+                )
+            config.detector_layer = layer
+            config.detector_module = f"{stack[0]}.{layer}"
+            if config.layers_to_transform is None and config.target_modules != "all-linear":
+                config.layers_to_transform = list(range(layer, n_layers))
+            if config.layers_to_transform is not None and config.layers_pattern is None:
+                config.layers_pattern = stack[0].rpartition(".")[2]
+        elif config.detector_module is not None and config.detector_module not in module_names:
+            raise ValueError(
+                f"FairLoraConfig.detector_module={config.detector_module!r} is not a module of this model. Name the "
+                "module whose input the detector should read, e.g. one block of the layer stack "
+                f"({', '.join(list(module_names)[1:6])}, ...)."
+            )
+        if config.target_modules is None:
+            config.target_modules = self._default_targets(model, config, model_config.get("model_type"))
+        else:
+            self._check_targets_match(model, config)
+        if config.detector_input_dim is None and (model_config.get("hidden_size") or config.detector_module):
+            config.detector_input_dim = model_config.get("hidden_size") or self._module_width(module_names, config)
+        if config.num_classes is None:
+            config.num_classes = int(model_config.get("num_labels") or 0)
+        if config.representation_dim is None:
+            config.representation_dim = int(model_config.get("hidden_size") or 0)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config, key: str):
+        if key == DETECTOR_ATTR or key.startswith(DETECTOR_ATTR + ".") or f".{DETECTOR_ATTR}." in key:
+            return False  # never adapt the detector itself (e.g. with target_modules="all-linear")
+        return BaseTuner._check_target_module_exists(peft_config, key)
+
+    def _matching_keys(self, model: nn.Module, config: FairLoraConfig) -> list[str]:
+        return [key for key, _ in model.named_modules() if key and self._check_target_module_exists(config, key)]
+
+    def _default_targets(self, model: nn.Module, config: FairLoraConfig, model_type: Optional[str]) -> set[str]:
+        candidates = []
+        if model_type in self.target_module_mapping:
+            candidates.append(tuple(self.target_module_mapping[model_type]))
+        candidates.extend(_QV_CANDIDATES)
+        for names in candidates:
+            config.target_modules = set(names)
+            if self._matching_keys(model, config):
+                return set(names)
+        config.target_modules = None
+        raise ValueError(
+            f"FairLoraConfig.target_modules: could not find the attention query/value projections of model type "
+            f"{model_type!r} (tried {[list(c) for c in candidates]}). Pass target_modules=[...] with the names of the "
+            "nn.Linear modules to adapt, or target_modules='all-linear'."
+        )
+
+    def _check_targets_match(self, model: nn.Module, config: FairLoraConfig) -> None:
+        if config.target_modules == "all-linear" or self._matching_keys(model, config):
+            return
+        linear = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(
+            f"FairLoraConfig.target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
+            f"matches no module of this model (layers_to_transform={config.layers_to_transform}). Valid targets are "
+            f"nn.Linear/Conv1D/Conv2d module names (suffix match) such as {linear}, or 'all-linear'."
+        )
+
+    @staticmethod
+    def _module_width(module_names: dict, config: FairLoraConfig) -> int:
+        module = module_names.get(config.detector_module) if config.detector_module else None
+        for attr in ("in_features", "in_channels", "embed_dim", "hidden_size"):
+            if module is not None and getattr(module, attr, None):
+                return int(getattr(module, attr))
+        raise ValueError(
+            "FairLoraConfig.detector_input_dim could not be inferred (the model has no config.hidden_size and the "
+            f"detector module {config.detector_module!r} has no in_features). Set detector_input_dim explicitly."
+        )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        config: FairLoraConfig = self.peft_config[adapter_name]
+        self._resolve_config(model, config)
+        state = self._gate_state(model)
+        state.configs[adapter_name] = config
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        if config.detector_module is None:  # no layer stack: read the input of the first adapted module
+            config.detector_module = next(k for k, _ in model.named_modules() if k in set(self.targeted_module_names))
+        if config.detector_input_dim is None:
+            config.detector_input_dim = self._module_width(dict(model.named_modules()), config)
+        if state.detector is None:
+            state.detector = FairBiasDetector()
+            setattr(model, DETECTOR_ATTR, state.detector)
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        state.detector.update_layer(adapter_name, config, config.num_classes, config.representation_dim, device, None)
+        state.detector.set_adapter(self.active_adapters)
+        read_module = model.get_submodule(config.detector_module)
+        read_module.__dict__[STATE_ATTR] = state
+        old = state.read_handles.pop(adapter_name, None)
+        if old is not None:
+            old.remove()
+        state.read_handles[adapter_name] = read_module.register_forward_pre_hook(
+            functools.partial(detector_pre_hook, adapter_name=adapter_name), with_kwargs=True
+        )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        state = self._gate_state(self.model)
+        if isinstance(target, FairTunerLayer) and hasattr(target, "fairlora_A"):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = dispatch(target, adapter_name, config, state)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ adapter management
+    def delete_adapter(self, adapter_name: str) -> None:
+        state = self.model.__dict__.get(STATE_ATTR)
+        super().delete_adapter(adapter_name)
+        if state is not None:
+            handle = state.read_handles.pop(adapter_name, None)
+            if handle is not None:
+                handle.remove()
+            state.configs.pop(adapter_name, None)
+            state.records.pop(adapter_name, None)
+
+    def _check_merge_allowed(self):
+        raise ValueError(MERGE_REFUSED)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError(MERGE_REFUSED)
+        state = self.model.__dict__.pop(STATE_ATTR, None)
+        self.model.__dict__.pop("_fairlora_is_root", None)
+        if state is not None:
+            for handle in list(state.read_handles.values()) + state.root_handles:
+                handle.remove()
+            for module in self.model.modules():
+                module.__dict__.pop(STATE_ATTR, None)
+        if hasattr(self.model, DETECTOR_ATTR):
+            delattr(self.model, DETECTOR_ATTR)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    # ------------------------------------------------------------------ checkpoint keys
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f".fairlora_detector.{adapter_name}."
+        if marker in key:  # nested detector parameters: fairlora_detector.<adapter>.mlp.0.weight
+            return key.replace(marker, ".fairlora_detector.", 1)
+        return _remove_adapter_name_from_state_dict_key(key, adapter_name)

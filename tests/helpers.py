@@ -1,0 +1,89 @@
+"""Shared test helpers: tiny seeded HF models built from configs, and a local fake of the Hub upload API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import types
+
+import torch
+import transformers as T
+
+T.logging.set_verbosity_error()
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_model(kind: str, num_labels: int = 2, seed: int = 0):
+    """A tiny, seeded sequence/image classifier built from a config (no download)."""
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = T.BertConfig(vocab_size=50, num_labels=num_labels, **TINY)
+    elif kind == "roberta":
+        cfg = T.RobertaConfig(vocab_size=50, num_labels=num_labels, pad_token_id=1, **TINY)
+    elif kind == "distilbert":
+        cfg = T.DistilBertConfig(vocab_size=50, dim=32, n_layers=4, n_heads=2, hidden_dim=64, num_labels=num_labels)
+    elif kind == "llama":
+        cfg = T.LlamaConfig(vocab_size=50, num_key_value_heads=2, pad_token_id=0, num_labels=num_labels, **TINY)
+    elif kind == "gpt2":
+        cfg = T.GPT2Config(vocab_size=50, n_embd=32, n_layer=4, n_head=2, pad_token_id=0, num_labels=num_labels)
+    elif kind == "vit":
+        cfg = T.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=num_labels, **TINY)
+        return T.ViTForImageClassification(cfg).eval()
+    else:
+        raise ValueError(kind)
+    return T.AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def tiny_batch(kind: str, batch: int = 6, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(3, 50, (batch, 10), generator=g)
+    mask = torch.ones(batch, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # one padded row
+    ids[1, 6:] = 0 if kind in ("bert", "distilbert", "llama", "gpt2") else 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class FakeHubApi:
+    """Stands in for `huggingface_hub.HfApi` in push tests: commits land in a local folder, nothing leaves the box."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        os.makedirs(os.path.join(self.root, repo_id), exist_ok=True)
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            dest = os.path.join(self.root, repo_id, op.path_in_repo)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copy(op.path_or_fileobj, dest)
+        self.commits.append((repo_id, [op.path_in_repo for op in operations]))
+        return types.SimpleNamespace(commit_url=f"file://{self.root}/{repo_id}", oid="0" * 40)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, os.path.join(self.root, repo_id), dirs_exist_ok=True)
+        self.commits.append((repo_id, sorted(os.listdir(folder_path))))
+        return types.SimpleNamespace(commit_url=f"file://{self.root}/{repo_id}", oid="0" * 40)
+
+
+def install_fake_hub(monkeypatch, root: str) -> FakeHubApi:
+    """Replace every Hub client the push path can reach with a local `FakeHubApi`."""
+    import huggingface_hub
+    import transformers.utils.hub as thub
+
+    api = FakeHubApi(root)
+    monkeypatch.setattr(thub, "hf_api", lambda *a, **k: api, raising=False)
+    monkeypatch.setattr(thub, "create_repo", api.create_repo, raising=False)
+    monkeypatch.setattr(thub, "create_commit", api.create_commit, raising=False)
+    monkeypatch.setattr(huggingface_hub, "create_repo", api.create_repo)
+    monkeypatch.setattr(huggingface_hub, "create_commit", api.create_commit)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", api.upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: api.create_repo(*a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: api.create_commit(*a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *a, **k: api.upload_folder(*a, **k))
+    return api
