@@ -15,3 +15,8 @@ from .model import FairLoraModel  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["FairLoraConfig", "FairLoraModel", "GateRecord", "force_gate", "gate_record"]
+
+from .trainer import FairTrainer  # noqa: E402
+from .training_args import FairTrainingArguments  # noqa: E402
+
+__all__ += ["FairTrainer", "FairTrainingArguments"]

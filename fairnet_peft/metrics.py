@@ -1,27 +1,11 @@
-"""Fairness metrics for FairNet, in fairlearn's style: ``f(y_true, y_pred, *, sensitive_features, ...)``.
+"""Fairness metrics for FairNet in fairlearn's style: ``f(y_true, y_pred, *, sensitive_features, ...)``.
 
-Every metric is a thin layer over one helper, :func:`_confusion_by_group`, which counts a
-``(group, true label, predicted label)`` confusion tensor once; all conventions live there and in
-the module notes below. Inputs may be numpy arrays, lists or torch tensors; outputs are floats or
-small dicts. On top sit :func:`fairness_summary` (a flat dict of every metric),
-:func:`make_compute_metrics` (for ``transformers.Trainer``), :func:`render_fairness_table`
-(Markdown) and :func:`load_evaluate_metric` (the same numbers as an ``evaluate`` module).
-
-Conventions (see also ``/work/shared/notes/anchors.md`` §5):
-
-* **Cells** are (true label × sensitive group) pairs, keyed ``"y=1,s=0"`` (flat metric keys use
-  ``acc_y1_s0``); **groups** are sensitive values alone, keyed ``"s=0"``. Labels of a cell are the
-  classes present in ``y_true``; groups are the sensitive values present.
-* **Unknown sensitive values** (``-1``, ``None`` or NaN) are dropped before any group metric.
-* **Empty cell** (a label and a group both occur, but never together): accuracy NaN, an
-  :class:`EmptyGroupWarning`, and the cell is left out of minima and averages. A rate whose
-  denominator is empty in some group (e.g. TPR of a group without positives) is NaN and left out
-  of the max − min spread. fairlearn instead scores such rates 0 (sklearn's ``nan_to_num``).
-* **Differences** are ``max_g − min_g`` over groups ("between_groups", as fairlearn); one group ⇒ 0.
-* **Binary** labels are ``{0, 1}`` (positive = 1) or any two values (positive = the larger one).
-  **Multiclass** (> 2 classes, or ``labels`` of length > 2): the binary metric is computed with each
-  class in turn as the positive class (one-vs-rest) and averaged over classes (macro; classes where
-  it is undefined are skipped).
+Every metric is a thin layer over :func:`_confusion_by_group`, which counts one (group × true label ×
+prediction) tensor; its docstring holds all conventions: (label × group) cells keyed ``"y=1,s=0"``,
+unknown group -1 dropped, empty cells NaN + :class:`EmptyGroupWarning`, max − min gaps over groups,
+macro one-vs-rest for multiclass. Inputs: numpy, lists or torch tensors; outputs: floats or small dicts.
+On top: :func:`fairness_summary` (flat dict), :func:`make_compute_metrics` (``transformers.Trainer``),
+:func:`render_fairness_table` (Markdown) and :func:`load_evaluate_metric` (the ``evaluate`` module).
 """
 
 from __future__ import annotations
@@ -37,6 +21,8 @@ import numpy as np
 
 __all__ = [
     "EmptyGroupWarning",
+    "cell_key",
+    "group_key",
     "accuracy",
     "worst_class_accuracy",
     "group_accuracies",
@@ -125,7 +111,7 @@ def group_key(s: Any) -> str:
 
 
 def _nan_warn(message: str) -> float:
-    warnings.warn(message, EmptyGroupWarning, stacklevel=4)
+    warnings.warn(message, EmptyGroupWarning, stacklevel=3)
     return float("nan")
 
 
@@ -199,6 +185,25 @@ def _confusion_by_group(
     """Drop unknown-group rows, count the (group, label, prediction) tensor, warn on empty cells.
 
     ``sensitive_features=None`` means one group (all rows), used for label-only metrics.
+
+    Conventions, shared by every metric in this module:
+
+    * **Cells** are (true label × sensitive group) pairs, keyed ``"y=1,s=0"`` (flat metric keys use
+      ``acc_y1_s0``); **groups** are sensitive values alone, keyed ``"s=0"``. Labels of a cell are the
+      classes present in ``y_true``; groups are the sensitive values present.
+    * **Unknown sensitive values** (``-1``, ``None`` or NaN) are dropped before any group metric.
+    * **Empty cell** (a label and a group both occur, but never together): accuracy NaN, an
+      :class:`EmptyGroupWarning`, and the cell is left out of minima and averages. A rate whose
+      denominator is empty in some group (e.g. TPR of a group without positives) is NaN and left out
+      of the max − min spread. fairlearn instead scores such rates 0 (sklearn's ``nan_to_num``).
+      No known row at all: every group metric is NaN, with a warning.
+    * **Differences** are ``max_g − min_g`` over groups ("between_groups", as fairlearn); a single
+      group (or a single group where the rate is defined) gives 0.
+    * **Classes** are ``labels`` if given, else the values of ``y_true`` ∪ ``y_pred``. **Binary**:
+      ``{0, 1}`` (positive = 1) or any two values (positive = the larger one, as fairlearn).
+      **Multiclass** (> 2 classes, e.g. ``labels=range(3)``): the binary metric is computed with each
+      class in turn as the positive class (one-vs-rest) and averaged over classes (macro; classes where
+      it is undefined are skipped).
     """
     yt = _as_1d(y_true, "y_true")
     yp = _as_1d(y_pred, "y_pred")
@@ -713,8 +718,8 @@ _TABLE_ROWS = [
     ("gate_rate", "gate rate, all rows"),
 ]
 _TABLE_TAIL = [
-    ("detector_tpr", "detector TPR, P(gate=1 | s=1)"),
-    ("detector_fpr", "detector FPR, P(gate=1 | s=0)"),
+    ("detector_tpr", "detector TPR (gate on, s=1)"),
+    ("detector_fpr", "detector FPR (gate on, s=0)"),
     ("detector_tpr_over_fpr", "detector TPR / FPR"),
 ]
 

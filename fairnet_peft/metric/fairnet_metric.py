@@ -39,7 +39,8 @@ Returns:
 _CITATION = """
 @inproceedings{zhou2025fairnet,
   title={FairNet: Dynamic Fairness Correction without Performance Loss via Contrastive Conditional LoRA},
-  author={Zhou, Songqi and Liu and Jiang},
+  author={Zhou, Songqi and others},
+  note={arXiv:2510.19421},
   booktitle={NeurIPS},
   year={2025}
 }

@@ -1,0 +1,85 @@
+"""FairNet's two losses.
+
+Eq. 1, class-balanced BCE for the detector: L_D = −mean_i [ w1·s_i·log p_i + (1 − s_i)·log(1 − p_i) ],
+with w1 = N_{s=0} / N_{s=1} from the whole training set (not per batch), over rows with a known (or pseudo) label.
+
+Eq. 2, triplet loss of an anchor (a minority row, LoRA on) against the majority prototypes:
+L_C = [ D(z_a, μ_{y_a,0}) − D(z_a, μ_{y',0}) + m ]_+ averaged over anchors, where the negative prototype μ_{y',0} is
+the nearest other-class majority prototype ("nearest", any number of classes), every other class ("all": mean of
+the hinges) or a random other class ("random"). Features and prototypes are L2-normalised first; D is the
+Euclidean ("euclidean"), squared Euclidean ("squared_euclidean") or cosine (1 − cos, "cosine") distance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def class_balanced_bce(risk: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Eq. 1 on the rows whose target is 0 or 1 (rows with −1 are ignored); 0 with a grad path if none remain."""
+    known = target >= 0
+    if not bool(known.any()):
+        return risk.sum() * 0.0
+    p = risk[known].clamp(1e-6, 1 - 1e-6)
+    s = target[known].to(p.dtype)
+    return -(pos_weight * s * torch.log(p) + (1 - s) * torch.log(1 - p)).mean()
+
+
+def pairwise_distance(z: torch.Tensor, protos: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distances (A, P) between L2-normalised anchors z (A, d) and prototypes (P, d)."""
+    z, protos = F.normalize(z, dim=-1), F.normalize(protos, dim=-1)
+    if distance == "cosine":
+        return 1.0 - z @ protos.T
+    sq = (z.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
+    if distance == "squared_euclidean":
+        return sq
+    if distance == "euclidean":
+        return sq.clamp_min(1e-12).sqrt()
+    raise ValueError(f"distance={distance!r}: choose 'euclidean', 'squared_euclidean' or 'cosine'.")
+
+
+def prototype_triplet_loss(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    majority_prototypes: torch.Tensor,
+    *,
+    margin: float,
+    distance: str = "euclidean",
+    negative_strategy: str = "nearest",
+    weights: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, float]:
+    """Eq. 2. Returns (loss, fraction of anchors whose hinge is active).
+
+    Args:
+        z: (A, d) anchor representations computed with the LoRA on.
+        labels: (A,) class of each anchor.
+        majority_prototypes: (K, d) μ_{k,0}, the majority-group prototype of every class.
+        weights: optional (A,) anchor weights (class-balanced anchors); normalised to mean 1.
+    """
+    n_classes = majority_prototypes.shape[0]
+    if n_classes < 2:
+        raise ValueError("The triplet loss needs at least two classes (a negative prototype of another class).")
+    dist = pairwise_distance(z, majority_prototypes.to(z.dtype), distance)  # (A, K)
+    pos = dist.gather(1, labels.view(-1, 1)).squeeze(1)
+    other = torch.ones_like(dist, dtype=torch.bool).scatter_(1, labels.view(-1, 1), False)
+    if negative_strategy == "nearest":
+        neg = dist.masked_fill(~other, float("inf")).min(dim=1).values
+        hinge = F.relu(pos - neg + margin)
+    elif negative_strategy == "all":
+        per = F.relu(pos.unsqueeze(1) - dist + margin) * other
+        hinge = per.sum(1) / other.sum(1)
+    elif negative_strategy == "random":
+        offset = torch.randint(1, n_classes, labels.shape, generator=generator).to(labels.device)
+        neg = dist.gather(1, ((labels + offset) % n_classes).view(-1, 1)).squeeze(1)
+        hinge = F.relu(pos - neg + margin)
+    else:
+        raise ValueError(f"negative_strategy={negative_strategy!r}: choose 'nearest', 'all' or 'random'.")
+    active = float((hinge.detach() > 0).float().mean()) if hinge.numel() else 0.0
+    if weights is not None:
+        w = weights.to(hinge.dtype)
+        return (hinge * w).sum() / w.sum().clamp_min(1e-12), active
+    return hinge.mean(), active

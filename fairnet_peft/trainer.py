@@ -1,0 +1,477 @@
+"""`FairTrainer`: FairNet's staged training as a drop-in `transformers.Trainer`.
+
+`train()` runs, on a PeftModel whose base is already task-trained (ERM):
+  0. (unlabeled setting only) a frozen-feature pass and a pseudo-labeler (LOF or the ERM error set) marks the minority;
+  1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1);
+  2. prototype pass: frozen base, LoRA off, eval mode: the risk score and final representation z of every training
+     row → per-row groups ŝ (`anchor_source`), detector TPR/FPR, and the (class × group) prototypes, stored as
+     buffers in the adapter;
+  3. LoRA stage: `Trainer`'s loop trains only the LoRA on the anchors (ŝ = 1) with the gate forced on, with the
+     triplet loss against the prototypes (Eq. 2) + λ_T × the task loss.
+Rows are tracked by a `fairnet_row` index column, so statistics are exact under shuffling and under DDP
+(`gather_for_metrics` drops the padding duplicates). Stage 1-2 results are saved under
+`<output_dir>/fairnet-detector-stage/final`, which is how `train(resume_from_checkpoint=...)` knows the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, PeftType
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .detector import pool_tokens
+from .gate import find_gate_state, force_gate, gate_record
+from .losses import class_balanced_bce, prototype_triplet_loss
+from .training_args import FairTrainingArguments
+
+ROW_COLUMN = "fairnet_row"
+STAGE_DIR = "fairnet-detector-stage"
+
+
+def _infer_label_setting(sensitive: np.ndarray) -> str:
+    known = sensitive >= 0
+    if known.all():
+        return "full"
+    return "unlabeled" if not known.any() else "partial"
+
+
+class FairTrainer(Trainer):
+    """Runs FairNet's detector → prototype → contrastive-LoRA stages. Same constructor as `Trainer`, plus
+    `adapter_name` (default: the active adapter). `trainer.label_setting` is "full", "partial" or "unlabeled"."""
+
+    loss_is_scaled_for_ga = False  # every loss term is a per-batch mean: Trainer divides by the accumulation steps
+
+    def __init__(self, model=None, args: Optional[FairTrainingArguments] = None, train_dataset=None, eval_dataset=None,
+                 compute_metrics=None, adapter_name: Optional[str] = None, **kwargs):
+        if args is None:
+            args = FairTrainingArguments(output_dir="fairnet_output")
+        if not isinstance(args, FairTrainingArguments):
+            raise TypeError("FairTrainer needs FairTrainingArguments (a TrainingArguments subclass).")
+        if not isinstance(model, PeftModel) or not any(
+            c.peft_type == PeftType.FAIRLORA for c in model.peft_config.values()
+        ):
+            raise ValueError(
+                "FairTrainer needs a PeftModel with a FairLoRA adapter: model = get_peft_model(erm_model, "
+                "FairLoraConfig(task_type=...)), where erm_model is your already task-trained classifier."
+            )
+        self.adapter_name = adapter_name or model.active_adapter
+        self.label_setting: Optional[str] = None
+        self._sensitive: Optional[np.ndarray] = None
+        if train_dataset is not None:
+            train_dataset = self._validate_train_dataset(train_dataset, args)
+        if eval_dataset is not None:
+            eval_dataset = self._check_eval_dataset(eval_dataset, args)
+        self._eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
+            args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
+        )
+        if compute_metrics is None:
+            from .metrics import make_compute_metrics
+
+            tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
+            compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
+        self._check_selection_metric(args)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         compute_metrics=compute_metrics, **kwargs)
+        self._stage = "eval"
+        self._group_hat: Optional[torch.Tensor] = None
+        self._pos_weight = 1.0
+        self._fair_logs: dict[str, list[float]] = defaultdict(list)
+        self.skipped_batches = 0
+        self.detector_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ input validation
+    def _validate_train_dataset(self, dataset, args):
+        column = args.sensitive_column
+        names = getattr(dataset, "column_names", None)
+        if names is None:
+            raise ValueError("FairTrainer needs a `datasets.Dataset` (with a sensitive column) as train_dataset.")
+        if column not in names:
+            raise ValueError(
+                f"train_dataset has no sensitive column {column!r} (columns: {names}). Add one with 1 = minority, "
+                "0 = majority, -1 = unknown, or set FairTrainingArguments(sensitive_column=...)."
+            )
+        if "labels" not in names and "label" not in names:
+            raise ValueError(f"train_dataset needs a 'labels' column with the task classes (columns: {names}).")
+        sensitive = np.asarray(dataset[column])
+        if sensitive.dtype.kind == "f" and np.isnan(sensitive).any():
+            raise ValueError(f"Column {column!r} contains NaN; use -1 for unknown groups.")
+        bad = sorted(set(np.unique(sensitive).tolist()) - {-1, 0, 1})
+        if bad:
+            raise ValueError(f"Column {column!r} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown).")
+        labels = np.asarray(dataset["labels" if "labels" in names else "label"])
+        if len(np.unique(labels)) < 2:
+            raise ValueError("train_dataset has a single class; FairNet's prototypes need at least two classes.")
+        setting = _infer_label_setting(sensitive)
+        if setting != "unlabeled" and not (sensitive == 1).any():
+            raise ValueError(
+                f"No minority rows ({column} == 1) in the {setting} setting: the detector has nothing to learn. Mark "
+                "the minority with 1, or mark every row -1 to use the unlabeled setting (pseudo-labels)."
+            )
+        if setting == "unlabeled" and args.pseudo_labeler == "lof" and len(sensitive) <= args.lof_n_neighbors:
+            raise ValueError(
+                f"Unlabeled setting with {len(sensitive)} rows but lof_n_neighbors={args.lof_n_neighbors}: LOF needs "
+                "more rows than neighbours. Lower FairTrainingArguments.lof_n_neighbors or add data."
+            )
+        self.label_setting, self._sensitive, self._labels = setting, sensitive.astype(np.int64), labels.astype(np.int64)
+        if ROW_COLUMN in names:
+            dataset = dataset.remove_columns(ROW_COLUMN)
+        return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+
+    def _check_eval_dataset(self, dataset, args):
+        datasets_ = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for ds in datasets_:
+            names = getattr(ds, "column_names", [])
+            if args.sensitive_column in names:
+                values = set(np.unique(np.asarray(ds[args.sensitive_column])).tolist())
+                if values - {-1, 0, 1}:
+                    raise ValueError(f"eval_dataset column {args.sensitive_column!r} has values outside {{-1, 0, 1}}.")
+        return dataset
+
+    def _check_selection_metric(self, args) -> None:
+        metric = args.metric_for_best_model or ""
+        group_metrics = ("worst_group", "equalized_odds", "gate_rate_s", "acc_y", "detector_")
+        if not self._eval_uses_sensitive and any(g in metric for g in group_metrics):
+            raise ValueError(
+                f"metric_for_best_model={metric!r} needs the eval set's sensitive labels, which the {self.label_setting} "
+                "setting must not use for selection (that would leak labels the setting lacks). Use 'accuracy' or "
+                "'worst_class_accuracy', or set eval_sensitive_labels='use' if your validation split really has them."
+            )
+
+    # ------------------------------------------------------------------ columns
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for extra in (self.args.sensitive_column, ROW_COLUMN):
+            if extra not in self._signature_columns:
+                self._signature_columns.append(extra)
+
+    def _pop_extras(self, inputs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return inputs.pop(self.args.sensitive_column, None), inputs.pop(ROW_COLUMN, None)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _detector(self):
+        return find_gate_state(self.model).detector
+
+    @property
+    def _config(self):
+        return self.model.peft_config[self.adapter_name]
+
+    def _representation_pooling(self) -> str:
+        how = self._config.representation_pooling
+        if how == "auto":
+            return "last" if hasattr(self.model.get_base_model(), "score") else "cls"
+        return how
+
+    def _representation(self, outputs, inputs) -> torch.Tensor:
+        hidden = outputs.hidden_states[-1]
+        mask = inputs.get("attention_mask")
+        if hidden.dim() == 2:
+            return hidden
+        return pool_tokens(hidden, mask.to(hidden.dtype) if mask is not None else None, self._representation_pooling())
+
+    def _set_trainable(self, what: str) -> None:
+        """Freeze everything, then unfreeze the detector ('detector') or the adapter's LoRA ('lora')."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        det = self._detector
+        det.set_detector_trainable(self.adapter_name, what == "detector")
+        if what == "lora":
+            for name, p in self.model.named_parameters():
+                if (".fairlora_A." in name or ".fairlora_B." in name) and f".{self.adapter_name}." in name:
+                    p.requires_grad_(True)
+
+    @staticmethod
+    def _quiet_dropout(model) -> None:
+        """The frozen base runs without dropout, so anchor features match the eval-mode prototypes."""
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Dropout) and "fairlora_dropout" not in name:
+                module.eval()
+
+    def _log_terms(self, **terms: float) -> None:
+        for key, value in terms.items():
+            self._fair_logs[key].append(float(value))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._fair_logs:
+            logs = {**logs, **{k: float(np.mean(v)) for k, v in self._fair_logs.items()}}
+            self._fair_logs.clear()
+        if self._stage == "lora":
+            logs["skipped_batches"] = self.skipped_batches
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ losses
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sensitive, rows = self._pop_extras(inputs)
+        if self._stage == "detector":
+            return self._detector_loss(model, inputs, rows)
+        if self._stage == "lora" and model.training:
+            return self._lora_loss(model, inputs, rows)
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _detector_loss(self, model, inputs, rows):
+        self._quiet_dropout(model)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with force_gate(model, False):
+            model(**inputs)
+        risk = gate_record(model, self.adapter_name).risk
+        target = self._detector_target.to(risk.device)[rows.to(risk.device)]
+        loss = class_balanced_bce(risk, target, self._pos_weight)
+        self._log_terms(detector_loss=loss.item())
+        return loss
+
+    def _skip_batch(self, model) -> torch.Tensor:
+        self.skipped_batches += 1
+        return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+
+    def _lora_loss(self, model, inputs, rows):
+        self._quiet_dropout(model)
+        args = self.args
+        group = self._group_hat.to(rows.device)[rows]
+        anchors = (group == 1).nonzero().squeeze(1)
+        if anchors.numel() < args.min_anchors_per_batch:
+            return self._skip_batch(model)
+        batch = rows.shape[0]
+        sub = {k: v.index_select(0, anchors.to(v.device)) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+               for k, v in inputs.items()}
+        labels = sub.pop("labels")
+        with force_gate(model, True, self.adapter_name):
+            outputs = model(**sub, output_hidden_states=True)
+        task = F.cross_entropy(outputs.logits.float(), labels)
+        if args.lora_objective == "task":
+            self._log_terms(task_loss=task.item(), anchors_per_batch=anchors.numel())
+            return task
+        z = self._representation(outputs, sub)
+        weights = self._anchor_weights.to(z.device)[labels] if args.class_balanced_anchors else None
+        majority = self._detector.fairlora_prototypes[self.adapter_name][:, 0, :]
+        contrastive, active = prototype_triplet_loss(
+            z.float(), labels, majority, margin=args.margin, distance=args.distance,
+            negative_strategy=args.negative_strategy, weights=weights,
+        )
+        loss = args.contrastive_weight * contrastive + args.task_loss_weight * task
+        self._log_terms(contrastive_loss=contrastive.item(), task_loss=task.item(), hinge_active=active,
+                        anchors_per_batch=anchors.numel())
+        return loss
+
+    # ------------------------------------------------------------------ evaluation: risk, gate and groups reach compute_metrics
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        sensitive, _ = self._pop_extras(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach() if labels is not None and getattr(outputs, "loss", None) is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        record = gate_record(model, self.adapter_name)
+        risk = record.risk if record.risk is not None else record.gate.float()
+        preds = (outputs.logits.detach(), risk.detach().float(), record.gate.long())
+        if labels is None:
+            return loss, preds, None
+        if sensitive is not None and self._eval_uses_sensitive:
+            return loss, preds, (labels, sensitive)
+        return loss, preds, labels
+
+    # ------------------------------------------------------------------ passes over the training set
+    def _frozen_pass(self) -> dict[str, np.ndarray]:
+        """One eval-mode pass, LoRA off: row index, label, risk, representation z and logits of every train row."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        loader = self.get_eval_dataloader(self.train_dataset)
+        out: dict[str, list] = defaultdict(list)
+        with torch.no_grad():
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                _, rows = self._pop_extras(batch)
+                labels = batch.pop("labels")
+                with force_gate(model, False):
+                    outputs = model(**batch, output_hidden_states=True)
+                record = gate_record(model, self.adapter_name)
+                step = {"row": rows, "label": labels, "z": self._representation(outputs, batch).float(),
+                        "logits": outputs.logits.float(), "risk": record.risk.float()}
+                step = self.accelerator.gather_for_metrics(step)
+                for key, value in step.items():
+                    out[key].append(value.cpu())
+        model.train(was_training)
+        result = {k: torch.cat(v).numpy() for k, v in out.items()}
+        order = np.argsort(result["row"], kind="stable")
+        result = {k: v[order] for k, v in result.items()}
+        if not np.isfinite(result["z"]).all():
+            bad = result["row"][~np.isfinite(result["z"]).all(1)][:10].tolist()
+            raise ValueError(f"The frozen model produced NaN/inf representations for training rows {bad}; check those inputs.")
+        return result
+
+    def _pseudo_labels(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        args = self.args
+        if args.pseudo_labeler == "error_set":
+            return (features["logits"].argmax(-1) != features["label"]).astype(np.int64)
+        from sklearn.neighbors import LocalOutlierFactor
+
+        pseudo = np.zeros(len(features["z"]), dtype=np.int64)
+        if self.accelerator.is_main_process:
+            lof = LocalOutlierFactor(n_neighbors=args.lof_n_neighbors, contamination=args.lof_contamination)
+            pseudo = (lof.fit_predict(features["z"]) == -1).astype(np.int64)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            pseudo = np.asarray(broadcast_object_list([pseudo.tolist()])[0], dtype=np.int64)
+        return pseudo
+
+    def _set_detector_targets(self) -> None:
+        if self.label_setting == "unlabeled":
+            self._pseudo = self._pseudo_labels(self._frozen_pass())
+            if not (self._pseudo == 1).any():
+                raise ValueError("The pseudo-labeler marked no minority rows; raise lof_contamination or use error_set.")
+            target = self._pseudo
+        else:
+            target = self._sensitive
+        known = target[target >= 0]
+        n1 = max(int((known == 1).sum()), 1)
+        self._pos_weight = float((known == 0).sum()) / n1
+        self._detector_target = torch.as_tensor(target)
+
+    def _prototype_pass(self) -> None:
+        args, feats = self.args, self._frozen_pass()
+        threshold = float(self._config.threshold)
+        detected = (feats["risk"] > threshold).astype(np.int64)
+        labelled = self._pseudo if self.label_setting == "unlabeled" else self._sensitive
+        if args.anchor_source == "labels":
+            group = labelled.copy()
+        elif args.anchor_source == "detector":
+            group = detected
+        else:
+            group = np.where(labelled >= 0, labelled, detected)
+        self._group_hat = torch.as_tensor(group)
+        # detector statistics against the labels the setting has (pseudo-labels when unlabeled)
+        known = labelled >= 0
+        pos, neg = known & (labelled == 1), known & (labelled == 0)
+        tpr = float(detected[pos].mean()) if pos.any() else float("nan")
+        fpr = float(detected[neg].mean()) if neg.any() else float("nan")
+        self.detector_stats = {"detector_tpr": tpr, "detector_fpr": fpr,
+                               "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
+                               "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum())}
+        # prototypes μ_{y,g}: mean frozen representation per (class × group) cell
+        labels, z = feats["label"], feats["z"]
+        n_classes = max(int(self._config.num_classes or 0), int(labels.max()) + 1)
+        sums = np.zeros((n_classes, 2, z.shape[1]), dtype=np.float64)
+        counts = np.zeros((n_classes, 2), dtype=np.float64)
+        for g in (0, 1):
+            for k in range(n_classes):
+                cell = (labels == k) & (group == g)
+                counts[k, g] = cell.sum()
+                if cell.any():
+                    sums[k, g] = z[cell].sum(0)
+        missing = [k for k in range(n_classes) if counts[k, 0] == 0]
+        if missing:
+            raise ValueError(f"No majority-group rows of classes {missing}: the triplet loss needs μ_(y,0) for every class.")
+        det = self._detector
+        proto = torch.as_tensor(sums / np.maximum(counts, 1)[..., None], dtype=torch.float32)
+        device = det.fairlora_prototypes[self.adapter_name].device
+        self._config.num_classes, self._config.representation_dim = n_classes, int(z.shape[1])
+        det.fairlora_prototypes[self.adapter_name] = proto.to(device)
+        det.fairlora_prototype_counts[self.adapter_name] = torch.as_tensor(counts, dtype=torch.float32).to(device)
+        anchor_labels = labels[group == 1]
+        freq = np.bincount(anchor_labels, minlength=n_classes).astype(np.float64)
+        self._anchor_weights = torch.as_tensor(np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / n_classes, 0.0),
+                                               dtype=torch.float32)
+        self.log({f"prototype_stage_{k}": v for k, v in self.detector_stats.items()})
+
+    # ------------------------------------------------------------------ stages
+    def _stage_dir(self) -> str:
+        return os.path.join(self.args.output_dir, STAGE_DIR)
+
+    def _run_detector_stage(self, resume: Optional[str]) -> None:
+        args = self.args
+        overrides = dict(num_train_epochs=args.detector_epochs, learning_rate=args.detector_learning_rate,
+                         max_steps=-1, eval_strategy="no", load_best_model_at_end=False, output_dir=self._stage_dir(),
+                         warmup_steps=0)
+        saved = {k: getattr(args, k) for k in overrides}
+        self._stage = "detector"
+        self._set_trainable("detector")
+        self.optimizer, self.lr_scheduler = None, None
+        try:
+            for k, v in overrides.items():
+                setattr(args, k, v)
+            super().train(resume_from_checkpoint=resume)
+        finally:
+            for k, v in saved.items():
+                setattr(args, k, v)
+            self.optimizer, self.lr_scheduler = None, None
+        self._set_trainable("none")
+
+    def _save_stage(self) -> None:
+        final = os.path.join(self._stage_dir(), "final")
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(final, selected_adapters=[self.adapter_name])
+            state = {"label_setting": self.label_setting, "pos_weight": self._pos_weight,
+                     "group_hat": self._group_hat.tolist(), "detector_stats": self.detector_stats,
+                     "anchor_weights": self._anchor_weights.tolist(),
+                     "num_classes": self._config.num_classes, "representation_dim": self._config.representation_dim}
+            with open(os.path.join(final, "fairnet_state.json"), "w") as f:
+                json.dump(state, f)
+        self.accelerator.wait_for_everyone()
+
+    def _load_stage(self) -> bool:
+        final = os.path.join(self._stage_dir(), "final")
+        marker = os.path.join(final, "fairnet_state.json")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            state = json.load(f)
+        det = self._detector
+        k, d = state["num_classes"], state["representation_dim"]
+        device = det.fairlora_prototypes[self.adapter_name].device
+        det.fairlora_prototypes[self.adapter_name] = torch.zeros(k, 2, d, device=device)
+        det.fairlora_prototype_counts[self.adapter_name] = torch.zeros(k, 2, device=device)
+        weights = load_file(os.path.join(final, "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
+        self._config.num_classes, self._config.representation_dim = k, d
+        self._pos_weight, self.detector_stats = state["pos_weight"], state["detector_stats"]
+        self._group_hat = torch.as_tensor(state["group_hat"])
+        self._anchor_weights = torch.as_tensor(state["anchor_weights"], dtype=torch.float32)
+        return True
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.train_dataset is None:
+            raise ValueError("FairTrainer.train() needs a train_dataset with a sensitive column.")
+        args = self.args
+        if args.gate_threshold is not None:
+            self._config.threshold = args.gate_threshold
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+            if resume_from_checkpoint is None and os.path.isdir(self._stage_dir()):
+                resume_from_checkpoint = get_last_checkpoint(self._stage_dir())
+        in_detector_stage = bool(resume_from_checkpoint) and os.path.abspath(str(resume_from_checkpoint)).startswith(
+            os.path.abspath(self._stage_dir()) + os.sep)
+        if not (resume_from_checkpoint and not in_detector_stage and self._load_stage()):
+            if resume_from_checkpoint and not in_detector_stage:
+                warnings.warn("No finished detector stage found; running the detector and prototype stages first.")
+            self._set_detector_targets()
+            self._run_detector_stage(resume_from_checkpoint if in_detector_stage else None)
+            self._prototype_pass()
+            self._save_stage()
+            resume_from_checkpoint = None if in_detector_stage else resume_from_checkpoint
+        self._stage = "lora"
+        self._set_trainable("lora")
+        self.optimizer, self.lr_scheduler = None, None
+        self.skipped_batches = 0
+        try:
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                   ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            self._stage = "eval"
+        result.metrics.update({f"train_{k}": v for k, v in self.detector_stats.items()})
+        result.metrics["train_skipped_batches"] = self.skipped_batches
+        return result
