@@ -10,8 +10,9 @@ FairLoRA specifics:
 - `threshold=0.0`: the gate is on for every row, so all LoRA parameters get gradients (the generic training tests
   require a gradient, and a change, on every trainable `fairlora_` parameter). The detector is frozen by default.
 - Merging is refused by design (the gate depends on the input): merge tests skip with `MERGE_SKIP_REASON`.
-- The custom models have no `config.hidden_size` and no layer stack, so the detector reads the input of an adapted
-  module. `detector_module` is left to its default where the plugin resolves it, see `FAIR_CASES`.
+- The custom models have no `config.hidden_size` and no layer stack: every case leaves `detector_module` and
+  `detector_input_dim` at their defaults (the detector reads the input of the first adapted module), which is part
+  of what is tested.
 
 Plus no-hub decoder checks on a tiny seeded `LlamaForCausalLM` (gradient checkpointing, training, disable/delete
 adapter, safetensors inference).
@@ -38,16 +39,15 @@ SUITE_PARAMS = "test_name, model_id, config_cls, config_kwargs"
 
 FAIR_CASES = [
     ("Vanilla MLP 1 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin0"], "threshold": 0.0}),
-    ("Vanilla MLP 2 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin1"], "threshold": 0.0}),
-    ("Vanilla MLP 3 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin0", "lin1"], "threshold": 0.0}),
+    ("Vanilla MLP 2 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin0", "lin1"], "threshold": 0.0}),
     (
-        "Vanilla MLP 4 FairLoRA",
+        "Vanilla MLP 3 FairLoRA",
         "MLP",
         FairLoraConfig,
         {"target_modules": ["lin0"], "modules_to_save": ["lin1"], "threshold": 0.0},
     ),
     (
-        "Vanilla MLP 5 FairLoRA",
+        "Vanilla MLP 4 FairLoRA",
         "MLP",
         FairLoraConfig,
         {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1, "threshold": 0.0},
@@ -154,3 +154,139 @@ if suite is not None:
     TestFairLoraFsdpStateDict = _reparametrized_class(
         "TestFairLoraFsdpStateDict", suite.TestPeftFsdpStateDict, FAIR_CASES, (object,)
     )
+
+
+# ---------------------------------------------------------------------------------------------------- merge refusal
+# The merge tests above skip for FairLoRA; this checks the refusal itself (and that it leaves the model untouched).
+def _fair_case_model(model_id, config_kwargs):
+    model = suite.MockTransformerWrapper.from_pretrained(model_id).eval()  # eval: MLP has dropout
+    return model, FairLoraConfig(**{**config_kwargs, "init_weights": False})
+
+
+@pytest.mark.skipif(suite is None, reason="PEFT suite unavailable (see test_peft_suite_available)")
+@pytest.mark.parametrize(SUITE_PARAMS, FAIR_CASES, ids=[c[0] for c in FAIR_CASES])
+def test_merge_is_refused_and_unload_restores_base(test_name, model_id, config_cls, config_kwargs):
+    from peft import get_peft_model
+
+    X = {"X": torch.arange(90).view(9, 10)}
+    base, config = _fair_case_model(model_id, config_kwargs)
+    with torch.no_grad():
+        out_base = base(**X)
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        out_peft = model(**X)
+    assert not torch.allclose(out_base, out_peft)
+    for merge in (model.merge_adapter, model.merge_and_unload, lambda: model.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match="cannot be merged"):
+            merge()
+        with torch.no_grad():
+            assert torch.allclose(model(**X), out_peft)  # nothing was (partially) merged
+    unloaded = model.unload()
+    assert not any("fairlora_" in name for name, _ in unloaded.named_modules())
+    assert not any("fairlora_" in name for name in unloaded.state_dict())
+    assert not unloaded._forward_pre_hooks and not unloaded._forward_hooks
+    with torch.no_grad():
+        assert torch.allclose(unloaded(**X), out_base)
+
+
+# ---------------------------------------------------------------------------------------------------- tiny decoder
+HELPER_CHECKPOINTING_SKIP_REASON = (
+    "PEFT's _test_training_gradient_checkpointing requires a gradient on every parameter whose name contains the "
+    "prefix, frozen or not; FairLoRA's detector (fair_bias_detector.fairlora_detector.*) is frozen by design "
+    "(requires_grad=False, hard gate), unlike _test_training which exempts frozen adapter parameters. Covered by "
+    "test_non_reentrant_checkpointing_gives_same_lora_grads (exact gradient equality)"
+)
+LLAMA_ID = "fairnet-tests/tiny-LlamaForCausalLM-from-config"  # not a Hub id: built from a config, no download
+LLAMA_CASES = [
+    # default read point: detector before block L // 2 = 1, blocks 1.. adapted (q_proj, v_proj)
+    ("detector_layer default", {"threshold": 0.0, "init_weights": False}),
+    # detector before block 0, both blocks adapted: the gate is consumed in every checkpointed block
+    ("detector_layer 0", {"threshold": 0.0, "init_weights": False, "detector_layer": 0}),
+]
+
+
+class TinyLlamaWrapper:
+    """`transformers_class` for PEFT's helpers: a seeded tiny LlamaForCausalLM (vocab 50, hidden 32, 2 layers)."""
+
+    @classmethod
+    def from_pretrained(cls, model_id, dtype=None, **kwargs):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        assert model_id == LLAMA_ID, model_id
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=2)
+        model = LlamaForCausalLM(config).to(dtype or torch.float32)
+        model.generation_config.max_new_tokens = 3  # _test_disable_adapter compares the first step's scores only
+        return model
+
+
+def _llama_inputs():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0], [20, 21, 22, 23, 24, 25]])
+    return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
+
+
+if suite is not None:
+
+    class TestFairLoraTinyLlama(suite.PeftCommonTester):
+        """PEFT's decoder helpers on a tiny seeded Llama built from a config (no Hub access)."""
+
+        transformers_class = TinyLlamaWrapper
+
+        def prepare_inputs_for_testing(self):
+            return {k: v.to(self.torch_device) for k, v in _llama_inputs().items()}
+
+        @pytest.mark.skip(reason=HELPER_CHECKPOINTING_SKIP_REASON)
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_training_gradient_checkpointing_non_reentrant(self, name, config_kwargs):
+            self._test_training_gradient_checkpointing(LLAMA_ID, FairLoraConfig, dict(config_kwargs),
+                                                       use_reentrant=False)
+
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_training_gradient_checkpointing_reentrant_is_refused(self, name, config_kwargs):
+            # Reentrant checkpointing cannot replay a gate computed outside the checkpointed block; the plugin
+            # refuses it with an actionable error instead of failing in backward.
+            with pytest.raises(ValueError, match="non-reentrant"):
+                self._test_training_gradient_checkpointing(LLAMA_ID, FairLoraConfig, dict(config_kwargs),
+                                                           use_reentrant=True)
+
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_training(self, name, config_kwargs):
+            self._test_training(LLAMA_ID, FairLoraConfig, dict(config_kwargs))
+
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_disable_adapter(self, name, config_kwargs):
+            self._test_disable_adapter(LLAMA_ID, FairLoraConfig, dict(config_kwargs))
+
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_delete_adapter(self, name, config_kwargs):
+            self._test_delete_adapter(LLAMA_ID, FairLoraConfig, dict(config_kwargs))
+
+        @pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+        def test_inference_safetensors(self, name, config_kwargs):
+            self._test_inference_safetensors(LLAMA_ID, FairLoraConfig, dict(config_kwargs))
+
+
+@pytest.mark.parametrize("name, config_kwargs", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+def test_non_reentrant_checkpointing_gives_same_lora_grads(name, config_kwargs):
+    """PEFT's helper only checks that gradients are non-zero; here they must equal those without checkpointing."""
+    from peft import get_peft_model
+
+    def grads(checkpointing: bool) -> dict:
+        model = get_peft_model(TinyLlamaWrapper.from_pretrained(LLAMA_ID), FairLoraConfig(**config_kwargs))
+        model.train()  # checkpointing is only active in training mode; Llama has no dropout by default
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        loss = model(**_llama_inputs()).logits.pow(2).mean()
+        loss.backward()
+        assert bool(fairnet_peft.gate_record(model).gate.all())  # threshold 0: every row corrected
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    assert plain and all(n.count("fairlora_A") + n.count("fairlora_B") == 1 for n in plain)  # only LoRA trains
+    for name_ in plain:
+        assert plain[name_].abs().sum() > 0, name_
+        torch.testing.assert_close(ckpt[name_], plain[name_], rtol=1e-5, atol=1e-7, msg=name_)

@@ -1,0 +1,245 @@
+"""Fairness evaluation section of an adapter's model card (`README.md`).
+
+Two ways in:
+
+* `write_model_card(adapter_dir, metrics, split="test")` writes/updates the section in a saved adapter directory.
+* `attach_fairness_report(model, metrics, split="test")` keeps the metrics on the `PeftModel` (a plain dict in the
+  instance's `__dict__`, never in the JSON config), and every later `model.save_pretrained(...)` /
+  `model.push_to_hub(...)` writes the section into the card. This needs `install_model_card_hook()` (idempotent;
+  `attach_fairness_report` calls it), which wraps two PEFT methods once:
+
+  - `PeftModel.create_or_update_model_card` (called by `save_pretrained`): after PEFT has written its card, the
+    attached sections are added or replaced;
+  - `PeftModel._upload_modified_files` (called by `push_to_hub` after transformers has overwritten README.md in its
+    temporary folder with the Hub's card or a fresh template): the card is brought up to date again (PEFT's own
+    entries and the fairness section) just before the upload, for models with an attached report.
+
+The section sits between HTML comment markers named after the adapter, so updating replaces it instead of adding a
+second copy, and several adapters each keep their own section.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .metrics import render_fairness_table
+
+__all__ = [
+    "SECTION_TITLE",
+    "attach_fairness_report",
+    "detach_fairness_report",
+    "fairness_report",
+    "install_model_card_hook",
+    "render_fairness_section",
+    "uninstall_model_card_hook",
+    "update_card_text",
+    "write_model_card",
+]
+
+SECTION_TITLE = "Fairness evaluation"
+REPORT_ATTR = "_fairnet_fairness_reports"
+_HOOK_FLAG = "_fairnet_fairness_hook"
+
+
+def _markers(adapter_name: str) -> tuple[str, str]:
+    return (f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: start -->",
+            f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: end -->")
+
+
+def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric entries as plain floats (numpy/torch scalars included); strings, lists and the like are dropped."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(key)] = float(value)
+    return out
+
+
+def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",
+                            threshold: Optional[float] = None) -> str:
+    """The Markdown section (with its markers): a heading, the adapter and τ, and `render_fairness_table`."""
+    table = render_fairness_table(_clean_metrics(metrics), split=split)
+    start, end = _markers(adapter_name)
+    heading = f"## {SECTION_TITLE}" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
+    about = f"FairLoRA adapter `{adapter_name}`"
+    if threshold is not None and not (isinstance(threshold, float) and math.isnan(threshold)):
+        about += f", detector gate threshold τ = {float(threshold):g} (the LoRA is on for rows with risk > τ)"
+    about += "; metrics computed with `fairnet_peft.metrics`."
+    return "\n".join([start, heading, "", about, "", table.rstrip("\n"), end]) + "\n"
+
+
+def update_card_text(text: str, section: str, adapter_name: str = "default") -> str:
+    """`text` with the adapter's section replaced, or appended (after a blank line) if it has none yet."""
+    start, end = _markers(adapter_name)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        return pattern.sub(lambda _: section, text, count=1)
+    text = text.rstrip("\n")
+    return (text + "\n\n" if text else "") + section
+
+
+def _update_readme(directory: Union[str, os.PathLike], sections: Mapping[str, str]) -> Path:
+    path = Path(directory) / "README.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for adapter_name, section in sections.items():
+        text = update_card_text(text, section, adapter_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _threshold_from_dir(directory: Path, adapter_name: str) -> Optional[float]:
+    """τ from the saved adapter_config.json (non-default adapters are saved in a sub-folder named after them)."""
+    for candidate in (directory / adapter_name / "adapter_config.json", directory / "adapter_config.json"):
+        if candidate.exists():
+            try:
+                value = json.loads(candidate.read_text(encoding="utf-8")).get("threshold")
+            except (OSError, ValueError):
+                return None
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def _threshold_from_model(model, adapter_name: str) -> Optional[float]:
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    value = getattr(config, "threshold", None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+# ---------------------------------------------------------------------- attached reports
+def _is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
+                           adapter_name: Optional[str] = None) -> None:
+    """Keep `metrics` (measured on `split`) on `model`, so `save_pretrained`/`push_to_hub` put them in the card.
+
+    `model` is a `PeftModel`; `adapter_name` defaults to its active adapter. `metrics` is a `make_compute_metrics`
+    / `Trainer.evaluate` dict (`eval_`/`test_`/`{split}_` prefixes are fine, non-metric entries are ignored). A new
+    report for the same adapter replaces the old one. The table is rendered now, so bad input fails here and not
+    at save time. The report lives on this model instance only: it is not saved in adapter_config.json.
+    """
+    if not _is_peft_model(model):
+        raise TypeError(
+            f"attach_fairness_report needs a peft.PeftModel (got {type(model).__name__}): the card is written by "
+            "PeftModel.save_pretrained/push_to_hub. For a saved adapter folder use write_model_card(path, ...)."
+        )
+    if adapter_name is None:
+        adapter_name = model.active_adapter
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"attach_fairness_report: no adapter {adapter_name!r} (adapters: {list(model.peft_config)})")
+    clean = _clean_metrics(metrics)
+    render_fairness_table(clean, split=split)  # validates split and that some known metric is present
+    install_model_card_hook()
+    model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split}
+
+
+def fairness_report(model, adapter_name: Optional[str] = None) -> Optional[dict]:
+    """The attached report `{"metrics": {...}, "split": ...}` of `adapter_name` (default: active), or None."""
+    reports = model.__dict__.get(REPORT_ATTR) or {}
+    if adapter_name is None:
+        adapter_name = getattr(model, "active_adapter", "default")
+    return reports.get(adapter_name)
+
+
+def detach_fairness_report(model, adapter_name: Optional[str] = None) -> None:
+    """Forget the attached report of `adapter_name`, or of every adapter when None."""
+    reports = model.__dict__.get(REPORT_ATTR)
+    if not reports:
+        return
+    if adapter_name is None:
+        reports.clear()
+    else:
+        reports.pop(adapter_name, None)
+
+
+def _attached_sections(model) -> dict[str, str]:
+    reports = model.__dict__.get(REPORT_ATTR) or {}
+    return {
+        name: render_fairness_section(report["metrics"], split=report["split"], adapter_name=name,
+                                      threshold=_threshold_from_model(model, name))
+        for name, report in reports.items()
+        if name in model.peft_config
+    }
+
+
+# ---------------------------------------------------------------------- writing a folder
+def write_model_card(model_or_dir, metrics: Mapping[str, Any], *, split: str,
+                     adapter_name: str = "default") -> Optional[Path]:
+    """Write or update the "Fairness evaluation" section of a model card.
+
+    * `model_or_dir` a folder (`str`/`PathLike`, e.g. what `save_pretrained` wrote): its README.md gets the section
+      (created if missing; an existing section of the same adapter is replaced, the rest of the card is kept). τ is
+      read from the folder's adapter_config.json. Returns the README path.
+    * `model_or_dir` a `PeftModel`: same as `attach_fairness_report(model, metrics, split=..., adapter_name=...)`;
+      the section is written by its next `save_pretrained`/`push_to_hub`. Returns None.
+    """
+    if not isinstance(model_or_dir, (str, os.PathLike)):
+        attach_fairness_report(model_or_dir, metrics, split=split, adapter_name=adapter_name)
+        return None
+    directory = Path(model_or_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"write_model_card: {directory} is a file; pass the adapter folder")
+    section = render_fairness_section(metrics, split=split, adapter_name=adapter_name,
+                                      threshold=_threshold_from_dir(directory, adapter_name))
+    return _update_readme(directory, {adapter_name: section})
+
+
+# ---------------------------------------------------------------------- the PEFT hook
+def install_model_card_hook() -> None:
+    """Make `PeftModel.save_pretrained` and `push_to_hub` write attached fairness reports. Idempotent."""
+    from peft import PeftModel
+
+    card = PeftModel.create_or_update_model_card
+    if not getattr(card, _HOOK_FLAG, False):
+        @functools.wraps(card)
+        def create_or_update_model_card(self, output_dir: str):
+            result = card(self, output_dir)
+            sections = _attached_sections(self)
+            if sections:
+                _update_readme(output_dir, sections)
+            return result
+
+        setattr(create_or_update_model_card, _HOOK_FLAG, True)
+        create_or_update_model_card.__fairnet_original__ = card
+        PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    upload = PeftModel._upload_modified_files
+    if not getattr(upload, _HOOK_FLAG, False):
+        @functools.wraps(upload)
+        def _upload_modified_files(self, working_dir, *args, **kwargs):
+            # transformers' push_to_hub replaced README.md (after save_pretrained) with the Hub's card or a template
+            if _attached_sections(self):
+                self.create_or_update_model_card(working_dir)
+            return upload(self, working_dir, *args, **kwargs)
+
+        setattr(_upload_modified_files, _HOOK_FLAG, True)
+        _upload_modified_files.__fairnet_original__ = upload
+        _upload_modified_files.__fairnet_own__ = "_upload_modified_files" in PeftModel.__dict__
+        PeftModel._upload_modified_files = _upload_modified_files
+
+
+def uninstall_model_card_hook() -> None:
+    """Undo `install_model_card_hook` (for tests)."""
+    from peft import PeftModel
+
+    card = PeftModel.__dict__.get("create_or_update_model_card")
+    if getattr(card, _HOOK_FLAG, False):
+        PeftModel.create_or_update_model_card = card.__fairnet_original__
+    upload = PeftModel.__dict__.get("_upload_modified_files")
+    if getattr(upload, _HOOK_FLAG, False):
+        if upload.__fairnet_own__:
+            PeftModel._upload_modified_files = upload.__fairnet_original__
+        else:
+            del PeftModel._upload_modified_files

@@ -1,0 +1,270 @@
+"""Threshold sweep: ACC, WGA, EOD, detector TPR/FPR and gate rate for every τ of a grid, in two passes.
+
+The gate of a row is `risk > τ`, and a row's output depends only on its own gate (the LoRA update is added per row),
+so one pass with the gate forced off (base logits and the risk scores) and one with it forced on (corrected logits)
+give the prediction of every row at every τ: ``where(risk > τ, argmax(logits_on), argmax(logits_off))``. The sweep
+therefore costs two passes over the data whatever the size of the grid.
+
+The risk is taken from the forced-off pass. In normal inference the detector also sees LoRA-off features: adapted
+layers before the detector's read point run with their gate still unknown (= off) and are backtracked afterwards
+(gate.py), so the scores are the ones the model uses at any τ.
+
+Example:
+    >>> sweep = threshold_sweep(model, eval_ds, [0.1 * i for i in range(11)])
+    >>> fairnet_peft.plots.plot_threshold_sweep(sweep, "sweep.png")
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics as M
+from .gate import find_gate_state, force_gate, gate_record
+
+__all__ = ["SweepScores", "collect_sweep_scores", "sweep_predictions", "sweep_metrics", "threshold_sweep"]
+
+# Inputs a model takes besides the ones named in its forward signature are not guessed: the signature decides.
+_NEVER_INPUTS = ("labels", "label", "label_ids")
+
+
+@dataclass
+class SweepScores:
+    """What the two passes collect, in dataset order. All numpy arrays.
+
+    Attributes:
+        logits_off: (N, K) logits with the adapter's gate forced off (the base model for this adapter).
+        logits_on: (N, K) logits with the gate forced on for every row.
+        risk: (N,) detector risk scores p_s(x), as float32.
+        labels: (N,) task labels.
+        sensitive: (N,) sensitive group labels (-1 = unknown).
+        risk_native: (N,) the risk scores as the detector returned them (its dtype, on the CPU); the gate is
+            computed from these exactly as the model does (`risk > τ`), so bf16/fp16 detectors give the same gates.
+    """
+
+    logits_off: np.ndarray
+    logits_on: np.ndarray
+    risk: np.ndarray
+    labels: np.ndarray
+    sensitive: np.ndarray
+    risk_native: Optional[torch.Tensor] = None
+
+    def gate(self, threshold: float) -> np.ndarray:
+        """(N,) bool: the gate the model applies at `threshold` (strict `risk > τ`, in the detector's dtype)."""
+        if self.risk_native is not None:
+            return (self.risk_native > float(threshold)).numpy()
+        return self.risk > float(threshold)
+
+    @property
+    def pred_off(self) -> np.ndarray:
+        return M._logits_to_labels(self.logits_off)[0]
+
+    @property
+    def pred_on(self) -> np.ndarray:
+        return M._logits_to_labels(self.logits_on)[0]
+
+
+# ---------------------------------------------------------------------- data loading
+def _base_forward(model: nn.Module) -> Callable:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.forward
+
+
+def _input_columns(model: nn.Module, columns: Sequence[str], label_column: str, sensitive_column: str) -> list[str]:
+    """Dataset columns the model's forward takes (labels excluded: the sweep needs no loss)."""
+    params = inspect.signature(_base_forward(model)).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    skip = {label_column, sensitive_column, *_NEVER_INPUTS}
+    cols = [c for c in columns if c not in skip and c in params]
+    if not named:  # a bare forward(**inputs): every other column is an input
+        cols = [c for c in columns if c not in skip]
+    if not cols:
+        raise ValueError(
+            f"threshold_sweep: no dataset column is a model input (columns: {list(columns)}; the model's forward "
+            f"takes {named[:8]}). Tokenize/preprocess the dataset first "
+            "so it has e.g. input_ids/attention_mask or pixel_values."
+        )
+    return cols
+
+
+def padding_collate(pad_values: Optional[dict] = None) -> Callable[[list[dict]], dict]:
+    """`default_collate` for equal shapes; otherwise right-pads each key's tensors to the longest along every dim.
+
+    `pad_values` maps a column to its padding value (default 0; e.g. ``{"input_ids": tokenizer.pad_token_id}``).
+    """
+    pad_values = dict(pad_values or {})
+
+    def collate(rows: list[dict]) -> dict:
+        out = {}
+        for key in rows[0]:
+            values = [torch.as_tensor(r[key]) for r in rows]
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) == 1:
+                out[key] = torch.stack(values)
+                continue
+            if len({v.dim() for v in values}) != 1:
+                raise ValueError(f"column {key!r} has rows of different ranks; pass a collate_fn")
+            size = [max(s[d] for s in shapes) for d in range(values[0].dim())]
+            batch = values[0].new_full((len(values), *size), pad_values.get(key, 0))
+            for i, v in enumerate(values):
+                batch[(i, *(slice(0, n) for n in v.shape))] = v
+            out[key] = batch
+        return out
+
+    return collate
+
+
+def _column(dataset, name: str, what: str) -> np.ndarray:
+    if name not in dataset.column_names:
+        raise ValueError(
+            f"threshold_sweep: the dataset has no {what} column {name!r} (columns: {dataset.column_names}). "
+            f"Pass {what}_column=... with the right name."
+        )
+    return np.asarray(dataset.with_format(None)[name])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = output["logits"] if hasattr(output, "keys") else (output[0] if isinstance(output, tuple) else output)
+    return logits.detach().float()
+
+
+# ---------------------------------------------------------------------- the two passes
+def collect_sweep_scores(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 64,
+    sensitive_column: str = "sensitive",
+    label_column: str = "labels",
+    adapter_name: Optional[str] = None,
+    collate_fn: Optional[Callable[[list[dict]], dict]] = None,
+) -> SweepScores:
+    """Run `model` twice over `dataset` (gate forced off, then on) and return logits, risk, labels and groups.
+
+    `dataset` is a `datasets.Dataset` holding the model inputs plus `label_column` and `sensitive_column`; columns
+    that are not inputs of the model's forward are dropped before the model is called. `collate_fn` receives the
+    rows (dicts of the input columns, torch format); the default stacks them and right-pads rows of unequal length
+    (`input_ids` with the model's `pad_token_id`, everything else with 0). The model runs in eval mode without
+    gradients and is put back in its previous mode afterwards.
+    """
+    state = find_gate_state(model)
+    if adapter_name is None:
+        active = state.active_adapters()
+        if not active:
+            raise ValueError("threshold_sweep: the model has no active FairLoRA adapter (are adapters disabled?)")
+        adapter_name = active[0]
+    elif adapter_name not in state.configs:
+        raise ValueError(f"threshold_sweep: {adapter_name!r} is not a FairLoRA adapter of this model "
+                         f"(FairLoRA adapters: {list(state.configs)}).")
+    labels = _column(dataset, label_column, "label")
+    sensitive = _column(dataset, sensitive_column, "sensitive")
+    inputs = _input_columns(model, dataset.column_names, label_column, sensitive_column)
+    if collate_fn is None:
+        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        collate_fn = padding_collate({"input_ids": 0 if pad_id is None else int(pad_id)})
+    loader = torch.utils.data.DataLoader(
+        dataset.with_format("torch", columns=inputs), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+    )
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    passes: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    risks: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for on in (False, True):
+                with force_gate(model, on, adapter_names=[adapter_name]):
+                    for batch in loader:
+                        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                 for k, v in batch.items() if k in inputs}
+                        passes[on].append(_logits(model(**batch)).cpu())
+                        if not on:
+                            record = gate_record(model, adapter_name)
+                            if record.risk is None:
+                                raise RuntimeError(
+                                    "threshold_sweep: the detector did not run (no risk scores); check that the "
+                                    "detector's read module is on the forward path of the model."
+                                )
+                            risks.append(record.risk.detach().reshape(-1).cpu())
+    finally:
+        model.train(was_training)
+    logits_off, logits_on = (torch.cat(passes[k]).numpy() for k in (False, True))
+    risk = torch.cat(risks)
+    if not len(risk) == len(logits_off) == len(labels):
+        raise RuntimeError(f"threshold_sweep: got {len(logits_off)} outputs for {len(labels)} rows")
+    return SweepScores(logits_off, logits_on, risk.float().numpy(), labels, sensitive, risk_native=risk)
+
+
+def sweep_predictions(scores: SweepScores, threshold: float) -> np.ndarray:
+    """Predictions the model makes at `threshold`: the corrected prediction where risk > τ, else the base one."""
+    return np.where(scores.gate(threshold), scores.pred_on, scores.pred_off)
+
+
+def sweep_metrics(scores: SweepScores, thresholds: Sequence[float]) -> list[dict]:
+    """One row per τ (in the given order), from already collected scores; see `threshold_sweep` for the keys."""
+    keep = scores.labels != -100
+    y = scores.labels[keep]
+    if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
+        y = y.astype(np.int64)
+    s = scores.sensitive[keep]
+    pred_off, pred_on = scores.pred_off[keep], scores.pred_on[keep]
+    classes = M._logits_to_labels(scores.logits_off[:1])[1]
+    labels = classes if set(np.unique(y).tolist()) <= set(classes) else None
+    known = s[~M._unknown_mask(s)]
+    binary = set(np.unique(known).tolist()) <= {0, 1}
+    rows = []
+    for tau in thresholds:
+        tau = float(tau)
+        gate = scores.gate(tau)[keep]
+        pred = np.where(gate, pred_on, pred_off)
+        row = {
+            "threshold": tau,
+            "accuracy": M.accuracy(y, pred),
+            "worst_group_accuracy": M.worst_group_accuracy(y, pred, sensitive_features=s),
+            "equalized_odds_difference": M.equalized_odds_difference(y, pred, sensitive_features=s, labels=labels),
+            "gate_rate": float(gate.mean()) if len(gate) else math.nan,
+        }
+        if binary:
+            # the hard gate (threshold 0.5 passes it through), so the rates use exactly the gate applied above
+            rates = M.detector_rates(gate.astype(np.int64), sensitive_features=s, threshold=0.5)
+            row.update(tpr=rates["tpr"], fpr=rates["fpr"], tpr_over_fpr=rates["tpr_over_fpr"])
+        else:
+            row.update(tpr=math.nan, fpr=math.nan, tpr_over_fpr=math.nan)
+        row.update({f"gate_rate_s{k[2:]}": v for k, v in M.gate_rates(gate, sensitive_features=s).items()})
+        rows.append(row)
+    return rows
+
+
+def threshold_sweep(
+    model: nn.Module,
+    dataset,
+    thresholds: Sequence[float],
+    *,
+    batch_size: int = 64,
+    sensitive_column: str = "sensitive",
+    label_column: str = "labels",
+    adapter_name: Optional[str] = None,
+    collate_fn: Optional[Callable[[list[dict]], dict]] = None,
+) -> list[dict]:
+    """Fairness/accuracy trade-off of the gate threshold τ, for every τ in `thresholds`, from two passes.
+
+    Returns one dict per τ (in the given order) with ``threshold``, ``accuracy`` (ACC), ``worst_group_accuracy``
+    (WGA over label × group cells), ``equalized_odds_difference`` (EOD, mean), ``tpr``/``fpr``/``tpr_over_fpr``
+    (detector rates against the sensitive labels, NaN unless they are binary), ``gate_rate`` (all rows) and
+    ``gate_rate_s{g}`` per group: the input of `fairnet_peft.plots.plot_threshold_sweep`. Rows labelled -100 are
+    dropped; sensitive value -1 means unknown. The predictions are exactly those of the model run with its
+    threshold set to τ (see `collect_sweep_scores` for the data handling). The model's threshold is not changed.
+    """
+    scores = collect_sweep_scores(model, dataset, batch_size=batch_size, sensitive_column=sensitive_column,
+                                  label_column=label_column, adapter_name=adapter_name, collate_fn=collate_fn)
+    return sweep_metrics(scores, thresholds)

@@ -1,0 +1,159 @@
+"""Fairness evaluation section of the model card: write_model_card, and save_pretrained/push_to_hub via the hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import fairnet_peft  # noqa: F401  (registers FAIRLORA)
+from fairnet_peft import FairLoraConfig
+from fairnet_peft.model_card import (
+    SECTION_TITLE,
+    attach_fairness_report,
+    detach_fairness_report,
+    fairness_report,
+    install_model_card_hook,
+    uninstall_model_card_hook,
+    write_model_card,
+)
+
+from .helpers import install_fake_hub, tiny_model
+
+METRICS = {
+    "eval_loss": 0.61,
+    "eval_accuracy": np.float64(0.9125),
+    "eval_worst_group_accuracy": 0.71875,
+    "eval_equalized_odds_difference": 0.0625,
+    "eval_gate_rate": 0.25,
+    "eval_gate_rate_s0": 0.125,
+    "eval_gate_rate_s1": 0.75,
+    "eval_runtime": 1.5,
+    "epoch": 3.0,
+    "eval_model_preparation_time": "n/a",
+}
+ROWS = [
+    "| ACC (accuracy over all rows) | 0.9125 |",
+    "| WGA (min over label × group cells) | 0.7188 |",
+    "| EOD, mean: ½(ΔTPR + ΔFPR) | 0.0625 |",
+    "| gate rate, all rows | 0.2500 |",
+    "| gate rate, s=0 | 0.1250 |",
+    "| gate rate, s=1 | 0.7500 |",
+]
+
+
+def _model(threshold=0.5):
+    return get_peft_model(tiny_model("bert"), FairLoraConfig(task_type="SEQ_CLS", threshold=threshold)).eval()
+
+
+def _assert_card(text: str, split: str, count: int = 1) -> None:
+    assert text.count(f"## {SECTION_TITLE}") == count
+    assert f"on the **{split}** split" in text
+    for row in ROWS:
+        assert text.count(row) == count, row
+
+
+def test_hook_install_is_idempotent():
+    install_model_card_hook()
+    first = (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files)
+    install_model_card_hook()
+    assert (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files) == first
+    assert not hasattr(PeftModel.create_or_update_model_card.__fairnet_original__, "__fairnet_original__")
+
+
+def test_save_pretrained_writes_the_fairness_section_once(tmp_path):
+    model = _model(threshold=0.35)
+    attach_fairness_report(model, METRICS, split="validation")
+    assert fairness_report(model)["split"] == "validation"
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    _assert_card(text, "validation")
+    assert "τ = 0.35" in text
+    assert "library_name: peft" in text and "PEFT" in text  # PEFT's own card is kept
+    assert "eval_runtime" not in text and "loss" not in text.lower().split("## fairness evaluation")[1]
+    # saving again (same folder) replaces the section instead of adding a second one
+    model.save_pretrained(tmp_path)
+    _assert_card((tmp_path / "README.md").read_text(), "validation")
+    # a new report replaces the old one
+    attach_fairness_report(model, {**METRICS, "eval_accuracy": 0.5}, split="test")
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count(f"## {SECTION_TITLE}") == 1 and "**test** split" in text and "**validation**" not in text
+    assert "| ACC (accuracy over all rows) | 0.5000 |" in text
+
+
+def test_no_report_no_section_and_other_models_unaffected(tmp_path):
+    install_model_card_hook()
+    model = _model()
+    model.save_pretrained(tmp_path / "plain")
+    assert SECTION_TITLE not in (tmp_path / "plain" / "README.md").read_text()
+    lora = get_peft_model(tiny_model("bert"), LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    lora.save_pretrained(tmp_path / "lora")
+    assert SECTION_TITLE not in (tmp_path / "lora" / "README.md").read_text()
+    attach_fairness_report(model, METRICS, split="test")
+    detach_fairness_report(model)
+    model.save_pretrained(tmp_path / "detached")
+    assert SECTION_TITLE not in (tmp_path / "detached" / "README.md").read_text()
+
+
+def test_push_to_hub_card_has_the_table(tmp_path, monkeypatch):
+    api = install_fake_hub(monkeypatch, str(tmp_path / "hub"))
+    model = _model()
+    attach_fairness_report(model, METRICS, split="test")
+    model.push_to_hub("me/fair-adapter")
+    pushed = tmp_path / "hub" / "me" / "fair-adapter"
+    assert api.commits and (pushed / "adapter_model.safetensors").exists()
+    text = (pushed / "README.md").read_text()
+    _assert_card(text, "test")
+    assert "library_name: peft" in text
+
+
+def test_write_model_card_on_a_folder(tmp_path):
+    model = _model(threshold=0.6)
+    model.save_pretrained(tmp_path)
+    path = write_model_card(str(tmp_path), METRICS, split="test")
+    text = path.read_text()
+    _assert_card(text, "test")
+    assert "τ = 0.6" in text and "library_name: peft" in text
+    write_model_card(tmp_path, METRICS, split="test")  # idempotent
+    _assert_card((tmp_path / "README.md").read_text(), "test")
+    # a second adapter gets its own section; the first stays
+    write_model_card(tmp_path, METRICS, split="test", adapter_name="other")
+    text = (tmp_path / "README.md").read_text()
+    assert f"## {SECTION_TITLE} (adapter `other`)" in text and text.count("| gate rate, s=1 | 0.7500 |") == 2
+    # a fresh folder without README.md
+    fresh = write_model_card(tmp_path / "new", METRICS, split="dev")
+    _assert_card(fresh.read_text(), "dev")
+
+
+def test_write_model_card_with_a_model_attaches(tmp_path):
+    model = _model()
+    assert write_model_card(model, METRICS, split="test") is None
+    model.save_pretrained(tmp_path)
+    _assert_card((tmp_path / "README.md").read_text(), "test")
+
+
+def test_bad_input_fails_at_attach_time():
+    model = _model()
+    with pytest.raises(ValueError, match="no known fairness metric"):
+        attach_fairness_report(model, {"eval_loss": 0.3}, split="test")
+    with pytest.raises(ValueError, match="split"):
+        attach_fairness_report(model, METRICS, split="")
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        attach_fairness_report(model, METRICS, split="test", adapter_name="nope")
+    with pytest.raises(TypeError, match="PeftModel"):
+        attach_fairness_report(tiny_model("bert"), METRICS, split="test")
+
+
+def test_uninstall_restores_peft(tmp_path):
+    install_model_card_hook()
+    uninstall_model_card_hook()
+    try:
+        assert not hasattr(PeftModel.create_or_update_model_card, "__fairnet_original__")
+        assert "_upload_modified_files" not in PeftModel.__dict__
+        model = _model()
+        model.__dict__["_fairnet_fairness_reports"] = {"default": {"metrics": {"accuracy": 1.0}, "split": "x"}}
+        model.save_pretrained(tmp_path)
+        assert SECTION_TITLE not in (tmp_path / "README.md").read_text()
+    finally:
+        install_model_card_hook()

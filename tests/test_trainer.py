@@ -1,0 +1,177 @@
+"""FairTrainer on the tiny synthetic spurious-correlation task: ERM first, then FairNet in every label setting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from peft import PeftModel, get_peft_model
+
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, gate_record
+from fairnet_peft import metrics as M
+from fairnet_peft.datasets import make_synthetic_text
+
+T.logging.set_verbosity_error()
+
+FAST = dict(report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=5, seed=0, dataloader_num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=600)
+
+
+@pytest.fixture(scope="module")
+def erm_dir(data, tmp_path_factory):
+    """Train the ERM model once (the FairNet starting point) and save it."""
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    model = T.BertForSequenceClassification(cfg)
+    args = T.TrainingArguments(str(tmp_path_factory.mktemp("erm")), num_train_epochs=3, learning_rate=1e-3,
+                               per_device_train_batch_size=32, **FAST)
+    T.Trainer(model=model, args=args, train_dataset=data["train"].remove_columns("sensitive")).train()
+    path = str(tmp_path_factory.mktemp("erm_model"))
+    model.save_pretrained(path)
+    return path
+
+
+def erm(path):
+    return T.BertForSequenceClassification.from_pretrained(path)
+
+
+def evaluate(model, split):
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(split["input_ids"]), attention_mask=torch.tensor(split["attention_mask"])).logits
+    y, s = np.array(split["labels"]), np.array(split["sensitive"])
+    pred = logits.argmax(-1).numpy()
+    return M.accuracy(y, pred), M.worst_group_accuracy(y, pred, sensitive_features=s)
+
+
+def fair_args(tmp_path, **kw):
+    base = dict(num_train_epochs=6, learning_rate=5e-3, per_device_train_batch_size=64, detector_epochs=3,
+                detector_learning_rate=3e-3, **FAST)
+    base.update(kw)
+    return FairTrainingArguments(str(tmp_path), **base)
+
+
+def test_full_setting_raises_worst_group_accuracy_without_losing_accuracy(data, erm_dir, tmp_path):
+    erm_acc, erm_wga = evaluate(erm(erm_dir), data["test"])
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    trainer = FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=data["validation"])
+    assert trainer.label_setting == "full"
+    trainer.train()
+    acc, wga = evaluate(model, data["test"])
+    print(f"ERM acc={erm_acc:.3f} wga={erm_wga:.3f} | FairNet acc={acc:.3f} wga={wga:.3f}")
+    assert wga >= erm_wga + 0.10, (erm_wga, wga)
+    assert acc >= erm_acc - 0.01, (erm_acc, acc)
+    assert trainer.detector_stats["detector_tpr"] > 0.8 and trainer.detector_stats["detector_fpr"] < 0.2
+    metrics = trainer.evaluate(data["test"])
+    assert metrics["eval_gate_rate_s1"] > 0.8 and metrics["eval_gate_rate_s0"] < 0.2
+    assert abs(metrics["eval_worst_group_accuracy"] - wga) < 1e-9
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"contrastive_loss", "task_loss", "hinge_active", "detector_loss"} <= logged
+
+    # the saved adapter carries detector + prototypes and reproduces the evaluation
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    reloaded = PeftModel.from_pretrained(erm(erm_dir), str(out))
+    proto = reloaded.base_model.model.fair_bias_detector.fairlora_prototypes["default"]
+    assert proto.shape == (2, 2, 32) and proto.abs().sum() > 0
+    assert evaluate(reloaded, data["test"]) == (acc, wga)
+    again = FairTrainer(model=reloaded, args=fair_args(tmp_path / "e"), eval_dataset=data["test"]).evaluate()
+    assert again["eval_worst_group_accuracy"] == metrics["eval_worst_group_accuracy"]
+
+
+@pytest.mark.parametrize("setting", ["partial", "unlabeled"])
+def test_partial_and_unlabeled_settings_run_end_to_end(data, erm_dir, tmp_path, setting):
+    train = data["train"]
+    rng = np.random.default_rng(0)
+    s = np.array(train["sensitive"])
+    if setting == "partial":
+        s = np.where(rng.random(len(s)) < 0.1, s, -1)
+    else:
+        s = np.full(len(s), -1)
+    train = train.remove_columns("sensitive").add_column("sensitive", s.tolist())
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    det_before = {k: v.clone() for k, v in model.state_dict().items() if "fairlora_detector" in k}
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "fairlora_B" in k}
+    kw = dict(num_train_epochs=1, detector_epochs=1)
+    if setting == "unlabeled":
+        kw["lof_contamination"] = 0.1
+    trainer = FairTrainer(model=model, args=fair_args(tmp_path, **kw), train_dataset=train, eval_dataset=data["validation"])
+    assert trainer.label_setting == setting
+    trainer.train()
+    after = model.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in det_before.items()), "the detector was not trained"
+    assert any(not torch.equal(v, after[k]) for k, v in lora_before.items()), "the LoRA was not trained"
+    assert trainer.detector_stats["anchors"] > 0
+    metrics = trainer.evaluate()
+    # no sensitive labels may be used for evaluation/selection in these settings
+    assert "eval_worst_group_accuracy" not in metrics and "eval_accuracy" in metrics
+
+
+def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, gate_threshold=0.0, lora_objective="task")
+    trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_gate_rate_s0"] == 1.0 and metrics["eval_gate_rate_s1"] == 1.0  # w/o detector: always on
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert "task_loss" in logged and "contrastive_loss" not in logged  # w/o contrastive
+
+
+def test_extra_columns_never_reach_the_model_forward(data, erm_dir, tmp_path):
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    seen = set()
+    model.get_base_model().register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, remove_unused_columns=True, max_steps=2)
+    FairTrainer(model=model, args=args, train_dataset=data["train"]).train()
+    assert seen and not seen & {"sensitive", "fairnet_row"}
+
+
+# ---------------------------------------------------------------------------- bad input: clear errors before training
+def _with(ds, column, values):
+    return ds.remove_columns(column).add_column(column, values)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ds: ds.remove_columns("sensitive"), "no sensitive column 'sensitive'"),
+        (lambda ds: _with(ds, "sensitive", [2] * len(ds)), r"values \[2\] outside"),
+        (lambda ds: _with(ds, "sensitive", [0] * len(ds)), "No minority rows"),
+        (lambda ds: _with(ds, "labels", [1] * len(ds)), "single class"),
+        (lambda ds: _with(ds.select(range(15)), "sensitive", [-1] * 15), "lof_n_neighbors=20"),
+    ],
+    ids=["missing-column", "bad-values", "no-minority", "single-class", "too-few-rows-for-lof"],
+)
+def test_bad_input_raises_clear_errors_before_training(data, mutate, message, tmp_path):
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=message):
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=mutate(data["train"]))
+
+
+def test_selection_on_group_labels_is_refused_without_them(data, tmp_path):
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    train = _with(data["train"], "sensitive", [-1] * len(data["train"]))
+    args = fair_args(tmp_path, metric_for_best_model="worst_group_accuracy", eval_strategy="epoch")
+    with pytest.raises(ValueError, match="must not use for selection"):
+        FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=data["validation"])
+
+
+def test_reentrant_checkpointing_is_refused_in_arguments(tmp_path):
+    with pytest.raises(ValueError, match="reentrant"):
+        fair_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_trainer_needs_a_fairlora_model(tmp_path):
+    with pytest.raises(ValueError, match="PeftModel with a FairLoRA adapter"):
+        FairTrainer(model=T.BertForSequenceClassification(T.BertConfig(num_hidden_layers=1)), args=fair_args(tmp_path))
