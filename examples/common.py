@@ -580,6 +580,78 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
     return {"adapter_repo": args.hub_model_id, "base_repo": base_id}
 
 
+def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict, build_model: Callable[[], Any],
+                 load_model: Callable[[str], Any], collator, save_extra: Callable[[str], None], erm_trainer_kwargs: dict,
+                 task_type: Optional[str], loader: str, title: str, details: dict, timings: dict) -> dict:
+    """ERM (cached) → ERM test metrics → FairLoRA + FairTrainer → FairNet test metrics → outputs (→ push).
+
+    `data` is the processed DatasetDict (model inputs + labels + sensitive) after the label setting was applied to
+    train/validation; its test split keeps the true sensitive labels (reporting only).
+    """
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    from fairnet_peft import FairLoraConfig, FairTrainer
+
+    state = dist_state()
+    t = time.time()
+    erm_dir, erm_info = train_or_load_erm(
+        args=args, key=erm_key, build_model=build_model, train_ds=data["train"].remove_columns("sensitive"),
+        eval_ds=data["validation"].remove_columns("sensitive"), save_extra=save_extra,
+        trainer_kwargs=dict(data_collator=collator, **erm_trainer_kwargs))
+    timings["erm"] = time.time() - t
+    erm_dir = os.path.abspath(erm_dir)
+
+    # ERM on the test split
+    t = time.time()
+    test = data["test"]
+    erm_pred = Trainer(model=load_model(erm_dir), args=predict_args(args), data_collator=collator).predict(
+        test.remove_columns("sensitive"))
+    erm_test = test_metrics(erm_pred.predictions, test["labels"], test["sensitive"])
+    timings["erm_test"] = time.time() - t
+
+    # FairLoRA adapter on the ERM model + FairTrainer (detector → prototypes → contrastive LoRA)
+    t = time.time()
+    config = FairLoraConfig(task_type=task_type, r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
+                            base_model_name_or_path=erm_dir)
+    model = get_peft_model(load_model(erm_dir), config)
+    trainer = FairTrainer(model=model, args=fair_training_args(args), train_dataset=data["train"],
+                          eval_dataset=data["validation"], data_collator=collator)
+    resolved = model.peft_config["default"]
+    log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(resolved.target_modules)} of blocks "
+        f"{resolved.layers_to_transform}; the detector reads the input of block {resolved.detector_layer}")
+    train_result = trainer.train()
+    timings["fairnet_train"] = time.time() - t
+
+    t = time.time()
+    tau = float(resolved.threshold)
+    logits, risk, gate = trainer.predict(test).predictions
+    fair_test = test_metrics(logits, test["labels"], test["sensitive"], risk=risk, gate=gate, threshold=tau)
+    timings["fairnet_test"] = time.time() - t
+    timings["total"] = time.time() - timings.pop("_start")
+
+    results = {"ERM": erm_test, "FairNet": fair_test}
+    details = {**details, "classes": ", ".join(map(str, class_names)),
+               "label setting": args.setting + (f" ({args.label_fraction:g} of the train rows labelled)"
+                                                if args.setting == "partial" else ""),
+               "ERM base model": erm_dir, "train / test rows": f"{len(data['train'])} / {len(test)}",
+               "gate threshold τ": f"{tau:g}"}
+    adapter_dir = os.path.join(os.path.abspath(args.output_dir), "adapter")
+    card = model_card(title=title, base_model=erm_dir, loader=loader, results=results, fair_test=fair_test,
+                      details=details, repo_or_dir=adapter_dir)
+    metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
+               "erm": erm_test, "fairnet": fair_test, "threshold": tau,
+               "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
+               "timings_s": timings, "args": vars(args), "world_size": state.num_processes}
+    paths = write_outputs(args=args, model=model, results=results, fair_test=fair_test, metrics=metrics, card=card)
+    pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
+        if args.push_to_hub else {}
+    finish(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed)
+    state.wait_for_everyone()
+    return {"erm": erm_test, "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,
+            "label_setting": trainer.label_setting}
+
+
 def finish(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict) -> None:
     log("")
     log(f"{name}: ERM vs FairNet on the test split ({args.setting} setting)")

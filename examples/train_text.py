@@ -84,22 +84,16 @@ def load_data(args):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_with_preset(build_parser(), argv, DEMO)
     common.quiet_libraries()
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
-    from transformers import set_seed
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    import fairnet_peft  # noqa: F401  (registers FAIRLORA)
-    from fairnet_peft import FairLoraConfig, FairTrainer
+    import fairnet_peft  # noqa: F401  (registers the PEFT type FAIRLORA)
 
-    t0 = time.time()
-    timings = {}
-    state = common.dist_state()
+    timings = {"_start": time.time()}
     set_seed(args.seed)
     model_path = args.model or default_model_path()
 
     ds, class_names = load_data(args)
-    raw_ds = common.apply_label_setting(ds, args.setting, args.label_fraction, args.seed)
+    visible = common.apply_label_setting(ds, args.setting, args.label_fraction, args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoder-only models
         tokenizer.pad_token = tokenizer.eos_token
@@ -107,89 +101,34 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def tokenize(batch):
         return tokenizer(batch["text"], truncation=True, max_length=args.max_length)
 
-    tok = raw_ds.map(tokenize, batched=True, remove_columns=["text"])
+    data = visible.map(tokenize, batched=True, remove_columns=["text"])
     for split in common.SPLITS:
-        common.log("[data] " + common.describe_split(ds[split] if split == "test" else raw_ds[split], split))
-    timings["data"] = time.time() - t0
-
-    # ------------------------------------------------------------------ 1. ERM (cached)
-    num_labels = len(class_names)
-    erm_key = dict(kind="text", model=model_path, dataset=args.dataset or "adult_text", config=args.dataset_config,
-                   text_column=args.text_column, label_column=args.label_column, max_train=args.max_train,
-                   max_length=args.max_length, seed=args.seed, epochs=args.erm_epochs, lr=args.erm_lr,
-                   batch_size=args.batch_size)
+        common.log("[data] " + common.describe_split(visible[split], split))
+    timings["data"] = time.time() - timings["_start"]
 
     def build_model():
         set_seed(args.seed)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=num_labels, id2label=dict(enumerate(class_names)),
+            model_path, num_labels=len(class_names), id2label=dict(enumerate(class_names)),
             label2id={n: i for i, n in enumerate(class_names)}, ignore_mismatched_sizes=True)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
-    t = time.time()
-    erm_dir, erm_info = common.train_or_load_erm(
-        args=args, key=erm_key, build_model=build_model, train_ds=tok["train"].remove_columns("sensitive"),
-        eval_ds=tok["validation"].remove_columns("sensitive"), save_extra=tokenizer.save_pretrained,
-        trainer_kwargs=dict(processing_class=tokenizer))
-    timings["erm"] = time.time() - t
-    erm_dir = os.path.abspath(erm_dir)
-    collator = DataCollatorWithPadding(tokenizer)
-
-    # ------------------------------------------------------------------ ERM on the test split
-    t = time.time()
-    erm_model = AutoModelForSequenceClassification.from_pretrained(erm_dir)
-    test = tok["test"]
-    erm_pred = Trainer(model=erm_model, args=common.predict_args(args), data_collator=collator).predict(test.remove_columns("sensitive"))
-    erm_test = common.test_metrics(erm_pred.predictions, test["labels"], test["sensitive"])
-    timings["erm_test"] = time.time() - t
-
-    # ------------------------------------------------------------------ 2. FairLoRA + FairTrainer
-    t = time.time()
-    base = AutoModelForSequenceClassification.from_pretrained(erm_dir)
-    config = FairLoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
-                            base_model_name_or_path=erm_dir)
-    model = get_peft_model(base, config)
-    trainer = FairTrainer(model=model, args=common.fair_training_args(args), train_dataset=tok["train"],
-                          eval_dataset=tok["validation"], data_collator=collator)
-    common.log(f"[fairnet] label setting: {trainer.label_setting}; adapter targets "
-               f"{sorted(model.peft_config['default'].target_modules)} in blocks "
-               f"{model.peft_config['default'].layers_to_transform}, detector reads block "
-               f"{model.peft_config['default'].detector_layer}")
-    train_result = trainer.train()
-    timings["fairnet_train"] = time.time() - t
-
-    t = time.time()
-    tau = float(model.peft_config["default"].threshold)
-    pred = trainer.predict(test)
-    logits, risk, gate = pred.predictions
-    fair_test = common.test_metrics(logits, test["labels"], test["sensitive"], risk=risk, gate=gate, threshold=tau)
-    timings["fairnet_test"] = time.time() - t
-    timings["total"] = time.time() - t0
-
-    # ------------------------------------------------------------------ 3-4. outputs
-    results = {"ERM": erm_test, "FairNet": fair_test}
-    details = {"task": "text classification", "data": args.dataset or "UCI Adult as text (fairnet_peft.datasets)",
-               "classes": ", ".join(class_names), "minority (s=1)": args.minority_value or "s = 1",
-               "label setting": args.setting + (f" ({args.label_fraction:g} of train labelled)"
-                                                if args.setting == "partial" else ""),
-               "ERM base": erm_dir, "train / test rows": f"{len(tok['train'])} / {len(test)}"}
-    card = common.model_card(title="FairNet (FairLoRA) text classifier adapter", base_model=erm_dir,
-                             loader="AutoPeftModelForSequenceClassification", results=results, fair_test=fair_test,
-                             details=details, repo_or_dir=os.path.join(os.path.abspath(args.output_dir), "adapter"))
-    metrics = {"task": "text", "setting": args.setting, "label_setting_inferred": trainer.label_setting,
-               "erm": erm_test, "fairnet": fair_test, "threshold": tau,
-               "fairnet_train": {k: v for k, v in train_result.metrics.items()},
-               "erm_train": erm_info, "erm_dir": erm_dir, "timings_s": timings,
-               "args": {k: v for k, v in vars(args).items()}, "world_size": state.num_processes}
-    paths = common.write_outputs(args=args, model=model, results=results, fair_test=fair_test, metrics=metrics,
-                                 card=card)
-    pushed = common.push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
-        if args.push_to_hub else {}
-    common.finish(args=args, name="text", results=results, timings=timings, paths=paths, pushed=pushed)
-    state.wait_for_everyone()
-    return {"erm": erm_test, "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings}
+    erm_key = dict(kind="text", model=model_path, dataset=args.dataset or "adult_text", config=args.dataset_config,
+                   text_column=args.text_column, label_column=args.label_column, max_train=args.max_train,
+                   max_length=args.max_length, seed=args.seed, epochs=args.erm_epochs, lr=args.erm_lr,
+                   batch_size=args.batch_size)
+    details = {"task": "text classification",
+               "data": args.dataset or "UCI Adult serialised to text (fairnet_peft.datasets.load_adult_text)",
+               "minority group (s=1)": (f"{args.sensitive_column} == {args.minority_value}" if args.minority_value
+                                        else "women" if args.dataset is None else f"{args.sensitive_column} == 1")}
+    return common.run_pipeline(
+        args=args, kind="text", data=data, class_names=class_names, erm_key=erm_key, build_model=build_model,
+        load_model=AutoModelForSequenceClassification.from_pretrained, collator=DataCollatorWithPadding(tokenizer),
+        save_extra=tokenizer.save_pretrained, erm_trainer_kwargs=dict(processing_class=tokenizer),
+        task_type="SEQ_CLS", loader="AutoPeftModelForSequenceClassification",
+        title="FairNet (FairLoRA) adapter for text classification", details=details, timings=timings)
 
 
 if __name__ == "__main__":

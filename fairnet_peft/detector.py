@@ -153,7 +153,9 @@ class FairBiasDetector(nn.Module, FairTunerLayer):
         self.in_features = config.detector_input_dim
         net = DetectorNet(config.detector_input_dim, config.detector_hidden_sizes, config.detector_dropout,
                           config.detector_pooling)
-        self.fairlora_detector[adapter_name] = net.to(device=device)
+        if not any(p.is_meta for p in net.parameters()):  # low_cpu_mem_usage: stays on meta, loaded with assign=True
+            net = net.to(device=device, dtype=dtype)
+        self.fairlora_detector[adapter_name] = net
         self.fairlora_prototypes[adapter_name] = torch.zeros(num_classes, 2, representation_dim, device=device)
         self.fairlora_prototype_counts[adapter_name] = torch.zeros(num_classes, 2, device=device)
         self.set_detector_trainable(adapter_name, False)

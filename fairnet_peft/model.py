@@ -150,7 +150,7 @@ class FairLoraModel(BaseTuner):
     @staticmethod
     def _module_width(module_names: dict, config: FairLoraConfig) -> int:
         module = module_names.get(config.detector_module) if config.detector_module else None
-        for attr in ("in_features", "in_channels", "embed_dim", "hidden_size"):
+        for attr in ("in_features", "in_channels", "nx", "embed_dim", "hidden_size"):
             if module is not None and getattr(module, attr, None):
                 return int(getattr(module, attr))
         raise ValueError(
@@ -174,7 +174,9 @@ class FairLoraModel(BaseTuner):
             state.detector = FairBiasDetector()
             setattr(model, DETECTOR_ATTR, state.detector)
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        state.detector.update_layer(adapter_name, config, config.num_classes, config.representation_dim, device, None)
+        dtype = next((p.dtype for n, p in model.named_parameters()
+                      if p.is_floating_point() and self.prefix not in n and p.device.type != "meta"), None)
+        state.detector.update_layer(adapter_name, config, config.num_classes, config.representation_dim, device, dtype)
         state.detector.set_adapter(self.active_adapters)
         read_module = model.get_submodule(config.detector_module)
         read_module.__dict__[STATE_ATTR] = state

@@ -69,7 +69,7 @@ def _download_sdist(version: str, dest: Path) -> Path:
             "These tests need network access to PyPI once per peft version (the files are then kept in the "
             f"git-ignored {SUITE_DIR}). Alternatively unpack the sdist yourself and copy "
             f"{', '.join(f'tests/{s} -> {d}' for s, d in SUITE_FILES.items())} there, with a VERSION file "
-            f"containing {version}."
+            f"containing {version} and an __init__.py."
         )
     sdists = sorted(dest.glob("peft-*.tar.gz"))
     if not sdists:

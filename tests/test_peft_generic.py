@@ -20,6 +20,8 @@ adapter, safetensors inference).
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import importlib.util
 import sys
@@ -29,7 +31,7 @@ import types
 import pytest
 import torch
 
-import fairnet_peft  # noqa: F401  (registers the FAIRLORA PEFT type)
+import fairnet_peft  # registers the FAIRLORA PEFT type
 from fairnet_peft import FairLoraConfig
 
 from .peft_suite_fetch import PeftSuiteUnavailable, ensure_peft_suite
@@ -110,12 +112,16 @@ def _is_case_parametrize(mark) -> bool:
 
 
 def _copy_function(func, marks):
-    new = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
-    new.__kwdefaults__ = func.__kwdefaults__
-    new.__dict__.update(func.__dict__)
-    new.__doc__, new.__qualname__ = func.__doc__, func.__qualname__
-    new.pytestmark = marks
-    return new
+    """A new test function running `func` (PEFT's body, its globals: the patched suite module) with `marks`."""
+
+    @functools.wraps(func)  # pytest reads the signature (fixtures, parameters) through __wrapped__
+    def test(*args, **kwargs):
+        if "config_kwargs" in kwargs:  # a few suite helpers mutate config_kwargs; keep FAIR_CASES pristine
+            kwargs["config_kwargs"] = copy.deepcopy(kwargs["config_kwargs"])
+        return func(*args, **kwargs)
+
+    test.pytestmark = marks
+    return test
 
 
 def _reparametrized_class(name: str, source: type, cases: list, bases: tuple) -> type:
