@@ -10,11 +10,9 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch is pinned in the same pip command as the HF stack so pip never swaps in a CUDA build.
-# The `fairness` package only ships UCI Adult; its declared dependencies are broken -> --no-deps.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) -r requirements.txt -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps fairness==0.1.8
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

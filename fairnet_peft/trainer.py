@@ -81,6 +81,10 @@ class FairTrainer(Trainer):
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
         self._check_selection_metric(args)
+        if args.ddp_find_unused_parameters is None:
+            # Every stage uses all of its trainable parameters, and the detector's loss is not reachable from the model
+            # output, which DDP's unused-parameter search would wrongly mark as unused.
+            args.ddp_find_unused_parameters = False
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          compute_metrics=compute_metrics, **kwargs)
         self._stage = "eval"
@@ -231,9 +235,12 @@ class FairTrainer(Trainer):
         self._log_terms(detector_loss=loss.item())
         return loss
 
-    def _skip_batch(self, model) -> torch.Tensor:
+    def _skip_batch(self, model, inputs) -> torch.Tensor:
+        """Too few anchors: count the batch and return a zero loss that still ran a forward (DDP needs one)."""
         self.skipped_batches += 1
-        return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        first = {k: v[:1] if torch.is_tensor(v) and v.dim() else v for k, v in inputs.items() if k != "labels"}
+        with force_gate(model, True, self.adapter_name):
+            return model(**first).logits.sum() * 0.0
 
     def _lora_loss(self, model, inputs, rows):
         self._quiet_dropout(model)
@@ -241,7 +248,7 @@ class FairTrainer(Trainer):
         group = self._group_hat.to(rows.device)[rows]
         anchors = (group == 1).nonzero().squeeze(1)
         if anchors.numel() < args.min_anchors_per_batch:
-            return self._skip_batch(model)
+            return self._skip_batch(model, inputs)
         batch = rows.shape[0]
         sub = {k: v.index_select(0, anchors.to(v.device)) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                for k, v in inputs.items()}

@@ -1,0 +1,52 @@
+"""Run FairTrainer's statistics stages on the synthetic task and dump them as JSON (used 1-process and under torchrun).
+
+The detector learning rate is 0, so the (seeded) detector is identical in every run and the dumped statistics must
+agree exactly between a 1-process and a 2-process run: prototypes, class weight, pseudo-labels, detector rates.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+import transformers as T
+from peft import get_peft_model
+
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
+from fairnet_peft.datasets import make_synthetic_text
+
+T.logging.set_verbosity_error()
+
+
+def main(out_path: str, setting: str) -> None:
+    data = make_synthetic_text(seed=0, n_train=301, n_val=50, n_test=50)  # odd size: uneven shards
+    train = data["train"]
+    if setting == "unlabeled":
+        train = train.remove_columns("sensitive").add_column("sensitive", [-1] * len(train))
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS", threshold=0.5))
+    args = FairTrainingArguments(
+        "/tmp/fair_stats_unused", report_to=[], save_strategy="no", disable_tqdm=True, detector_epochs=1,
+        detector_learning_rate=0.0, num_train_epochs=1, max_steps=1, per_device_train_batch_size=16,
+        per_device_eval_batch_size=16, seed=0, use_cpu=True,
+    )
+    trainer = FairTrainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    det = model.base_model.model.fair_bias_detector
+    result = {
+        "world_size": trainer.accelerator.num_processes,
+        "pos_weight": trainer._pos_weight,
+        "prototypes": det.fairlora_prototypes["default"].tolist(),
+        "counts": det.fairlora_prototype_counts["default"].tolist(),
+        "detector_stats": trainer.detector_stats,
+        "group_hat": trainer._group_hat.tolist(),
+        "pseudo": np.asarray(getattr(trainer, "_pseudo", [])).tolist(),
+    }
+    if trainer.accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,103 @@
+"""FairTrainer under 2-process torchrun (gloo, CPU) equals a 1-process run; interrupted runs resume in the right stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from peft import get_peft_model
+
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
+from fairnet_peft.datasets import make_synthetic_text
+
+T.logging.set_verbosity_error()
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fair_stats.py")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.mark.parametrize("setting", ["full", "unlabeled"])
+def test_two_process_statistics_equal_one_process(tmp_path, setting):
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, SCRIPT, str(single), setting], check=True, env=_env(), timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + [SCRIPT, str(double), setting], env=_env(), timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["pos_weight"] == pytest.approx(two["pos_weight"])
+    np.testing.assert_allclose(one["prototypes"], two["prototypes"], rtol=1e-5, atol=1e-6)
+    assert one["counts"] == two["counts"]
+    assert one["group_hat"] == two["group_hat"]
+    assert one["pseudo"] == two["pseudo"]
+    for key, value in one["detector_stats"].items():
+        assert value == pytest.approx(two["detector_stats"][key]), key
+
+
+# ---------------------------------------------------------------------------- resume
+class Interrupt(T.TrainerCallback):
+    """Stop the run (as a crash would) right after the checkpoint of `step` in the given stage."""
+
+    def __init__(self, trainer_ref, stage, step):
+        self.trainer_ref, self.stage, self.step = trainer_ref, stage, step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer_ref[0]._stage == self.stage and state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash in the {self.stage} stage at step {self.step}")
+
+
+def _setup(out_dir):
+    data = make_synthetic_text(seed=0, n_train=256, n_val=32, n_test=32)
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS", detector_dropout=0.0))
+    args = FairTrainingArguments(str(out_dir), report_to=[], disable_tqdm=True, save_strategy="steps", save_steps=4,
+                                 detector_epochs=2, detector_learning_rate=1e-2, num_train_epochs=2, learning_rate=1e-2,
+                                 per_device_train_batch_size=32, seed=0, logging_steps=4)
+    return model, args, data["train"]
+
+
+def _adapter(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "fairlora_" in k}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model, args, train = _setup(tmp_path_factory.mktemp("straight"))
+    FairTrainer(model=model, args=args, train_dataset=train).train()
+    return _adapter(model)
+
+
+@pytest.mark.parametrize("stage, step", [("detector", 4), ("lora", 4)])
+def test_resume_continues_in_the_right_stage_and_matches(uninterrupted, tmp_path, stage, step):
+    out = tmp_path / "run"
+    model, args, train = _setup(out)
+    ref = [None]
+    trainer = FairTrainer(model=model, args=args, train_dataset=train)
+    ref[0] = trainer
+    trainer.add_callback(Interrupt(ref, stage, step))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    finished_detector = os.path.exists(out / "fairnet-detector-stage" / "final" / "fairnet_state.json")
+    assert finished_detector == (stage == "lora")
+
+    model, args, train = _setup(out)  # a fresh process would rebuild everything from scratch
+    trainer = FairTrainer(model=model, args=args, train_dataset=train)
+    trainer.train(resume_from_checkpoint=True)
+    resumed = _adapter(model)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, msg=key)
