@@ -137,18 +137,23 @@ def load_adult_text(
     frames = {"train": _read_adult(ADULT_TRAIN_FILE), "test": _read_adult(ADULT_TEST_FILE)}
     features = Features({"text": Value("string"), "labels": Value("int64"), "sensitive": Value("int64")})
 
-    def to_columns(df: pd.DataFrame, name: str) -> Dict[str, object]:
-        rows = df[_ADULT_TEXT_COLS].itertuples(index=False, name=None)
-        text = [_adult_sentence(r, include_sex) for r in
-                tqdm(rows, total=len(df), desc=f"adult {name}: serialising", disable=not progress)]
+    bar = tqdm(total=sum(len(f) for f in frames.values()), desc="Adult: serialising rows",
+               disable=not progress)
+
+    def to_columns(df: pd.DataFrame) -> Dict[str, object]:
+        text = []
+        for r in df[_ADULT_TEXT_COLS].itertuples(index=False, name=None):
+            text.append(_adult_sentence(r, include_sex))
+            bar.update()
         return {
             "text": np.array(text, dtype=object),
             "labels": (df["income"].str.rstrip(".") == ">50K").to_numpy(np.int64),
             "sensitive": (df["sex"] == "Female").to_numpy(np.int64),
         }
 
-    full_train = to_columns(frames["train"], "train")
-    test = to_columns(frames["test"], "test")
+    full_train = to_columns(frames["train"])
+    test = to_columns(frames["test"])
+    bar.close()
 
     strata = _strata(full_train["labels"], full_train["sensitive"])
     all_idx = np.arange(len(strata))
@@ -271,6 +276,8 @@ def load_digits_backgrounds(
         "digit_index": Value("int64"),
     })
     out = {}
+    bar = tqdm(total=sum(sum(c.values()) for c in counts.values()), desc="digits: composing images",
+               disable=not progress)
     for split in ("train", "validation", "test"):
         pool = pools[split]
         digit_idx, labels, sens = [], [], []
@@ -285,7 +292,7 @@ def load_digits_backgrounds(
 
         n = len(labels)
         pix = np.empty((n, image_size, image_size, 3), np.float32)
-        for i in tqdm(range(n), desc=f"digits {split}: composing", disable=not progress):
+        for i in range(n):
             bg = backgrounds[sens[i]]
             top = rng.integers(0, bg.shape[0] - image_size + 1)
             left = rng.integers(0, bg.shape[1] - image_size + 1)
@@ -295,11 +302,13 @@ def load_digits_backgrounds(
             patch = img[oy:oy + d, ox:ox + d]
             img[oy:oy + d, ox:ox + d] = patch * (1.0 - alpha) + alpha
             pix[i] = img
+            bar.update()
         pix = np.ascontiguousarray((pix.transpose(0, 3, 1, 2) - 0.5) / 0.5, dtype=np.float32)
         mapping = {"pixel_values": pix, "labels": labels, "sensitive": sens,
                    "digit": targets[digit_idx], "digit_index": digit_idx.astype(np.int64)}
         out[split] = Dataset.from_dict(mapping, features=features,
                                        info=_info(DIGITS_DESCRIPTION + f" Split: {split}.", features))
+    bar.close()
     return DatasetDict(out)
 
 

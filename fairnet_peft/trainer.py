@@ -15,6 +15,7 @@ Rows are tracked by a `fairnet_row` index column, so statistics are exact under 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -195,12 +196,19 @@ class FairTrainer(Trainer):
                 if (".fairlora_A." in name or ".fairlora_B." in name) and f".{self.adapter_name}." in name:
                     p.requires_grad_(True)
 
-    @staticmethod
-    def _quiet_dropout(model) -> None:
-        """The frozen base runs without dropout, so anchor features match the eval-mode prototypes."""
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Dropout) and "fairlora_dropout" not in name:
-                module.eval()
+    @contextlib.contextmanager
+    def _frozen_base_without_dropout(self):
+        """The base is frozen in every stage, so its dropout is switched off (p = 0, which also covers attention
+        implementations that read `self.dropout.p`): anchor features then match the eval-mode prototypes."""
+        saved = {m: m.p for n, m in self.model.named_modules()
+                 if isinstance(m, torch.nn.Dropout) and "fairlora_" not in n}
+        try:
+            for module in saved:
+                module.p = 0.0
+            yield
+        finally:
+            for module, p in saved.items():
+                module.p = p
 
     def _log_terms(self, **terms: float) -> None:
         for key, value in terms.items():
@@ -225,7 +233,6 @@ class FairTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _detector_loss(self, model, inputs, rows):
-        self._quiet_dropout(model)
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with force_gate(model, False):
             model(**inputs)
@@ -243,7 +250,6 @@ class FairTrainer(Trainer):
             return model(**first).logits.sum() * 0.0
 
     def _lora_loss(self, model, inputs, rows):
-        self._quiet_dropout(model)
         args = self.args
         group = self._group_hat.to(rows.device)[rows]
         anchors = (group == 1).nonzero().squeeze(1)
@@ -272,6 +278,15 @@ class FairTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------ evaluation: risk, gate and groups reach compute_metrics
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel):
+            from .model_card import attach_fairness_report
+
+            attach_fairness_report(self.model, metrics, split=metric_key_prefix, adapter_name=self.adapter_name)
+        return metrics
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         sensitive, _ = self._pop_extras(inputs)
@@ -456,6 +471,11 @@ class FairTrainer(Trainer):
         args = self.args
         if args.gate_threshold is not None:
             self._config.threshold = args.gate_threshold
+        with self._frozen_base_without_dropout():
+            return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
+        args = self.args
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
             if resume_from_checkpoint is None and os.path.isdir(self._stage_dir()):

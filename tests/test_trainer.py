@@ -175,3 +175,25 @@ def test_reentrant_checkpointing_is_refused_in_arguments(tmp_path):
 def test_trainer_needs_a_fairlora_model(tmp_path):
     with pytest.raises(ValueError, match="PeftModel with a FairLoRA adapter"):
         FairTrainer(model=T.BertForSequenceClassification(T.BertConfig(num_hidden_layers=1)), args=fair_args(tmp_path))
+
+
+def test_gradient_accumulation_divides_each_micro_batch_loss(data, erm_dir, tmp_path):
+    """`loss_is_scaled_for_ga = False`: Trainer divides the per-batch-mean FairNet loss by the accumulation steps."""
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    trainer = FairTrainer(model=model, args=fair_args(tmp_path, max_steps=1, detector_epochs=1),
+                          train_dataset=data["train"])
+    trainer.train()  # runs the detector and prototype stages, then one LoRA step
+    trainer._stage = "lora"
+    minority = trainer.train_dataset.filter(lambda r: r["sensitive"] == 1).select(range(8))
+    batch = trainer.data_collator([minority[i] for i in range(8)])
+    grads = {}
+    with trainer._frozen_base_without_dropout():
+        for steps in (1, 4):
+            trainer.args.gradient_accumulation_steps = steps
+            trainer.current_gradient_accumulation_steps = steps
+            model.zero_grad()
+            loss = trainer.training_step(model, dict(batch))
+            grads[steps] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert grads[1][0] == pytest.approx(4 * grads[4][0], rel=1e-5)
+    for g1, g4 in zip(grads[1][1], grads[4][1]):
+        torch.testing.assert_close(g1, 4 * g4, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,236 @@
+"""Tests for fairnet_peft.datasets: offline loaders, determinism, split structure."""
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fairnet_peft import datasets as fds
+from fairnet_peft.datasets import (
+    SYNTH_TOKENS,
+    load_adult_text,
+    load_digits_backgrounds,
+    make_synthetic_text,
+)
+
+SPLITS = ("train", "validation", "test")
+
+
+def _cells(ds):
+    cols = ds.with_format("numpy")[:]
+    y, s = cols["labels"], cols["sensitive"]
+    return {(a, b): int(((y == a) & (s == b)).sum()) for a in (0, 1) for b in (0, 1)}
+
+
+def _common_checks(dd):
+    assert set(dd.keys()) == set(SPLITS)
+    for split in SPLITS:
+        ds = dd[split]
+        assert {"labels", "sensitive"} <= set(ds.column_names)
+        assert set(np.unique(ds["labels"]).tolist()) == {0, 1}
+        assert set(np.unique(ds["sensitive"]).tolist()) == {0, 1}
+        assert ds.features["labels"].dtype == "int64"
+        assert ds.features["sensitive"].dtype == "int64"
+        assert ds.info.description
+
+
+# ----------------------------------------------------------------------------- Adult
+@pytest.fixture(scope="module")
+def adult():
+    return load_adult_text(seed=0, progress=False)
+
+
+def test_adult_source_files_counts():
+    for path, n, n_pos, n_female in [(fds.ADULT_TRAIN_FILE, 32_561, 7_841, 10_771),
+                                     (fds.ADULT_TEST_FILE, 16_281, 3_846, 5_421)]:
+        with gzip.open(path, "rt") as f:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
+        assert len(df) == n
+        assert (df["income"] == ">50K").sum() == n_pos
+        assert set(df["income"]) == {"<=50K", ">50K"}
+        assert (df["sex"] == "Female").sum() == n_female
+
+
+def test_adult_full_structure(adult):
+    _common_checks(adult)
+    assert adult["train"].column_names == ["text", "labels", "sensitive"]
+    n_tr, n_va, n_te = (len(adult[s]) for s in SPLITS)
+    assert n_tr + n_va == fds.ADULT_N_TRAIN
+    assert n_te == fds.ADULT_N_TEST
+    assert abs(n_va - 0.1 * fds.ADULT_N_TRAIN) <= 1
+    # positives / female counts match the source files
+    num = {s: adult[s].with_format("numpy", columns=["labels", "sensitive"])[:] for s in SPLITS}
+    assert num["train"]["labels"].sum() + num["validation"]["labels"].sum() == 7_841
+    assert num["test"]["labels"].sum() == 3_846
+    assert num["test"]["sensitive"].sum() == 5_421
+    for split in SPLITS:
+        female_share = num[split]["sensitive"].mean()
+        assert 0.31 < female_share < 0.35  # ~33 % female in UCI Adult
+
+
+def test_adult_text_reveals_group(adult):
+    ds = adult["test"].select(range(2000))
+    text, sens = ds["text"], ds["sensitive"]
+    for t, s in zip(text[:2000], sens[:2000]):
+        words = set(t.split(", "))
+        assert ("Female" in words) == bool(s)
+        assert ("Male" in words) == (not s)
+        assert t.startswith("age ") and "hours/week" in t
+        assert "?" not in t and "50K" not in t
+    assert text[0] == ("age 25, Private, 11th, Never-married, Machine-op-inspct, Own-child, Black, "
+                       "Male, 40 hours/week, United-States")
+
+
+def test_adult_include_sex_false():
+    dd = load_adult_text(seed=0, max_train=200, max_eval=100, include_sex=False, progress=False)
+    for t in dd["train"]["text"]:
+        words = set(t.split(", "))
+        assert "Female" not in words and "Male" not in words
+
+
+def test_adult_determinism_and_subsampling(adult):
+    a = load_adult_text(seed=0, max_train=500, max_eval=200, progress=False)
+    b = load_adult_text(seed=0, max_train=500, max_eval=200, progress=False)
+    c = load_adult_text(seed=1, max_train=500, max_eval=200, progress=False)
+    _common_checks(a)
+    assert [len(a[s]) for s in SPLITS] == [500, 200, 200]
+    for s in SPLITS:
+        assert a[s].to_dict() == b[s].to_dict()
+    assert a["train"]["text"] != c["train"]["text"]
+    assert a["validation"]["text"] != c["validation"]["text"]
+    # stratified: each label x sex cell keeps its share (within rounding)
+    full = _cells(adult["train"])
+    sub = _cells(a["train"])
+    n_full = sum(full.values())
+    for k in full:
+        assert abs(sub[k] - 500 * full[k] / n_full) <= 2
+
+
+# ----------------------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_backgrounds(seed=0, progress=False)
+
+
+def test_digits_structure(digits):
+    _common_checks(digits)
+    assert [len(digits[s]) for s in SPLITS] == [4000, 800, 800]
+    assert set(digits["train"].column_names) == {"pixel_values", "labels", "sensitive", "digit",
+                                                 "digit_index"}
+    x = np.asarray(digits["test"].with_format("numpy")["pixel_values"])
+    assert x.shape == (800, 3, 32, 32) and x.dtype == np.float32
+    assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
+    assert x.std() > 0.2
+    for s in SPLITS:
+        d = np.asarray(digits[s]["digit"])
+        assert np.array_equal(np.asarray(digits[s]["labels"]), (d >= 5).astype(int))
+
+
+def test_digits_shift(digits):
+    tr = _cells(digits["train"])
+    assert tr == {(0, 0): 1600, (1, 0): 1600, (0, 1): 760, (1, 1): 40}
+    # strong correlation in train: rare background almost always has label 0
+    assert tr[(0, 1)] / (tr[(0, 1)] + tr[(1, 1)]) >= 0.9
+    for s in ("validation", "test"):
+        assert set(_cells(digits[s]).values()) == {200}
+
+
+def test_digits_disjoint_images(digits):
+    idx = {s: set(digits[s]["digit_index"]) for s in SPLITS}
+    assert not idx["train"] & idx["test"]
+    assert not idx["train"] & idx["validation"]
+    assert not idx["validation"] & idx["test"]
+
+
+def test_digits_backgrounds_differ(digits):
+    ds = digits["test"].with_format("numpy")
+    x = np.asarray(ds["pixel_values"])
+    s = np.asarray(ds["sensitive"])
+    # the two photos have clearly different colour statistics (flower is orange, china blue/grey)
+    mean_rgb = [x[s == g].mean(axis=(0, 2, 3)) for g in (0, 1)]
+    assert np.abs(mean_rgb[0] - mean_rgb[1]).max() > 0.1
+
+
+def test_digits_determinism():
+    kw = dict(image_size=16, n_train=200, n_val=40, n_test=40, progress=False)
+    a = load_digits_backgrounds(seed=3, **kw).with_format("numpy")
+    b = load_digits_backgrounds(seed=3, **kw).with_format("numpy")
+    c = load_digits_backgrounds(seed=4, **kw).with_format("numpy")
+    for s in SPLITS:
+        assert np.array_equal(np.asarray(a[s]["pixel_values"]), np.asarray(b[s]["pixel_values"]))
+        assert np.array_equal(np.asarray(a[s]["digit_index"]), np.asarray(b[s]["digit_index"]))
+        assert np.asarray(a[s]["pixel_values"]).shape == (len(a[s]), 3, 16, 16)
+    assert not np.array_equal(np.asarray(a["train"]["pixel_values"]), np.asarray(c["train"]["pixel_values"]))
+
+
+# ----------------------------------------------------------------------------- synthetic text
+@pytest.fixture(scope="module")
+def synth():
+    return make_synthetic_text(seed=0)
+
+
+def _token_of(ids, pair):
+    """Per row: 0/1 for which of the two token ids in `pair` is present (exactly one must be)."""
+    has0 = (ids == pair[0]).sum(1)
+    has1 = (ids == pair[1]).sum(1)
+    assert np.all(has0 + has1 == 1)
+    return has1.astype(int)
+
+
+def test_synthetic_structure(synth):
+    _common_checks(synth)
+    assert [len(synth[s]) for s in SPLITS] == [2000, 600, 1000]
+    for s in SPLITS:
+        ds = synth[s]
+        assert ds.column_names == ["input_ids", "attention_mask", "labels", "sensitive"]
+        ids = np.asarray(ds["input_ids"])
+        mask = np.asarray(ds["attention_mask"])
+        assert ids.shape == mask.shape == (len(ds), 12)
+        assert ids.min() >= 0 and ids.max() < 32
+        assert np.array_equal(mask, (ids != SYNTH_TOKENS["pad"]).astype(int))
+        assert np.all(ids[:, 0] == SYNTH_TOKENS["cls"])
+        assert (mask == 0).any(axis=1).mean() > 0.5  # most rows are padded
+        # padding only at the end
+        assert np.all(np.diff(mask, axis=1) <= 0)
+    assert np.mean(synth["train"]["sensitive"]) == pytest.approx(0.1)
+    assert np.mean(synth["test"]["sensitive"]) == pytest.approx(0.3)
+
+
+def test_synthetic_token_design(synth):
+    for split in SPLITS:
+        ds = synth[split]
+        ids = np.asarray(ds["input_ids"])
+        y = np.asarray(ds["labels"])
+        s = np.asarray(ds["sensitive"])
+        assert np.array_equal(_token_of(ids, SYNTH_TOKENS["marker"]), s)  # marker reveals group
+        spur = _token_of(ids, SYNTH_TOKENS["spurious"])
+        core = _token_of(ids, SYNTH_TOKENS["core"])
+        assert np.all(spur[s == 0] == y[s == 0])  # majority: spurious agrees 100 %
+        assert np.all(spur[s == 1] != y[s == 1])  # minority: spurious always disagrees
+        for g in (0, 1):
+            assert 0.78 <= np.mean(core[s == g] == y[s == g]) <= 0.92  # core ~85 %
+            assert abs(np.mean(y[s == g]) - 0.5) < 0.02  # labels balanced within groups
+
+
+def test_synthetic_determinism():
+    a = make_synthetic_text(seed=5, n_train=100, n_val=50, n_test=50)
+    b = make_synthetic_text(seed=5, n_train=100, n_val=50, n_test=50)
+    c = make_synthetic_text(seed=6, n_train=100, n_val=50, n_test=50)
+    for s in SPLITS:
+        assert a[s].to_dict() == b[s].to_dict()
+        assert a[s]["input_ids"] != c[s]["input_ids"]
+    # test split does not depend on the train size
+    d = make_synthetic_text(seed=5, n_train=300, n_val=50, n_test=50)
+    assert a["test"].to_dict() == d["test"].to_dict()
+
+
+def test_synthetic_options():
+    dd = make_synthetic_text(seed=0, n_train=400, n_val=40, n_test=40, vocab_size=16, seq_len=8,
+                             minority_fraction=0.25, eval_minority_fraction=0.5)
+    ids = np.asarray(dd["train"]["input_ids"])
+    assert ids.shape == (400, 8) and ids.max() < 16
+    assert np.mean(dd["train"]["sensitive"]) == pytest.approx(0.25)
+    assert np.mean(dd["test"]["sensitive"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        make_synthetic_text(vocab_size=8)
