@@ -1,7 +1,7 @@
 """Conditional LoRA layers: y = W x + g(x) · (α / r) · B A x, with a hard per-example gate g(x) ∈ {0, 1}.
 
 The gate covers every token/position of an example (batch row); it comes from the model's `GateState` (gate.py).
-The LoRA math lives in `FairLoraLayer.lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute at
+The LoRA math lives in `FairLoraLayer._add_delta` / `lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute at
 all, every row gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated
 rows only and added with `index_add`. Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
 Merging is refused: the gate depends on the input, so no single merged weight exists.
@@ -81,9 +81,28 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
     # ------------------------------------------------------------------ math (the one place)
     def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """(α / r) · B A dropout(x), in the adapter's dtype."""
+        return self.fairlora_B[adapter_name](self._lora_hidden(x, adapter_name)) * self.scaling[adapter_name]
+
+    def _lora_hidden(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a = self.fairlora_A[adapter_name]
-        x = self._cast_input_dtype(x, a.weight.dtype)
-        return self.fairlora_B[adapter_name](a(self.fairlora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+        return a(self.fairlora_dropout[adapter_name](self._cast_input_dtype(x, a.weight.dtype)))
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str, idx=None) -> torch.Tensor:
+        """result + gate · ΔW x, for all rows (idx None) or the rows in idx. Without autograd the update is fused
+        into `result` in place (addmm_/index_add_), which saves two full-size temporaries per adapted module."""
+        if idx is not None:
+            x = x.index_select(0, idx)
+        b = self.fairlora_B[adapter_name]
+        fused = (not torch.is_grad_enabled() and isinstance(b, nn.Linear) and result.dtype == b.weight.dtype
+                 and result.is_contiguous())
+        if not fused:
+            delta = self.lora_delta(x, adapter_name).to(result.dtype)
+            return result + delta if idx is None else result.index_add(0, idx, delta)
+        hidden, scale = self._lora_hidden(x, adapter_name), self.scaling[adapter_name]
+        if idx is None:
+            result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), b.weight.t(), alpha=scale)
+            return result
+        return result.index_add_(0, idx, b(hidden), alpha=scale)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -97,7 +116,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             if record is None or record.n_on == 0:
                 continue  # dynamic cost: no gated row, no LoRA compute
             if record.n_on == record.batch_size:
-                result = result + self.lora_delta(x, adapter).to(result.dtype)
+                result = self._add_delta(result, x, adapter)
                 continue
             if x.shape[0] != record.batch_size:
                 raise RuntimeError(
@@ -105,9 +124,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
                     "module does not keep the batch in dim 0, so it cannot be gated per example. Exclude it from "
                     "`target_modules`."
                 )
-            idx = record.idx.to(x.device)
-            delta = self.lora_delta(x.index_select(0, idx), adapter)
-            result = result.index_add(0, idx, delta.to(result.dtype))
+            result = self._add_delta(result, x, adapter, record.idx.to(x.device))
         return result
 
     # ------------------------------------------------------------------ merging is refused

@@ -204,8 +204,8 @@ def test_threshold_extremes():
 
 def test_no_gated_row_means_no_lora_compute(monkeypatch):
     calls = []
-    original = FairLoraLayer.lora_delta
-    monkeypatch.setattr(FairLoraLayer, "lora_delta", lambda self, x, a: calls.append(x.shape[0]) or original(self, x, a))
+    original = FairLoraLayer._lora_hidden
+    monkeypatch.setattr(FairLoraLayer, "_lora_hidden", lambda self, x, a: calls.append(x.shape[0]) or original(self, x, a))
     model = wrap("bert")
     batch = tiny_batch("bert")
     logits(model, batch, fair_gate=torch.zeros(6))
@@ -369,3 +369,16 @@ def test_push_to_hub_goes_through_peft_with_a_local_fake(tmp_path, monkeypatch):
 def test_loading_without_import_is_documented_in_readme():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert "import fairnet_peft" in readme and "before" in readme.lower()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_fused_inference_path_equals_autograd_path(kind):
+    batch = tiny_batch(kind)
+    model = wrap(kind)
+    gate = torch.tensor([1, 0, 1, 1, 0, 1])
+    for fair_gate in (gate, torch.ones(6)):
+        with torch.no_grad():
+            fused = model(**batch, fair_gate=fair_gate).logits
+        with torch.enable_grad():
+            plain = model(**batch, fair_gate=fair_gate).logits.detach()
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
