@@ -94,6 +94,7 @@ class FairTrainer(Trainer):
         self._fair_logs: dict[str, list[float]] = defaultdict(list)
         self.skipped_batches = 0
         self.detector_stats: dict[str, float] = {}
+        self._stage_log_history: list[dict] = []
 
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args):
@@ -489,6 +490,7 @@ class FairTrainer(Trainer):
             self._run_detector_stage(resume_from_checkpoint if in_detector_stage else None)
             self._prototype_pass()
             self._save_stage()
+            self._stage_log_history = [{**entry, "stage": "detector"} for entry in self.state.log_history]
             resume_from_checkpoint = None if in_detector_stage else resume_from_checkpoint
         self._stage = "lora"
         self._set_trainable("lora")
@@ -499,6 +501,8 @@ class FairTrainer(Trainer):
                                    ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
             self._stage = "eval"
+        # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
+        self.state.log_history = self._stage_log_history + self.state.log_history
         result.metrics.update({f"train_{k}": v for k, v in self.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
         return result
