@@ -118,6 +118,7 @@ class FairTrainer(Trainer):
         labels = np.asarray(dataset["labels" if "labels" in names else "label"])
         if len(np.unique(labels)) < 2:
             raise ValueError("train_dataset has a single class; FairNet's prototypes need at least two classes.")
+        self._check_finite_features(dataset, skip={column, "labels", "label"})
         setting = _infer_label_setting(sensitive)
         if setting != "unlabeled" and not (sensitive == 1).any():
             raise ValueError(
@@ -133,6 +134,18 @@ class FairTrainer(Trainer):
         if ROW_COLUMN in names:
             dataset = dataset.remove_columns(ROW_COLUMN)
         return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+
+    @staticmethod
+    def _check_finite_features(dataset, skip: set) -> None:
+        """Float feature columns (e.g. pixel_values, precomputed embeddings) must not hold NaN or inf."""
+        for name, feature in dataset.features.items():
+            if name in skip or "float" not in str(feature):
+                continue
+            values = np.asarray(dataset.with_format("numpy")[name], dtype=np.float64)
+            bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            if bad.any():
+                raise ValueError(f"Feature column {name!r} has NaN/inf values in rows {np.flatnonzero(bad)[:10].tolist()}"
+                                 " (showing up to 10); clean or drop those rows before training.")
 
     def _check_eval_dataset(self, dataset, args):
         datasets_ = dataset.values() if isinstance(dataset, dict) else [dataset]

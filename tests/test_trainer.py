@@ -146,8 +146,10 @@ def _with(ds, column, values):
         (lambda ds: _with(ds, "sensitive", [0] * len(ds)), "No minority rows"),
         (lambda ds: _with(ds, "labels", [1] * len(ds)), "single class"),
         (lambda ds: _with(ds.select(range(15)), "sensitive", [-1] * 15), "lof_n_neighbors=20"),
+        (lambda ds: ds.add_column("embedding", [[0.5, float("nan")] if i == 3 else [0.5, 0.5] for i in range(len(ds))]),
+         r"'embedding' has NaN/inf values in rows \[3\]"),
     ],
-    ids=["missing-column", "bad-values", "no-minority", "single-class", "too-few-rows-for-lof"],
+    ids=["missing-column", "bad-values", "no-minority", "single-class", "too-few-rows-for-lof", "nan-features"],
 )
 def test_bad_input_raises_clear_errors_before_training(data, mutate, message, tmp_path):
     model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
