@@ -1,0 +1,160 @@
+"""benchmarks/quality.py and benchmarks/gpu_run.sh run end to end at tiny size (no assertions on quality).
+
+`quality.py --tiny` runs in-process: every method row must be in the JSON and the Markdown table, with finite
+numbers. The baselines get small unit checks. `gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny
+size and must leave its JSON files behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name: str):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    module_name = f"fairnet_bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(float(x))
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    quality = _load("quality")
+    out = tmp_path_factory.mktemp("quality")
+    threads = torch.get_num_threads()
+    report = quality.main(["--tiny", "--threads", "1", "--out", str(out), "--doc", str(out / "benchmarks.md")])
+    assert torch.get_num_threads() == threads
+    return quality, out, report
+
+
+def test_quality_tiny_has_every_method_and_finite_numbers(tiny_report):
+    quality, out, report = tiny_report
+    saved = json.loads((out / "results.json").read_text())
+    table = (out / "table.md").read_text()
+    assert saved["command"].startswith("python benchmarks/quality.py --tiny")
+    for dataset in ("text", "vision"):
+        block = saved["datasets"][dataset]
+        run = block["runs"]["0"]["results"]
+        for method in quality.METHODS + [quality.ORACLE_ROW]:
+            assert method in run, (dataset, method)
+            for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
+                assert _finite(run[method][key]), (dataset, method, key)
+            assert method in block["summary"]
+            assert f"| {method} |" in table
+        for method in quality.FAIR_VARIANTS:
+            assert _finite(run[method]["detector_tpr"]) and _finite(run[method]["detector_fpr"])
+            assert 0.0 <= run[method]["tau"] <= 1.0
+        assert run["FairNet-Full w/o detector"]["tau"] == 0.0
+        assert run["FairNet-Partial"]["label_setting"] == "partial"
+        assert run["FairNet-Unlabeled"]["label_setting"] == "unlabeled"
+        assert 0 < run["FairNet-Partial"]["train_labelled_rows"] < block["runs"]["0"]["sizes"]["train"]
+        assert set(block["targets"]) == {"a", "b"}
+        for plot in block["plots"].values():
+            assert os.path.exists(plot if os.path.isabs(plot) else os.path.join(ROOT, plot))
+    assert "Target (a)" in table and "Target (b)" in table
+    # the Markdown file got the generated block under the quality heading, and a rerun replaces it in place
+    doc = out / "benchmarks.md"
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and quality.DOC_HEADING in text and quality.BEGIN in text
+    quality.write_doc(str(doc), "second body\n")
+    again = doc.read_text()
+    assert again.count(quality.BEGIN) == 1 and "second body" in again and "| ERM |" not in again
+
+
+def test_write_doc_keeps_other_sections(tmp_path):
+    quality = _load("quality")
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\n## Inference overhead\n\nnumbers\n\n## Quality (issue 6)\n\nhand text\n\n"
+                   "## Later\n\nkeep\n")
+    quality.write_doc(str(doc), "table v1")
+    quality.write_doc(str(doc), "table v2")
+    text = doc.read_text()
+    assert "## Inference overhead\n\nnumbers" in text and "hand text" in text and "## Later\n\nkeep" in text
+    assert "table v2" in text and "table v1" not in text and text.count(quality.BEGIN) == 1
+    assert text.index("hand text") < text.index("table v2") < text.index("## Later")
+
+
+def test_baselines_units():
+    baselines = _load("baselines")
+    # JTT: error set and weights
+    errors = baselines.jtt_error_set(np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), np.array([0, 0, 1]))
+    assert errors.tolist() == [False, True, True]
+    assert baselines.jtt_weights(errors, 6).tolist() == [1.0, 6.0, 6.0]
+    # DFR recovers a separable rule from balanced validation features
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    s = rng.integers(0, 2, 400)
+    x = np.c_[y * 2.0 - 1 + 0.3 * rng.standard_normal(400), s + 0.1 * rng.standard_normal(400)]
+    head = baselines.dfr_fit(x, y, s, seed=0, n_draws_tune=2, n_draws_final=3)
+    assert (head.predict(x) == y).mean() > 0.95 and head.info["C"] in baselines.DFR_C_GRID
+
+
+def test_groupdro_upweights_the_worst_cell(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    baselines = _load("baselines")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x=None, **kwargs):
+            return type("Out", (), {"logits": self.lin(x)})()
+
+    n = 64
+    rng = np.random.default_rng(0)
+    data = Dataset.from_dict({"x": rng.standard_normal((n, 2)).astype(np.float32).tolist(),
+                              "labels": rng.integers(0, 2, n), "sensitive": (np.arange(n) % 8 == 0).astype(int)})
+
+    def collate(rows):
+        return {"x": torch.tensor([r["x"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows]),
+                "sensitive": torch.tensor([r["sensitive"] for r in rows])}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1,
+                             report_to="none", save_strategy="no", remove_unused_columns=False, use_cpu=True,
+                             disable_tqdm=True)
+    trainer = baselines.GroupDROTrainer(model=Tiny(), args=args, train_dataset=data, data_collator=collate, eta=1.0)
+    trainer.train()
+    q = trainer.q
+    assert q.shape == (4,) and abs(float(q.sum()) - 1.0) < 1e-5 and not torch.allclose(q, torch.full((4,), 0.25))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_run_dry_run(tmp_path):
+    out = tmp_path / "gpu"
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True
+    assert json.loads((out / "cuda_check.json").read_text())["dry_run"] is True
+    quality = json.loads((out / "quality" / "results.json").read_text())
+    assert set(quality["datasets"]) == {"text", "vision"}
+    overhead = [p for p in ("overhead.json", "overhead_gpu.json") if (out / p).exists()]
+    assert overhead or "overhead skipped" in proc.stdout
