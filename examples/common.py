@@ -147,6 +147,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     run.add_argument("--eval-batch-size", type=int, default=defaults.get("eval_batch_size", 64),
                      help="Per-device evaluation batch size.")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--num-threads", type=int, default=defaults.get("num_threads"),
+                     help="torch CPU threads per process (default: torch's choice). Small models run faster with 1, "
+                          "especially on a shared machine.")
     run.add_argument("--output-dir", default=defaults["output_dir"])
     run.add_argument("--push-to-hub", action="store_true",
                      help="Push the adapter (model.push_to_hub) to --hub-model-id, and the ERM base model it needs "
@@ -167,6 +170,10 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
         parser.error("--push-to-hub needs --hub-model-id")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error("--label-fraction must be in (0, 1]")
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.num_threads))
     return args
 
 
@@ -391,6 +398,9 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
     evals = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
     info = {"train_seconds": time.time() - start, "validation": evals[-1] if evals else {}}
     if state.is_main_process and os.path.isdir(cache_dir):
+        if os.listdir(cache_dir) and not os.path.exists(os.path.join(cache_dir, "erm_key.json")):
+            raise SystemExit(f"--erm-cache {cache_dir} is a non-empty directory that is not an ERM cache of these "
+                             "examples; refusing to overwrite it. Pass an empty or new directory.")
         shutil.rmtree(cache_dir)
     state.wait_for_everyone()
     trainer.save_model(cache_dir)  # every rank calls it (it may gather); only the main process writes
@@ -431,29 +441,17 @@ def fair_training_args(args, **extra):
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
         # DDP: the detector loss is read from the gate record, not from the forward output, so DDP's unused-parameter
-        # search would mark the detector's parameters ready twice. Every trainable parameter gets a gradient in each
-        # FairNet stage, so the search is not needed.
+        # search would mark the detector's parameters ready twice (FairTrainer also sets this when it is left unset).
         ddp_find_unused_parameters=False,
         **extra,
     )
 
 
 def fair_trainer_class():
-    """`FairTrainer`, re-wrapped for DDP at each stage (a workaround, harmless in a single process).
-
-    FairTrainer runs `Trainer.train()` once per stage with different trainable parameters (detector, then LoRA).
-    `Trainer` reuses the DistributedDataParallel wrapper of the first call, whose gradient hooks only cover the
-    parameters that were trainable then (the detector), so under torchrun the LoRA gradients were not averaged and the
-    ranks drifted apart. Dropping the wrapper whenever the trainable set changes makes `Trainer` build a new one.
-    """
+    """The trainer class the examples use (kept as a function so callers stay unchanged)."""
     from fairnet_peft import FairTrainer
 
-    class StageSafeFairTrainer(FairTrainer):
-        def _set_trainable(self, what: str) -> None:
-            super()._set_trainable(what)
-            self.model_wrapped = self.model
-
-    return StageSafeFairTrainer
+    return FairTrainer
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -205,6 +205,9 @@ class FairTrainer(Trainer):
             p.requires_grad_(False)
         det = self._detector
         det.set_detector_trainable(self.adapter_name, what == "detector")
+        # Trainer reuses its DDP wrapper across train() calls, and DDP only reduces the parameters that were trainable
+        # when it wrapped: drop the wrapper so the next stage is wrapped (and its gradients averaged) anew.
+        self.model_wrapped = self.model
         if what == "lora":
             for name, p in self.model.named_parameters():
                 if (".fairlora_A." in name or ".fairlora_B." in name) and f".{self.adapter_name}." in name:

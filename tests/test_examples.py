@@ -20,8 +20,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+# One torch thread: the tiny models gain nothing from two, and on a shared CPU two threads can be several times slower.
 TINY = ["--max-train", "200", "--max-eval", "100", "--erm-epochs", "1", "--epochs", "1", "--detector-epochs", "1",
-        "--batch-size", "32"]
+        "--batch-size", "32", "--num-threads", "1"]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, so any network access fails fast
 
 
@@ -211,6 +212,11 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # main() applied --num-threads to this process
 
 
 def test_text_example_with_a_local_csv_partial_labels_and_the_erm_cache(tmp_path, tiny_text_model, offline):
@@ -268,3 +274,42 @@ def test_text_example_push_to_hub_uses_model_push_to_hub(tmp_path, tiny_text_mod
         with torch.no_grad():
             logits.append(model(**batch).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_vision_example_with_a_pretrained_model_and_a_local_image_parquet(tmp_path, offline):
+    """`--model` (a local image classifier with its processor; its 5-class head is replaced) and `--dataset` (a
+    Parquet file of images with string labels and groups)."""
+    import torch
+    import transformers as T
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    model_dir = str(tmp_path / "tiny_vit")
+    torch.manual_seed(0)
+    T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=5)
+                                 ).save_pretrained(model_dir)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+
+    rng = np.random.default_rng(0)
+    rows = {"img": [], "animal": [], "group": []}
+    for _ in range(240):
+        y, rare = int(rng.integers(0, 2)), bool(rng.random() < 0.3)
+        pixels = (rng.random((20, 20, 3)) * 80 + (150 if y else 0)).astype(np.uint8)
+        if rare:
+            pixels[..., 2] = 255
+        rows["img"].append(PILImage.fromarray(pixels))
+        rows["animal"].append(["cat", "dog"][y])
+        rows["group"].append("rare" if rare else "common")
+    features = Features({"img": Image(), "animal": Value("string"), "group": Value("string")})
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "images.parquet"))
+
+    vision = _load("train_vision")
+    result = vision.main(["--model", model_dir, "--dataset", str(tmp_path / "images.parquet"), "--image-column", "img",
+                          "--label-column", "animal", "--sensitive-column", "group", "--minority-value", "rare",
+                          *TINY, "--output-dir", str(tmp_path / "out"), "--erm-cache", str(tmp_path / "erm")])
+    metrics = _check_outputs(tmp_path / "out")
+    assert metrics["label_setting_inferred"] == "full" and result["label_setting"] == "full"
+    assert T.AutoConfig.from_pretrained(str(tmp_path / "erm")).num_labels == 2
+    assert (tmp_path / "erm" / "preprocessor_config.json").is_file()
+    assert "cat, dog" in (tmp_path / "out" / "adapter" / "README.md").read_text()

@@ -28,7 +28,7 @@ def main(out_path: str, setting: str) -> None:
     model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS", threshold=0.5))
     args = FairTrainingArguments(
         "/tmp/fair_stats_unused", report_to=[], save_strategy="no", disable_tqdm=True, detector_epochs=1,
-        detector_learning_rate=0.0, num_train_epochs=1, max_steps=1, per_device_train_batch_size=16,
+        detector_learning_rate=0.0, num_train_epochs=1, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=16,
         per_device_eval_batch_size=16, seed=0, use_cpu=True,
     )
     trainer = FairTrainer(model=model, args=args, train_dataset=train)
@@ -43,6 +43,9 @@ def main(out_path: str, setting: str) -> None:
         "group_hat": trainer._group_hat.tolist(),
         "pseudo": np.asarray(getattr(trainer, "_pseudo", [])).tolist(),
     }
+    lora = {k: v.tolist() for k, v in model.state_dict().items() if "fairlora_B" in k}
+    with open(f"{out_path}.rank{trainer.accelerator.process_index}", "w") as f:
+        json.dump(lora, f)  # every rank: the LoRA after the LoRA stage must be identical across ranks
     if trainer.accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(result, f)
