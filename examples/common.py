@@ -440,18 +440,8 @@ def fair_training_args(args, **extra):
         seed=args.seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
-        # DDP: the detector loss is read from the gate record, not from the forward output, so DDP's unused-parameter
-        # search would mark the detector's parameters ready twice (FairTrainer also sets this when it is left unset).
-        ddp_find_unused_parameters=False,
         **extra,
     )
-
-
-def fair_trainer_class():
-    """The trainer class the examples use (kept as a function so callers stay unchanged)."""
-    from fairnet_peft import FairTrainer
-
-    return FairTrainer
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -673,7 +663,9 @@ def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict
     config = FairLoraConfig(task_type=task_type, r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
                             base_model_name_or_path=erm_dir)
     model = get_peft_model(load_model(erm_dir), config)
-    trainer = fair_trainer_class()(model=model, args=fair_training_args(args), train_dataset=data["train"],
+    from fairnet_peft import FairTrainer
+
+    trainer = FairTrainer(model=model, args=fair_training_args(args), train_dataset=data["train"],
                           eval_dataset=data["validation"], data_collator=collator)
     resolved = model.peft_config["default"]
     log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(resolved.target_modules)} of blocks "
