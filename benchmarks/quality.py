@@ -98,6 +98,16 @@ BUDGET = {
     ORACLE_ROW: ("all", "all + **test s**", "as FairNet-Full"),
 }
 TAU_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+GATE_RATE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # τ candidates at these validation gate rates too
+
+
+def tau_candidates(val_risk: np.ndarray) -> tuple:
+    """τ candidates: the fixed grid plus the τ that gate 5 %, 10 %, …, 95 % of the validation rows (label-free).
+
+    A detector trained for one epoch often puts most risks in a narrow band (e.g. 0.45-0.55), where a 0.1-spaced grid
+    only offers "almost all rows" or "almost none"; quantiles of the validation risk cover the gate rates between."""
+    qs = np.quantile(np.asarray(val_risk, dtype=np.float64), [1.0 - r for r in GATE_RATE_GRID])
+    return tuple(sorted(set(TAU_GRID) | {round(float(q), 4) for q in qs if 0.0 < q < 1.0}))
 ACC_TOLERANCE = 0.005  # 0.5 accuracy points: the selection constraint and the targets' ACC margin
 PLOT_METHODS = ["ERM", "GroupDRO", "JTT", "DFR", "FairNet-Full", "FairNet-Partial", "FairNet-Unlabeled"]
 
@@ -105,7 +115,10 @@ _COMMON = dict(batch_size=32, eval_batch_size=128, warmup_ratio=0.1, weight_deca
                margin=0.5, task_loss_weight=0.1, lof_contamination=0.1, lof_n_neighbors=20, label_fraction=0.1,
                dro_adjustment=0.0, fair_grid=None)
 # FairNet hyper-parameter grid, searched inside every run on validation with each variant's own selection rule
-VISION_GRID = [{}, {"class_balanced_anchors": True}, {"fair_lr": 3e-3, "class_balanced_anchors": True}]
+# (a point with pseudo_labeler only differs in the unlabeled setting: the others train it once, see _setting_grid)
+ERROR_SET = {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}
+TEXT_GRID = [{"class_balanced_anchors": True}, ERROR_SET]
+VISION_GRID = [{}, {"class_balanced_anchors": True}, {"fair_lr": 3e-3, "class_balanced_anchors": True}, ERROR_SET]
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "text": dict(_COMMON, model="tiny", n_train=64, n_val=48, n_test=48, max_length=32, freeze=2, erm_epochs=1,
@@ -117,10 +130,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                        detector_epochs=1, detector_lr=1e-3, lof_n_neighbors=10),
     },
     "quick": {
-        "text": dict(_COMMON, model="minilm", n_train=1500, n_val=600, n_test=1500, max_length=64, freeze=3,
+        "text": dict(_COMMON, model="minilm", n_train=1500, n_val=1200, n_test=1500, max_length=64, freeze=3,
                      erm_epochs=2, erm_lr=1e-4, dro_eta=0.1, jtt_T=1, jtt_lambda=5.0, fair_epochs=2,
                      fair_lr=5e-4, detector_epochs=1, detector_lr=1e-3,
-                     fair_grid=[{"class_balanced_anchors": True}]),
+                     fair_grid=TEXT_GRID),
         "vision": dict(_COMMON, image_size=16, patch_size=4, hidden=64, layers=4, heads=4, intermediate=128,
                        digit_scale=1.0, n_train=2000, n_val=400, n_test=800, erm_epochs=20, erm_lr=1e-3,
                        weight_decay=0.0, scheduler="cosine", dro_eta=0.01, jtt_T=5, jtt_lambda=5.0, fair_epochs=5,
@@ -130,7 +143,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "text": dict(_COMMON, model="minilm", n_train=6000, n_val=1500, n_test=3000, max_length=64, freeze=0,
                      erm_epochs=2, erm_lr=5e-5, batch_size=64, eval_batch_size=256, dro_eta=0.1, jtt_T=1,
                      jtt_lambda=5.0, fair_epochs=2, fair_lr=5e-4, detector_epochs=1, detector_lr=1e-3,
-                     fair_grid=[{"class_balanced_anchors": True}]),
+                     fair_grid=TEXT_GRID),
         "vision": dict(_COMMON, image_size=16, patch_size=4, hidden=64, layers=4, heads=4, intermediate=128,
                        digit_scale=1.0, n_train=4000, n_val=800, n_test=1600, erm_epochs=20, erm_lr=1e-3,
                        batch_size=64, eval_batch_size=512, weight_decay=0.0, scheduler="cosine", dro_eta=0.01,
@@ -481,7 +494,7 @@ def sweep_rows(logits_off, logits_on, risk, labels, sensitive, taus) -> list[dic
         return sweep_metrics(scores, taus)
     except ImportError:  # pragma: no cover - older package without the sweep module
         rows = []
-        for tau in taus:
+        for tau in taus or tau_candidates(scores["risk"]):
             pred = gated_predictions(logits_off, logits_on, risk, tau)
             m = evaluate(labels, pred, sensitive)
             gate = risk > tau
@@ -689,11 +702,25 @@ def _partial_labels(sensitive: np.ndarray, fraction: float, seed: int) -> np.nda
 
 
 FAIR_GRID_KEYS = ("fair_lr", "fair_epochs", "margin", "task_loss_weight", "class_balanced_anchors", "detector_epochs",
-                  "detector_lr", "lof_contamination", "negative_strategy", "distance")
+                  "detector_lr", "lof_contamination", "negative_strategy", "distance", "pseudo_labeler")
+
+
+def _setting_grid(grid: list, setting: str) -> list:
+    """The grid points that differ for `setting`: 'pseudo_labeler' only acts without train group labels."""
+    out: list = []
+    for point in grid:
+        bad = [k for k in point if k not in FAIR_GRID_KEYS]
+        if bad:
+            raise ValueError(f"fair_grid keys {bad} not in {FAIR_GRID_KEYS}")
+        if setting != "unlabeled":
+            point = {k: v for k, v in point.items() if k != "pseudo_labeler"}
+        if point not in out:
+            out.append(point)
+    return out
 
 
 def _train_fairnet(ctx: Context, name: str, sens: np.ndarray, point: dict, grid_index: int, sel: Selector,
-                   taus: tuple, use_val_s: bool):
+                   taus: Optional[tuple], use_val_s: bool):
     """Train one FairNet model (one point of the hyper-parameter grid); `sel` sees its (epoch, τ) candidates."""
     from peft import get_peft_model
 
@@ -704,7 +731,8 @@ def _train_fairnet(ctx: Context, name: str, sens: np.ndarray, point: dict, grid_
     model = get_peft_model(copy.deepcopy(ctx.erm_model), FairLoraConfig(**ctx.bundle.fair_config))
     extra = dict(sensitive_column="sensitive", detector_epochs=cfg["detector_epochs"],
                  detector_learning_rate=cfg["detector_lr"], margin=cfg["margin"],
-                 task_loss_weight=cfg["task_loss_weight"], lora_objective=spec["objective"], pseudo_labeler="lof",
+                 task_loss_weight=cfg["task_loss_weight"], lora_objective=spec["objective"],
+                 pseudo_labeler=cfg.get("pseudo_labeler", "lof"),
                  lof_contamination=cfg["lof_contamination"], lof_n_neighbors=cfg["lof_n_neighbors"],
                  class_balanced_anchors=bool(cfg.get("class_balanced_anchors", False)),
                  gate_threshold=0.0 if spec["tau"] == 0.0 else None)
@@ -727,7 +755,7 @@ def _train_fairnet(ctx: Context, name: str, sens: np.ndarray, point: dict, grid_
                 snap.update(snapshot(m))
             return snap
 
-        for tau in taus:
+        for tau in taus or tau_candidates(scores["risk"]):
             pred = gated_predictions(off_val, scores["logits"], scores["risk"], tau)
             cand = _val_candidate(ctx, np.eye(2)[pred], use_val_s, grid=grid_index, epoch=epoch, tau=tau)
             sel.offer(cand, lazy_snapshot)
@@ -754,20 +782,25 @@ def run_fairnet(ctx: Context, name: str) -> dict:
         sens = np.full(len(train), -1)
     use_val_s = setting == "full"
     metric = "worst_group_accuracy" if use_val_s else "worst_class_accuracy"
-    taus = TAU_GRID if spec["tau"] == "grid" else (float(spec["tau"]),)
-    grid = list(cfg.get("fair_grid") or [{}])
-    for point in grid:
-        bad = [k for k in point if k not in FAIR_GRID_KEYS]
-        if bad:
-            raise ValueError(f"fair_grid keys {bad} not in {FAIR_GRID_KEYS}")
+    taus = None if spec["tau"] == "grid" else (float(spec["tau"]),)  # None: tau_candidates of each epoch
+    grid = _setting_grid(list(cfg.get("fair_grid") or [{}]), setting)
     sel = Selector(metric, ctx.erm_val_acc)
-    best = None
+    best, grid_errors = None, {}
     for gi, point in enumerate(grid):
         before = sel.best
-        model, stats = _train_fairnet(ctx, name, sens, point, gi, sel, taus, use_val_s)
+        try:
+            model, stats = _train_fairnet(ctx, name, sens, point, gi, sel, taus, use_val_s)
+        except ValueError as err:  # e.g. the error set is empty (the ERM model fits every training row)
+            if len(grid) == 1:
+                raise
+            grid_errors[gi] = str(err)
+            log(f"  {name}: grid point {point} not trainable: {err}")
+            continue
         if sel.best is not before:  # this grid point holds the best candidate so far: keep its model
             best = (model, stats)
         del model
+    if sel.best is None:
+        raise ValueError(f"{name}: no grid point could be trained: {grid_errors}")
     gi = int(sel.best["grid"])
     model, stats = best
     restore(model, sel.state)
@@ -780,7 +813,7 @@ def run_fairnet(ctx: Context, name: str) -> dict:
     gate = on["risk"] > tau
     result = _test_result(
         ctx, pred, selected=sel.best, hyper_parameters={**{k: cfg[k] for k in FAIR_GRID_KEYS if k in cfg}, **grid[gi]},
-        grid=grid, val_history=sel.history, tau=tau, **stats,
+        grid=grid, grid_errors=grid_errors, val_history=sel.history, tau=tau, **stats,
         detector_tpr=float(gate[test.sensitive == 1].mean()), detector_fpr=float(gate[test.sensitive == 0].mean()),
         gate_rate=float(gate.mean()), train_labelled_rows=int((sens >= 0).sum()),
         sweep=sweep_rows(off, on["logits"], on["risk"], test.labels, test.sensitive, TAU_GRID),
@@ -840,13 +873,21 @@ SUMMARY_KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference",
                 "detector_tpr", "detector_fpr", "tau")
 
 
+def _majority_worst_cell(res: dict) -> float:
+    """The lowest accuracy over the majority-group (s=0) cells: what a correction gated on s=1 rows leaves as is."""
+    cells = [c["accuracy"] for k, c in (res.get("group_accuracies") or {}).items() if k.endswith("s=0")]
+    return float(min(cells)) if cells else float("nan")
+
+
 def summarise(runs: dict) -> dict:
     methods = [m for m in METHODS + [ORACLE_ROW] if any(m in r["results"] for r in runs.values())]
     out = {}
     for m in methods:
         row = {}
-        for key in SUMMARY_KEYS:
-            vals = [float(r["results"][m][key]) for r in runs.values() if m in r["results"] and key in r["results"][m]]
+        results = [dict(r["results"][m], majority_worst_cell=_majority_worst_cell(r["results"][m]))
+                   for r in runs.values() if m in r["results"]]
+        for key in SUMMARY_KEYS + ("majority_worst_cell",):
+            vals = [float(res[key]) for res in results if key in res]
             if vals:
                 row[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                             "n": len(vals), "values": vals}
@@ -867,6 +908,7 @@ def targets(summary: dict) -> dict:
         ok_w, ok_a = wga >= baselines[best] - 1e-12, acc >= erm_acc - ACC_TOLERANCE - 1e-12
         out["a"] = {"goal": "FairNet-Full WGA ≥ best of GroupDRO/JTT/DFR, and ACC ≥ ERM ACC − 0.5",
                     "fairnet_wga": wga, "best_baseline": best, "best_baseline_wga": baselines[best],
+                    "erm_majority_worst_cell": mean("ERM", "majority_worst_cell"),
                     "fairnet_acc": acc, "erm_acc": erm_acc, "wga_met": ok_w, "acc_met": ok_a, "met": ok_w and ok_a}
     if "FairNet-Unlabeled" in summary:
         wga, acc = mean("FairNet-Unlabeled", "worst_group_accuracy"), mean("FairNet-Unlabeled", "accuracy")
@@ -906,6 +948,12 @@ def render_targets(tg: dict) -> str:
                      f"{100 * t['best_baseline_wga']:.1f} → {'met' if t['wga_met'] else 'NOT met'}; ACC "
                      f"{100 * t['fairnet_acc']:.1f} vs ERM {100 * t['erm_acc']:.1f} − 0.5 → "
                      f"{'met' if t['acc_met'] else 'NOT met'}. **Target (a): {'MET' if t['met'] else 'NOT MET'}.**")
+        ceiling = t.get("erm_majority_worst_cell", float("nan"))
+        if math.isfinite(ceiling):
+            lines.append(f"  Ceiling of a correction gated on the minority: ERM's worst majority-group (s=0) cell is "
+                         f"{100 * ceiling:.1f}; a model that leaves s=0 rows as ERM has them cannot reach a higher WGA"
+                         + (f", so {100 * t['best_baseline_wga']:.1f} is out of reach by design."
+                            if ceiling < t["best_baseline_wga"] else "."))
     if "b" in tg:
         t = tg["b"]
         lines.append(f"- (b) {t['goal']}: WGA {100 * t['fairnet_wga']:.1f} vs ERM {100 * t['erm_wga']:.1f} + 3 → "
@@ -935,6 +983,15 @@ def _choices_line(runs: dict) -> str:
     return ("Selected on validation: " + "; ".join(items) + ".") if items else ""
 
 
+def _seed_time_line(runs: dict) -> str:
+    minutes = [sum(r.get("timings_s", {}).values()) / 60 for r in runs.values()]
+    if not minutes:
+        return ""
+    return (f"Wall time of one seed (data + every method): {', '.join(f'{m:.1f}' for m in minutes)} min; "
+            + ", ".join(f"{k} {np.mean([r['timings_s'].get(k, 0) for r in runs.values()]):.0f} s"
+                        for k in next(iter(runs.values())).get("timings_s", {})) + " (mean per seed).")
+
+
 def render_report(report: dict) -> str:
     parts = [f"Command: `{report['command']}`", "",
              f"Run: {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min, "
@@ -952,8 +1009,10 @@ def render_report(report: dict) -> str:
                   "; FairNet: " + _config_line(cfg, ("detector_epochs", "detector_lr", "fair_epochs", "fair_lr",
                                                      "margin", "task_loss_weight", "lof_contamination",
                                                      "label_fraction")) +
-                  f"; FairNet grid (searched on validation) {cfg.get('fair_grid') or [{}]}; τ grid {list(TAU_GRID)}.",
-                  _choices_line(block["runs"]), "",
+                  f"; FairNet grid (searched on validation) {cfg.get('fair_grid') or [{}]}; τ candidates "
+                  f"{list(TAU_GRID)} and the τ that gate {int(100 * GATE_RATE_GRID[0])}-"
+                  f"{int(100 * GATE_RATE_GRID[-1])} % of the validation rows (5 % steps).",
+                  _choices_line(block["runs"]), _seed_time_line(block["runs"]), "",
                   render_table(dataset, block["summary"], len(report["seeds"])), "",
                   "Targets (means over seeds):", render_targets(block["targets"]), "",
                   f"Plots: `{block['plots'].get('groups', '–')}`, `{block['plots'].get('sweep', '–')}`.", ""]
@@ -1051,7 +1110,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     t_start = time.time()
     report = {"command": command, "preset": args.preset, "seeds": [], "machine": _machine(),
               "torch": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-              "methods": args.method_list, "selection_acc_tolerance": ACC_TOLERANCE, "tau_grid": list(TAU_GRID),
+              "methods": args.method_list, "selection_acc_tolerance": ACC_TOLERANCE, "tau_grid": list(TAU_GRID), "gate_rate_grid": list(GATE_RATE_GRID),
               "budget": {m: dict(zip(("train_s", "val_s", "selection"), BUDGET[m])) for m in BUDGET},
               "datasets": {d: {"config": args.config[d], "runs": {}} for d in args.dataset_list}}
     json_path = os.path.join(args.out, "results.json")

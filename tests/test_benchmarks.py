@@ -97,6 +97,33 @@ def test_write_doc_keeps_other_sections(tmp_path):
     assert text.index("hand text") < text.index("table v2") < text.index("## Later")
 
 
+def test_quality_grid_tau_candidates_and_ceiling():
+    quality = _load("quality")
+    grid = [{"class_balanced_anchors": True}, {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}]
+    # pseudo_labeler only changes the unlabeled setting: other settings train the point once
+    assert quality._setting_grid(grid, "full") == [{"class_balanced_anchors": True}]
+    assert quality._setting_grid(grid, "unlabeled") == grid
+    with pytest.raises(ValueError, match="not in"):
+        quality._setting_grid([{"lr": 1.0}], "full")
+    # τ candidates: the fixed grid plus validation-risk quantiles, so a narrow risk band still gets graded gate rates
+    risk = np.random.default_rng(0).uniform(0.45, 0.55, 1000)
+    taus = quality.tau_candidates(risk)
+    assert set(quality.TAU_GRID) <= set(taus) and list(taus) == sorted(taus)
+    rates = sorted({round(float((risk > t).mean()), 2) for t in taus})
+    assert 0.0 in rates and 1.0 in rates and len([r for r in rates if 0.0 < r < 1.0]) >= 15
+    # the ceiling line: ERM's worst majority cell, compared with the best baseline
+    cell = lambda a: {"accuracy": a, "count": 10}  # noqa: E731
+    res = lambda acc, wga, cells: {"accuracy": acc, "worst_group_accuracy": wga, "group_accuracies": cells}  # noqa: E731
+    erm = res(0.8, 0.4, {"y=0,s=0": cell(0.9), "y=1,s=0": cell(0.6), "y=0,s=1": cell(0.95), "y=1,s=1": cell(0.4)})
+    runs = {"0": {"results": {"ERM": erm, "GroupDRO": res(0.7, 0.7, {}), "FairNet-Full": res(0.8, 0.55, {}),
+                              "FairNet-Unlabeled": res(0.8, 0.45, {})}}}
+    tg = quality.targets(quality.summarise(runs))
+    assert tg["a"]["erm_majority_worst_cell"] == pytest.approx(0.6)
+    text = quality.render_targets(tg)
+    assert "worst majority-group (s=0) cell is 60.0" in text and "70.0 is out of reach by design" in text
+    assert "Target (a): NOT MET" in text and "Target (b): MET" in text
+
+
 def test_baselines_units():
     baselines = _load("baselines")
     # JTT: error set and weights
