@@ -24,5 +24,13 @@ demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 	  $(PY) examples/train_text.py --demo
 
+# Not part of CI: the quick quality benchmark (one seed, ~10-15 min on 2 cores) and the overhead benchmark (CPU clock).
+# quality.py writes runs/quality-quick/ and its generated block in docs/benchmarks.md; overhead.py prints JSON.
+bench: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
+	  $(PY) benchmarks/quality.py --quick --threads 1
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
+	  $(PY) benchmarks/overhead.py --threads 1 --clock cpu
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
