@@ -2,11 +2,10 @@
 # GPU benchmark run for one H200-class GPU (issue 6); the whole script stays under 8 minutes.
 #
 #   1. CUDA sanity check: device, memory, a bf16 matrix product checked against fp32   -> OUT/cuda_check.json
-#   2. inference overhead, BERT-base-size model built from a config (no download), bf16, batch 256 x seq 128:
-#      - benchmarks/overhead.py through its own CLI when it has GPU options (--device, and --dtype/--model if
-#        present)                                                                         -> OUT/overhead.json
-#      - otherwise this script's CUDA harness (overhead.py's variants: base, PEFT LoRA, FairLoRA with every row
-#        gated / default τ / no row gated / 10 % gated; CUDA-synchronised, round-robin, median) -> OUT/overhead_gpu.json
+#   2. benchmarks/overhead.py --device cuda --dtype bf16 --model bert-base --batch-size 256 --seq-len 128: a
+#      BERT-base-size model built from a config (no download); inference with 0 / 10 / 100 % of the rows gated, the
+#      training step of FairTrainer's LoRA stage vs a plain PEFT LoRA Trainer step, and their peak memory
+#      (CUDA-synchronised, round-robin, median)            -> OUT/overhead.json (its last line), OUT/overhead.log
 #   3. benchmarks/quality.py at the standard size (3 seeds, full MiniLM fine-tuning; no new seed once the time
 #      budget is near; results.json is written after every seed)                          -> OUT/quality/
 #   OUT/summary.json: what ran, exit codes, wall times, files.
@@ -29,7 +28,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}" ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -98,124 +97,26 @@ fi
 
 # ---------------------------------------------------------------------------------------------- 2. overhead
 t=$(date +%s)
-HELP="$("$PYTHON" benchmarks/overhead.py --help 2>/dev/null || true)"
-if grep -q -- "--device" <<<"$HELP" && [ $DRY = 0 ]; then
-  FLAGS=(--device cuda --batch-size 256 --seq-len 128)
-  if grep -q -- "--dtype" <<<"$HELP"; then
-    if grep -q "bfloat16" <<<"$HELP"; then FLAGS+=(--dtype bfloat16); else FLAGS+=(--dtype bf16); fi
-  fi
-  if grep -q -- "--model" <<<"$HELP" && grep -qi "bert-base" <<<"$HELP"; then FLAGS+=(--model bert-base); fi
-  echo "[gpu_run] overhead.py ${FLAGS[*]}"
-  timeout 180 "$PYTHON" benchmarks/overhead.py "${FLAGS[@]}" | tee "$OUT/overhead.log"
-  rc=$?
-  tail -n 1 "$OUT/overhead.log" > "$OUT/overhead.json"
-  step_done overhead_py $rc $(( $(date +%s) - t ))
+if [ $DRY = 1 ]; then
+  OARGS=(--model tiny --device cpu --dtype fp32 --threads 1 --batch-size 8 --seq-len 16 --runs 2 --warmup 1
+         --train-batches 1)
+  LIMIT=120
 else
-  if [ $DRY = 1 ]; then
-    echo "[gpu_run] dry run: overhead.py --tiny --runs 1 (its own CLI), then the CUDA harness at tiny size on the CPU"
-    timeout 120 "$PYTHON" benchmarks/overhead.py --tiny --runs 1 --warmup 0 --batch-size 8 --seq-len 16 > "$OUT/overhead.log" 2>&1
-    rc=$?
-    [ $rc -eq 0 ] && tail -n 1 "$OUT/overhead.log" > "$OUT/overhead.json"
-    step_done overhead_py_tiny $rc $(( $(date +%s) - t ))
-    t=$(date +%s)
-  else
-    echo "[gpu_run] overhead.py has no GPU options (--device): using this script's CUDA harness"
-  fi
-  timeout 240 "$PYTHON" - <<'EOF'
-import json, os, statistics, time
-import torch
-import transformers as T
-import fairnet_peft
-from fairnet_peft import FairLoraConfig, force_gate, gate_record
-from peft import LoraConfig, get_peft_model
-
-T.logging.set_verbosity_error()
-dry = os.environ["DRY"] == "1"
-dev = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
-dtype = torch.bfloat16
-if dry:
-    cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-    batch, seq, runs, warmup, name = 8, 16, 3, 1, "tiny BERT (4 blocks, hidden 32)"
-else:  # BERT-base size: 12 blocks, hidden 768, 12 heads, MLP 3072
-    cfg = T.BertConfig(num_labels=2)
-    batch, seq, runs, warmup, name = 256, 128, 20, 5, "BERT-base size from config (110 M parameters)"
-
-def load():
-    torch.manual_seed(0)
-    return T.BertForSequenceClassification(cfg).to(dev, dtype).eval()
-
-result = {"model": name, "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0),
-          "dtype": "bfloat16", "batch_size": batch, "seq_len": seq, "runs": runs, "warmup_rounds": warmup,
-          "timing": "CUDA-synchronised wall clock, round-robin, median" if dev.type == "cuda" else "wall clock",
-          "source": "benchmarks/gpu_run.sh harness (overhead.py has no GPU options)"}
-base = load()
-fair = get_peft_model(load(), FairLoraConfig(task_type="SEQ_CLS")).to(dev).eval()
-fcfg = fair.peft_config["default"]
-lora = get_peft_model(load(), LoraConfig(task_type="SEQ_CLS", r=fcfg.r, lora_alpha=fcfg.lora_alpha,
-                                         target_modules=sorted(fcfg.target_modules),
-                                         layers_to_transform=list(fcfg.layers_to_transform),
-                                         layers_pattern=fcfg.layers_pattern)).to(dev).eval()
-g = torch.Generator().manual_seed(0)
-inputs = {"input_ids": torch.randint(1000 if cfg.vocab_size > 2000 else 1, cfg.vocab_size, (batch, seq), generator=g).to(dev),
-          "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=dev)}
-gate10 = torch.zeros(batch, dtype=torch.long)
-gate10[torch.linspace(0, batch - 1, max(1, round(0.1 * batch))).round().long()] = 1
-gate10 = gate10.to(dev)
-tau0 = float(fcfg.threshold)
-
-def at(tau, **kw):
-    def call():
-        fcfg.threshold = tau
-        return fair(**inputs, **kw)
-    return call
-
-def nogate():
-    fcfg.threshold = tau0
-    with force_gate(fair, False):
-        return fair(**inputs)
-
-calls = {"base": lambda: base(**inputs), "lora": lambda: lora(**inputs), "fairlora_all": at(0.0),
-         "fairlora_default": at(tau0), "fairlora_nogate": nogate, "fairlora_gate10": at(tau0, fair_gate=gate10)}
-rates = {}
-with torch.inference_mode():
-    for k in ("fairlora_all", "fairlora_default", "fairlora_nogate", "fairlora_gate10"):
-        calls[k]()
-        rates[k] = gate_record(fair).rate
-sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-times = {k: [] for k in calls}
-names = list(calls)
-with torch.inference_mode():
-    for _ in range(warmup):
-        for k in names:
-            calls[k]()
-    sync()
-    for i in range(runs):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for k in order:
-            sync()
-            t0 = time.perf_counter()
-            calls[k]()
-            sync()
-            times[k].append((time.perf_counter() - t0) * 1000)
-med = {k: statistics.median(v) for k, v in times.items()}
-result.update(
-    medians_ms={k: round(v, 3) for k, v in med.items()}, min_ms={k: round(min(v), 3) for k, v in times.items()},
-    gate_rates=rates, fairlora_over_lora=round(med["fairlora_all"] / med["lora"], 4),
-    fairlora_over_base=round(med["fairlora_all"] / med["base"], 4),
-    nogate_over_base=round(med["fairlora_nogate"] / med["base"], 4),
-    gate10_over_base=round(med["fairlora_gate10"] / med["base"], 4),
-    default_over_base=round(med["fairlora_default"] / med["base"], 4),
-    lora_over_base=round(med["lora"] / med["base"], 4),
-    goals={"fairlora_over_lora": 1.05, "fairlora_over_base": 1.15, "nogate_over_base": 1.03})
-if dev.type == "cuda":
-    result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-json.dump(result, open(os.path.join(os.environ["OUT"], "overhead_gpu.json"), "w"), indent=1)
-print("[gpu_run] overhead:", json.dumps(result))
-EOF
-  rc=$?
-  step_done overhead_harness $rc $(( $(date +%s) - t ))
+  # ~35 rounds of 6 inference + 4 training variants at this size take well under a minute on an H200
+  OARGS=(--device cuda --dtype bf16 --model bert-base --batch-size 256 --seq-len 128 --runs 30 --warmup 5)
+  LIMIT=180
 fi
+echo "[gpu_run] overhead.py ${OARGS[*]} (limit ${LIMIT}s)"
+timeout -k 10 "$LIMIT" "$PYTHON" benchmarks/overhead.py "${OARGS[@]}" > "$OUT/overhead.log" 2> "$OUT/overhead.err"
+rc=$?
+grep -v '^{' "$OUT/overhead.log"
+if [ $rc -eq 0 ]; then
+  tail -n 1 "$OUT/overhead.log" > "$OUT/overhead.json"
+  "$PYTHON" -c "import json, sys; json.load(open(sys.argv[1]))" "$OUT/overhead.json" || rc=1
+else
+  tail -n 20 "$OUT/overhead.err" >&2
+fi
+step_done overhead $rc $(( $(date +%s) - t ))
 
 # ---------------------------------------------------------------------------------------------- 3. quality
 t=$(date +%s)

@@ -482,6 +482,15 @@ class FairTrainer(Trainer):
         self._anchor_weights = torch.as_tensor(state["anchor_weights"], dtype=torch.float32)
         return True
 
+    def _enter_lora_stage(self) -> None:
+        """Stage 3 set-up (after the prototype pass): the LoRA loss, only this adapter's LoRA A/B trainable, and no
+        optimizer/scheduler yet, so `Trainer` builds them for the LoRA parameters. `train()` calls it inside
+        `_frozen_base_without_dropout()`; benchmarks/overhead.py calls it the same way to time single LoRA-stage steps."""
+        self._stage = "lora"
+        self._set_trainable("lora")
+        self.optimizer, self.lr_scheduler = None, None
+        self.skipped_batches = 0
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.train_dataset is None:
             raise ValueError("FairTrainer.train() needs a train_dataset with a sensitive column.")
@@ -508,10 +517,7 @@ class FairTrainer(Trainer):
             self._save_stage()
             self._stage_log_history = [{**entry, "stage": "detector"} for entry in self.state.log_history]
             resume_from_checkpoint = None if in_detector_stage else resume_from_checkpoint
-        self._stage = "lora"
-        self._set_trainable("lora")
-        self.optimizer, self.lr_scheduler = None, None
-        self.skipped_batches = 0
+        self._enter_lora_stage()
         try:
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                    ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)

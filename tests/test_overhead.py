@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
+import pytest
 import torch
 
 PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "overhead.py")
@@ -16,6 +18,10 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_overhead_quick_tiny_prints_json_last(capsys):
@@ -33,3 +39,79 @@ def test_overhead_quick_tiny_prints_json_last(capsys):
     assert last["gate_rates"]["fairlora_all"] == 1.0 and last["gate_rates"]["fairlora_nogate"] == 0.0
     assert last["gate_rates"]["fairlora_gate10"] == 0.1
     assert last["adapted_modules"] == 4  # query/value of blocks 2-3 of the 4-block tiny BERT, for LoRA and FairLoRA
+    assert last["model_key"] == "tiny" and last["device"] == "cpu" and last["dtype"] == "float32"
+
+    # inference at 0 %, 10 % and 100 % of the rows gated, under explicit names (the old names stay)
+    assert last["gate0_over_base"] == last["nogate_over_base"]
+    assert last["gate100_over_base"] == last["fairlora_over_base"]
+    # the training step and its peak memory, FairTrainer's LoRA stage vs a plain PEFT LoRA Trainer
+    for key in ("gate0_over_base", "gate10_over_base", "gate100_over_base", "train_step_over_lora",
+                "train_step_over_lora_nodropout", "train_step_anchors10_over_lora", "train_peak_mem_over_lora",
+                "train_peak_mem_over_lora_nodropout", "train_step_mem_over_lora", "train_step_mem_over_lora_nodropout"):
+        assert _positive(last[key]), (key, last.get(key))
+    assert set(last["train_medians_ms"]) == set(bench.TRAIN_VARIANTS)
+    assert all(_positive(v) for v in last["train_medians_ms"].values())
+    for variant, mem in last["train_memory_bytes"].items():
+        assert all(_positive(mem[k]) for k in ("state", "step_peak", "peak")), (variant, mem)
+        assert mem["peak"] == mem["state"] + mem["step_peak"]
+    assert set(last["goals_met"]) == set(bench.GOALS) | set(bench.TRAIN_GOALS)
+    assert all(isinstance(v, bool) for v in last["goals_met"].values())
+    # every variant's steps were real steps: each of its trainable tensors changed, and only its LoRA is trained
+    for variant, changed in last["train_params_changed"].items():
+        assert changed["changed_tensors"] == changed["trainable_tensors"] > 0, (variant, changed)
+    assert last["train_trainable"]["fairlora_all_anchors"] == ["fairlora_A", "fairlora_B"]
+    assert last["train_trainable"]["fairlora_anchors10"] == ["fairlora_A", "fairlora_B"]
+    assert last["train_trainable"]["lora"] == ["classifier", "lora_A", "lora_B"]  # PEFT's SEQ_CLS head is trained
+    assert last["train_anchor_rows"] == {"lora": 0, "lora_nodropout": 0, "fairlora_all_anchors": 10,
+                                         "fairlora_anchors10": 2}
+
+
+def test_overhead_no_train_skips_the_training_part(capsys):
+    bench = _load()
+    last = bench.main(["--tiny", "--runs", "1", "--warmup", "0", "--batch-size", "4", "--seq-len", "8", "--no-train"])
+    assert "train_step_over_lora" not in last and set(last["goals_met"]) == set(bench.GOALS)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train"] is False
+
+
+def test_each_training_variant_steps_its_own_lora_only():
+    bench = _load()
+    args = bench._parse(["--tiny", "--batch-size", "10", "--seq-len", "12", "--train-batches", "2"])
+    load, _, vocab = bench._loader(args.model, args.seed)
+    tb = bench._TrainBench(args, load, vocab, torch.device("cpu"), torch.float32)
+    try:
+        fair = tb.models["fairlora_all_anchors"]
+        dropouts = [m for n, m in fair.named_modules() if isinstance(m, torch.nn.Dropout) and "fairlora_" not in n]
+        assert dropouts and all(m.p == 0.0 for m in dropouts)  # FairTrainer's frozen base runs without dropout
+        for name in bench.TRAIN_VARIANTS:
+            trainer = tb.trainers[name]
+            before = {v: {k: t.clone() for k, t in m.state_dict().items()} for v, m in tb.models.items()}
+            trainable = {n for n, p in tb.models[name].named_parameters() if p.requires_grad}
+            tb.calls[name](0)
+            tb.calls[name](1)  # LoRA B starts at 0, so A only moves from the second step on
+            for variant, model in tb.models.items():
+                for key, value in model.state_dict().items():
+                    moved = not torch.equal(value, before[variant][key])
+                    assert moved == (variant == name and key in trainable), (name, variant, key)
+            if name.startswith("fairlora"):
+                assert trainer._stage == "lora" and trainer._fair_logs["contrastive_loss"]  # the contrastive loss ran
+                assert all(".fairlora_A.default." in n or ".fairlora_B.default." in n for n in trainable)
+        assert tb.skipped_batches() == 0
+    finally:
+        tb.close()
+    assert all(m.p == 0.1 for m in dropouts)  # close() leaves FairTrainer's no-dropout context
+
+
+def test_cuda_options_give_clear_errors(capsys, monkeypatch):
+    bench = _load()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--tiny"])
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused even where CUDA exists
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--clock", "cpu", "--threads", "1", "--tiny"])
+    err = capsys.readouterr().err
+    assert "--clock cpu" in err and "use --clock wall" in err and "--device cuda" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--model", "minilm"])
+    assert "alias of --model tiny" in capsys.readouterr().err

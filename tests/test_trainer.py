@@ -199,3 +199,24 @@ def test_gradient_accumulation_divides_each_micro_batch_loss(data, erm_dir, tmp_
     assert grads[1][0] == pytest.approx(4 * grads[4][0], rel=1e-5)
     for g1, g4 in zip(grads[1][1], grads[4][1]):
         torch.testing.assert_close(g1, 4 * g4, rtol=1e-4, atol=1e-7)
+
+
+def test_enter_lora_stage_sets_up_the_contrastive_stage(data, tmp_path):
+    """`_enter_lora_stage` (used by `train()` and benchmarks/overhead.py): LoRA loss, only LoRA A/B trainable, and a
+    fresh optimizer over exactly those parameters."""
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    trainer = FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"])
+    trainer._set_detector_targets()
+    trainer._prototype_pass()
+    trainer.optimizer, trainer.skipped_batches = torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 3  # stale
+    trainer._enter_lora_stage()
+    assert trainer._stage == "lora" and trainer.optimizer is None and trainer.lr_scheduler is None
+    assert trainer.skipped_batches == 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * len(model.base_model.targeted_module_names)
+    assert all(".fairlora_A.default." in n or ".fairlora_B.default." in n for n in trainable)
+    optimizer = trainer.create_optimizer()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in trainable}
