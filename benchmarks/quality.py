@@ -106,8 +106,10 @@ def tau_candidates(val_risk: np.ndarray) -> tuple:
 
     A detector trained for one epoch often puts most risks in a narrow band (e.g. 0.45-0.55), where a 0.1-spaced grid
     only offers "almost all rows" or "almost none"; quantiles of the validation risk cover the gate rates between."""
-    qs = np.quantile(np.asarray(val_risk, dtype=np.float64), [1.0 - r for r in GATE_RATE_GRID])
-    return tuple(sorted(set(TAU_GRID) | {round(float(q), 4) for q in qs if 0.0 < q < 1.0}))
+    from fairnet_peft.sweep import gate_rate_thresholds
+
+    qs = gate_rate_thresholds(val_risk, GATE_RATE_GRID)
+    return tuple(sorted(set(TAU_GRID) | {round(q, 4) for q in qs if 0.0 < q < 1.0}))
 ACC_TOLERANCE = 0.005  # 0.5 accuracy points: the selection constraint and the targets' ACC margin
 PLOT_METHODS = ["ERM", "GroupDRO", "JTT", "DFR", "FairNet-Full", "FairNet-Partial", "FairNet-Unlabeled"]
 

@@ -28,7 +28,8 @@ from torch import nn
 from . import metrics as M
 from .gate import find_gate_state, force_gate, gate_record
 
-__all__ = ["SweepScores", "collect_sweep_scores", "sweep_predictions", "sweep_metrics", "threshold_sweep"]
+__all__ = ["SweepScores", "collect_sweep_scores", "gate_rate_thresholds", "sweep_predictions", "sweep_metrics",
+           "threshold_sweep"]
 
 # Inputs a model takes besides the ones named in its forward signature are not guessed: the signature decides.
 _NEVER_INPUTS = ("labels", "label", "label_ids")
@@ -208,6 +209,29 @@ def collect_sweep_scores(
 def sweep_predictions(scores: SweepScores, threshold: float) -> np.ndarray:
     """Predictions the model makes at `threshold`: the corrected prediction where risk > τ, else the base one."""
     return np.where(scores.gate(threshold), scores.pred_on, scores.pred_off)
+
+
+def gate_rate_thresholds(risk, rates: Sequence[float]) -> list[float]:
+    """The τ that switch the gate on for (at most) each fraction `rates` of the rows: the (1 − rate) quantile of `risk`.
+
+    `risk` is a `SweepScores` (its risk scores) or an array of risk scores, e.g. of the validation split. Needs no
+    labels, so it suits every label setting. Use it when the detector's scores sit in a narrow band (a briefly trained
+    detector often puts most of them within a few hundredths of 0.5), where an evenly spaced τ grid jumps from
+    "almost every row" to "almost none". Because the gate is strict (`risk > τ`), tied scores can make the gated
+    share smaller than the rate asked for.
+
+        >>> val_scores = collect_sweep_scores(model, val_ds)
+        >>> sweep = sweep_metrics(val_scores, gate_rate_thresholds(val_scores, [0.05, 0.1, 0.2, 0.5]))
+    """
+    values = risk.risk if isinstance(risk, SweepScores) else risk
+    values = np.asarray(values.float().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64).ravel()
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("gate_rate_thresholds: `risk` must be a non-empty array of finite risk scores.")
+    rates = [float(r) for r in rates]
+    bad = [r for r in rates if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"gate_rate_thresholds: rates must be fractions in [0, 1], got {bad}.")
+    return [float(q) for q in np.quantile(values, [1.0 - r for r in rates])]
 
 
 def sweep_metrics(scores: SweepScores, thresholds: Sequence[float]) -> list[dict]:

@@ -171,3 +171,20 @@ def test_sweep_errors_name_the_missing_column(setup):
         threshold_sweep(model, ds, [0.5], sensitive_column="group")
     with pytest.raises(ValueError, match="no dataset column is a model input"):
         threshold_sweep(model, ds.remove_columns(["input_ids", "attention_mask"]), [0.5])
+
+
+def test_gate_rate_thresholds_gate_the_asked_share_and_reject_bad_input():
+    from fairnet_peft.sweep import SweepScores, gate_rate_thresholds
+
+    risk = np.random.default_rng(0).uniform(0.47, 0.53, 2000).astype(np.float32)  # a narrow band around 0.5
+    rates = [0.0, 0.05, 0.1, 0.5, 0.9, 1.0]
+    taus = gate_rate_thresholds(risk, rates)
+    got = [float((risk > t).mean()) for t in taus]
+    assert got == pytest.approx(rates, abs=1e-3)
+    scores = SweepScores(np.zeros((2000, 2)), np.zeros((2000, 2)), risk, np.zeros(2000), np.zeros(2000))
+    assert gate_rate_thresholds(scores, rates) == taus
+    assert gate_rate_thresholds(torch.from_numpy(risk), rates) == taus
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
+        gate_rate_thresholds(risk, [10])
+    with pytest.raises(ValueError, match="non-empty"):
+        gate_rate_thresholds(np.array([0.5, np.nan]), [0.1])
