@@ -28,7 +28,7 @@ demo: venv
 # quality.py writes runs/quality-quick/ and its generated block in docs/benchmarks.md; overhead.py prints JSON.
 bench: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
-	  $(PY) benchmarks/quality.py --quick --threads 1
+	  $(PY) benchmarks/quality.py --quick --jobs 2 --threads 1
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
 	  $(PY) benchmarks/overhead.py --threads 1 --clock cpu
 

