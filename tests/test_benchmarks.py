@@ -84,6 +84,17 @@ def test_quality_tiny_has_every_method_and_finite_numbers(tiny_report):
     assert again.count(quality.BEGIN) == 1 and "second body" in again and "| ERM |" not in again
 
 
+def test_quality_report_from_rebuilds_the_same_table_without_training(tiny_report, tmp_path):
+    quality, out, _ = tiny_report
+    again = tmp_path / "again"
+    quality.main(["--tiny", "--report-from", str(out / "results.json"), "--out", str(again), "--doc", "none"])
+    # the same table, but for where the plots now are
+    assert (again / "table.md").read_text().replace(str(again), "OUT") == (out / "table.md").read_text().replace(
+        str(out), "OUT")
+    assert json.loads((again / "results.json").read_text())["command"].startswith("python benchmarks/quality.py --tiny")
+    assert (again / "text_group_accuracies.png").exists() and (again / "vision_tau_sweep.png").exists()
+
+
 def test_write_doc_keeps_other_sections(tmp_path):
     quality = _load("quality")
     doc = tmp_path / "b.md"
