@@ -531,10 +531,12 @@ def restore(model: nn.Module, state: dict) -> None:
 
 
 class Selector:
-    """Keeps the best candidate by (meets the val-ACC floor, `metric`, val ACC); the floor is ERM's val ACC − 0.5."""
+    """Keeps the best candidate by (meets the val-ACC floor, `metric`, val ACC); the floor is `reference_acc` (ERM's
+    val ACC) − ACC_TOLERANCE (0.5 points). No reference: no floor."""
 
-    def __init__(self, metric: str, acc_floor: Optional[float] = None):
-        self.metric, self.floor = metric, acc_floor
+    def __init__(self, metric: str, reference_acc: Optional[float] = None):
+        self.metric = metric
+        self.floor = None if reference_acc is None else reference_acc - ACC_TOLERANCE
         self.best: Optional[dict] = None
         self.state: Optional[dict] = None
         self.history: list[dict] = []

@@ -155,6 +155,22 @@ def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
     assert "| FairNet-Full |" in (out / "table.md").read_text()
 
 
+def test_selector_floor_is_reference_accuracy_minus_half_a_point():
+    quality = _load("quality")
+    sel = quality.Selector("worst_group_accuracy", 0.870)
+    state = iter(range(10))
+    sel.offer({"epoch": 1, "accuracy": 0.830, "worst_group_accuracy": 0.70}, lambda: next(state))
+    assert sel.best["epoch"] == 1  # below the floor, but the only candidate
+    sel.offer({"epoch": 2, "accuracy": 0.865, "worst_group_accuracy": 0.69}, lambda: next(state))
+    assert sel.best["epoch"] == 2  # 0.865 = 0.870 - 0.005 meets the floor and beats a higher WGA below it
+    sel.offer({"epoch": 3, "accuracy": 0.860, "worst_group_accuracy": 0.90}, lambda: next(state))
+    sel.offer({"epoch": 4, "accuracy": 0.880, "worst_group_accuracy": 0.69}, lambda: next(state))
+    assert sel.best["epoch"] == 4 and sel.state == 2  # same WGA: the higher accuracy wins; its own state is kept
+    sel.offer({"epoch": 5, "accuracy": 0.880, "worst_group_accuracy": 0.69}, lambda: next(state))
+    assert sel.best["epoch"] == 4  # a tie keeps the earlier candidate
+    assert [c["epoch"] for c in sel.history] == [1, 2, 3, 4, 5]
+
+
 def test_baselines_units():
     baselines = _load("baselines")
     # JTT: error set and weights
