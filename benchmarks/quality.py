@@ -803,8 +803,8 @@ def run_fairnet(ctx: Context, name: str) -> dict:
         before = sel.best
         try:
             model, stats = _train_fairnet(ctx, name, sens, point, gi, sel, taus, use_val_s)
-        except ValueError as err:  # e.g. the error set is empty (the ERM model fits every training row)
-            if len(grid) == 1:
+        except ValueError as err:  # the ERM model fits every training row: the error set is empty
+            if len(grid) == 1 or "marked no minority rows" not in str(err):
                 raise
             grid_errors[gi] = str(err)
             log(f"  {name}: grid point {point} not trainable: {err}")
@@ -886,12 +886,13 @@ def run_datasets_in_parallel(argv: list[str], args, report: dict) -> None:
                     del running[dataset]
                     _merge_child(dataset, proc.returncode, out, report, args.keep_tmp)
             time.sleep(0.5)
-    except _Stop:
+    except BaseException as err:  # stopped (SIGTERM), interrupted, or a child failed: stop the other children too
         for proc, _ in running.values():
             proc.send_signal(signal.SIGTERM)
         for dataset, (proc, out) in running.items():
             proc.wait()
-            _merge_child(dataset, proc.returncode, out, report, args.keep_tmp)
+            if isinstance(err, _Stop):  # keep what the children finished
+                _merge_child(dataset, proc.returncode, out, report, args.keep_tmp)
         raise
 
 
