@@ -54,6 +54,13 @@ class _ExtraColumnsTrainer(Trainer):
     def _pop_extras(self, inputs: dict) -> dict:
         return {k: inputs.pop(k) for k in self.extra_columns if k in inputs}
 
+    def _per_row_loss(self, model, inputs: dict):
+        """Forward without the extra columns: (extras, labels, outputs, per-row cross-entropy)."""
+        extras = self._pop_extras(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        return extras, labels, outputs, F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+
 
 class GroupDROTrainer(_ExtraColumnsTrainer):
     """Online GroupDRO over (label × group) cells; needs the train split's group labels (column `sensitive_column`).
@@ -79,10 +86,8 @@ class GroupDROTrainer(_ExtraColumnsTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sensitive = self._pop_extras(inputs).get(self.sensitive_column)
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        per_row = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        extras, labels, outputs, per_row = self._per_row_loss(model, inputs)
+        sensitive = extras.get(self.sensitive_column)
         if sensitive is None:
             raise ValueError("GroupDROTrainer: the batch has no sensitive column")
         if bool((sensitive < 0).any()):
@@ -112,10 +117,8 @@ class WeightedTrainer(_ExtraColumnsTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        weight = self._pop_extras(inputs).get(self.weight_column)
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        per_row = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        extras, _, outputs, per_row = self._per_row_loss(model, inputs)
+        weight = extras.get(self.weight_column)
         if weight is None:
             loss = per_row.mean()
         else:

@@ -1027,14 +1027,19 @@ def render_table(dataset: str, summary: dict, n_seeds: int) -> str:
     return "\n".join(lines)
 
 
+def _verdict(key: str, t: dict, wga_reference: str) -> str:
+    """One target line: the WGA half against `wga_reference`, the ACC half against ERM − 0.5, and the verdict."""
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    return (f"- ({key}) {t['goal']}: WGA {100 * t['fairnet_wga']:.1f} vs {wga_reference} → {met(t['wga_met'])}; "
+            f"ACC {100 * t['fairnet_acc']:.1f} vs ERM {100 * t['erm_acc']:.1f} − 0.5 → {met(t['acc_met'])}. "
+            f"**Target ({key}): {'MET' if t['met'] else 'NOT MET'}.**")
+
+
 def render_targets(tg: dict) -> str:
     lines = []
     if "a" in tg:
         t = tg["a"]
-        lines.append(f"- (a) {t['goal']}: WGA {100 * t['fairnet_wga']:.1f} vs {t['best_baseline']} "
-                     f"{100 * t['best_baseline_wga']:.1f} → {'met' if t['wga_met'] else 'NOT met'}; ACC "
-                     f"{100 * t['fairnet_acc']:.1f} vs ERM {100 * t['erm_acc']:.1f} − 0.5 → "
-                     f"{'met' if t['acc_met'] else 'NOT met'}. **Target (a): {'MET' if t['met'] else 'NOT MET'}.**")
+        lines.append(_verdict("a", t, f"{t['best_baseline']} {100 * t['best_baseline_wga']:.1f}"))
         ceiling = t.get("erm_majority_worst_cell", float("nan"))
         if math.isfinite(ceiling):
             lines.append(f"  Ceiling of a correction gated on the minority: ERM's worst majority-group (s=0) cell is "
@@ -1043,10 +1048,7 @@ def render_targets(tg: dict) -> str:
                             if ceiling < t["best_baseline_wga"] else "."))
     if "b" in tg:
         t = tg["b"]
-        lines.append(f"- (b) {t['goal']}: WGA {100 * t['fairnet_wga']:.1f} vs ERM {100 * t['erm_wga']:.1f} + 3 → "
-                     f"{'met' if t['wga_met'] else 'NOT met'}; ACC {100 * t['fairnet_acc']:.1f} vs ERM "
-                     f"{100 * t['erm_acc']:.1f} − 0.5 → {'met' if t['acc_met'] else 'NOT met'}. "
-                     f"**Target (b): {'MET' if t['met'] else 'NOT MET'}.**")
+        lines.append(_verdict("b", t, f"ERM {100 * t['erm_wga']:.1f} + 3"))
     return "\n".join(lines) if lines else "- (targets need the ERM, baseline and FairNet rows)"
 
 
