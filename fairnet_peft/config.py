@@ -138,8 +138,10 @@ class FairLoraConfig(PeftConfig):
         default="auto",
         metadata={
             "help": (
-                "How the final representation z(x) is read from the last hidden state: 'cls', 'mean', 'last', or "
-                "'auto' (last non-padding token for decoder-only classifiers with a `score` head, else 'cls')."
+                "Which representation z(x) builds the prototypes and the triplet loss: 'head' (the tensor the "
+                "classification head receives, pooled the way the head pools it; see representation.py), or the last "
+                "hidden state pooled by 'cls', 'mean' or 'last'. 'auto' = 'head' where the head is found, else the "
+                "last hidden state ('last' for decoder-only classifiers with a `score` head, else 'cls')."
             )
         },
     )
@@ -174,8 +176,8 @@ class FairLoraConfig(PeftConfig):
             bad("threshold", self.threshold, "τ must be in [0, 1] (gate on when risk > τ)")
         if self.detector_pooling not in ("attention", "cls", "mean", "last"):
             bad("detector_pooling", self.detector_pooling, "choose 'attention', 'cls', 'mean' or 'last'")
-        if self.representation_pooling not in ("auto", "cls", "mean", "last"):
-            bad("representation_pooling", self.representation_pooling, "choose 'auto', 'cls', 'mean' or 'last'")
+        if self.representation_pooling not in ("auto", "head", "cls", "mean", "last"):
+            bad("representation_pooling", self.representation_pooling, "choose 'auto', 'head', 'cls', 'mean' or 'last'")
         if any(h <= 0 for h in self.detector_hidden_sizes):
             bad("detector_hidden_sizes", self.detector_hidden_sizes, "every hidden size must be > 0")
         if self.detector_layer is not None and self.detector_layer < 0:
