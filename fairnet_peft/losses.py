@@ -58,11 +58,14 @@ def prototype_triplet_loss(
         z: (A, d) anchor representations computed with the LoRA on.
         labels: (A,) class of each anchor.
         majority_prototypes: (K, d) μ_{k,0}, the majority-group prototype of every class.
-        weights: optional (A,) anchor weights (class-balanced anchors); normalised to mean 1.
+        weights: optional (A,) anchor weights (class-balanced anchors); the loss is their weighted mean of the hinges.
+    With no anchors (A = 0) the loss is 0 with a gradient path (not the NaN of an empty mean).
     """
     n_classes = majority_prototypes.shape[0]
     if n_classes < 2:
         raise ValueError("The triplet loss needs at least two classes (a negative prototype of another class).")
+    if z.shape[0] == 0:
+        return z.sum() * 0.0, 0.0
     dist = pairwise_distance(z, majority_prototypes.to(z.dtype), distance)  # (A, K)
     pos = dist.gather(1, labels.view(-1, 1)).squeeze(1)
     other = torch.ones_like(dist, dtype=torch.bool).scatter_(1, labels.view(-1, 1), False)
