@@ -25,6 +25,9 @@ POOLINGS = ("auto", "head", "cls", "mean", "last")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / DataParallel / torch.compile / PeftModel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -134,7 +137,7 @@ class HeadCapture:
     """
 
     def __init__(self, model: nn.Module, pooling: str, head_name: Optional[str], input_ids, attention_mask,
-                 pad_token_id):
+                 pad_token_id, head_dropout: bool = True):
         self.model = model
         self.pooling = resolve_pooling(pooling, model, head_name)
         self.head_name, self.head = find_head(model, head_name) if self.pooling == "head" else (None, None)
@@ -142,6 +145,8 @@ class HeadCapture:
         self.gate_state = _gate_state(model) if self.head is not None else None
         self.calls: list[dict] = []  # one per head call: input, output rank, whether it was FairLoRA's rerun
         self._handles: list = []
+        self.head_dropout = head_dropout
+        self._paused_dropouts: list[nn.Module] = []
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -151,13 +156,20 @@ class HeadCapture:
     def _attach(self) -> None:
         if self.head is None:
             return
+        if not self.head_dropout:  # the top-level dropout between the pooled features and the head (BERT, DistilBERT)
+            self._paused_dropouts = [m for m in _base_model(self.model).children()
+                                     if isinstance(m, nn.Dropout) and m.training]
+            for m in self._paused_dropouts:
+                m.eval()
         self._handles = [self.head.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                          self.head.register_forward_hook(self._post_hook)]
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for m in self._paused_dropouts:
+            m.train()
+        self._handles, self._paused_dropouts = [], []
 
     def _pre_hook(self, module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()), None)
@@ -223,16 +235,19 @@ class HeadCapture:
 
 def capture_head_input(model: nn.Module, batch: Optional[dict] = None, *, pooling: str = "head",
                        head_name: Optional[str] = None, attention_mask: Optional[torch.Tensor] = None,
-                       input_ids: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = None) -> HeadCapture:
+                       input_ids: Optional[torch.Tensor] = None, pad_token_id: Optional[int] = None,
+                       head_dropout: bool = True) -> HeadCapture:
     """Context manager capturing the head's input during one forward: `with capture_head_input(model, batch) as cap:
     out = model(**batch)`, then `cap.z` (or `cap.representation(out)` for any pooling).
 
     `batch` supplies `input_ids` / `attention_mask` unless given explicitly; `pad_token_id` defaults to the base
     model's config. `pooling` is a FairLoraConfig.representation_pooling value ('auto' resolved by `resolve_pooling`);
-    `head_name` is FairLoraConfig.representation_module (default: `classifier` or `score`).
+    `head_name` is FairLoraConfig.representation_module (default: `classifier` or `score`). In train mode the head
+    of BERT / DistilBERT reads dropout(features); `head_dropout=False` switches the base model's top-level dropout
+    off for this forward (the prototypes, built in eval mode, never see it).
     """
     batch = batch or {}
     ids = input_ids if input_ids is not None else batch.get("input_ids")
     mask = attention_mask if attention_mask is not None else batch.get("attention_mask")
     pad = pad_token_id if pad_token_id is not None else _pad_token_id(model)
-    return HeadCapture(model, pooling, head_name, ids, mask, pad)
+    return HeadCapture(model, pooling, head_name, ids, mask, pad, head_dropout)

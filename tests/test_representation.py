@@ -216,3 +216,23 @@ def test_head_that_did_not_run_is_an_error():
     with pytest.raises(RuntimeError, match="did not run"):
         cap.z
     assert not model.classifier._forward_pre_hooks  # hooks are gone after the block
+
+
+def test_head_dropout_off_gives_the_noise_free_head_input_in_train_mode():
+    model, batch = small_model("bert").train(), small_batch("bert")
+    torch.manual_seed(0)
+    with torch.no_grad(), capture_head_input(model, batch, head_dropout=False) as cap:
+        out = model(**batch, output_hidden_states=True)
+    assert model.dropout.training  # restored after the block
+    close(cap.z, model.bert.pooler(out.hidden_states[-1]))
+    close(model.classifier(cap.z), out.logits)
+    with torch.no_grad(), capture_head_input(model, batch) as cap:  # default: z is what the head reads, dropout included
+        out = model(**batch, output_hidden_states=True)
+    close(model.classifier(cap.z), out.logits)
+    assert not torch.allclose(cap.z, model.bert.pooler(out.hidden_states[-1]))
+
+
+def test_find_head_through_ddp_style_wrappers():
+    model = small_model("bert")
+    wrapped = torch.nn.DataParallel(model)
+    assert find_head(wrapped)[1] is model.classifier
