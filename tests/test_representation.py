@@ -226,7 +226,7 @@ def test_head_dropout_off_gives_the_noise_free_head_input_in_train_mode():
     assert model.dropout.training  # restored after the block
     close(cap.z, model.bert.pooler(out.hidden_states[-1]))
     close(model.classifier(cap.z), out.logits)
-    with torch.no_grad(), capture_head_input(model, batch) as cap:  # default: z is what the head reads, dropout included
+    with torch.no_grad(), capture_head_input(model, batch) as cap:  # default: what the head reads, dropout included
         out = model(**batch, output_hidden_states=True)
     close(model.classifier(cap.z), out.logits)
     assert not torch.allclose(cap.z, model.bert.pooler(out.hidden_states[-1]))
