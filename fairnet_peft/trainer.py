@@ -2,12 +2,16 @@
 
 `train()` runs, on a PeftModel whose base is already task-trained (ERM):
   0. (unlabeled setting only) a frozen-feature pass and a pseudo-labeler (LOF or the ERM error set) marks the minority;
-  1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1);
-  2. prototype pass: frozen base, LoRA off, eval mode: the risk score and final representation z of every training
-     row → per-row groups ŝ (`anchor_source`), detector TPR/FPR, and the (class × group) prototypes, stored as
-     buffers in the adapter;
-  3. LoRA stage: `Trainer`'s loop trains only the LoRA on the anchors (ŝ = 1) with the gate forced on, with the
-     triplet loss against the prototypes (Eq. 2) + λ_T × the task loss.
+  1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1) on the
+     (pseudo-)labelled rows, minus a held-out slice (`detector_holdout_fraction`) whose loss stops the stage early
+     and whose best detector is kept;
+  2. prototype pass: frozen base, LoRA off, eval mode: the risk score, the mean-pooled detector input and the final
+     representation z of every training row → per-row groups ŝ (`anchor_source`, `anchor_threshold`), detector
+     TPR/FPR at τ, held-out detector AUC against a scikit-learn logistic probe on the same features, and the
+     (class × group) prototypes, stored as buffers in the adapter;
+  3. LoRA stage: `Trainer`'s loop runs over the anchor rows (ŝ = 1) only and trains only the LoRA, gate forced on,
+     with the triplet loss against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates that does
+     not depend on the number of processes (`lora_min_updates`).
 Rows are tracked by a `fairnet_row` index column, so statistics are exact under shuffling and under DDP
 (`gather_for_metrics` drops the padding duplicates). Stage 1-2 results are saved under
 `<output_dir>/fairnet-detector-stage/final`, which is how `train(resume_from_checkpoint=...)` knows the stage.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -28,10 +33,11 @@ import torch.nn.functional as F
 from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.training_args import ParallelMode
 
-from .detector import pool_tokens
+from .detector import align_mask, as_tokens, pool_tokens
 from .gate import find_gate_state, force_gate, gate_record
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .training_args import FairTrainingArguments
@@ -45,6 +51,86 @@ def _infer_label_setting(sensitive: np.ndarray) -> str:
     if known.all():
         return "full"
     return "unlabeled" if not known.any() else "partial"
+
+
+MIN_HOLDOUT_PER_GROUP = 5
+
+
+def holdout_rows(target: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the (pseudo-)labelled rows held out from the detector stage, stratified by group.
+
+    Each group gives max(fraction × its rows, MIN_HOLDOUT_PER_GROUP) rows, so a small labelled minority (partial
+    setting) still has a usable held-out slice. Empty when `fraction` is 0 or a group has fewer than
+    3 × MIN_HOLDOUT_PER_GROUP rows (then the detector stage runs its whole budget)."""
+    mask = np.zeros(len(target), dtype=bool)
+    if fraction <= 0:
+        return mask
+    rng = np.random.default_rng(seed)
+    picks = []
+    for group in (0, 1):
+        rows = np.flatnonzero(target == group)
+        if len(rows) < 3 * MIN_HOLDOUT_PER_GROUP:
+            return mask
+        n = max(int(round(fraction * len(rows))), MIN_HOLDOUT_PER_GROUP)
+        picks.append(rng.choice(rows, size=n, replace=False))
+    mask[np.concatenate(picks)] = True
+    return mask
+
+
+def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
+    """scikit-learn's ROC-AUC, NaN when only one group is present."""
+    from sklearn.metrics import roc_auc_score
+
+    known = target >= 0
+    if len(np.unique(target[known])) < 2:
+        return float("nan")
+    return float(roc_auc_score(target[known], score[known]))
+
+
+def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+              seed: int, max_rows: int = 20000) -> float:
+    """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
+    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fit = np.flatnonzero(fit_rows)
+    if len(fit) > max_rows:
+        fit = np.random.default_rng(seed).choice(fit, size=max_rows, replace=False)
+    if len(np.unique(target[fit])) < 2 or not test_rows.any():
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+    probe.fit(features[fit], target[fit])
+    return roc_auc(target[test_rows], probe.predict_proba(features[test_rows])[:, 1])
+
+
+class _DetectorEarlyStopping(TrainerCallback):
+    """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
+    evaluations without improvement. Every process computes the same gathered loss, so all stop together."""
+
+    def __init__(self, trainer: "FairTrainer", every: int, patience: int):
+        self.trainer, self.every, self.patience = trainer, max(int(every), 1), patience
+        self.best_loss, self.best_state, self.bad, self.evaluations = float("inf"), None, 0, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every and state.global_step < state.max_steps:
+            return control
+        loss = self.trainer._holdout_loss()
+        self.evaluations += 1
+        if loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # a real improvement, not noise at ~0
+            self.best_loss, self.bad = loss, 0
+            net = self.trainer._detector.fairlora_detector[self.trainer.adapter_name]
+            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+        return control
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.trainer._detector.fairlora_detector[self.trainer.adapter_name].load_state_dict(self.best_state)
 
 
 class FairTrainer(Trainer):
@@ -82,6 +168,12 @@ class FairTrainer(Trainer):
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
         self._check_selection_metric(args)
+        if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+            raise ValueError(
+                f"FairTrainer does not support nn.DataParallel ({args.n_gpu} GPUs in one process): its replicas would "
+                "share one gate state. Launch one process per GPU with `torchrun --nproc_per_node N` or "
+                "`accelerate launch`, or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+            )
         if args.ddp_find_unused_parameters is None:
             # Every stage uses all of its trainable parameters, and the detector's loss is not reachable from the model
             # output, which DDP's unused-parameter search would wrongly mark as unused.
@@ -95,6 +187,7 @@ class FairTrainer(Trainer):
         self.skipped_batches = 0
         self.detector_stats: dict[str, float] = {}
         self._stage_log_history: list[dict] = []
+        self._all_rows = self.train_dataset
 
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args):
@@ -278,12 +371,13 @@ class FairTrainer(Trainer):
         labels = sub.pop("labels")
         with force_gate(model, True, self.adapter_name):
             outputs = model(**sub, output_hidden_states=True)
-        task = F.cross_entropy(outputs.logits.float(), labels)
+        weights = self._anchor_weights.to(labels.device)[labels] if args.class_balanced_anchors else None
+        task = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        task = (task * weights).sum() / weights.sum().clamp_min(1e-12) if weights is not None else task.mean()
         if args.lora_objective == "task":
             self._log_terms(task_loss=task.item(), anchors_per_batch=anchors.numel())
             return task
         z = self._representation(outputs, sub)
-        weights = self._anchor_weights.to(z.device)[labels] if args.class_balanced_anchors else None
         majority = self._detector.fairlora_prototypes[self.adapter_name][:, 0, :]
         contrastive, active = prototype_triplet_loss(
             z.float(), labels, majority, margin=args.margin, distance=args.distance,
@@ -323,31 +417,63 @@ class FairTrainer(Trainer):
         return loss, preds, labels
 
     # ------------------------------------------------------------------ passes over the training set
-    def _frozen_pass(self) -> dict[str, np.ndarray]:
-        """One eval-mode pass, LoRA off: row index, label, risk, representation z and logits of every train row."""
-        model = self.model
+    @contextlib.contextmanager
+    def _keep_last_batch(self):
+        """Passes over the training rows must see every row: `dataloader_drop_last` is off inside."""
+        saved = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last = saved
+
+    def _detector_read_module(self) -> torch.nn.Module:
+        return self.model.get_base_model().get_submodule(self._config.detector_module)
+
+    def _frozen_pass(self, dataset=None, *, full: bool = True) -> dict[str, np.ndarray]:
+        """One eval-mode pass, LoRA off, over `dataset` (default: the training rows): row index, label, risk and, with
+        `full`, the representation z, the logits and the mean-pooled detector input of every row, in row order."""
+        model, dataset = self.model, self._all_rows if dataset is None else dataset
         was_training = model.training
         model.eval()
-        loader = self.get_eval_dataloader(self.train_dataset)
+        captured: dict[str, torch.Tensor] = {}
+        mask_now: list = [None]
+
+        def capture(module, args, kwargs):
+            hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+            tokens = as_tokens(hidden.detach())
+            captured["feat"] = pool_tokens(tokens, align_mask(mask_now[0], tokens), "mean").float()
+
+        handle = self._detector_read_module().register_forward_pre_hook(capture, with_kwargs=True) if full else None
         out: dict[str, list] = defaultdict(list)
-        with torch.no_grad():
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                _, rows = self._pop_extras(batch)
-                labels = batch.pop("labels")
-                with force_gate(model, False):
-                    outputs = model(**batch, output_hidden_states=True)
-                record = gate_record(model, self.adapter_name)
-                step = {"row": rows, "label": labels, "z": self._representation(outputs, batch).float(),
-                        "logits": outputs.logits.float(), "risk": record.risk.float()}
-                step = self.accelerator.gather_for_metrics(step)
-                for key, value in step.items():
-                    out[key].append(value.cpu())
-        model.train(was_training)
+        try:
+            with torch.no_grad(), self._keep_last_batch():
+                for batch in self.get_eval_dataloader(dataset):
+                    batch = self._prepare_inputs(batch)
+                    _, rows = self._pop_extras(batch)
+                    labels = batch.pop("labels")
+                    mask_now[0] = batch.get("attention_mask")
+                    with force_gate(model, False):
+                        outputs = model(**batch, output_hidden_states=full)
+                    step = {"row": rows, "label": labels, "risk": gate_record(model, self.adapter_name).risk.float()}
+                    if full:
+                        step.update(z=self._representation(outputs, batch).float(), logits=outputs.logits.float(),
+                                    feat=captured.pop("feat"))
+                    for key, value in self.accelerator.gather_for_metrics(step).items():
+                        out[key].append(value.cpu())
+        finally:
+            if handle is not None:
+                handle.remove()
+            model.train(was_training)
         result = {k: torch.cat(v).numpy() for k, v in out.items()}
         order = np.argsort(result["row"], kind="stable")
         result = {k: v[order] for k, v in result.items()}
-        if not np.isfinite(result["z"]).all():
+        if len(result["row"]) != len(dataset) or len(np.unique(result["row"])) != len(dataset):
+            raise RuntimeError(
+                f"The pass over {len(dataset)} training rows returned {len(np.unique(result['row']))} distinct rows; "
+                "a custom sampler or collator dropped or repeated rows. FairTrainer needs every row once in eval passes."
+            )
+        if full and not np.isfinite(result["z"]).all():
             bad = result["row"][~np.isfinite(result["z"]).all(1)][:10].tolist()
             raise ValueError(f"The frozen model produced NaN/inf representations for training rows {bad}; check those inputs.")
         return result
@@ -379,13 +505,23 @@ class FairTrainer(Trainer):
         known = target[target >= 0]
         n1 = max(int((known == 1).sum()), 1)
         self._pos_weight = float((known == 0).sum()) / n1
-        self._detector_target = torch.as_tensor(target)
+        self._holdout = holdout_rows(target, self.args.detector_holdout_fraction, self.args.seed)
+        self._detector_target = torch.as_tensor(np.where(self._holdout, -1, target))
+        self._target = target
+
+    def _holdout_loss(self) -> float:
+        """Class-balanced BCE (Eq. 1) of the current detector on the held-out rows."""
+        rows = np.flatnonzero(self._holdout)
+        feats = self._frozen_pass(self._all_rows.select(rows), full=False)
+        risk = torch.as_tensor(feats["risk"], dtype=torch.float64)
+        target = torch.as_tensor(self._target[feats["row"]])
+        return float(class_balanced_bce(risk, target, self._pos_weight))
 
     def _prototype_pass(self) -> None:
         args, feats = self.args, self._frozen_pass()
-        threshold = float(self._config.threshold)
-        detected = (feats["risk"] > threshold).astype(np.int64)
-        labelled = self._pseudo if self.label_setting == "unlabeled" else self._sensitive
+        gated = (feats["risk"] > float(self._config.threshold)).astype(np.int64)
+        detected = (feats["risk"] > args.anchor_threshold).astype(np.int64)  # anchors: independent of the gate τ
+        labelled = self._target
         if args.anchor_source == "labels":
             group = labelled.copy()
         elif args.anchor_source == "detector":
@@ -396,11 +532,16 @@ class FairTrainer(Trainer):
         # detector statistics against the labels the setting has (pseudo-labels when unlabeled)
         known = labelled >= 0
         pos, neg = known & (labelled == 1), known & (labelled == 0)
-        tpr = float(detected[pos].mean()) if pos.any() else float("nan")
-        fpr = float(detected[neg].mean()) if neg.any() else float("nan")
+        tpr = float(gated[pos].mean()) if pos.any() else float("nan")
+        fpr = float(gated[neg].mean()) if neg.any() else float("nan")
+        fit_rows = known & ~self._holdout
         self.detector_stats = {"detector_tpr": tpr, "detector_fpr": fpr,
                                "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
-                               "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum())}
+                               "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum()),
+                               "detector_auc": roc_auc(labelled[self._holdout], feats["risk"][self._holdout]),
+                               "probe_auc": probe_auc(feats["feat"], labelled, fit_rows, self._holdout, args.seed),
+                               "detector_holdout_rows": int(self._holdout.sum())}
+        self._warn_if_detector_failed(feats["risk"][known], labelled[known])
         # prototypes μ_{y,g}: mean frozen representation per (class × group) cell
         labels, z = feats["label"], feats["z"]
         n_classes = max(int(self._config.num_classes or 0), int(labels.max()) + 1)
@@ -431,23 +572,47 @@ class FairTrainer(Trainer):
     def _stage_dir(self) -> str:
         return os.path.join(self.args.output_dir, STAGE_DIR)
 
-    def _run_detector_stage(self, resume: Optional[str]) -> None:
-        args = self.args
-        overrides = dict(num_train_epochs=args.detector_epochs, learning_rate=args.detector_learning_rate,
-                         max_steps=-1, eval_strategy="no", load_best_model_at_end=False, output_dir=self._stage_dir(),
-                         warmup_steps=0)
+    @contextlib.contextmanager
+    def _stage_run(self, dataset, **overrides):
+        """Run one `Trainer` stage on `dataset` with some arguments overridden; both are put back afterwards."""
+        args, full = self.args, self.train_dataset
         saved = {k: getattr(args, k) for k in overrides}
-        self._stage = "detector"
-        self._set_trainable("detector")
         self.optimizer, self.lr_scheduler = None, None
         try:
             for k, v in overrides.items():
                 setattr(args, k, v)
-            super().train(resume_from_checkpoint=resume)
+            self.train_dataset = dataset
+            yield
         finally:
             for k, v in saved.items():
                 setattr(args, k, v)
+            self.train_dataset = full
             self.optimizer, self.lr_scheduler = None, None
+
+    def _updates_per_epoch(self, rows: int, processes: int) -> int:
+        args = self.args
+        return max(math.ceil(rows / (args.per_device_train_batch_size * processes * args.gradient_accumulation_steps)), 1)
+
+    def _run_detector_stage(self, resume: Optional[str]) -> None:
+        args = self.args
+        rows = np.flatnonzero(self._detector_target.numpy() >= 0)  # labelled rows minus the held-out slice
+        per_epoch = self._updates_per_epoch(len(rows), max(args.world_size, 1))
+        max_steps = max(args.detector_min_updates, math.ceil(args.detector_epochs * per_epoch))
+        stopper = _DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience)
+        self._stage = "detector"
+        self._set_trainable("detector")
+        if self._holdout.any():
+            self.add_callback(stopper)
+        try:
+            with self._stage_run(self._all_rows.select(rows), max_steps=max_steps,
+                                 learning_rate=args.detector_learning_rate, eval_strategy="no",
+                                 load_best_model_at_end=False, output_dir=self._stage_dir(), warmup_steps=0):
+                super().train(resume_from_checkpoint=resume)
+        finally:
+            if stopper in self.callback_handler.callbacks:
+                self.remove_callback(stopper)
+        stopper.restore_best()
+        self._detector_updates = int(self.state.global_step)
         self._set_trainable("none")
 
     def _save_stage(self) -> None:
@@ -491,6 +656,19 @@ class FairTrainer(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self.skipped_batches = 0
 
+    def anchor_rows(self) -> np.ndarray:
+        """Indices of the training rows the LoRA stage trains on (ŝ = 1), after the prototype pass."""
+        return np.flatnonzero(self._group_hat.numpy() == 1)
+
+    def lora_updates(self) -> int:
+        """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × anchors /
+        (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates."""
+        args = self.args
+        if args.max_steps > 0:
+            return int(args.max_steps)
+        per_epoch = self._updates_per_epoch(len(self.anchor_rows()), 1)
+        return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.train_dataset is None:
             raise ValueError("FairTrainer.train() needs a train_dataset with a sensitive column.")
@@ -502,6 +680,7 @@ class FairTrainer(Trainer):
 
     def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
         args = self.args
+        self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
             if resume_from_checkpoint is None and os.path.isdir(self._stage_dir()):
@@ -518,13 +697,63 @@ class FairTrainer(Trainer):
             self._stage_log_history = [{**entry, "stage": "detector"} for entry in self.state.log_history]
             resume_from_checkpoint = None if in_detector_stage else resume_from_checkpoint
         self._enter_lora_stage()
+        anchors = self.anchor_rows()
+        if len(anchors) < args.min_anchors_per_batch:
+            raise ValueError(
+                f"Only {len(anchors)} anchor rows (ŝ = 1) for the LoRA stage: nothing to correct. Check the sensitive "
+                "column (1 = minority), anchor_source/anchor_threshold, or the pseudo-labeler in the unlabeled setting."
+            )
         try:
-            result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                   ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            with self._stage_run(self._all_rows.select(anchors), max_steps=self.lora_updates()):
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                       ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
             self._stage = "eval"
         # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
         self.state.log_history = self._stage_log_history + self.state.log_history
         result.metrics.update({f"train_{k}": v for k, v in self.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
+        result.metrics["train_lora_relative_update"] = self.lora_relative_update()
+        self._warn_if_no_op(result.metrics)
         return result
+
+    # ------------------------------------------------------------------ diagnostics
+    @torch.no_grad()
+    def lora_relative_update(self) -> float:
+        """Mean over adapted layers of ‖(α/r)·B·A‖_F / ‖W‖_F for this adapter: ≈ 0 means the LoRA did not move."""
+        ratios = []
+        for module in self.model.modules():  # called outside autograd: plain tensors
+            a, b = getattr(module, "fairlora_A", {}), getattr(module, "fairlora_B", {})
+            if self.adapter_name not in a or self.adapter_name not in b:
+                continue
+            wa, wb = a[self.adapter_name].weight, b[self.adapter_name].weight
+            delta = module.scaling[self.adapter_name] * (wb.reshape(wb.shape[0], -1) @ wa.reshape(wa.shape[0], -1))
+            base = module.get_base_layer().weight
+            ratios.append(float(delta.norm() / base.norm().clamp_min(1e-12)))
+        return float(np.mean(ratios)) if ratios else 0.0
+
+    def _warn_if_detector_failed(self, risk: np.ndarray, target: np.ndarray) -> None:
+        auc = self.detector_stats.get("detector_auc", float("nan"))
+        if not np.isfinite(auc):
+            auc = roc_auc(target, risk)
+        if np.isfinite(auc) and auc < 0.6:
+            warnings.warn(
+                f"The bias detector could not learn to find the minority (AUC {auc:.2f}; probe AUC "
+                f"{self.detector_stats.get('probe_auc', float('nan')):.2f}): its risk stays near the class-balanced base "
+                "rate 0.5, so the gate is close to random. Check the sensitive column, FairLoraConfig.detector_layer "
+                "(features the group is visible in) or, without labels, FairTrainingArguments.pseudo_labeler.",
+                UserWarning, stacklevel=3)
+
+    def _warn_if_no_op(self, metrics: dict) -> None:
+        rate, update = metrics.get("train_gate_rate_s1", float("nan")), metrics["train_lora_relative_update"]
+        if np.isfinite(rate) and rate < 0.1:
+            warnings.warn(
+                f"FairNet's gate is on for only {100 * rate:.1f} % of the minority's training rows, so the adapter "
+                "will rarely change a prediction. Look at the detector (train_detector_auc, detector_learning_rate, "
+                "detector_layer) or lower the gate threshold (FairLoraConfig.threshold / gate_threshold).",
+                UserWarning, stacklevel=3)
+        if update < 1e-4:
+            warnings.warn(
+                f"The LoRA barely moved (relative update {update:.1e}): the adapter is close to a no-op. Raise "
+                "FairTrainingArguments.learning_rate or lora_min_updates, or check that the anchors are not skipped "
+                "(train_skipped_batches).", UserWarning, stacklevel=3)

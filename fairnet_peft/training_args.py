@@ -1,8 +1,11 @@
 """`FairTrainingArguments`: `transformers.TrainingArguments` plus FairNet's stage, loss, anchor and pseudo-label knobs.
 
-The standard `num_train_epochs` and `learning_rate` drive the contrastive LoRA stage; the detector stage has its own
-`detector_epochs` and `detector_learning_rate`. Defaults are the paper's (margin 0.5, τ from the adapter config) or,
-where the paper is silent, the authors' own run (task term weight 0.1). See docs/api.md.
+The standard `num_train_epochs` and `learning_rate` drive the contrastive LoRA stage (epochs over the anchor rows,
+at least `lora_min_updates` optimizer updates, counted as if on one device so that scaling out keeps the run); the
+detector stage has its own `detector_*` budget and stops early on a held-out slice of the labelled rows. Defaults
+are the paper's (margin 0.5, τ from the adapter config) where they work on our default-settings suite; every
+departure (LoRA learning rate, detector learning rate and early stopping, class-balanced anchors) is justified with
+its measurement in docs/method.md §"Defaults". See docs/api.md.
 """
 
 from __future__ import annotations
@@ -20,9 +23,57 @@ class FairTrainingArguments(TrainingArguments):
         default="sensitive",
         metadata={"help": "Dataset column with the sensitive group: 1 minority (to correct), 0 majority, -1 unknown."},
     )
+    # ------------------------------------------------------------------ LoRA stage budget
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": (
+                "Learning rate of the contrastive LoRA stage. Default 1e-3, a LoRA rate (Trainer's 5e-5 is meant for "
+                "full fine-tuning: a LoRA whose B starts at zero barely moves at it; see docs/method.md)."
+            )
+        },
+    )
+    lora_min_updates: int = field(
+        default=200,
+        metadata={
+            "help": (
+                "Least number of optimizer updates of the LoRA stage. The stage runs max(this, ⌈num_train_epochs × "
+                "anchors / (per_device_train_batch_size × gradient_accumulation_steps)⌉) updates, counted as if on "
+                "one process: on N processes each update sees N× the anchors and the update count (and so the "
+                "learning-rate schedule) is unchanged. `max_steps > 0` overrides the whole rule."
+            )
+        },
+    )
     # ------------------------------------------------------------------ detector stage
-    detector_epochs: float = field(default=5.0, metadata={"help": "Epochs of the detector stage (Eq. 1 BCE)."})
-    detector_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the detector stage."})
+    detector_epochs: float = field(
+        default=20.0,
+        metadata={"help": "Upper bound on the epochs of the detector stage (Eq. 1 BCE); it usually stops earlier."},
+    )
+    detector_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the detector stage."})
+    detector_min_updates: int = field(
+        default=300,
+        metadata={"help": "Upper bound on the detector stage's updates is max(this, detector_epochs × updates per epoch)."},
+    )
+    detector_holdout_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "Fraction of the labelled (or pseudo-labelled) training rows held out from the detector stage, "
+                "stratified by group. Their class-balanced BCE decides early stopping, and they give the held-out "
+                "`train_detector_auc` / `train_probe_auc`. 0 disables early stopping (the stage then runs its whole "
+                "budget) and the held-out AUCs."
+            )
+        },
+    )
+    detector_patience: int = field(
+        default=3,
+        metadata={
+            "help": (
+                "Stop the detector stage after this many held-out evaluations without improvement of the held-out "
+                "loss, and keep the best detector. Evaluations run every min(one epoch, 50) updates."
+            )
+        },
+    )
     # ------------------------------------------------------------------ LoRA stage loss
     margin: float = field(default=0.5, metadata={"help": "Triplet margin m of Eq. 2 (paper: 0.5, tuned in [0.1, 1])."})
     distance: str = field(
@@ -73,7 +124,24 @@ class FairTrainingArguments(TrainingArguments):
         },
     )
     class_balanced_anchors: bool = field(
-        default=False, metadata={"help": "Weight anchors by inverse class frequency among the training anchors."}
+        default=True,
+        metadata={
+            "help": (
+                "Weight anchors (triplet and task terms) by inverse class frequency among the training anchors. "
+                "Default True: a minority that is mostly one class otherwise teaches the LoRA 'predict that class "
+                "for the minority' (docs/method.md)."
+            )
+        },
+    )
+    anchor_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Risk above which a row without a (pseudo-)label counts as detected minority for the anchors and "
+                "prototypes (anchor_source 'detector'/'union'). Independent of the gate τ, so the 'w/o detector' "
+                "ablation (gate_threshold=0) changes the gate only."
+            )
+        },
     )
     min_anchors_per_batch: int = field(
         default=2, metadata={"help": "Batches with fewer anchors are skipped (and counted in the logs)."}
@@ -122,6 +190,18 @@ class FairTrainingArguments(TrainingArguments):
             raise ValueError(f"FairTrainingArguments.gate_threshold={self.gate_threshold}: must be in [0, 1].")
         if not 0.0 < self.lof_contamination <= 0.5:
             raise ValueError(f"FairTrainingArguments.lof_contamination={self.lof_contamination}: must be in (0, 0.5].")
+        if not 0.0 <= self.detector_holdout_fraction < 0.5:
+            raise ValueError(
+                f"FairTrainingArguments.detector_holdout_fraction={self.detector_holdout_fraction}: must be in [0, 0.5)."
+            )
+        if not 0.0 <= self.anchor_threshold < 1.0:
+            raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold}: must be in [0, 1).")
+        for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name != "detector_patience" else 1):
+                raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: must be a non-negative integer"
+                                 + (" >= 1." if name == "detector_patience" else "."))
+        if self.detector_epochs <= 0 or self.detector_learning_rate <= 0:
+            raise ValueError("FairTrainingArguments.detector_epochs and detector_learning_rate must be > 0.")
         if self.min_anchors_per_batch < 1:
             raise ValueError("FairTrainingArguments.min_anchors_per_batch must be >= 1.")
         if self.contrastive_weight < 0 or self.task_loss_weight < 0:
