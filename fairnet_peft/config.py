@@ -8,6 +8,8 @@ sizes) are resolved against the model by `FairLoraModel` and written back into t
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -15,6 +17,45 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 DetectorPooling = Literal["attention", "cls", "mean", "last"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v))
+
+
+_CHECKS = {
+    "int": _is_int,
+    "number": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "names": _is_names,
+    "name_list": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+    "ints": lambda v: _is_int(v) or (isinstance(v, (list, tuple, set)) and all(_is_int(x) for x in v)),
+    "int_list": lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) for x in v),
+}
+_KIND_TEXT = {
+    "int": "an int", "number": "a number (int or float)", "bool": "True or False", "str": "a string",
+    "names": "a module name / regex string or a list of names", "name_list": "a list of module names",
+    "ints": "an int or a list of ints", "int_list": "a list of ints",
+}
+# (field, kind, None allowed)
+_TYPED_FIELDS = (
+    ("r", "int", False), ("lora_alpha", "number", False), ("lora_dropout", "number", False),
+    ("target_modules", "names", True), ("exclude_modules", "names", True), ("layers_to_transform", "ints", True),
+    ("layers_pattern", "names", True), ("modules_to_save", "name_list", True), ("bias", "str", False),
+    ("init_weights", "bool", False), ("detector_layer", "int", True), ("detector_module", "str", True),
+    ("detector_input_dim", "int", True), ("detector_pooling", "str", False), ("detector_hidden_sizes", "int_list", False),
+    ("detector_dropout", "number", False), ("threshold", "number", False), ("num_classes", "int", True),
+    ("representation_dim", "int", True), ("representation_pooling", "str", False),
+)
 
 
 @dataclass
@@ -128,7 +169,7 @@ class FairLoraConfig(PeftConfig):
     # ---------------------------------------------------------------- prototypes / representation
     num_classes: Optional[int] = field(
         default=None,
-        metadata={"help": "Number of task classes K for the (class × group) prototypes. Default: config.num_labels."},
+        metadata={"help": "Number of task classes K >= 2 for the (class × group) prototypes. Default: config.num_labels."},
     )
     representation_dim: Optional[int] = field(
         default=None,
@@ -146,33 +187,61 @@ class FairLoraConfig(PeftConfig):
         },
     )
 
+    representation_module: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Dotted name (in the base model) of the classification head whose input is z(x) when "
+                "representation_pooling is 'head'/'auto'. Default: the model's top-level `classifier` or `score`."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.FAIRLORA
+        self._check_types()  # before the normalisation below, which would turn e.g. 1.5 into 1 or "abc" into a crash
+        for name, kind, _ in _TYPED_FIELDS:  # numpy scalars → Python numbers (JSON-serialisable)
+            value = getattr(self, name)
+            if kind in ("int", "number") and value is not None:
+                setattr(self, name, int(value) if _is_int(value) else float(value))
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
+            if isinstance(value, (list, tuple, set)):
                 setattr(self, name, set(value) if name != "modules_to_save" else list(value))
         if isinstance(self.layers_to_transform, (list, tuple, set)):
             self.layers_to_transform = sorted(int(i) for i in self.layers_to_transform)
+        elif self.layers_to_transform is not None:
+            self.layers_to_transform = int(self.layers_to_transform)
         self.detector_hidden_sizes = [int(h) for h in self.detector_hidden_sizes]
         self.validate()
 
+    def _check_types(self) -> None:
+        """Raise a `TypeError` naming the field for a value of the wrong type (a string where a number belongs, ...)."""
+        for name, kind, optional in _TYPED_FIELDS:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _CHECKS[kind](value):
+                allowed = _KIND_TEXT[kind] + (" or None" if optional else "")
+                raise TypeError(f"FairLoraConfig.{name}={value!r} has type {type(value).__name__}: expected {allowed}.")
+
     def validate(self) -> None:
-        """Raise a `ValueError` naming the field and its valid range for every invalid value."""
+        """Raise a `TypeError`/`ValueError` naming the field and its valid range for every invalid value."""
+        self._check_types()
 
         def bad(name, value, valid):
             raise ValueError(f"FairLoraConfig.{name}={value!r} is invalid: {valid}.")
 
-        if not isinstance(self.r, int) or self.r <= 0:
+        if self.r <= 0:
             bad("r", self.r, "the LoRA rank must be an integer > 0")
-        if self.lora_alpha <= 0:
-            bad("lora_alpha", self.lora_alpha, "must be > 0")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            bad("lora_alpha", self.lora_alpha, "must be a finite number > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             bad("lora_dropout", self.lora_dropout, "must be in [0, 1)")
         if not 0.0 <= self.detector_dropout < 1.0:
             bad("detector_dropout", self.detector_dropout, "must be in [0, 1)")
-        if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= 1.0):
+        if not 0.0 <= float(self.threshold) <= 1.0:
             bad("threshold", self.threshold, "τ must be in [0, 1] (gate on when risk > τ)")
         if self.detector_pooling not in ("attention", "cls", "mean", "last"):
             bad("detector_pooling", self.detector_pooling, "choose 'attention', 'cls', 'mean' or 'last'")
@@ -182,6 +251,21 @@ class FairLoraConfig(PeftConfig):
             bad("detector_hidden_sizes", self.detector_hidden_sizes, "every hidden size must be > 0")
         if self.detector_layer is not None and self.detector_layer < 0:
             bad("detector_layer", self.detector_layer, "must be >= 0 (the index of a block of the model)")
+        if self.detector_module is not None and not self.detector_module.strip():
+            bad("detector_module", self.detector_module, "name a module of the model, or leave it None")
+        if self.detector_input_dim is not None and self.detector_input_dim <= 0:
+            bad("detector_input_dim", self.detector_input_dim, "must be > 0 (the detector's input feature size)")
+        if self.num_classes is not None and (self.num_classes < 0 or self.num_classes == 1):
+            bad("num_classes", self.num_classes, "needs >= 2 classes (0 or None: taken from the model or the data)")
+        if self.representation_dim is not None and self.representation_dim < 0:
+            bad("representation_dim", self.representation_dim, "must be > 0 (0 or None: taken from the model)")
+        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if layers is not None and (not layers or any(i < 0 for i in layers)):
+            bad("layers_to_transform", self.layers_to_transform, "block indices must be >= 0 (and at least one)")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not value and name != "exclude_modules":
+                bad(name, value, "name at least one module, or leave it None for the default")
         if self.bias not in ("none", "all", "fairlora_only"):
             bad("bias", self.bias, "choose 'none', 'all' or 'fairlora_only'")
 
