@@ -22,7 +22,7 @@ MAX_MINORITY_SHARE = 0.5  # a pseudo-labeler marking more than this share of row
 
 _LOF_KNOBS = ("n_neighbors", "contamination", "pca_dims")
 _CLUSTER_KNOBS = ("n_clusters", "pca_dims", "max_cluster_share", "covariance_type")
-_AUTO_KNOBS = ("candidates", "min_score")
+_AUTO_KNOBS = ("candidates", "min_score", "tie")
 
 
 @dataclass
@@ -228,16 +228,20 @@ def error_explanation_score(pseudo, labels, pred) -> float:
     error set; 0 = unrelated. Needs ERM predictions only, no group label."""
     from sklearn.metrics import matthews_corrcoef
 
-    y, g, wrong = _as_labels(labels), np.asarray(pseudo), np.asarray(pred) != np.asarray(labels)
+    y, g, p = _as_labels(labels), np.asarray(pseudo), np.asarray(pred)
+    if g.shape != y.shape or p.shape != y.shape:
+        raise ValueError(f"pseudo {g.shape}, labels {y.shape} and pred {p.shape} must be 1-D of equal length.")
+    wrong = p != y
     score = 0.0
     for k in np.unique(y).tolist():
         rows = y == k
-        score += rows.mean() * matthews_corrcoef(wrong[rows], g[rows])
+        if len(np.unique(wrong[rows])) > 1 and len(np.unique(g[rows])) > 1:  # else undefined: no information, 0
+            score += rows.mean() * matthews_corrcoef(wrong[rows], g[rows])
     return float(score)
 
 
 def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELERS, min_score: float = 0.1,
-         seed: int = 0, **knobs) -> PseudoLabels:
+         tie: float = 0.02, seed: int = 0, **knobs) -> PseudoLabels:
     """Pick the feature-space labeler whose pseudo-groups best explain ERM's training errors.
 
     Criterion (label-free): `error_explanation_score`, the within-class Matthews correlation between a candidate's
@@ -247,10 +251,16 @@ def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELE
     tiny group of a few hard rows, nor a large group that merely contains the errors. The error set itself scores 1 by
     construction, so it is not a candidate; it is the fallback when no candidate reaches `min_score`, i.e. when no
     feature structure explains the errors better than the errors themselves. Candidates that fail (e.g. mark no row)
-    are skipped and their error recorded in `details["errors"]`."""
+    are skipped and their error recorded in `details["errors"]`.
+
+    Near-ties (scores within `tie`) go to the candidate marking the fewest rows: the score cannot see a class where
+    ERM makes no errors, and there a tighter group puts fewer majority rows among the anchors. (On the synthetic
+    text task ERM errs on one class's minority only, and GMM and KMeans tie at 0.5.)"""
     unknown = set(candidates) - set(FEATURE_LABELERS)
     if unknown or not candidates:
         raise ValueError(f"candidates={tuple(candidates)!r}: choose among {FEATURE_LABELERS}.")
+    if not (0 <= tie < 1 and -1 <= min_score <= 1):
+        raise ValueError(f"tie={tie!r} must be in [0, 1) and min_score={min_score!r} in [-1, 1] (Matthews scale).")
     y = _as_labels(labels)
     x = _as_features(features, len(y))
     pred = _as_logits(logits, len(y), y).argmax(-1)
@@ -262,12 +272,16 @@ def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELE
             errors[name] = str(err)
             continue
         scores[name] = error_explanation_score(results[name].labels, y, pred)
-    best = max(scores, key=scores.get) if scores else None
+    best = None
+    if scores:  # near-ties (within `tie`) go to the candidate that marks the fewest rows
+        top = max(scores.values())
+        best = min((n for n in scores if scores[n] >= top - tie), key=lambda n: (results[n].labels.mean(), n))
     if best is None or scores[best] < min_score:
         chosen = error_set(logits, y)
     else:
         chosen = results[best]
-    chosen.details.update({"scores": scores, "errors": errors, "min_score": min_score, "auto": True})
+    chosen.details.update({"scores": scores, "shares": {n: float(r.labels.mean()) for n, r in results.items()},
+                           "errors": errors, "min_score": min_score, "tie": tie, "auto": True})
     return chosen
 
 
@@ -287,7 +301,7 @@ def pseudo_label(method: str, *, features=None, labels, logits=None, seed: int =
     `method`: one of `METHODS`. `features`: frozen representations (rows × dims; needed by lof/gmm/kmeans/auto).
     `labels`: class ids. `logits`: the frozen ERM model's logits (needed by error_set and auto). Knobs: lof takes
     n_neighbors, contamination, pca_dims; gmm/kmeans take n_clusters, pca_dims, max_cluster_share, covariance_type;
-    auto takes candidates, min_score and forwards the rest. Returns `PseudoLabels`; `.labeler.predict(features,
+    auto takes candidates, min_score, tie and forwards the rest. Returns `PseudoLabels`; `.labeler.predict(features,
     labels, logits)` marks new rows (e.g. validation) with the same fitted labeler."""
     if method not in METHODS:
         raise ValueError(f"pseudo_labeler={method!r}: choose one of {METHODS}.")
