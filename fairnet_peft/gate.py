@@ -1,19 +1,29 @@
 """The gate: who decides, per example, whether a FairLoRA adapter's update is on.
 
 One `GateState` object lives on the wrapped model (`<model>._fairlora_gate_state`) and is shared by the hooks and
-the LoRA layers. Per forward pass:
+the LoRA layers. A gate exists only inside a live pass of the wrapped (root) model:
 
-1. the root pre-hook (on the wrapped model) pops `fair_gate=`, records the attention mask and batch size, and
-   fixes the gate at once for adapters whose gate is known up front (forced by `force_gate`, or fully given by
-   `fair_gate`);
-2. the detector pre-hook (on the module whose input the detector reads) computes the risk scores from the hidden
-   states and, for the other adapters, the gate `risk > τ` (rows with `fair_gate == -1`);
-3. every FairLoRA layer asks `GateState.record(adapter)` and adds its update to the gated rows only;
-4. the root post-hook "backtracks": if an adapted layer ran *before* the detector's read point while its gate was
-   still unknown, the gated rows are run again with their gates fixed, and their outputs replace the first pass's.
+1. the root pre-hook opens a pass: it pops `fair_gate=`, finds the batch (contract below) and fixes the gate at once
+   for adapters whose gate is known up front (forced by `force_gate`, or fully given by `fair_gate`);
+2. the detector pre-hook (on the module whose input the detector reads) moves the hidden states and mask to the
+   detector's device, computes the risk scores and, for the other adapters, the gate `risk > τ`;
+3. every FairLoRA layer asks `GateState.record(adapter, rows)` and adds its update to the gated rows only;
+4. the root post-hook "backtracks" (reruns the gated rows if an adapted layer ran *before* the detector's read point
+   while its gate was still unknown), then closes the pass and publishes only its `GateRecord`s (small (B,) tensors,
+   no hidden states, inputs or masks) for `gate_record(model)`.
 
-The gate of a pass stays in place until the next pass starts, so activation checkpointing recomputes with the
-same gate. `gate_record(model)` is the public accessor for the last pass's risk scores and gates.
+Outside a live pass — a direct call of an inner module such as `model.bert(ids)` — every layer runs as the base
+model (no gate, never the last pass's). Non-reentrant activation checkpointing recomputes blocks during backward,
+after the pass closed: the checkpoint functions are wrapped so that each recomputation replays the gates its block
+saw in the forward (torch's `context_fn`). `nn.DataParallel` replicas are refused (use torchrun/accelerate).
+
+Batch contract (`_batch_tensor`): B is dim 0 of the first positional tensor argument, else of the first of the
+keywords input_ids, inputs_embeds, pixel_values, input_values, input_features, x, X, else of any other tensor
+keyword; no tensor → the pass has no gate. `fair_gate` must have B entries. The `attention_mask` keyword (or the
+second positional tensor) reaches the detector only when it indexes the same positions as the batch: (B, T) with
+integer ids, or with (B, T, d) embeddings; pixel/audio masks over raw samples are not used (the detector pools every
+position). Inside a pass a uniform gate (all rows on or off) applies to any input layout; a mixed gate needs the
+layer's input to keep the batch in dim 0 and raises otherwise.
 """
 
 from __future__ import annotations
@@ -63,14 +73,28 @@ class GateRecord:
 
 
 @dataclass
-class _PassContext:
+class _Pass:
+    """One live forward pass of the wrapped model (or a read-only view of one, replayed by checkpointing)."""
+
     batch_size: int
-    device: torch.device
-    mask: Optional[torch.Tensor]
-    overrides: dict  # adapter -> (B,) long tensor in {-1, 0, 1}
-    forced: dict  # adapter -> bool, snapshot of GateState.forced for this pass
-    pending: set  # adapters whose gate waits for the detector
+    device: Optional[torch.device] = None
+    mask: Optional[torch.Tensor] = None
+    overrides: dict = field(default_factory=dict)  # adapter -> (B,) long tensor in {-1, 0, 1}
+    pending: set = field(default_factory=set)  # adapters whose gate waits for the detector
+    records: dict = field(default_factory=dict)  # adapter -> GateRecord of this pass
     ran_before_detector: set = field(default_factory=set)
+    backtrack: bool = False  # the nested pass that reruns the gated rows
+    backtrack_running: bool = False  # this pass is rerunning its gated rows now
+    replay: bool = False  # a checkpoint recomputation: read-only, the detector does not run
+
+    def view(self) -> "_Pass":
+        """The gates as they stand now, without the batch's tensors: what a checkpointed block must replay."""
+        return _Pass(self.batch_size, records=dict(self.records), replay=True)
+
+
+def _in_backward() -> bool:
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 class GateState:
@@ -80,11 +104,10 @@ class GateState:
         self.detector = detector
         self.configs: dict = {}  # adapter -> FairLoraConfig (same objects as model.peft_config)
         self.forced: dict = {}  # adapter or "*" -> bool, set by `force_gate`
-        self.records: dict[str, GateRecord] = {}
-        self.context: Optional[_PassContext] = None
+        self.records: dict[str, GateRecord] = {}  # published by the last completed root pass, for gate_record
+        self.passes: list[_Pass] = []  # live passes, innermost last; empty between forwards
         self.read_handles: dict = {}
         self.root_handles: list = []
-        self.in_backtrack = False
 
     # ------------------------------------------------------------------ helpers
     def active_adapters(self) -> list[str]:
@@ -95,51 +118,93 @@ class GateState:
     def _forced_value(self, adapter: str) -> Optional[bool]:
         return self.forced.get(adapter, self.forced.get("*"))
 
-    def record(self, adapter: str) -> Optional[GateRecord]:
-        """The gate a LoRA layer must apply now; None means off. Marks layers that run before the detector."""
-        rec = self.records.get(adapter)
-        if rec is not None:
-            return rec
-        ctx = self.context
-        if ctx is not None and adapter in ctx.pending:
-            ctx.ran_before_detector.add(adapter)
-        return None
+    @property
+    def live(self) -> Optional[_Pass]:
+        return self.passes[-1] if self.passes else None
 
-    # ------------------------------------------------------------------ pass start
-    def begin_pass(self, batch_size: int, device, mask, fair_gate: Optional[GateInput]) -> None:
+    def record(self, adapter: str, rows: int) -> Optional[GateRecord]:
+        """The gate a LoRA layer whose input has `rows` rows must apply now; None means off (base behaviour).
+
+        Inside a live root pass: that pass's gate (None while the detector has not run yet, which marks the adapter
+        for backtracking). Outside one (a direct call of an inner module): None, except during backward, where a
+        recomputation by a checkpoint function that FairLoRA did not wrap gets the last pass's gate if its batch size
+        matches.
+        """
+        live = self.live
+        if live is None:
+            if _in_backward() and self.records and all(r.batch_size == rows for r in self.records.values()):
+                return self.records.get(adapter)
+            return None
+        rec = live.records.get(adapter)
+        if rec is None and not live.replay and adapter in live.pending:
+            live.ran_before_detector.add(adapter)
+        return rec
+
+    # ------------------------------------------------------------------ pass start and end
+    def open_pass(self) -> _Pass:
+        """Push an empty pass (no gate); `begin_pass` fills it once the batch is known."""
+        if not self.passes:
+            self.records = {}  # a failed forward publishes nothing: gate_record then raises instead of going stale
+        self.passes.append(_Pass(batch_size=0))
+        return self.passes[-1]
+
+    def close_pass(self, publish: bool) -> None:
+        done = self.passes.pop() if self.passes else None
+        if publish and done is not None and not self.passes and not done.replay:
+            self.records = done.records
+
+    def begin_pass(self, batch_size: int, device, mask, fair_gate: Optional[GateInput], backtrack=False) -> None:
         adapters = self.active_adapters()
         overrides = _normalise_fair_gate(fair_gate, adapters, batch_size, device)
-        forced = {a: self._forced_value(a) for a in adapters}
-        self.records = {}
-        pending = set()
+        live = self.live
+        live.batch_size, live.device, live.mask, live.overrides, live.backtrack = (
+            batch_size, device, mask, overrides, backtrack)
         for a in adapters:
-            if forced[a] is not None:
-                self.records[a] = GateRecord.build(torch.full((batch_size,), forced[a], device=device), source="forced")
+            forced = self._forced_value(a)
+            if forced is not None:
+                live.records[a] = GateRecord.build(torch.full((batch_size,), forced, device=device), source="forced")
             elif a in overrides and bool((overrides[a] >= 0).all()):
-                self.records[a] = GateRecord.build(overrides[a] == 1, source="fair_gate")
+                live.records[a] = GateRecord.build(overrides[a] == 1, source="fair_gate")
             else:
-                pending.add(a)
-        self.context = _PassContext(batch_size, device, mask, overrides, forced, pending)
+                live.pending.add(a)
+
+    @contextlib.contextmanager
+    def replaying(self, view: _Pass) -> Iterator[None]:
+        """Make `view` the live pass while a checkpointed block is recomputed during backward."""
+        self.passes.append(view)
+        try:
+            yield
+        finally:
+            self.passes.remove(view)
 
     # ------------------------------------------------------------------ detector
     def detect(self, adapter: str, hidden: torch.Tensor) -> None:
-        ctx = self.context
-        if ctx is None or adapter not in self.active_adapters() or adapter not in self.detector.fairlora_detector:
+        live = self.live
+        if live is None or live.replay or live.device is None or adapter not in self.active_adapters() \
+                or adapter not in self.detector.fairlora_detector:
             return
         net = self.detector.fairlora_detector[adapter]
-        # The detector reads frozen features: no gradient flows from the gate into the backbone.
-        risk = net(hidden.detach(), ctx.mask)
-        if adapter not in ctx.pending:
-            self.records[adapter].risk = risk
+        # Model parallelism: the detector may sit on another device than the block it reads; its dtype cast happens
+        # inside DetectorNet. The detector reads frozen features: no gradient flows from the gate into the backbone.
+        where = _device_of(net, hidden.device)
+        mask = live.mask.to(where) if live.mask is not None else None
+        risk = net(hidden.detach().to(where), mask).to(live.device)
+        if adapter not in live.pending:
+            live.records[adapter].risk = risk
             return
         gate = risk.detach() > float(self.configs[adapter].threshold)
         source = "detector"
-        override = ctx.overrides.get(adapter)
+        override = live.overrides.get(adapter)
         if override is not None:
             gate = torch.where(override >= 0, override == 1, gate)
             source = "mixed"
-        self.records[adapter] = GateRecord.build(gate, risk=risk, source=source)
-        ctx.pending.discard(adapter)
+        live.records[adapter] = GateRecord.build(gate, risk=risk, source=source)
+        live.pending.discard(adapter)
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else default
 
 
 def _normalise_fair_gate(fair_gate, adapters, batch_size, device) -> dict:
@@ -153,16 +218,38 @@ def _normalise_fair_gate(fair_gate, adapters, batch_size, device) -> dict:
                 f"fair_gate names adapter {adapter!r}, which is not an active FairLoRA adapter "
                 f"(active: {adapters}). Use the adapter names you passed to get_peft_model/add_adapter."
             )
-        value = torch.as_tensor(value, device=device).long().reshape(-1)
-        if value.numel() != batch_size:
-            raise ValueError(
-                f"fair_gate for adapter {adapter!r} has {value.numel()} entries but the batch has {batch_size} rows; "
-                "pass one value per example: 1 (correct), 0 (do not correct) or -1 (let the detector decide)."
-            )
-        if bool(((value < -1) | (value > 1)).any()):
-            raise ValueError("fair_gate values must be 1 (correct), 0 (do not correct) or -1 (detector decides).")
-        out[adapter] = value
+        out[adapter] = _gate_values(value, adapter, batch_size, device)
     return out
+
+
+def _gate_values(value, adapter: str, batch_size: int, device) -> torch.Tensor:
+    """fair_gate of one adapter as a (B,) long tensor in {-1, 0, 1}; floats must be exactly -1, 0 or 1."""
+    try:
+        tensor = torch.as_tensor(value, device=device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"fair_gate for adapter {adapter!r} must be a tensor, list or number of 1/0/-1 values, got "
+            f"{type(value).__name__}: {err}"
+        ) from None
+    if tensor.numel() != batch_size:
+        raise ValueError(
+            f"fair_gate for adapter {adapter!r} has {tensor.numel()} entries but the batch has {batch_size} rows; "
+            "pass one value per example: 1 (correct), 0 (do not correct) or -1 (let the detector decide)."
+        )
+    if tensor.is_floating_point() or tensor.is_complex():
+        exact = (tensor == -1) | (tensor == 0) | (tensor == 1)
+        if not bool(exact.all()):
+            bad = tensor[~exact][:3].tolist()
+            raise ValueError(
+                f"fair_gate values must be 1 (correct), 0 (do not correct) or -1 (detector decides); got non-integer "
+                f"values {bad} for adapter {adapter!r}. A gate is not a weight: round or threshold it yourself, e.g. "
+                "fair_gate=(p > 0.5).long()."
+            )
+        tensor = tensor.real if tensor.is_complex() else tensor
+    tensor = tensor.long()
+    if bool(((tensor < -1) | (tensor > 1)).any()):
+        raise ValueError("fair_gate values must be 1 (correct), 0 (do not correct) or -1 (detector decides).")
+    return tensor
 
 
 # ---------------------------------------------------------------------- hooks
@@ -170,11 +257,12 @@ _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "in
 
 
 def _batch_tensor(args, kwargs) -> Optional[torch.Tensor]:
+    """The tensor whose dim 0 is the batch (see the module docstring for the contract)."""
     for value in args:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value
     for key in _BATCH_KEYS:
-        if isinstance(kwargs.get(key), torch.Tensor):
+        if isinstance(kwargs.get(key), torch.Tensor) and kwargs[key].dim() > 0:
             return kwargs[key]
     for value in kwargs.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -182,27 +270,48 @@ def _batch_tensor(args, kwargs) -> Optional[torch.Tensor]:
     return None
 
 
-def root_pre_hook(module: nn.Module, args, kwargs):
-    """Start of a forward pass of the wrapped model: pop `fair_gate` and fix the gates that are known up front."""
-    state: GateState = getattr(module, STATE_ATTR)
-    fair_gate = kwargs.pop("fair_gate", None)
-    if module.training and torch.is_grad_enabled():
-        _refuse_reentrant_checkpointing(module)
-    batch = _batch_tensor(args, kwargs)
-    if batch is None:
-        state.records, state.context = {}, None
-        return args, kwargs
+def _token_mask(batch: torch.Tensor, args, kwargs) -> Optional[torch.Tensor]:
+    """The attention mask, if it indexes the same token positions as `batch` (ids, or (B, T, d) embeddings)."""
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]
-    state.begin_pass(batch.shape[0], batch.device, mask if isinstance(mask, torch.Tensor) else None, fair_gate)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch.shape[0]:
+        return None
+    if batch.is_floating_point() and not (batch.dim() == 3 and mask.shape[1] == batch.shape[1]):
+        return None  # pixel/audio masks count raw samples, not the positions the detector reads
+    return mask
+
+
+def root_pre_hook(module: nn.Module, args, kwargs):
+    """Start of a forward pass of the wrapped model: pop `fair_gate` and fix the gates that are known up front."""
+    state: GateState = getattr(module, STATE_ATTR)
+    live = state.open_pass()  # first, so that root_post_hook (always called) closes exactly this pass
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            "FairLoRA does not support torch.nn.DataParallel: its replicas would share one gate state and the bias "
+            "detector would stay on the first GPU. Launch with `torchrun --nproc_per_node N train.py` or "
+            "`accelerate launch train.py` (DistributedDataParallel), or use one GPU (CUDA_VISIBLE_DEVICES=0)."
+        )
+    fair_gate = kwargs.pop("fair_gate", None)
+    if module.training and torch.is_grad_enabled():
+        _prepare_checkpointing(module, state)
+    batch = _batch_tensor(args, kwargs)
+    if batch is None:
+        return args, kwargs  # no batch tensor: the pass runs with no gate
+    outer = state.passes[-2] if len(state.passes) > 1 else None
+    backtrack = outer is not None and outer.backtrack_running
+    state.begin_pass(batch.shape[0], batch.device, _token_mask(batch, args, kwargs), fair_gate, backtrack)
     return args, kwargs
 
 
-def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
+def _prepare_checkpointing(model: nn.Module, state: GateState) -> None:
+    """Refuse reentrant checkpointing; wrap each non-reentrant checkpoint function so recomputation sees the gate."""
     for sub in model.modules():
         func = sub.__dict__.get("_gradient_checkpointing_func")
-        if getattr(sub, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+        if func is None or not getattr(sub, "gradient_checkpointing", False):
+            continue
+        inner = func.inner if isinstance(func, _GateCheckpoint) else func
+        if getattr(inner, "keywords", {}).get("use_reentrant"):
             raise ValueError(
                 "FairLoRA needs non-reentrant activation checkpointing: the per-example gate is computed once per "
                 "forward and reused inside later checkpointed blocks, which reentrant checkpointing cannot replay. "
@@ -210,6 +319,45 @@ def _refuse_reentrant_checkpointing(model: nn.Module) -> None:
                 "(the transformers default) or set TrainingArguments(gradient_checkpointing_kwargs="
                 "{'use_reentrant': False})."
             )
+        if not isinstance(func, _GateCheckpoint) or func.state is not state:
+            sub._gradient_checkpointing_func = _GateCheckpoint(inner, state)
+
+
+class _GateCheckpoint:
+    """A module's `_gradient_checkpointing_func` (torch's non-reentrant checkpoint), plus a recompute context that
+    replays the gates this block saw in its forward. Recomputation runs during backward, after the root forward has
+    returned and its pass is closed; torch's `context_fn` is the hook that checkpointing itself replays."""
+
+    def __init__(self, inner, state: GateState):
+        self.inner, self.state = inner, state
+
+    def __call__(self, function, *args, **kwargs):
+        live = self.state.live
+        if live is None:
+            return self.inner(function, *args, **kwargs)
+        view, state = live.view(), self.state
+        user_fn = kwargs.pop("context_fn", None) or getattr(self.inner, "keywords", {}).get("context_fn")
+
+        def context_fn():
+            forward_ctx, recompute_ctx = user_fn() if user_fn is not None else (contextlib.nullcontext(),
+                                                                                contextlib.nullcontext())
+            return forward_ctx, _both(recompute_ctx, state.replaying(view))
+
+        return self.inner(function, *args, context_fn=context_fn, **kwargs)
+
+
+@contextlib.contextmanager
+def _both(first, second) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+def release_checkpointing(model: nn.Module) -> None:
+    """Put back the checkpoint functions that `_prepare_checkpointing` wrapped (used when FairLoRA is unloaded)."""
+    for sub in model.modules():
+        func = sub.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, _GateCheckpoint):
+            sub._gradient_checkpointing_func = func.inner
 
 
 def detector_pre_hook(module: nn.Module, args, kwargs, adapter_name: str):
@@ -221,29 +369,39 @@ def detector_pre_hook(module: nn.Module, args, kwargs, adapter_name: str):
 
 
 def root_post_hook(module: nn.Module, args, kwargs, output):
-    """Backtrack: rerun the gated rows whose adapted layers ran before the detector's read point."""
+    """End of a pass: backtrack if needed, then close the pass and publish its gates. Registered with
+    `always_call=True`, so a forward that raises closes its pass too (`output` is then None: nothing is published)."""
     state: GateState = getattr(module, STATE_ATTR)
-    ctx = state.context
-    if ctx is None or state.in_backtrack or not ctx.ran_before_detector:
+    merged = None
+    try:
+        if output is not None:
+            merged = _backtrack(module, state, args, kwargs, output)
+    finally:
+        state.close_pass(publish=output is not None)
+    return merged
+
+
+def _backtrack(module: nn.Module, state: GateState, args, kwargs, output):
+    """Rerun the gated rows whose adapted layers ran before the detector's read point; None if nothing to redo."""
+    ctx = state.live
+    if ctx is None or ctx.backtrack or not ctx.ran_before_detector:
         return None
     rows = torch.zeros(ctx.batch_size, dtype=torch.bool, device=ctx.device)
     for adapter in ctx.ran_before_detector:
-        if adapter in state.records:
-            rows |= state.records[adapter].gate
+        if adapter in ctx.records:
+            rows |= ctx.records[adapter].gate.to(ctx.device)
     if not bool(rows.any()):
         return None
     idx = rows.nonzero().squeeze(1)
-    gates = {a: rec.gate[idx].long() for a, rec in state.records.items()}
-    outer_records, outer_context = state.records, state.context
+    gates = {a: rec.gate[idx.to(rec.gate.device)].long() for a, rec in ctx.records.items()}
     sub_args = tuple(_take_rows(a, idx, ctx.batch_size) for a in args)
     sub_kwargs = {k: _take_rows(v, idx, ctx.batch_size) for k, v in kwargs.items()}
     labels = sub_kwargs.pop("labels", None)
-    state.in_backtrack = True
+    ctx.backtrack_running = True
     try:
         sub_output = module(*sub_args, **sub_kwargs, fair_gate=gates)
     finally:
-        state.in_backtrack = False
-        state.records, state.context = outer_records, outer_context
+        ctx.backtrack_running = False
     merged = _merge_rows(output, sub_output, idx, ctx.batch_size)
     if labels is not None and getattr(output, "loss", None) is not None:
         merged["loss"] = _classification_loss(module, merged, kwargs["labels"])

@@ -1,9 +1,11 @@
 """Conditional LoRA layers: y = W x + g(x) · (α / r) · B A x, with a hard per-example gate g(x) ∈ {0, 1}.
 
 The gate covers every token/position of an example (batch row); it comes from the model's `GateState` (gate.py).
-The LoRA math lives in `FairLoraLayer._add_delta` / `lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute at
-all, every row gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated
-rows only and added with `index_add`. Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
+The LoRA math lives in `FairLoraLayer._add_delta` / `lora_delta` only; `forward` picks the rows: no row gated → no
+LoRA compute at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row
+gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and
+added with `index_add`. Outside a forward of the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
+Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
 Merging is refused: the gate depends on the input, so no single merged weight exists.
 """
 
@@ -112,10 +114,11 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         for adapter in self.active_adapters:
             if adapter not in self.fairlora_A:
                 continue
-            record = state.record(adapter)
+            record = state.record(adapter, x.shape[0])
             if record is None or record.n_on == 0:
-                continue  # dynamic cost: no gated row, no LoRA compute
-            if record.n_on == record.batch_size:
+                result = self._keep_in_graph(result, adapter)  # dynamic cost: no gated row, no LoRA compute
+                continue
+            if record.n_on == record.batch_size:  # uniform gate: right for any layout of dim 0 (e.g. B·T tokens)
                 result = self._add_delta(result, x, adapter)
                 continue
             if x.shape[0] != record.batch_size:
@@ -126,6 +129,16 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
                 )
             result = self._add_delta(result, x, adapter, record.idx.to(x.device))
         return result
+
+    def _keep_in_graph(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """With autograd on and a trainable adapter, tie its weights to the output with a zero factor: a batch with no
+        gated row then gives the LoRA zero gradients instead of a loss that does not require grad (and DDP sees
+        every trainable parameter used). The output values are unchanged."""
+        a, b = self.fairlora_A[adapter_name].weight, self.fairlora_B[adapter_name].weight
+        if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad):
+            return result
+        zero = (a.sum() + b.sum()).mul(0.0).to(device=result.device, dtype=result.dtype)
+        return result + zero
 
     # ------------------------------------------------------------------ merging is refused
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

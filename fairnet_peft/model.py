@@ -19,7 +19,8 @@ from torch import nn
 
 from .config import FairLoraConfig
 from .detector import FairBiasDetector, FairTunerLayer
-from .gate import DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, root_post_hook, root_pre_hook
+from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
+                   root_pre_hook)
 from .layer import MERGE_REFUSED, dispatch
 
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
@@ -70,7 +71,7 @@ class FairLoraModel(BaseTuner):
             model.__dict__["_fairlora_is_root"] = True
             state.root_handles = [
                 model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
-                model.register_forward_hook(root_post_hook, with_kwargs=True),
+                model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True),
             ]
         return state
 
@@ -221,6 +222,7 @@ class FairLoraModel(BaseTuner):
                 handle.remove()
             for module in self.model.modules():
                 module.__dict__.pop(STATE_ATTR, None)
+            release_checkpointing(self.model)
         if hasattr(self.model, DETECTOR_ATTR):
             delattr(self.model, DETECTOR_ATTR)
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
