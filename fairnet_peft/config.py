@@ -55,6 +55,7 @@ _TYPED_FIELDS = (
     ("detector_input_dim", "int", True), ("detector_pooling", "str", False), ("detector_hidden_sizes", "int_list", False),
     ("detector_dropout", "number", False), ("threshold", "number", False), ("num_classes", "int", True),
     ("representation_dim", "int", True), ("representation_pooling", "str", False),
+    ("representation_module", "str", True),
 )
 
 
@@ -251,8 +252,10 @@ class FairLoraConfig(PeftConfig):
             bad("detector_hidden_sizes", self.detector_hidden_sizes, "every hidden size must be > 0")
         if self.detector_layer is not None and self.detector_layer < 0:
             bad("detector_layer", self.detector_layer, "must be >= 0 (the index of a block of the model)")
-        if self.detector_module is not None and not self.detector_module.strip():
-            bad("detector_module", self.detector_module, "name a module of the model, or leave it None")
+        for name in ("detector_module", "representation_module"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                bad(name, value, "name a module of the model, or leave it None")
         if self.detector_input_dim is not None and self.detector_input_dim <= 0:
             bad("detector_input_dim", self.detector_input_dim, "must be > 0 (the detector's input feature size)")
         if self.num_classes is not None and (self.num_classes < 0 or self.num_classes == 1):
