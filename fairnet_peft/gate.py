@@ -29,6 +29,7 @@ layer's input to keep the batch in dim 0 and raises otherwise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
@@ -311,7 +312,8 @@ def _prepare_checkpointing(model: nn.Module, state: GateState) -> None:
         if func is None or not getattr(sub, "gradient_checkpointing", False):
             continue
         inner = func.inner if isinstance(func, _GateCheckpoint) else func
-        if getattr(inner, "keywords", {}).get("use_reentrant"):
+        keywords = getattr(inner, "keywords", None)
+        if keywords is not None and keywords.get("use_reentrant", True) is not False:  # torch's default: reentrant
             raise ValueError(
                 "FairLoRA needs non-reentrant activation checkpointing: the per-example gate is computed once per "
                 "forward and reused inside later checkpointed blocks, which reentrant checkpointing cannot replay. "
@@ -319,8 +321,18 @@ def _prepare_checkpointing(model: nn.Module, state: GateState) -> None:
                 "(the transformers default) or set TrainingArguments(gradient_checkpointing_kwargs="
                 "{'use_reentrant': False})."
             )
-        if not isinstance(func, _GateCheckpoint) or func.state is not state:
+        if (not isinstance(func, _GateCheckpoint) or func.state is not state) and _accepts_context_fn(inner):
             sub._gradient_checkpointing_func = _GateCheckpoint(inner, state)
+
+
+def _accepts_context_fn(func) -> bool:
+    """True for torch's checkpoint (and wrappers passing **kwargs on to it); others are left alone and their
+    recomputation falls back to the last pass's gate (GateState.record)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "context_fn" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class _GateCheckpoint:

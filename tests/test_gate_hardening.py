@@ -109,6 +109,48 @@ def test_checkpoint_recompute_replays_the_mixed_detector_gate(layers):
                    for m in plain_model.modules())
 
 
+def test_checkpointing_with_torchs_reentrant_default_is_refused():
+    model = wrap().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"preserve_rng_state": True})  # reentrant
+    with pytest.raises(ValueError, match="non-reentrant activation checkpointing"):
+        model(**tiny_batch("bert"))
+    assert find_gate_state(model).passes == []
+
+
+class _Checkpointed(nn.Module):
+    """A custom model that calls torch's checkpoint itself (not through transformers)."""
+
+    def __init__(self, use_checkpoint: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.use_checkpoint = use_checkpoint
+
+    def _block(self, h):
+        return torch.tanh(self.mid(h)) * h
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        if self.use_checkpoint:
+            h = torch.utils.checkpoint.checkpoint(self._block, h, use_reentrant=False)
+        else:
+            h = self._block(h)
+        return self.out(h)
+
+
+def test_custom_torch_checkpoint_recomputes_with_the_pass_gate():
+    grads = []
+    for use_checkpoint in (False, True):
+        model = get_peft_model(_Checkpointed(use_checkpoint), FairLoraConfig(target_modules=["mid"],
+                                                                             init_weights=False)).train()
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+        model(x, fair_gate=torch.tensor([1, 0, 1, 0])).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("fairlora_B" in k for k in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------- 2. no pinned batch tensors
 def _reachable_tensors(state: GateState) -> list[torch.Tensor]:
     """Tensors reachable from the gate state, not counting the detector module, configs and hook handles."""
