@@ -193,29 +193,50 @@ def test_groupdro_upweights_the_worst_cell(tmp_path):
     baselines = _load("baselines")
 
     class Tiny(torch.nn.Module):
+        """Predicts class 1 when x0 > 0, the majority's rule; the minority's labels follow the opposite rule."""
+
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(2, 2)
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]))
+                self.lin.bias.zero_()
 
         def forward(self, x=None, **kwargs):
             return type("Out", (), {"logits": self.lin(x)})()
 
     n = 64
     rng = np.random.default_rng(0)
-    data = Dataset.from_dict({"x": rng.standard_normal((n, 2)).astype(np.float32).tolist(),
-                              "labels": rng.integers(0, 2, n), "sensitive": (np.arange(n) % 8 == 0).astype(int)})
+    x = rng.standard_normal((n, 2)).astype(np.float32)
+    sensitive = (np.arange(n) % 8 == 0).astype(int)
+    labels = (x[:, 0] > 0).astype(int)
+    labels[sensitive == 1] = 1 - labels[sensitive == 1]  # the minority cells are the ones the model gets wrong
+    data = Dataset.from_dict({"x": x.tolist(), "labels": labels, "sensitive": sensitive})
 
     def collate(rows):
         return {"x": torch.tensor([r["x"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows]),
                 "sensitive": torch.tensor([r["sensitive"] for r in rows])}
 
+    model = Tiny()
+    with torch.no_grad():  # per-cell loss of the initial model; cells are y * 2 + s
+        per_row = torch.nn.functional.cross_entropy(model(torch.tensor(x)).logits, torch.tensor(labels),
+                                                    reduction="none").numpy()
+    cells = labels * 2 + sensitive
+    cell_loss = np.array([per_row[cells == c].mean() for c in range(4)])
+    worst = int(cell_loss.argmax())
+    assert sensitive[cells == worst].all() and cell_loss[worst] > 2 * cell_loss[[0, 2]].max()  # the set-up holds
+
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1,
-                             report_to="none", save_strategy="no", remove_unused_columns=False, use_cpu=True,
-                             disable_tqdm=True)
-    trainer = baselines.GroupDROTrainer(model=Tiny(), args=args, train_dataset=data, data_collator=collate, eta=1.0)
+                             learning_rate=1e-4, report_to="none", save_strategy="no", remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True)
+    trainer = baselines.GroupDROTrainer(model=model, args=args, train_dataset=data, data_collator=collate, eta=0.1)
     trainer.train()
     q = trainer.q
-    assert q.shape == (4,) and abs(float(q.sum()) - 1.0) < 1e-5 and not torch.allclose(q, torch.full((4,), 0.25))
+    assert q.shape == (4,) and abs(float(q.sum()) - 1.0) < 1e-5
+    # the worst cell holds the largest weight and went up from the uniform 1/4; the majority cells went down
+    assert int(q.argmax()) == worst and float(q[worst]) > 0.25, (q, cell_loss)
+    assert float(q[[0, 2]].max()) < 0.25 < float(q[[1, 3]].min()), (q, cell_loss)
+    assert float(q[worst]) > 1.3 * float(q[[0, 2]].max()), q
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
