@@ -47,7 +47,7 @@ _BERT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, interme
 _VIT = dict(patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
 _VIT_TINY = dict(_VIT, hidden_size=32, num_attention_heads=2, intermediate_size=64)
 _ERM_VIT = dict(erm_epochs=20, erm_lr=1e-3, scheduler="cosine", weight_decay=0.0)
-_ERM_LM = dict(erm_epochs=2, erm_lr=5e-5, scheduler="linear", weight_decay=0.01)
+_ERM_LM = dict(erm_epochs=2, erm_lr=1e-4, scheduler="linear", weight_decay=0.01)
 PRESETS = {  # per task: sizes (n_* rows, image_size, max_length), model dims, ERM recipe, FairNet epochs, batch sizes
     "tiny": {"synthetic": dict(n_train=240, n_val=60, n_test=200, model=_BERT, erm_epochs=6, erm_lr=1e-3,
                                scheduler="linear", weight_decay=0.0, fair_epochs=1, batch=32, eval_batch=128),
@@ -57,18 +57,18 @@ PRESETS = {  # per task: sizes (n_* rows, image_size, max_length), model dims, E
                                 **dict(_ERM_VIT, erm_epochs=5), fair_epochs=1, batch=32, eval_batch=128)},
     "quick": {"synthetic": dict(n_train=2000, n_val=600, n_test=2000, model=_BERT, erm_epochs=3, erm_lr=1e-3,
                                 scheduler="linear", weight_decay=0.0, fair_epochs=3, batch=32, eval_batch=256),
-              "adult": dict(n_train=3000, n_val=600, n_test=3000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
+              "adult": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
                             eval_batch=128),
               "digits": dict(n_train=2000, n_val=400, n_test=800, image_size=16, model=_VIT, **_ERM_VIT,
                              fair_epochs=5, batch=32, eval_batch=256),
               "waterbirds": dict(n_train=2000, n_val=400, n_test=800, image_size=16, model=_VIT, **_ERM_VIT,
                                  fair_epochs=5, batch=32, eval_batch=256),
-              "text2": dict(n_train=3000, n_val=600, n_test=3000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
+              "text2": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
                             eval_batch=128)},
 }
 PRESETS["standard"] = {t: dict(c) for t, c in PRESETS["quick"].items()}
-PRESETS["standard"]["adult"].update(n_train=6000, n_test=6000)  # ≈ 210 test rows in (>50K, Female)
-PRESETS["standard"]["text2"].update(n_train=6000, n_test=6000)
+for _t in ("adult", "text2"):  # Adult: ≈ 215 test rows in (>50K, Female) at 6000
+    PRESETS["standard"][_t].update(n_train=6000, n_val=600, n_test=6000, erm_lr=5e-5)
 for _t in ("digits", "waterbirds"):
     PRESETS["standard"][_t].update(n_train=4000, n_test=1600)
 

@@ -1,0 +1,150 @@
+"""benchmarks/defaults.py (the default-settings suite) end to end at tiny size, plus its small pure pieces.
+
+One in-process `--tiny` run (synthetic + digits, one seed, settings full and unlabeled to keep the file fast) must
+write results.json, table.md and the generated doc block, with finite, consistent metrics (WGA ≤ ACC, every
+bootstrap CI around its point, gate rates in [0, 1]). The partial mask, the t-interval, the goal rule and the
+"loader not there yet" skip are checked on their own. No assertion on quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    name = "fairnet_bench_defaults"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "defaults.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    bench = _load()
+    out = tmp_path_factory.mktemp("defaults")
+    doc = out / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nIntro.\n\n## Inference overhead (issue 2)\n\nkept\n")
+    threads = torch.get_num_threads()
+    report = bench.main(["--tiny", "--threads", "1", "--settings", "full,unlabeled", "--out", str(out),
+                         "--doc", str(doc)])
+    assert torch.get_num_threads() == threads
+    return bench, out, report
+
+
+def _in_unit(x) -> bool:
+    return x is not None and math.isfinite(x) and -1e-9 <= x <= 1 + 1e-9
+
+
+def test_tiny_results_are_complete_finite_and_consistent(tiny):
+    bench, out, _ = tiny
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["command"].startswith("python benchmarks/defaults.py --tiny")
+    assert set(saved["tasks"]) == {"synthetic", "digits"} and saved["settings"] == ["full", "unlabeled"]
+    for task, block in saved["tasks"].items():
+        run = block["runs"]["0"]
+        assert set(run["settings"]) == {"full", "unlabeled"}
+        for res in [run["erm"], *run["settings"].values()]:
+            for key in bench.METRICS:
+                ci = res[key]
+                assert _in_unit(ci["point"]) and ci["low"] - 1e-9 <= ci["point"] <= ci["high"] + 1e-9, (task, key, ci)
+            assert res["worst_group_accuracy"]["point"] <= res["accuracy"]["point"] + 1e-9
+            worst = res["worst_cell"]
+            assert worst["cell"] in res["cells"] and worst["count"] == res["cells"][worst["cell"]]["count"] > 0
+            assert worst["point"] == pytest.approx(res["worst_group_accuracy"]["point"])
+            assert worst["minority"] == worst["cell"].endswith("s=1")
+        for st, res in run["settings"].items():
+            assert _in_unit(res["gate_rate_s0"]) and _in_unit(res["gate_rate_s1"])
+            assert res["train_metrics"]["train_runtime"] > 0
+        for st, row in block["summary"].items():
+            for key in ("erm_accuracy", "fairnet_accuracy", "fairnet_worst_group_accuracy"):
+                assert row[key]["n"] == 1 and row[key]["low"] is None  # one seed: no t-interval
+            assert row["fairnet_accuracy"]["mean"] == pytest.approx(run["settings"][st]["accuracy"]["point"])
+            assert isinstance(row["goal"]["text"], str) and row["goal"]["text"]
+
+
+def test_tiny_table_and_doc_block(tiny):
+    bench, out, _ = tiny
+    table = (out / "table.md").read_text()
+    assert table.startswith("Command: `python benchmarks/defaults.py --tiny")
+    for task in ("synthetic", "digits"):
+        for st in ("full", "unlabeled"):
+            assert f"| {task} | {st} |" in table
+    doc = (out / "benchmarks.md").read_text()
+    # the section sits right after the title, before the first existing section, which is kept
+    assert doc.index(bench.DOC_HEADING) < doc.index("## Inference overhead (issue 2)") and "kept" in doc
+    assert doc.count(bench.BEGIN) == 1 and table.strip() in doc
+    bench.write_doc(str(out / "benchmarks.md"), "new body\n")  # a rerun replaces only the block
+    doc2 = (out / "benchmarks.md").read_text()
+    assert doc2.count(bench.DOC_HEADING) == 1 and "new body" in doc2 and "Command:" not in doc2 and "kept" in doc2
+
+
+def test_partial_mask_keeps_ten_percent_of_every_cell():
+    bench = _load()
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 1000), (rng.random(1000) < 0.1).astype(np.int64)
+    masked = bench.partial_mask(s, y, seed=3)
+    assert set(np.unique(masked)) <= {-1, 0, 1} and np.all(masked[masked >= 0] == s[masked >= 0])
+    for c in range(4):
+        cell = y * 2 + s == c
+        assert (masked[cell] >= 0).sum() == max(1, round(0.1 * cell.sum()))
+    assert np.array_equal(masked, bench.partial_mask(s, y, seed=3))
+
+
+def test_t_interval_contains_the_mean_and_matches_scipy():
+    from scipy import stats
+
+    bench = _load()
+    vals = [0.70, 0.74, 0.69]
+    ci = bench.t_interval(vals + [None, float("nan")])
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
+    assert ci["n"] == 3 and ci["low"] == pytest.approx(lo) and ci["high"] == pytest.approx(hi)
+    assert ci["low"] < ci["mean"] < ci["high"]
+
+
+def _row(erm_wga, fn_wga, erm_acc, fn_acc, minority=True):
+    mk = lambda v: {"mean": v}  # noqa: E731
+    return {"erm_worst_group_accuracy": mk(erm_wga), "fairnet_worst_group_accuracy": mk(fn_wga),
+            "erm_accuracy": mk(erm_acc), "fairnet_accuracy": mk(fn_acc), "erm_worst_is_minority": minority}
+
+
+def test_goal_rule():
+    bench = _load()
+    assert bench.goal("synthetic", "full", _row(0.30, 0.36, 0.80, 0.796), None)["met"]
+    assert not bench.goal("synthetic", "full", _row(0.30, 0.34, 0.80, 0.80), None)["met"]  # + 4 < + 5
+    assert not bench.goal("synthetic", "full", _row(0.30, 0.40, 0.80, 0.79), None)["met"]  # − 1 ACC point
+    assert bench.goal("adult", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]  # Adult: + 3
+    assert not bench.goal("digits", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]
+    full = _row(0.30, 0.60, 0.80, 0.80)
+    assert bench.goal("digits", "partial", _row(0.30, 0.58, 0.80, 0.80), full)["met"]  # within 3 of Full
+    assert not bench.goal("digits", "partial", _row(0.30, 0.56, 0.80, 0.80), full)["met"]
+    majority = bench.goal("adult", "full", _row(0.5, 0.5, 0.8, 0.8, minority=False), None)
+    assert not majority["applies"] and "majority" in majority["text"]
+
+
+def test_missing_loader_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setitem(bench.TASKS, "waterbirds", ("load_not_there_yet", "vit"))
+    report = bench.main(["--tiny", "--tasks", "waterbirds", "--out", str(tmp_path), "--doc", "none"])
+    assert "load_not_there_yet" in report["tasks"]["waterbirds"]["skipped"]
+    assert "waterbirds: skipped" in (tmp_path / "table.md").read_text() and "skipped" in capsys.readouterr().out
+
+
+def test_bad_flags_name_the_flag():
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "nope"])
+    with pytest.raises(ValueError, match="--jobs N"):
+        bench.main(["--jobs=2"])
