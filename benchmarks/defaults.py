@@ -169,7 +169,7 @@ def _common_args(out: str, cfg: dict, seed: int, epochs: float) -> dict:
                 logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
 
 
-def test_metrics(y, pred, s, n_boot: int, seed: int) -> dict:
+def scores(y, pred, s, n_boot: int, seed: int) -> dict:
     """ACC/WGA/EOD with per-seed bootstrap CIs, every cell, and the worst cell (identity, size, minority?, CI)."""
     from fairnet_peft import metrics as M
 
@@ -216,65 +216,72 @@ def _jsonable(x):
     return x
 
 
-def run_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: str) -> Optional[dict]:
+def train_erm(ds, new_model, cfg: dict, seed: int, out: str, collate):
+    """ERM: a plain `Trainer`, fixed epochs (nothing selected); returns the model and its test predictions."""
     import transformers as T
+
+    T.set_seed(seed)
+    args = T.TrainingArguments(**_common_args(out, cfg, seed, cfg["erm_epochs"]), learning_rate=cfg["erm_lr"],
+                               lr_scheduler_type=cfg["scheduler"], weight_decay=cfg["weight_decay"], warmup_steps=0.1)
+    trainer = _quiet(T.Trainer(model=new_model(), args=args, train_dataset=ds["train"], data_collator=collate))
+    trainer.train()
+    logits = trainer.predict(ds["test"]).predictions
+    return trainer.model, (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+
+def run_fairnet(erm, ds, setting: str, task_type, cfg: dict, seed: int, out: str, collate, n_boot: int) -> dict:
+    """FairNet at DEFAULT FairTrainingArguments on a copy of the ERM model; test metrics, gate, AUCs, pseudo-labels."""
     from peft import get_peft_model
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
     from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
+
+    train_s, train_y = np.asarray(ds["train"]["sensitive"]), np.asarray(ds["train"]["labels"])
+    masked = {"full": train_s, "partial": partial_mask(train_s, train_y, seed),
+              "unlabeled": np.full_like(train_s, -1)}[setting]
+    train = ds["train"].remove_columns("sensitive").add_column("sensitive", masked.tolist()).with_format("torch")
+    model = get_peft_model(copy.deepcopy(erm), FairLoraConfig(task_type=task_type))
+    args = FairTrainingArguments(**_common_args(out, cfg, seed, cfg["fair_epochs"]))  # no FairNet knob: defaults
+    trainer = _quiet(FairTrainer(model, args, train_dataset=train, eval_dataset=ds["validation"], data_collator=collate))
+    train_metrics = trainer.train().metrics
+    logits, risk, gate = trainer.predict(ds["test"]).predictions[:3]
+    y, s = (np.asarray(ds["test"][k]) for k in ("labels", "sensitive"))
+    res = scores(y, logits.argmax(-1), s, n_boot, seed)
+    gate = np.asarray(gate).reshape(len(y), -1)[:, 0] > 0
+    risk = np.asarray(risk, np.float64).reshape(len(y), -1)[:, 0]
+    res.update(gate_rate_s0=float(gate[s == 0].mean()), gate_rate_s1=float(gate[s == 1].mean()),
+               test_risk_auc=float(roc_auc_score(s, risk)), detector_auc=_finite(train_metrics.get("train_detector_auc")),
+               probe_auc=_finite(train_metrics.get("train_probe_auc")),
+               train_metrics={k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
+    pseudo = getattr(trainer, "pseudo_labels", getattr(trainer, "_pseudo", None))
+    if setting == "unlabeled" and pseudo is not None:  # the pseudo-labeler against the true group (report only)
+        pseudo = np.asarray(pseudo).reshape(-1)
+        res.update(pseudo_precision=float(precision_score(train_s, pseudo, zero_division=0)),
+                   pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)))
+    return res
+
+
+def run_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: str) -> Optional[dict]:
+    """ERM, then FairNet in every setting, on one seed's splits; None when the task's loader does not exist yet."""
     from fairnet_peft.sweep import padding_collate
 
-    timings, t0 = {}, time.time()
+    t0 = time.time()
     built = build_task(task, cfg, seed)
     if built is None:
         return None
     ds, new_model, task_type, pad, desc = built
     collate = padding_collate({"input_ids": pad})
+    erm, erm_pred = train_erm(ds, new_model, cfg, seed, os.path.join(tmp, "erm"), collate)
     y, s = (np.asarray(ds["test"][k]) for k in ("labels", "sensitive"))
-    T.set_seed(seed)
-    erm = new_model()
-    erm_args = T.TrainingArguments(**_common_args(os.path.join(tmp, "erm"), cfg, seed, cfg["erm_epochs"]),
-                                   learning_rate=cfg["erm_lr"], lr_scheduler_type=cfg["scheduler"],
-                                   weight_decay=cfg["weight_decay"], warmup_steps=0.1)
-    erm_trainer = _quiet(T.Trainer(model=erm, args=erm_args, train_dataset=ds["train"], data_collator=collate))
-    erm_trainer.train()
-    erm_pred = erm_trainer.predict(ds["test"]).predictions
-    erm_pred = (erm_pred[0] if isinstance(erm_pred, tuple) else erm_pred).argmax(-1)
-    run = {"description": desc, "sizes": {sp: len(d) for sp, d in ds.items()},
-           "erm": test_metrics(y, erm_pred, s, n_boot, seed), "settings": {}, "timings_s": timings}
-    timings["data+erm"] = time.time() - t0
-    train_s, train_y = np.asarray(ds["train"]["sensitive"]), np.asarray(ds["train"]["labels"])
+    run = {"description": desc, "sizes": {sp: len(d) for sp, d in ds.items()}, "erm": scores(y, erm_pred, s, n_boot, seed),
+           "settings": {}, "timings_s": {"data+erm": time.time() - t0}}
     for setting in settings:
         t0 = time.time()
-        masked = {"full": train_s, "partial": partial_mask(train_s, train_y, seed),
-                  "unlabeled": np.full_like(train_s, -1)}[setting]
-        train = ds["train"].remove_columns("sensitive").add_column("sensitive", masked.tolist()).with_format("torch")
-        model = get_peft_model(copy.deepcopy(erm), FairLoraConfig(task_type=task_type))
-        args = FairTrainingArguments(**_common_args(os.path.join(tmp, setting), cfg, seed, cfg["fair_epochs"]))
-        trainer = _quiet(FairTrainer(model, args, train_dataset=train, eval_dataset=ds["validation"],
-                                     data_collator=collate))
-        train_metrics = trainer.train().metrics
-        logits, risk, gate = trainer.predict(ds["test"]).predictions[:3]
-        res = test_metrics(y, logits.argmax(-1), s, n_boot, seed)
-        gate = np.asarray(gate).reshape(len(y), -1)[:, 0] > 0
-        risk = np.asarray(risk, np.float64).reshape(len(y), -1)[:, 0]
-        res.update(gate_rate_s0=float(gate[s == 0].mean()), gate_rate_s1=float(gate[s == 1].mean()),
-                   test_risk_auc=float(roc_auc_score(s, risk)) if len(np.unique(s)) == 2 else None,
-                   detector_auc=_finite(train_metrics.get("train_detector_auc")),
-                   probe_auc=_finite(train_metrics.get("train_probe_auc")),
-                   train_metrics={k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
-        pseudo = getattr(trainer, "pseudo_labels", getattr(trainer, "_pseudo", None))
-        if setting == "unlabeled" and pseudo is not None:  # the pseudo-labeler against the true group (report only)
-            from sklearn.metrics import precision_score, recall_score
-
-            pseudo = np.asarray(pseudo).reshape(-1)
-            res.update(pseudo_precision=float(precision_score(train_s, pseudo, zero_division=0)),
-                       pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)))
-        run["settings"][setting] = res
-        timings[setting] = time.time() - t0
+        res = run_fairnet(erm, ds, setting, task_type, cfg, seed, os.path.join(tmp, setting), collate, n_boot)
+        run["settings"][setting], run["timings_s"][setting] = res, time.time() - t0
         log(f"{task} seed {seed} {setting}: ACC {res['accuracy']['point']:.3f} WGA "
             f"{res['worst_group_accuracy']['point']:.3f} (ERM {run['erm']['worst_group_accuracy']['point']:.3f}), "
-            f"{timings[setting]:.0f} s")
+            f"{run['timings_s'][setting]:.0f} s")
     return run
 
 
@@ -341,55 +348,67 @@ def _auc(st: Optional[dict]) -> str:
     return "n/a" if not st or not st["n"] else f"{st['mean']:.3f}"
 
 
+HEADLINE = ["| task | setting | ERM ACC | FairNet ACC | ERM WGA | FairNet WGA | ERM EOD ↓ | FairNet EOD ↓ | det. AUC / "
+            "probe AUC | gate s=1 / s=0 | pseudo-label P / R | ERM worst cell | goal |", "|---|---|" + "---:|" * 9 + "---|---|"]
+PER_SEED = ["| task | seed | model | ACC [bootstrap] | WGA [bootstrap] | EOD [bootstrap] | worst cell (n): acc [bootstrap] |",
+            "|---|---|---|---:|---:|---:|---|"]
+LEGEND = ("Test-split percentages: mean over seeds [95 % t-interval over seeds; none with one seed]. FairNet = "
+          "`FairTrainer` with default `FairTrainingArguments` (only output dir, epochs, batch sizes, seed and logging set); "
+          "ERM = plain `Trainer`, fixed epochs. WGA = min over label × group cells; EOD = ½(|ΔTPR| + |ΔFPR|); det./probe "
+          "AUC = `train_detector_auc` / `train_probe_auc`; gate = test rows with the LoRA on, per group, at the default "
+          "τ; pseudo-label P / R = precision / recall of the unlabeled setting's pseudo-labels against the true train "
+          "groups (reported, never used). Goals: full WGA ≥ ERM + 5 (issue 10), partial WGA ≥ Full − 3, unlabeled WGA ≥ "
+          "ERM + 5 (Adult + 3) (issue 11), all with ACC ≥ ERM − 0.5; they apply only where ERM's worst cell is a "
+          "minority (s=1) cell in most seeds: FairNet by design only lifts minority cells.")
+
+
+def _headline_row(task: str, st: str, row: dict) -> str:
+    keys = ("erm_accuracy", "fairnet_accuracy", "erm_worst_group_accuracy", "fairnet_worst_group_accuracy",
+            "erm_equalized_odds_difference", "fairnet_equalized_odds_difference")
+    worst = "; ".join(sorted(set(row["erm_worst_cells"]))) + (" (minority)" if row["erm_worst_is_minority"] else
+                                                               " (majority)")
+    return (f"| {task} | {st} | " + " | ".join(_pct(row[k]) for k in keys) + f" | {_auc(row['detector_auc'])} / "
+            f"{_auc(row['probe_auc'])} | {_pct(row['gate_rate_s1'])} / {_pct(row['gate_rate_s0'])} | "
+            f"{_pct(row['pseudo_precision'])} / {_pct(row['pseudo_recall'])} | {worst} | {row['goal']['text']} |")
+
+
+def _seed_rows(task: str, seed: str, run: dict) -> list:
+    def ci(c):
+        return f"{100 * c['point']:.1f} [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
+    rows = []
+    for who, res in [("ERM", run["erm"])] + [(f"FairNet {st}", v) for st, v in run["settings"].items()]:
+        w = res["worst_cell"]
+        rows.append(f"| {task} | {seed} | {who} | " + " | ".join(ci(res[k]) for k in METRICS)
+                    + f" | {w['cell']} ({w['count']}): {ci(w)} |")
+    return rows
+
+
+def _task_note(task: str, block: dict) -> str:
+    if "skipped" in block:
+        return f"- {task}: skipped ({block['skipped']})."
+    runs = block["runs"]
+    run0, cfg = next(iter(runs.values())), block["config"]
+    smallest = min(c["count"] for r in runs.values() for c in r["erm"]["cells"].values())
+    times = ", ".join(f"{k} {np.mean([r['timings_s'].get(k, 0) for r in runs.values()]):.0f} s" for k in run0["timings_s"])
+    return (f"- {task}: {run0['description']}; splits {run0['sizes']}; ERM "
+            + ", ".join(f"{k}={cfg[k]}" for k in ("erm_epochs", "erm_lr", "scheduler", "batch"))
+            + f"; FairNet num_train_epochs={cfg['fair_epochs']}; mean time per seed: {times}."
+            + (f" Smallest test cell: {smallest} rows (< {MIN_CELL}): see its bootstrap CI per seed."
+               if smallest < MIN_CELL else ""))
+
+
 def render(report: dict) -> str:
-    head = ["| task | setting | ERM ACC | FairNet ACC | ERM WGA | FairNet WGA | ERM EOD ↓ | FairNet EOD ↓ | "
-            "det. AUC / probe AUC | gate s=1 / s=0 | pseudo-label P / R | ERM worst cell | goal |",
-            "|---|---|" + "---:|" * 9 + "---|---|"]
-    seeds = ["| task | setting | seed | model | ACC [bootstrap] | WGA [bootstrap] | EOD [bootstrap] | worst cell: "
-             "acc [bootstrap] |", "|---|---|---|---|---:|---:|---:|---|"]
-    notes = []
+    """The headline table (with the command) first, then the legend, per-task notes and per-seed bootstrap CIs."""
+    head, seeds = list(HEADLINE), list(PER_SEED)
     for task, block in report["tasks"].items():
-        if "skipped" in block:
-            notes.append(f"- {task}: skipped ({block['skipped']}).")
-            continue
-        run0 = next(iter(block["runs"].values()))
-        notes.append(f"- {task}: {run0['description']}; splits {run0['sizes']}; ERM recipe "
-                     + ", ".join(f"{k}={block['config'][k]}" for k in ("erm_epochs", "erm_lr", "scheduler", "batch"))
-                     + f"; FairNet epochs {block['config']['fair_epochs']}; mean time per seed "
-                     + ", ".join(f"{k} {np.mean([r['timings_s'].get(k, 0) for r in block['runs'].values()]):.0f} s"
-                                 for k in run0["timings_s"]) + ".")
-        small = sorted({c["count"] for r in block["runs"].values() for c in r["erm"]["cells"].values()})[:1]
-        if small and small[0] < MIN_CELL:
-            notes.append(f"  Smallest test cell: {small[0]} rows (< {MIN_CELL}); see its bootstrap CI per seed.")
-        for st, row in block["summary"].items():
-            head.append(f"| {task} | {st} | " + " | ".join(_pct(row[k]) for k in (
-                "erm_accuracy", "fairnet_accuracy", "erm_worst_group_accuracy", "fairnet_worst_group_accuracy",
-                "erm_equalized_odds_difference", "fairnet_equalized_odds_difference"))
-                + f" | {_auc(row['detector_auc'])} / {_auc(row['probe_auc'])} | {_pct(row['gate_rate_s1'])} / "
-                  f"{_pct(row['gate_rate_s0'])} | {_pct(row['pseudo_precision'])} / {_pct(row['pseudo_recall'])} | "
-                  f"{'; '.join(sorted(set(row['erm_worst_cells'])))}"
-                  f"{' (minority)' if row['erm_worst_is_minority'] else ' (majority)'} | {row['goal']['text']} |")
-        for seed, r in block["runs"].items():
-            for who, res in [("ERM", r["erm"])] + [(f"FairNet-{st}", v) for st, v in r["settings"].items()]:
-                b = [f"{100 * res[k]['point']:.1f} [{100 * res[k]['low']:.1f}, {100 * res[k]['high']:.1f}]"
-                     for k in METRICS]
-                w = res["worst_cell"]
-                seeds.append(f"| {task} | {who.split('-')[-1] if who != 'ERM' else '–'} | {seed} | {who.split('-')[0]} | "
-                             + " | ".join(b) + f" | {w['cell']} (n={w['count']}): {100 * w['point']:.1f} "
-                             f"[{100 * w['low']:.1f}, {100 * w['high']:.1f}] |")
+        head += [_headline_row(task, st, row) for st, row in block.get("summary", {}).items()]
+        seeds += [x for seed, run in block.get("runs", {}).items() for x in _seed_rows(task, seed, run)]
     return "\n".join([
-        f"Command: `{report['command']}`", "",
+        f"Command: `{report['command']}`", "", *head, "",
         f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min, seeds "
-        f"{report['seeds']}. Test-split percentages: mean over seeds [95 % t-interval over seeds; none with one seed]. "
-        "FairNet = `FairTrainer` with default `FairTrainingArguments` (only output dir, epochs, batch sizes, seed and "
-        "logging set); ERM = plain `Trainer`, fixed epochs. WGA = min over label × group cells; EOD = ½(|ΔTPR| + "
-        "|ΔFPR|); det./probe AUC = `train_detector_auc` / `train_probe_auc` (n/a: not reported by this version); "
-        "gate = test rows with the LoRA on, per group, at the default τ; pseudo-label P / R = precision / recall of the "
-        "unlabeled setting's pseudo-labels against the true train groups (reported, never used). Goals: full WGA ≥ ERM + 5 (issue 10), "
-        "partial WGA ≥ Full − 3, unlabeled WGA ≥ ERM + 5 (Adult + 3) (issue 11), all with ACC ≥ ERM − 0.5; they "
-        "apply only where ERM's worst cell is a minority (s=1) cell in most seeds.", "", *head, "", *notes, "",
-        "Per seed, with percentile bootstrap CIs over test rows "
-        f"({report['n_boot']} resamples, `fairnet_peft.metrics.bootstrap_ci`):", "", *seeds]) + "\n"
+        f"{report['seeds']}. " + LEGEND, "", *[_task_note(t, b) for t, b in report["tasks"].items()], "",
+        f"Per seed, percentile bootstrap CIs over test rows ({report['n_boot']} resamples, "
+        "`fairnet_peft.metrics.bootstrap_ci`):", "", *seeds]) + "\n"
 
 
 def write_doc(path: str, body: str) -> None:
