@@ -155,41 +155,56 @@ def _sensitive(dataset, column: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ model inputs
-def _leaves(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+def _leaves(arr: pa.ChunkedArray) -> tuple[pa.ChunkedArray, bool]:
+    """The innermost values of a (nested) list column, and whether a None appeared at any level (a missing row or
+    value, which flattening would silently drop)."""
+    missing = arr.null_count > 0
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
         arr = pc.list_flatten(arr)
-    return arr
+        missing = missing or arr.null_count > 0
+    return arr, missing
 
 
 def _row_mask(dataset, name: str, is_bad) -> np.ndarray:
     """Slow path, only after a problem was found: which rows hold a bad value."""
     mask = np.zeros(len(dataset), dtype=bool)
-    for i, row in enumerate(dataset.with_format("numpy")[name]):
-        mask[i] = bool(is_bad(np.asarray(row, dtype=np.float64)).any())
+    for i, row in enumerate(dataset.with_format(None)[name]):  # plain Python rows: None stays visible
+        values = np.asarray(_none_to_nan(row), dtype=np.float64)
+        mask[i] = bool(np.isnan(values).any() or is_bad(values).any())
     return mask
+
+
+def _none_to_nan(row):
+    if row is None:
+        return np.nan
+    if isinstance(row, (list, tuple)):
+        return [_none_to_nan(v) for v in row]
+    return row
 
 
 def _check_finite(dataset, name: str) -> None:
     """Float feature columns (pixel_values, precomputed embeddings, ...) must not hold NaN, inf or None."""
     for start in range(0, len(dataset), _CHUNK_ROWS):
-        leaves = _leaves(_arrow(dataset.select(range(start, min(start + _CHUNK_ROWS, len(dataset)))), name))
+        leaves, missing = _leaves(_arrow(dataset.select(range(start, min(start + _CHUNK_ROWS, len(dataset)))), name))
         if not pa.types.is_floating(leaves.type):
             return  # e.g. a struct column whose repr mentions a float: not a plain float tensor
         if pa.types.is_float16(leaves.type):
             leaves = leaves.cast(pa.float32())
-        if leaves.null_count or not pc.all(pc.is_finite(leaves)).as_py():
+        if missing or not pc.all(pc.is_finite(leaves)).as_py():
             mask = _row_mask(dataset, name, lambda v: ~np.isfinite(v))
-            raise ValueError(f"Feature column {name!r} has NaN/inf values in {_rows(mask)}; clean or drop those rows "
-                             "before training.")
+            raise ValueError(f"Feature column {name!r} has NaN/inf values in {_rows(mask)} (a None counts as NaN); "
+                             "clean or drop those rows before training.")
 
 
 def _check_token_ids(dataset, vocab_size: int) -> None:
-    leaves = _leaves(_arrow(dataset, "input_ids"))
+    leaves, missing = _leaves(_arrow(dataset, "input_ids"))
     if not pa.types.is_integer(leaves.type):
         raise ValueError(f"Column 'input_ids' holds {leaves.type} values, not integer token ids; tokenize the text "
                          "(tokenizer(...)['input_ids']) or cast the column to int64.")
-    if leaves.null_count:
-        raise ValueError("Column 'input_ids' has missing (None) token ids; pad with the tokenizer's pad id instead.")
+    if missing:
+        mask = _row_mask(dataset, "input_ids", np.isnan)
+        raise ValueError(f"Column 'input_ids' has missing (None) rows or token ids in {_rows(mask)}; drop those rows "
+                         "or pad with the tokenizer's pad id.")
     if len(leaves) == 0:
         return
     bounds = pc.min_max(leaves).as_py()

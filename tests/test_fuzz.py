@@ -239,6 +239,22 @@ def _nan_feature(ds, rng):
     return ds.add_column("emb", [[0.5, poison, 0.1] if i in bad else [0.5, 0.2, 0.1] for i in range(len(ds))])
 
 
+def _none_feature(ds, rng):
+    bad = set(_some_rows(rng, len(ds)))
+    row = rng.choice([None, [0.5, None, 0.1]])
+    return ds.add_column("emb", [row if i in bad else [0.5, 0.2, 0.1] for i in range(len(ds))])
+
+
+def _none_ids(ds, rng):
+    ids = [list(r) for r in ds["input_ids"]]
+    for i in _some_rows(rng, len(ds)):
+        if rng.random() < 0.5:
+            ids[i] = None
+        else:
+            ids[i][rng.randrange(len(ids[i]))] = None
+    return _with(ds, "input_ids", ids)
+
+
 def _all_minority(ds, rng):
     if rng.random() < 0.5:
         return _with(ds, "sensitive", [1] * len(ds))
@@ -284,6 +300,8 @@ CORRUPTIONS = {
     "ragged-ids-out-of-vocab": (_ragged_ids_out_of_vocab, "'input_ids'"),
     "ids-floats": (lambda ds, g: _with(ds, "input_ids", np.asarray(ds["input_ids"], float).tolist()), "'input_ids'"),
     "nan-feature": (_nan_feature, "'emb'"),
+    "none-feature": (_none_feature, "'emb'"),
+    "none-ids": (_none_ids, "'input_ids'"),
 }
 
 
