@@ -460,7 +460,8 @@ def _run_children(argv: list, a) -> dict:
     """--jobs N: one child process per task (same flags, its own --out, no doc); their tasks are merged."""
     def child(task):
         out = os.path.join(a.out, f"task-{task}")
-        flags = [x for x in argv if not x.startswith(("--jobs", "--tasks", "--out", "--doc"))]
+        drop = {i + k for i, x in enumerate(argv) if x in ("--jobs", "--tasks", "--out", "--doc") for k in (0, 1)}
+        flags = [x for i, x in enumerate(argv) if i not in drop]
         cmd = [sys.executable, os.path.abspath(__file__), *flags, "--tasks", task, "--out", out, "--doc", "none"]
         subprocess.run(cmd, check=True)
         with open(os.path.join(out, "results.json")) as f:
