@@ -77,10 +77,10 @@ class FairLoraConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Names (exact or suffix match) or a regex of the modules to adapt, or 'all-linear'. Default: the "
-                "attention query and value projections of the model type (PEFT's LoRA mapping, with the "
-                "transformers-5 names q_proj/v_proj for ViT and q_lin/v_lin for DistilBERT), restricted to "
-                "`layers_to_transform`."
+                "Names (exact or suffix match) or a regex of the modules to adapt, or 'all-linear'. Default: every "
+                "linear layer (attention and MLP) of the blocks in `layers_to_transform`; for models without a layer "
+                "stack, the attention query and value projections of the model type (PEFT's LoRA mapping). The "
+                "paper adapts query/value only; docs/method.md says why the default adapts the whole block."
             )
         },
     )

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _remove_adapter_name_from_state_dict_key
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import FairLoraConfig
 from .detector import FairBiasDetector, FairTunerLayer
@@ -122,7 +123,23 @@ class FairLoraModel(BaseTuner):
     def _matching_keys(self, model: nn.Module, config: FairLoraConfig) -> list[str]:
         return [key for key, _ in model.named_modules() if key and self._check_target_module_exists(config, key)]
 
+    @staticmethod
+    def _block_linear_names(model: nn.Module, config: FairLoraConfig) -> set[str]:
+        """Leaf names of every nn.Linear / Conv1D / Conv2d inside the adapted blocks (e.g. BERT: query, key, value,
+        dense; Llama: q_proj … down_proj). Empty without a layer stack."""
+        stack = find_layer_stack(model)
+        if stack is None or config.layers_to_transform is None:
+            return set()
+        blocks = [stack[1][i] for i in config.layers_to_transform if 0 <= i < len(stack[1])]
+        return {name.rpartition(".")[2] for block in blocks for name, module in block.named_modules()
+                if name and isinstance(module, (nn.Linear, Conv1D, nn.Conv2d))}
+
     def _default_targets(self, model: nn.Module, config: FairLoraConfig, model_type: Optional[str]) -> set[str]:
+        names = self._block_linear_names(model, config)
+        if names:
+            config.target_modules = names
+            if self._matching_keys(model, config):
+                return names
         candidates = []
         if model_type in self.target_module_mapping:
             candidates.append(tuple(self.target_module_mapping[model_type]))

@@ -40,6 +40,7 @@ from transformers.training_args import ParallelMode
 from .detector import align_mask, as_tokens, pool_tokens
 from .gate import find_gate_state, force_gate, gate_record
 from .losses import class_balanced_bce, prototype_triplet_loss
+from .representation import capture_head_input, resolve_pooling
 from .training_args import FairTrainingArguments
 
 ROW_COLUMN = "fairnet_row"
@@ -118,7 +119,7 @@ class _DetectorEarlyStopping(TrainerCallback):
             return control
         loss = self.trainer._holdout_loss()
         self.evaluations += 1
-        if loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # a real improvement, not noise at ~0
+        if self.best_state is None or loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # not noise at ~0
             self.best_loss, self.bad = loss, 0
             net = self.trainer._detector.fairlora_detector[self.trainer.adapter_name]
             self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -279,18 +280,15 @@ class FairTrainer(Trainer):
     def _config(self):
         return self.model.peft_config[self.adapter_name]
 
-    def _representation_pooling(self) -> str:
-        how = self._config.representation_pooling
-        if how == "auto":
-            return "last" if hasattr(self.model.get_base_model(), "score") else "cls"
-        return how
-
-    def _representation(self, outputs, inputs) -> torch.Tensor:
-        hidden = outputs.hidden_states[-1]
-        mask = inputs.get("attention_mask")
-        if hidden.dim() == 2:
-            return hidden
-        return pool_tokens(hidden, mask.to(hidden.dtype) if mask is not None else None, self._representation_pooling())
+    def _forward_with_z(self, model, batch: dict):
+        """Forward `batch`; return (outputs, z), z being the representation that prototypes and anchors share: by
+        default the classification head's input (representation.py), else the pooled last hidden state."""
+        cfg = self._config
+        head = getattr(cfg, "representation_module", None)
+        how = resolve_pooling(cfg.representation_pooling, self.model, head)
+        with capture_head_input(model, batch, pooling=how, head_name=head) as cap:
+            outputs = model(**batch, output_hidden_states=cap.needs_hidden_states)
+        return outputs, cap.representation(outputs)
 
     def _set_trainable(self, what: str) -> None:
         """Freeze everything, then unfreeze the detector ('detector') or the adapter's LoRA ('lora')."""
@@ -370,14 +368,13 @@ class FairTrainer(Trainer):
                for k, v in inputs.items()}
         labels = sub.pop("labels")
         with force_gate(model, True, self.adapter_name):
-            outputs = model(**sub, output_hidden_states=True)
+            outputs, z = self._forward_with_z(model, sub)
         weights = self._anchor_weights.to(labels.device)[labels] if args.class_balanced_anchors else None
         task = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
         task = (task * weights).sum() / weights.sum().clamp_min(1e-12) if weights is not None else task.mean()
         if args.lora_objective == "task":
             self._log_terms(task_loss=task.item(), anchors_per_batch=anchors.numel())
             return task
-        z = self._representation(outputs, sub)
         majority = self._detector.fairlora_prototypes[self.adapter_name][:, 0, :]
         contrastive, active = prototype_triplet_loss(
             z.float(), labels, majority, margin=args.margin, distance=args.distance,
@@ -454,11 +451,10 @@ class FairTrainer(Trainer):
                     labels = batch.pop("labels")
                     mask_now[0] = batch.get("attention_mask")
                     with force_gate(model, False):
-                        outputs = model(**batch, output_hidden_states=full)
+                        outputs, z = self._forward_with_z(model, batch) if full else (model(**batch), None)
                     step = {"row": rows, "label": labels, "risk": gate_record(model, self.adapter_name).risk.float()}
                     if full:
-                        step.update(z=self._representation(outputs, batch).float(), logits=outputs.logits.float(),
-                                    feat=captured.pop("feat"))
+                        step.update(z=z.float(), logits=outputs.logits.float(), feat=captured.pop("feat"))
                     for key, value in self.accelerator.gather_for_metrics(step).items():
                         out[key].append(value.cpu())
         finally:

@@ -78,9 +78,12 @@ def test_model_dependent_errors_name_the_field():
 
 @pytest.mark.parametrize(
     "kind, targets, stack",
-    [("bert", {"query", "value"}, "bert.encoder.layer"), ("roberta", {"query", "value"}, "roberta.encoder.layer"),
-     ("distilbert", {"q_lin", "v_lin"}, "distilbert.transformer.layer"), ("llama", {"q_proj", "v_proj"}, "model.layers"),
-     ("vit", {"q_proj", "v_proj"}, "vit.layers"), ("gpt2", {"c_attn"}, "transformer.h")],
+    [("bert", {"query", "key", "value", "dense"}, "bert.encoder.layer"),
+     ("roberta", {"query", "key", "value", "dense"}, "roberta.encoder.layer"),
+     ("distilbert", {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"}, "distilbert.transformer.layer"),
+     ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, "model.layers"),
+     ("vit", {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, "vit.layers"),
+     ("gpt2", {"c_attn", "c_proj", "c_fc"}, "transformer.h")],
 )
 def test_default_targets_layers_and_read_point(kind, targets, stack):
     model = wrap(kind)
@@ -89,7 +92,10 @@ def test_default_targets_layers_and_read_point(kind, targets, stack):
     assert cfg.detector_layer == 2 and cfg.detector_module == f"{stack}.2"
     assert cfg.layers_to_transform == [2, 3]
     adapted = [n for n, m in model.named_modules() if isinstance(m, FairLoraLayer)]
-    assert adapted and all((".2." in n) or (".3." in n) for n in adapted)
+    assert adapted and all((".2." in n) or (".3." in n) for n in adapted)  # never the pooler or the head's "dense"
+    linear_in_blocks = [n for n, m in tiny_model(kind).named_modules() if n.startswith((f"{stack}.2.", f"{stack}.3."))
+                        and type(m).__name__ in ("Linear", "Conv1D")]
+    assert len(adapted) == len(linear_in_blocks)  # every linear layer of the adapted blocks
 
 
 # ---------------------------------------------------------------------------- gating exactness
