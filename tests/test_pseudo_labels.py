@@ -67,7 +67,7 @@ def test_lof_is_per_class_and_marks_contamination_share_of_each_class():
 
 
 def test_auto_picks_a_labeler_that_finds_the_group():
-    for spread in (2.0, 1.0):  # diffuse minority (every labeler works) and compact minority (LOF with n_neighbors=20 fails)
+    for spread in (2.0, 1.0):  # diffuse minority (all labelers work), compact one (LOF with n_neighbors=20 fails)
         x, y, s, logits = make_group_data(seed=2, spread=spread)
         result = pseudo_label("auto", features=x, labels=y, logits=logits, n_neighbors=20)
         assert result.method in ("lof", "gmm", "kmeans")
