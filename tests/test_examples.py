@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -79,11 +78,33 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def _check_outputs(out_dir, stdout: str | None = None) -> dict:
+def _check_cells(metrics: dict, n_test: int | None) -> None:
+    """The reported metrics agree with the per-cell accuracies and counts (a second code path, `group_accuracies`):
+    WGA = the smallest cell accuracy; with every test row's group known, accuracy = the count-weighted mean of the
+    cells, a whole number of the n_test rows; for two classes EOD = ½(|ΔTPR| + |ΔFPR|) with TPR = acc(y=1, s) and
+    FPR = 1 − acc(y=0, s)."""
+    for name, model in (("erm", "ERM"), ("fairnet", "FairNet")):
+        m, cells = metrics[name], metrics["cells_test"][model]
+        filled = {k: v for k, v in cells.items() if v["count"] > 0}
+        assert len(filled) >= 4, cells  # two groups of at least two classes
+        assert m["worst_group_accuracy"] == pytest.approx(min(v["accuracy"] for v in filled.values()), abs=1e-9)
+        if n_test is not None:
+            assert sum(v["count"] for v in cells.values()) == n_test, (cells, n_test)
+            weighted = sum(v["accuracy"] * v["count"] for v in filled.values()) / n_test
+            assert m["accuracy"] == pytest.approx(weighted, abs=1e-9)
+            assert m["accuracy"] * n_test == pytest.approx(round(m["accuracy"] * n_test), abs=1e-6)
+        if set(filled) == {"y=0,s=0", "y=0,s=1", "y=1,s=0", "y=1,s=1"}:
+            acc = {k: v["accuracy"] for k, v in filled.items()}
+            eod = 0.5 * (abs(acc["y=1,s=0"] - acc["y=1,s=1"]) + abs(acc["y=0,s=0"] - acc["y=0,s=1"]))
+            assert m["equalized_odds_difference"] == pytest.approx(eod, abs=1e-9), (name, m, acc)
+
+
+def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None) -> dict:
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for name in ("erm", "fairnet"):
         for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
             assert 0.0 <= metrics[name][key] <= 1.0, (name, key, metrics[name])
+    _check_cells(metrics, n_test)
     for key in ("gate_rate_s0", "gate_rate_s1", "detector_tpr", "detector_fpr"):
         assert 0.0 <= metrics["fairnet"][key] <= 1.0, key
     assert "gate_rate" not in metrics["erm"]
@@ -137,7 +158,7 @@ def test_text_example_runs_offline_on_the_embedded_data(tmp_path, tiny_text_mode
     out = tmp_path / "out"
     stdout = _run([sys.executable, os.path.join(EXAMPLES, "train_text.py"), "--model", tiny_text_model, *TINY,
                    "--erm-lr", "1e-3", "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
-    metrics = _check_outputs(out, stdout)
+    metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["setting"] == metrics["label_setting_inferred"] == "full"
     assert metrics["erm_train"]["cached"] is False
     assert (tmp_path / "erm" / "config.json").is_file() and (tmp_path / "erm" / "tokenizer.json").is_file()
@@ -149,7 +170,7 @@ def test_vision_example_runs_offline_unlabeled(tmp_path):
     out = tmp_path / "out"
     stdout = _run([sys.executable, os.path.join(EXAMPLES, "train_vision.py"), *TINY, "--setting", "unlabeled",
                    "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
-    metrics = _check_outputs(out, stdout)
+    metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["label_setting_inferred"] == "unlabeled"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "v_proj"} and config["task_type"] is None
@@ -179,13 +200,20 @@ def _torchrun_available() -> bool:
 @pytest.mark.skipif(not _torchrun_available(), reason="torch.distributed.run is not available")
 def test_text_example_under_torchrun_with_two_processes(tmp_path, tiny_text_model):
     out = tmp_path / "out"
-    start = time.time()
     stdout = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    os.path.join(EXAMPLES, "train_text.py"), "--model", tiny_text_model, *TINY, "--erm-lr", "1e-3",
                    "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path, timeout=400)
-    metrics = _check_outputs(out, stdout)  # only rank 0 prints the table (checked: exactly one row per model)
+    # only rank 0 prints the table (checked: exactly one row per model); the test predictions gathered from the two
+    # ranks cover the 100 test rows exactly once (no padding duplicates, no lost rows)
+    metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["world_size"] == 2
-    assert time.time() - start < 400
+    # the prototype pass gathered every training row once (full setting, anchors = the labelled minority rows)
+    from fairnet_peft.datasets import load_adult_text
+
+    assert metrics["setting"] == "full" and metrics["args"]["anchor_source"] in ("labels", "union")
+    train = load_adult_text(seed=metrics["args"]["seed"], max_train=200, max_eval=100, progress=False)["train"]
+    assert len(train) == 200
+    assert metrics["fairnet_train"]["train_anchors"] == int(np.sum(np.asarray(train["sensitive"]) == 1))
 
 
 # ---------------------------------------------------------------------------- in-process runs (monkeypatching)
