@@ -121,26 +121,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     model.add_argument("--erm-epochs", type=float, default=defaults["erm_epochs"], help="ERM epochs.")
     model.add_argument("--erm-lr", type=float, default=defaults["erm_lr"], help="ERM learning rate.")
 
-    fair = parser.add_argument_group("FairNet")
+    # FairNet knobs default to None = FairTrainingArguments' own defaults (one set for every task, docs/method.md).
+    fair = parser.add_argument_group("FairNet (unset options keep the library defaults)")
     fair.add_argument("--epochs", type=float, default=defaults["epochs"],
-                      help="Epochs of the contrastive LoRA stage.")
-    fair.add_argument("--lr", type=float, default=defaults["lr"], help="Learning rate of the LoRA stage.")
-    fair.add_argument("--detector-epochs", type=float, default=defaults["detector_epochs"],
-                      help="Epochs of the detector stage.")
-    fair.add_argument("--detector-lr", type=float, default=defaults["detector_lr"],
-                      help="Learning rate of the detector stage.")
+                      help="Epochs of the contrastive LoRA stage (over the anchor rows; at least lora_min_updates).")
+    fair.add_argument("--lr", type=float, default=None, help="Learning rate of the LoRA stage.")
+    fair.add_argument("--detector-epochs", type=float, default=None,
+                      help="Upper bound on the detector stage's epochs (it stops early on held-out rows).")
+    fair.add_argument("--detector-lr", type=float, default=None, help="Learning rate of the detector stage.")
     fair.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r).")
     fair.add_argument("--threshold", type=float, default=0.5, help="Gate threshold τ (LoRA on when risk > τ).")
-    fair.add_argument("--margin", type=float, default=defaults.get("margin", 0.5), help="Triplet margin m.")
-    fair.add_argument("--task-loss-weight", type=float, default=defaults.get("task_loss_weight", 0.1),
+    fair.add_argument("--margin", type=float, default=None, help="Triplet margin m.")
+    fair.add_argument("--task-loss-weight", type=float, default=None,
                       help="Weight λ_T of the task loss on the anchors in the LoRA stage.")
-    fair.add_argument("--class-balanced-anchors", action=argparse.BooleanOptionalAction,
-                      default=defaults.get("class_balanced_anchors", False),
-                      help="Weight the triplet loss of the anchors by inverse class frequency.")
-    fair.add_argument("--anchor-source", choices=("labels", "detector", "union"), default="union",
+    fair.add_argument("--class-balanced-anchors", action=argparse.BooleanOptionalAction, default=None,
+                      help="Weight the anchors by inverse class frequency.")
+    fair.add_argument("--anchor-source", choices=("labels", "detector", "union"), default=None,
                       help="Which training rows are minority anchors (see docs/label-settings.md).")
-    fair.add_argument("--pseudo-labeler", choices=("lof", "error_set"), default="lof",
-                      help="How the minority is found in the unlabeled setting.")
+    fair.add_argument("--pseudo-labeler", default=None,
+                      help="How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler).")
 
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="Per-device training batch size.")
@@ -419,18 +418,15 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
 def fair_training_args(args, **extra):
     from fairnet_peft import FairTrainingArguments
 
+    knobs = dict(learning_rate=args.lr, detector_epochs=args.detector_epochs, detector_learning_rate=args.detector_lr,
+                 margin=args.margin, task_loss_weight=args.task_loss_weight,
+                 class_balanced_anchors=args.class_balanced_anchors, anchor_source=args.anchor_source,
+                 pseudo_labeler=args.pseudo_labeler)
     return FairTrainingArguments(
         output_dir=os.path.join(args.output_dir, "fair_trainer"),
         sensitive_column="sensitive",
         num_train_epochs=args.epochs,
-        learning_rate=args.lr,
-        detector_epochs=args.detector_epochs,
-        detector_learning_rate=args.detector_lr,
-        margin=args.margin,
-        task_loss_weight=args.task_loss_weight,
-        class_balanced_anchors=args.class_balanced_anchors,
-        anchor_source=args.anchor_source,
-        pseudo_labeler=args.pseudo_labeler,
+        **{k: v for k, v in knobs.items() if v is not None},
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
         eval_strategy="epoch",

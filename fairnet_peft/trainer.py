@@ -40,18 +40,13 @@ from transformers.training_args import ParallelMode
 from .detector import align_mask, as_tokens, pool_tokens
 from .gate import find_gate_state, force_gate, gate_record
 from .losses import class_balanced_bce, prototype_triplet_loss
+from .pseudo_labels import pseudo_label
 from .representation import capture_head_input, resolve_pooling
 from .training_args import FairTrainingArguments
+from .validation import validate_train_dataset
 
 ROW_COLUMN = "fairnet_row"
 STAGE_DIR = "fairnet-detector-stage"
-
-
-def _infer_label_setting(sensitive: np.ndarray) -> str:
-    known = sensitive >= 0
-    if known.all():
-        return "full"
-    return "unlabeled" if not known.any() else "partial"
 
 
 MIN_HOLDOUT_PER_GROUP = 5
@@ -108,10 +103,12 @@ def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, te
 
 class _DetectorEarlyStopping(TrainerCallback):
     """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
-    evaluations without improvement. Every process computes the same gathered loss, so all stop together."""
+    evaluations without improvement, but not before `min_updates` (a fresh detector can sit on a plateau near 0.5 for
+    a few hundred updates before it finds the group). Every process computes the same gathered loss, so all stop
+    together."""
 
-    def __init__(self, trainer: "FairTrainer", every: int, patience: int):
-        self.trainer, self.every, self.patience = trainer, max(int(every), 1), patience
+    def __init__(self, trainer: "FairTrainer", every: int, patience: int, min_updates: int):
+        self.trainer, self.every, self.patience, self.min_updates = trainer, max(int(every), 1), patience, min_updates
         self.best_loss, self.best_state, self.bad, self.evaluations = float("inf"), None, 0, 0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -125,7 +122,7 @@ class _DetectorEarlyStopping(TrainerCallback):
             self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
             self.bad += 1
-            if self.bad >= self.patience:
+            if self.bad >= self.patience and state.global_step >= self.min_updates:
                 control.should_training_stop = True
         return control
 
@@ -157,7 +154,7 @@ class FairTrainer(Trainer):
         self.label_setting: Optional[str] = None
         self._sensitive: Optional[np.ndarray] = None
         if train_dataset is not None:
-            train_dataset = self._validate_train_dataset(train_dataset, args)
+            train_dataset = self._validate_train_dataset(train_dataset, args, model)
         if eval_dataset is not None:
             eval_dataset = self._check_eval_dataset(eval_dataset, args)
         self._eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
@@ -189,57 +186,26 @@ class FairTrainer(Trainer):
         self.detector_stats: dict[str, float] = {}
         self._stage_log_history: list[dict] = []
         self._all_rows = self.train_dataset
+        self.pseudo_labeler, self.pseudo_label_details = None, {}
 
     # ------------------------------------------------------------------ input validation
-    def _validate_train_dataset(self, dataset, args):
-        column = args.sensitive_column
-        names = getattr(dataset, "column_names", None)
-        if names is None:
-            raise ValueError("FairTrainer needs a `datasets.Dataset` (with a sensitive column) as train_dataset.")
-        if column not in names:
-            raise ValueError(
-                f"train_dataset has no sensitive column {column!r} (columns: {names}). Add one with 1 = minority, "
-                "0 = majority, -1 = unknown, or set FairTrainingArguments(sensitive_column=...)."
-            )
-        if "labels" not in names and "label" not in names:
-            raise ValueError(f"train_dataset needs a 'labels' column with the task classes (columns: {names}).")
-        sensitive = np.asarray(dataset[column])
-        if sensitive.dtype.kind == "f" and np.isnan(sensitive).any():
-            raise ValueError(f"Column {column!r} contains NaN; use -1 for unknown groups.")
-        bad = sorted(set(np.unique(sensitive).tolist()) - {-1, 0, 1})
-        if bad:
-            raise ValueError(f"Column {column!r} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown).")
-        labels = np.asarray(dataset["labels" if "labels" in names else "label"])
-        if len(np.unique(labels)) < 2:
-            raise ValueError("train_dataset has a single class; FairNet's prototypes need at least two classes.")
-        self._check_finite_features(dataset, skip={column, "labels", "label"})
-        setting = _infer_label_setting(sensitive)
-        if setting != "unlabeled" and not (sensitive == 1).any():
-            raise ValueError(
-                f"No minority rows ({column} == 1) in the {setting} setting: the detector has nothing to learn. Mark "
-                "the minority with 1, or mark every row -1 to use the unlabeled setting (pseudo-labels)."
-            )
-        if setting == "unlabeled" and args.pseudo_labeler == "lof" and len(sensitive) <= args.lof_n_neighbors:
+    def _validate_train_dataset(self, dataset, args, model):
+        """Every check of validation.py before any stage trains; then the row-index column the stages track rows by."""
+        config = getattr(model.get_base_model(), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        setting, sensitive, labels = validate_train_dataset(
+            dataset, sensitive_column=args.sensitive_column, num_labels=getattr(config, "num_labels", None),
+            vocab_size=getattr(text, "vocab_size", None) if "input_ids" in dataset.column_names else None)
+        if (setting == "unlabeled" and args.pseudo_labeler == "lof" and isinstance(args.lof_n_neighbors, int)
+                and len(sensitive) <= args.lof_n_neighbors):
             raise ValueError(
                 f"Unlabeled setting with {len(sensitive)} rows but lof_n_neighbors={args.lof_n_neighbors}: LOF needs "
                 "more rows than neighbours. Lower FairTrainingArguments.lof_n_neighbors or add data."
             )
-        self.label_setting, self._sensitive, self._labels = setting, sensitive.astype(np.int64), labels.astype(np.int64)
-        if ROW_COLUMN in names:
+        self.label_setting, self._sensitive, self._labels = setting, sensitive, labels
+        if ROW_COLUMN in dataset.column_names:
             dataset = dataset.remove_columns(ROW_COLUMN)
         return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
-
-    @staticmethod
-    def _check_finite_features(dataset, skip: set) -> None:
-        """Float feature columns (e.g. pixel_values, precomputed embeddings) must not hold NaN or inf."""
-        for name, feature in dataset.features.items():
-            if name in skip or "float" not in str(feature):
-                continue
-            values = np.asarray(dataset.with_format("numpy")[name], dtype=np.float64)
-            bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-            if bad.any():
-                raise ValueError(f"Feature column {name!r} has NaN/inf values in rows {np.flatnonzero(bad)[:10].tolist()}"
-                                 " (showing up to 10); clean or drop those rows before training.")
 
     def _check_eval_dataset(self, dataset, args):
         datasets_ = dataset.values() if isinstance(dataset, dict) else [dataset]
@@ -475,26 +441,36 @@ class FairTrainer(Trainer):
         return result
 
     def _pseudo_labels(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        args = self.args
-        if args.pseudo_labeler == "error_set":
-            return (features["logits"].argmax(-1) != features["label"]).astype(np.int64)
-        from sklearn.neighbors import LocalOutlierFactor
-
-        pseudo = np.zeros(len(features["z"]), dtype=np.int64)
+        """Unlabeled setting: fit `args.pseudo_labeler` (pseudo_labels.py) on the main process, broadcast the marks.
+        The fitted labeler stays on the trainer (`self.pseudo_labeler`) to mark validation rows the same way."""
+        args, marks = self.args, np.zeros(len(features["z"]), dtype=np.int64)
         if self.accelerator.is_main_process:
-            lof = LocalOutlierFactor(n_neighbors=args.lof_n_neighbors, contamination=args.lof_contamination)
-            pseudo = (lof.fit_predict(features["z"]) == -1).astype(np.int64)
+            result = pseudo_label(
+                args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
+                labels=features["label"], logits=features["logits"], seed=args.seed,
+                **self._pseudo_knobs())
+            marks, self.pseudo_labeler, self.pseudo_label_details = result.labels, result.labeler, {
+                "method": result.method, **{k: v for k, v in result.details.items() if np.isscalar(v)}}
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            pseudo = np.asarray(broadcast_object_list([pseudo.tolist()])[0], dtype=np.int64)
-        return pseudo
+            marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
+        return marks
+
+    def _pseudo_knobs(self) -> dict:
+        args = self.args
+        lof = dict(n_neighbors=args.lof_n_neighbors, contamination=args.lof_contamination)
+        clusters = dict(n_clusters=args.pseudo_clusters)
+        return {"lof": lof, "gmm": clusters, "kmeans": clusters, "auto": {**lof, **clusters}}.get(args.pseudo_labeler, {})
+
+    @property
+    def pseudo_labels(self) -> Optional[np.ndarray]:
+        """The unlabeled setting's pseudo-labels of the training rows (1 = presumed minority), after `train()`."""
+        return getattr(self, "_pseudo", None)
 
     def _set_detector_targets(self) -> None:
         if self.label_setting == "unlabeled":
             self._pseudo = self._pseudo_labels(self._frozen_pass())
-            if not (self._pseudo == 1).any():
-                raise ValueError("The pseudo-labeler marked no minority rows; raise lof_contamination or use error_set.")
             target = self._pseudo
         else:
             target = self._sensitive
@@ -593,8 +569,9 @@ class FairTrainer(Trainer):
         args = self.args
         rows = np.flatnonzero(self._detector_target.numpy() >= 0)  # labelled rows minus the held-out slice
         per_epoch = self._updates_per_epoch(len(rows), max(args.world_size, 1))
-        max_steps = max(args.detector_min_updates, math.ceil(args.detector_epochs * per_epoch))
-        stopper = _DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience)
+        max_steps = max(2 * args.detector_min_updates, math.ceil(args.detector_epochs * per_epoch))
+        stopper = _DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience,
+                                         min_updates=args.detector_min_updates)
         self._stage = "detector"
         self._set_trainable("detector")
         if self._holdout.any():

@@ -11,9 +11,11 @@ its measurement in docs/method.md §"Defaults". See docs/api.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from transformers import TrainingArguments
+
+from .pseudo_labels import METHODS as PSEUDO_LABELERS
 
 
 @dataclass
@@ -52,7 +54,12 @@ class FairTrainingArguments(TrainingArguments):
     detector_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the detector stage."})
     detector_min_updates: int = field(
         default=300,
-        metadata={"help": "Upper bound on the detector stage's updates is max(this, detector_epochs × updates per epoch)."},
+        metadata={
+            "help": (
+                "The detector stage does not stop early before this many updates (a fresh detector can sit on a "
+                "plateau first); its budget is max(2 × this, detector_epochs × updates per epoch)."
+            )
+        },
     )
     detector_holdout_fraction: float = field(
         default=0.1,
@@ -66,7 +73,7 @@ class FairTrainingArguments(TrainingArguments):
         },
     )
     detector_patience: int = field(
-        default=3,
+        default=5,
         metadata={
             "help": (
                 "Stop the detector stage after this many held-out evaluations without improvement of the held-out "
@@ -148,17 +155,26 @@ class FairTrainingArguments(TrainingArguments):
     )
     # ------------------------------------------------------------------ unlabeled setting
     pseudo_labeler: str = field(
-        default="lof",
+        default="auto",
         metadata={
             "help": (
-                "How the minority is found when no row is labelled: 'lof' (scikit-learn LocalOutlierFactor on the "
-                "frozen representations, as in the paper) or 'error_set' (rows the ERM model misclassifies, as JTT)."
+                "How the minority is found when no row is labelled (fairnet_peft.pseudo_labels, scikit-learn): "
+                "'lof' (LocalOutlierFactor within each class), 'gmm' / 'kmeans' (GEORGE-style clustering within each "
+                "class, the smaller cluster is the minority), 'error_set' (rows the ERM model misclassifies, as JTT), "
+                "or 'auto' (default: among lof/gmm/kmeans, the one whose pseudo-minority best explains ERM's errors, "
+                "error_set if none does). Features: the head's input z joined with the mean-pooled detector input."
             )
         },
     )
-    lof_n_neighbors: int = field(default=20, metadata={"help": "LocalOutlierFactor n_neighbors."})
+    lof_n_neighbors: Union[int, str] = field(
+        default="auto",
+        metadata={"help": "LocalOutlierFactor n_neighbors per class; 'auto' = 3 × contamination × class rows, ≥ 20."},
+    )
     lof_contamination: float = field(
-        default=0.1, metadata={"help": "LocalOutlierFactor contamination: the fraction of rows marked minority."}
+        default=0.1, metadata={"help": "LocalOutlierFactor contamination: the share of each class marked minority."}
+    )
+    pseudo_clusters: int = field(
+        default=2, metadata={"help": "Clusters per class for pseudo_labeler 'gmm' / 'kmeans' (smallest = minority)."}
     )
     # ------------------------------------------------------------------ model selection
     eval_sensitive_labels: str = field(
@@ -178,7 +194,7 @@ class FairTrainingArguments(TrainingArguments):
             "negative_strategy": ("nearest", "all", "random"),
             "lora_objective": ("contrastive", "task"),
             "anchor_source": ("labels", "detector", "union"),
-            "pseudo_labeler": ("lof", "error_set"),
+            "pseudo_labeler": PSEUDO_LABELERS,
             "eval_sensitive_labels": ("auto", "use", "ignore"),
         }
         for name, valid in choices.items():
@@ -200,8 +216,12 @@ class FairTrainingArguments(TrainingArguments):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name != "detector_patience" else 1):
                 raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: must be a non-negative integer"
                                  + (" >= 1." if name == "detector_patience" else "."))
-        if self.detector_epochs <= 0 or self.detector_learning_rate <= 0:
-            raise ValueError("FairTrainingArguments.detector_epochs and detector_learning_rate must be > 0.")
+        if self.detector_epochs <= 0 or self.detector_learning_rate < 0:
+            raise ValueError("FairTrainingArguments: detector_epochs must be > 0 and detector_learning_rate >= 0.")
+        if self.lof_n_neighbors != "auto" and not (isinstance(self.lof_n_neighbors, int) and self.lof_n_neighbors >= 1):
+            raise ValueError(f"FairTrainingArguments.lof_n_neighbors={self.lof_n_neighbors!r}: 'auto' or an integer >= 1.")
+        if not isinstance(self.pseudo_clusters, int) or self.pseudo_clusters < 2:
+            raise ValueError(f"FairTrainingArguments.pseudo_clusters={self.pseudo_clusters!r}: an integer >= 2.")
         if self.min_anchors_per_batch < 1:
             raise ValueError("FairTrainingArguments.min_anchors_per_batch must be >= 1.")
         if self.contrastive_weight < 0 or self.task_loss_weight < 0:

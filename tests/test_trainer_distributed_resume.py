@@ -52,6 +52,49 @@ def test_two_process_statistics_equal_one_process(tmp_path, setting):
         np.testing.assert_allclose(rank0[key], rank1[key], rtol=1e-5, atol=1e-7)
 
 
+GAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fair_gain.py")
+
+
+def _erm_model(path, data):
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    model = T.BertForSequenceClassification(cfg)
+    args = T.TrainingArguments(str(path / "erm_run"), num_train_epochs=3, learning_rate=1e-3, per_device_train_batch_size=32,
+                               report_to=[], save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True)
+    T.Trainer(model=model, args=args, train_dataset=data["train"].remove_columns("sensitive")).train()
+    model.save_pretrained(str(path / "erm"))
+    return str(path / "erm")
+
+
+@pytest.mark.slow
+def test_default_gain_survives_two_processes(tmp_path):
+    """Defaults only (epochs and batch size set): the 2-process run makes the same number of LoRA updates as the
+    1-process run and keeps its worst-group gain within noise (600 test rows; the worst cell has 90)."""
+    data = make_synthetic_text(seed=0, n_train=1200, n_val=50, n_test=600)
+    erm_dir = _erm_model(tmp_path, data)
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, GAIN_SCRIPT, erm_dir, str(single)], check=True, env=_env(), timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + [GAIN_SCRIPT, erm_dir, str(double)], env=_env(), timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["lora_updates"] == two["lora_updates"]
+    model = T.BertForSequenceClassification.from_pretrained(erm_dir).eval()
+    test = data["test"]
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor(test["input_ids"]),
+                     attention_mask=torch.tensor(test["attention_mask"])).logits.argmax(-1).numpy()
+    y, s = np.array(test["labels"]), np.array(test["sensitive"])
+    erm_wga = min((pred[(y == a) & (s == b)] == a).mean() for a in (0, 1) for b in (0, 1))
+    print(f"ERM WGA {erm_wga:.3f}; 1 process {one}; 2 processes {two}")
+    assert one["wga"] >= erm_wga + 0.3 and two["wga"] >= erm_wga + 0.3
+    assert abs(one["wga"] - two["wga"]) <= 0.1  # one worst-cell row is 1.1 points; 0.1 ≈ 2 binomial SEs
+    assert abs(one["accuracy"] - two["accuracy"]) <= 0.03
+
+
 # ---------------------------------------------------------------------------- resume
 class Interrupt(T.TrainerCallback):
     """Stop the run (as a crash would) right after the checkpoint of `step` in the given stage."""
