@@ -98,6 +98,12 @@ class DetectorNet(nn.Module):
 
     def logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         tokens = as_tokens(hidden).to(self.in_norm.weight.dtype)
+        if tokens.shape[-1] != self.in_norm.normalized_shape[0]:
+            raise ValueError(
+                f"FairLoraConfig.detector_input_dim={self.in_norm.normalized_shape[0]} does not match the width "
+                f"{tokens.shape[-1]} of the hidden state the detector reads (shape {tuple(hidden.shape)}). Set "
+                f"detector_input_dim={tokens.shape[-1]} or leave it None to infer it from the model."
+            )
         mask = align_mask(mask, tokens)
         tokens = self.in_norm(tokens)
         if self.pooling == "attention":
@@ -159,6 +165,15 @@ class FairBiasDetector(nn.Module, FairTunerLayer):
         self.fairlora_prototypes[adapter_name] = torch.zeros(num_classes, 2, representation_dim, device=device)
         self.fairlora_prototype_counts[adapter_name] = torch.zeros(num_classes, 2, device=device)
         self.set_detector_trainable(adapter_name, False)
+
+    def set_prototypes(self, adapter_name: str, prototypes: torch.Tensor, counts: torch.Tensor) -> None:
+        """Store the (K, 2, d) prototypes and (K, 2) row counts of `adapter_name` (on the device of its buffers)."""
+        if prototypes.dim() != 3 or prototypes.shape[1] != 2 or counts.shape != prototypes.shape[:2]:
+            raise ValueError(f"prototypes must be (K, 2, d) and counts (K, 2); got {tuple(prototypes.shape)} and "
+                             f"{tuple(counts.shape)}.")
+        device = self.fairlora_prototypes[adapter_name].device
+        self.fairlora_prototypes[adapter_name] = prototypes.to(device=device, dtype=torch.float32)
+        self.fairlora_prototype_counts[adapter_name] = counts.to(device=device, dtype=torch.float32)
 
     def set_detector_trainable(self, adapter_name: str, trainable: bool) -> None:
         """Freeze (default) or unfreeze the detector of `adapter_name`; PEFT's adapter switching keeps the choice."""

@@ -10,6 +10,7 @@ and layers, sizes) and writes them into the config, lets PEFT wrap the target mo
 from __future__ import annotations
 
 import functools
+import re
 from typing import Optional
 
 import torch
@@ -103,14 +104,24 @@ class FairLoraModel(BaseTuner):
                 "module whose input the detector should read, e.g. one block of the layer stack "
                 f"({', '.join(list(module_names)[1:6])}, ...)."
             )
+        self._check_layer_selection(model, config, stack)
         if config.target_modules is None:
             config.target_modules = self._default_targets(model, config, model_config.get("model_type"))
         else:
+            self._check_target_names(model, config)
             self._check_targets_match(model, config)
         if config.detector_input_dim is None and (model_config.get("hidden_size") or config.detector_module):
             config.detector_input_dim = model_config.get("hidden_size") or self._module_width(module_names, config)
         if config.num_classes is None:
-            config.num_classes = int(model_config.get("num_labels") or 0)
+            num_labels = int(model_config.get("num_labels") or 0)
+            if num_labels == 1:
+                raise ValueError(
+                    "FairLoraConfig.num_classes: the model has config.num_labels=1 (a regression or single-logit "
+                    "head), but FairNet needs >= 2 classes (each class is contrasted with prototypes of the other "
+                    "classes); regression heads are not supported. Build the model with num_labels >= 2 (e.g. 2 "
+                    "for a binary task) or set num_classes >= 2."
+                )
+            config.num_classes = num_labels
         if config.representation_dim is None:
             config.representation_dim = int(model_config.get("hidden_size") or 0)
 
@@ -134,13 +145,80 @@ class FairLoraModel(BaseTuner):
         return {name.rpartition(".")[2] for block in blocks for name, module in block.named_modules()
                 if name and isinstance(module, (nn.Linear, Conv1D, nn.Conv2d))}
 
+    @staticmethod
+    def _check_layer_selection(model: nn.Module, config: FairLoraConfig, stack) -> None:
+        """An unknown `layers_pattern` or a `layers_to_transform` index past the end of the stack selects nothing
+        (PEFT ignores it silently): name the field, the stacks found and the valid range."""
+        lists = {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)}
+        pattern = config.layers_pattern
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+        if patterns:
+            lists = {name: n for name, n in lists.items()
+                     if any(re.fullmatch(rf"(?:.*\.)?{p}", name) for p in patterns)}
+            if not lists:
+                found = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                                if isinstance(m, nn.ModuleList) and len(m)})
+                raise ValueError(
+                    f"FairLoraConfig.layers_pattern={pattern!r} names no layer stack (nn.ModuleList) of this model; "
+                    f"the stacks found are {found}. Use one of them, or leave layers_pattern=None to find it "
+                    "automatically."
+                )
+        elif stack is not None:
+            lists = {stack[0]: len(stack[1])}
+        indices = config.layers_to_transform
+        indices = [indices] if isinstance(indices, int) else list(indices or [])
+        if not indices or not lists:
+            return
+        n_layers = max(lists.values())
+        outside = [i for i in indices if not 0 <= i < n_layers]
+        if outside:
+            raise ValueError(
+                f"FairLoraConfig.layers_to_transform={config.layers_to_transform!r} has block indices {outside} "
+                f"outside the layer stack ({', '.join(sorted(lists))}: {n_layers} blocks): the valid range is "
+                f"0..{n_layers - 1}."
+            )
+
+    @staticmethod
+    def _check_target_names(model: nn.Module, config: FairLoraConfig) -> None:
+        """Every name in an explicit list of target_modules must name some module of the model (exact key or
+        suffix; before layers_to_transform / exclude_modules narrow the choice): catches misspelt names."""
+        if isinstance(config.target_modules, str) or not config.target_modules:
+            return
+        keys = [key for key, _ in model.named_modules() if key]
+        missing = sorted(name for name in config.target_modules
+                         if not any(key == name or key.endswith(f".{name}") for key in keys))
+        if missing:
+            leaves = sorted({key.rpartition(".")[2] for key, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))})[:12]
+            raise ValueError(
+                f"FairLoraConfig.target_modules={sorted(config.target_modules)}: {missing} matches no module of "
+                f"this model (misspelt?). Module names of linear layers in this model: {leaves}."
+            )
+
+    def _fail_if_excluded(self, model: nn.Module, config: FairLoraConfig) -> None:
+        """No module matched: if `exclude_modules` is what removed every match, say so."""
+        if not config.exclude_modules:
+            return
+        excluded = config.exclude_modules
+        config.exclude_modules = None
+        try:
+            matched = self._matching_keys(model, config)
+        finally:
+            config.exclude_modules = excluded
+        if matched:
+            raise ValueError(
+                f"FairLoraConfig.exclude_modules={sorted(excluded) if isinstance(excluded, set) else excluded!r} "
+                f"excludes every target module ({matched[:6]}{', ...' if len(matched) > 6 else ''}): nothing is left "
+                "to adapt. Exclude fewer modules, or widen target_modules."
+            )
+
     def _default_targets(self, model: nn.Module, config: FairLoraConfig, model_type: Optional[str]) -> set[str]:
-        names = self._block_linear_names(model, config)
-        if names:
-            config.target_modules = names
-            if self._matching_keys(model, config):
-                return names
+        """Every linear layer of the adapted blocks, else the first q/v naming family that matches; when nothing
+        matches, blame exclude_modules if it removed every match, else target_modules."""
         candidates = []
+        block_linear = self._block_linear_names(model, config)
+        if block_linear:
+            candidates.append(tuple(sorted(block_linear)))
         if model_type in self.target_module_mapping:
             candidates.append(tuple(self.target_module_mapping[model_type]))
         candidates.extend(_QV_CANDIDATES)
@@ -148,7 +226,12 @@ class FairLoraModel(BaseTuner):
             config.target_modules = set(names)
             if self._matching_keys(model, config):
                 return set(names)
-        config.target_modules = None
+        try:
+            for names in candidates:
+                config.target_modules = set(names)
+                self._fail_if_excluded(model, config)
+        finally:
+            config.target_modules = None
         raise ValueError(
             f"FairLoraConfig.target_modules: could not find the attention query/value projections of model type "
             f"{model_type!r} (tried {[list(c) for c in candidates]}). Pass target_modules=[...] with the names of the "
@@ -158,6 +241,7 @@ class FairLoraModel(BaseTuner):
     def _check_targets_match(self, model: nn.Module, config: FairLoraConfig) -> None:
         if config.target_modules == "all-linear" or self._matching_keys(model, config):
             return
+        self._fail_if_excluded(model, config)
         linear = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(
             f"FairLoraConfig.target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
@@ -166,15 +250,38 @@ class FairLoraModel(BaseTuner):
         )
 
     @staticmethod
-    def _module_width(module_names: dict, config: FairLoraConfig) -> int:
-        module = module_names.get(config.detector_module) if config.detector_module else None
+    def _input_width(module: Optional[nn.Module]) -> Optional[int]:
+        """The input width a module declares (in_features, in_channels, nx, embed_dim, hidden_size), else None."""
         for attr in ("in_features", "in_channels", "nx", "embed_dim", "hidden_size"):
-            if module is not None and getattr(module, attr, None):
+            if module is not None and isinstance(getattr(module, attr, None), int) and getattr(module, attr) > 0:
                 return int(getattr(module, attr))
+        return None
+
+    @classmethod
+    def _module_width(cls, module_names: dict, config: FairLoraConfig) -> int:
+        width = cls._input_width(module_names.get(config.detector_module) if config.detector_module else None)
+        if width is not None:
+            return width
         raise ValueError(
             "FairLoraConfig.detector_input_dim could not be inferred (the model has no config.hidden_size and the "
             f"detector module {config.detector_module!r} has no in_features). Set detector_input_dim explicitly."
         )
+
+    @classmethod
+    def _check_detector_width(cls, model: nn.Module, config: FairLoraConfig) -> None:
+        """detector_input_dim must equal the width of the hidden state the detector reads: the read module's declared
+        input width, or config.hidden_size when it reads a block of the layer stack. Unknown widths are checked at
+        the first forward (DetectorNet.logits)."""
+        width = cls._input_width(model.get_submodule(config.detector_module))
+        stack = find_layer_stack(model)
+        if width is None and stack is not None and config.detector_module.rpartition(".")[0] == stack[0]:
+            width = _model_config(model).get("hidden_size")
+        if width is not None and int(width) != config.detector_input_dim:
+            raise ValueError(
+                f"FairLoraConfig.detector_input_dim={config.detector_input_dim} does not match the width {width} of "
+                f"the hidden state the detector reads (input of {config.detector_module!r}). Set "
+                f"detector_input_dim={width} or leave it None to infer it."
+            )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -188,6 +295,7 @@ class FairLoraModel(BaseTuner):
             config.detector_module = next(k for k, _ in model.named_modules() if k in set(self.targeted_module_names))
         if config.detector_input_dim is None:
             config.detector_input_dim = self._module_width(dict(model.named_modules()), config)
+        self._check_detector_width(model, config)
         if state.detector is None:
             state.detector = FairBiasDetector()
             setattr(model, DETECTOR_ATTR, state.detector)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import string
 from dataclasses import fields
 
@@ -167,27 +168,58 @@ def test_seeded_model_dependent_corruptions_name_the_field():
     assert not failures, "\n".join(map(str, failures))
 
 
-# These need checks in model.py / detector.py (owned by the lead); strict xfail so that the fix is noticed.
-@pytest.mark.xfail(strict=True, reason="model.py: an out-of-range layers_to_transform / unknown layers_pattern is "
-                                       "reported as 'target_modules: could not find the attention projections'; "
-                                       "exclude_modules that exclude every target also blame target_modules; a "
-                                       "misspelt name next to a valid one (['query', 'vaule']) is silently ignored")
-@pytest.mark.parametrize("kwargs, field_name", [({"layers_to_transform": [5]}, "layers_to_transform"),
-                                                ({"layers_pattern": "nope"}, "layers_pattern"),
-                                                ({"exclude_modules": ["query", "value"]}, "exclude_modules"),
-                                                ({"target_modules": ["query", "vaule"]}, "target_modules")],
-                         ids=["layers_to_transform", "layers_pattern", "exclude_modules", "misspelt-target"])
-def test_model_dependent_layer_selection_names_the_field(kwargs, field_name):
-    with pytest.raises(ValueError, match=f"FairLoraConfig.{field_name}"):
+# Layer selection that selects nothing, or a misspelt name, must blame the field at fault, not target_modules.
+@pytest.mark.parametrize("kwargs, field_name, detail", [
+    ({"layers_to_transform": [5]}, "layers_to_transform", r"\[5\].*valid range is 0\.\.1"),
+    ({"layers_to_transform": [1, 7], "target_modules": ["query"]}, "layers_to_transform", r"\[7\]"),
+    ({"layers_pattern": "nope"}, "layers_pattern", r"stacks found are \['layer'\]"),
+    ({"exclude_modules": ".*"}, "exclude_modules", "excludes every target"),
+    ({"target_modules": ["query", "value"], "exclude_modules": ["query", "value"]}, "exclude_modules", "query"),
+    ({"target_modules": ["query", "vaule"]}, "target_modules", r"\['vaule'\] matches no module"),
+], ids=["layers_to_transform", "partly-out-of-range", "layers_pattern", "exclude-all-defaults", "exclude-all-targets",
+        "misspelt-target"])
+def test_model_dependent_layer_selection_names_the_field(kwargs, field_name, detail):
+    with pytest.raises(ValueError, match=f"FairLoraConfig.{field_name}") as excinfo:
         get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", **kwargs))
+    assert re.search(detail, str(excinfo.value)), str(excinfo.value)
 
 
-@pytest.mark.xfail(strict=True, reason="detector.py/model.py: a detector_input_dim that differs from the hidden "
-                                       "size fails inside torch's layer_norm at the first forward")
+def test_layer_selection_that_matches_is_accepted():
+    # a name that exists only outside layers_to_transform is not "misspelt"; a partial exclusion leaves targets
+    model = get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"],
+                                                        layers_to_transform=[1], layers_pattern="layer",
+                                                        exclude_modules=["value"]))
+    adapted = [k for k, m in model.named_modules() if hasattr(m, "fairlora_A")]
+    assert adapted and all(".layer.1.attention.self.query" in k for k in adapted), adapted
+    model = get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", exclude_modules=["query", "value"]))
+    adapted = [k for k, m in model.named_modules() if hasattr(m, "fairlora_A")]
+    assert adapted and not any(k.endswith(("query", "value")) for k in adapted), adapted
+
+
 def test_detector_input_dim_mismatch_names_the_field():
-    with pytest.raises(ValueError, match="FairLoraConfig.detector_input_dim"):
-        model = get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", detector_input_dim=7))
-        model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="FairLoraConfig.detector_input_dim=7 .* width 16"):
+        get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", detector_input_dim=7))
+    assert get_peft_model(_tiny_bert(), FairLoraConfig(task_type="SEQ_CLS", detector_input_dim=16)) is not None
+
+
+def test_detector_width_checked_at_first_forward():
+    from fairnet_peft.detector import DetectorNet
+
+    net = DetectorNet(7, [4], 0.0, "attention")
+    with pytest.raises(ValueError, match="FairLoraConfig.detector_input_dim=7 .* width 16") as excinfo:
+        net(torch.zeros(2, 3, 16))
+    assert _raised_in_fairnet(excinfo)
+    assert net(torch.zeros(2, 3, 7)).shape == (2,)
+
+
+def test_single_label_model_is_refused():
+    model = T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=1))
+    with pytest.raises(ValueError, match="FairLoraConfig.num_classes.*num_labels=1.*regression"):
+        get_peft_model(model, FairLoraConfig(task_type="SEQ_CLS"))
+    peft_model = get_peft_model(model, FairLoraConfig(task_type="SEQ_CLS", num_classes=3))
+    assert peft_model.peft_config["default"].num_classes == 3
 
 
 # ------------------------------------------------------------------------------------------ training dataset
