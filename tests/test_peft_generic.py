@@ -14,6 +14,11 @@ FairLoRA specifics:
   `detector_input_dim` at their defaults (the detector reads the input of the first adapted module), which is part
   of what is tested.
 
+A real gate (`TestFairLoraCustomModelGated`): the same tests at the default τ = 0.5 with a seeded detector that gates
+2-6 of the 9 rows (`FAIR_GATED_CASES`, no Conv2d: that mock model reshapes its batch); all pass, training included.
+`TestFairLoraCustomModelGatedOff` runs the training tests with every row gated off (τ = 1); the two that fail
+inherently are strict xfails with the reason (`GATED_OFF_EXPECTED_FAILURES`).
+
 Plus no-hub decoder checks on a tiny seeded `LlamaForCausalLM` (gradient checkpointing, training, disable/delete
 adapter, safetensors inference).
 """
@@ -210,7 +215,7 @@ def gated_inputs(device="cpu") -> dict:
 # Not gated: the Conv2d mock model reshapes its batch (9 rows of 10 -> 2 samples of 5x3x3), so there are no
 # per-row gates for the suite's 9 rows; a mixed gate refuses such a layer by design (gate.py, batch contract).
 # (test, case id or "*") -> why it fails with a hard, detector-decided gate. Strict xfail: a fix makes them fail.
-GATED_EXPECTED_FAILURES: dict = {}
+GATED_EXPECTED_FAILURES: dict = {}  # none: every test passes with a mixed gate
 
 
 def _gated_detector_init(self) -> None:
@@ -249,6 +254,26 @@ if suite is not None:
         expected_failures=GATED_EXPECTED_FAILURES,
         extra={"_use_gated_detector": _autouse_gated_detector(),
                "prepare_inputs_for_testing": lambda self: gated_inputs(self.torch_device)},
+    )
+
+
+# Every row gated off (τ = 1): the training tests, where the hard gate's inherent limits show.
+GATED_OFF_CASES = [("Gated-off MLP 1 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin0"], "threshold": 1.0})]
+GATED_OFF_TESTS = ("test_training_custom_models", "test_only_params_are_updated", "test_disable_adapters",
+                   "test_forward_output_finite", "test_save_load_roundtrip", "test_parameters_after_loading_model")
+GATED_OFF_EXPECTED_FAILURES = {  # inherent to a hard gate that is off for every row (strict xfail)
+    ("test_only_params_are_updated", "*"): (
+        "asserts every trainable parameter changed after training; with no row gated the LoRA's loss gradient is "
+        "exactly zero (the batch stays differentiable, see test_training_custom_models), so nothing moves"),
+    ("test_disable_adapters", "*"): (
+        "asserts the output after training differs from before; with no row gated the adapter never applies, so the "
+        "output is the base model's before and after"),
+}
+
+if suite is not None:
+    TestFairLoraCustomModelGatedOff = _reparametrized_class(
+        "TestFairLoraCustomModelGatedOff", suite.TestPeftCustomModel, GATED_OFF_CASES, (suite.PeftCommonTester,),
+        only=GATED_OFF_TESTS, expected_failures=GATED_OFF_EXPECTED_FAILURES,
     )
 
 
