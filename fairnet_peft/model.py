@@ -14,7 +14,7 @@ import re
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _remove_adapter_name_from_state_dict_key
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -142,8 +142,18 @@ class FairLoraModel(BaseTuner):
         if stack is None or config.layers_to_transform is None:
             return set()
         blocks = [stack[1][i] for i in config.layers_to_transform if 0 <= i < len(stack[1])]
-        return {name.rpartition(".")[2] for block in blocks for name, module in block.named_modules()
-                if name and isinstance(module, (nn.Linear, Conv1D, nn.Conv2d))}
+        names, linear = set(), (nn.Linear, Conv1D, nn.Conv2d)
+        for block in blocks:
+            wrapped: list[str] = []  # tuner layers of an earlier adapter: count the layer itself, not its insides
+            for name, module in block.named_modules():
+                if not name or any(name.startswith(w + ".") for w in wrapped):
+                    continue
+                if isinstance(module, BaseTunerLayer):
+                    wrapped.append(name)
+                    module = module.get_base_layer()
+                if isinstance(module, linear):
+                    names.add(name.rpartition(".")[2])
+        return names
 
     @staticmethod
     def _check_layer_selection(model: nn.Module, config: FairLoraConfig, stack) -> None:

@@ -40,6 +40,7 @@ from transformers.training_args import ParallelMode
 from .detector import align_mask, as_tokens, pool_tokens
 from .gate import find_gate_state, force_gate, gate_record
 from .losses import class_balanced_bce, prototype_triplet_loss
+from .prototypes import anchor_weights, compute_prototypes
 from .pseudo_labels import pseudo_label
 from .representation import capture_head_input, resolve_pooling
 from .training_args import FairTrainingArguments
@@ -469,17 +470,43 @@ class FairTrainer(Trainer):
         return getattr(self, "_pseudo", None)
 
     def _set_detector_targets(self) -> None:
+        """The detector's targets. `_labels_of_setting`: true labels (full, partial; -1 unknown) or pseudo-labels
+        (unlabeled); statistics and anchors use them. `_target`: what the detector trains on; in the partial setting
+        the unlabelled rows get a logistic probe's labels (`partial_label_propagation`)."""
+        args = self.args
         if self.label_setting == "unlabeled":
             self._pseudo = self._pseudo_labels(self._frozen_pass())
-            target = self._pseudo
+            labels = self._pseudo
         else:
-            target = self._sensitive
+            labels = self._sensitive
+        self._labels_of_setting = labels
+        self._holdout = holdout_rows(labels, args.detector_holdout_fraction, args.seed)
+        target = labels
+        if self.label_setting == "partial" and args.partial_label_propagation:
+            target = self._propagated_labels(self._frozen_pass(), labels, (labels >= 0) & ~self._holdout)
         known = target[target >= 0]
-        n1 = max(int((known == 1).sum()), 1)
-        self._pos_weight = float((known == 0).sum()) / n1
-        self._holdout = holdout_rows(target, self.args.detector_holdout_fraction, self.args.seed)
+        self._pos_weight = float((known == 0).sum()) / max(int((known == 1).sum()), 1)
         self._detector_target = torch.as_tensor(np.where(self._holdout, -1, target))
         self._target = target
+
+    def _propagated_labels(self, feats: dict, labels: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+        """Partial setting: a class-balanced scikit-learn LogisticRegression, fitted on the labelled rows' frozen
+        features (head input z joined with the mean-pooled detector input), labels the unlabelled rows, so the
+        detector also learns from them. Known labels are kept; the held-out rows stay out of the fit."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.concatenate([feats["z"], feats["feat"]], axis=1)
+        fit_rows = fit_rows & (labels >= 0)
+        if len(np.unique(labels[fit_rows])) < 2:
+            return labels
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+        probe.fit(x[fit_rows], labels[fit_rows])
+        unknown = labels < 0
+        out = labels.copy()
+        out[unknown] = probe.predict(x[unknown]).astype(np.int64)
+        return out
 
     def _holdout_loss(self) -> float:
         """Class-balanced BCE (Eq. 1) of the current detector on the held-out rows."""
@@ -493,7 +520,7 @@ class FairTrainer(Trainer):
         args, feats = self.args, self._frozen_pass()
         gated = (feats["risk"] > float(self._config.threshold)).astype(np.int64)
         detected = (feats["risk"] > args.anchor_threshold).astype(np.int64)  # anchors: independent of the gate τ
-        labelled = self._target
+        labelled = self._labels_of_setting
         if args.anchor_source == "labels":
             group = labelled.copy()
         elif args.anchor_source == "detector":
@@ -514,30 +541,14 @@ class FairTrainer(Trainer):
                                "probe_auc": probe_auc(feats["feat"], labelled, fit_rows, self._holdout, args.seed),
                                "detector_holdout_rows": int(self._holdout.sum())}
         self._warn_if_detector_failed(feats["risk"][known], labelled[known])
-        # prototypes μ_{y,g}: mean frozen representation per (class × group) cell
+        # prototypes μ_{y,g} (prototypes.py): majority prototypes from the rows the frozen model gets right
         labels, z = feats["label"], feats["z"]
         n_classes = max(int(self._config.num_classes or 0), int(labels.max()) + 1)
-        sums = np.zeros((n_classes, 2, z.shape[1]), dtype=np.float64)
-        counts = np.zeros((n_classes, 2), dtype=np.float64)
-        for g in (0, 1):
-            for k in range(n_classes):
-                cell = (labels == k) & (group == g)
-                counts[k, g] = cell.sum()
-                if cell.any():
-                    sums[k, g] = z[cell].sum(0)
-        missing = [k for k in range(n_classes) if counts[k, 0] == 0]
-        if missing:
-            raise ValueError(f"No majority-group rows of classes {missing}: the triplet loss needs μ_(y,0) for every class.")
-        det = self._detector
-        proto = torch.as_tensor(sums / np.maximum(counts, 1)[..., None], dtype=torch.float32)
-        device = det.fairlora_prototypes[self.adapter_name].device
+        correct = feats["logits"].argmax(-1) == labels if args.prototype_rows == "correct" else None
+        proto, counts = compute_prototypes(z, labels, group, n_classes, correct=correct)
         self._config.num_classes, self._config.representation_dim = n_classes, int(z.shape[1])
-        det.fairlora_prototypes[self.adapter_name] = proto.to(device)
-        det.fairlora_prototype_counts[self.adapter_name] = torch.as_tensor(counts, dtype=torch.float32).to(device)
-        anchor_labels = labels[group == 1]
-        freq = np.bincount(anchor_labels, minlength=n_classes).astype(np.float64)
-        self._anchor_weights = torch.as_tensor(np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / n_classes, 0.0),
-                                               dtype=torch.float32)
+        self._detector.set_prototypes(self.adapter_name, torch.as_tensor(proto), torch.as_tensor(counts))
+        self._anchor_weights = torch.as_tensor(anchor_weights(labels, group, n_classes))
         self.log({f"prototype_stage_{k}": v for k, v in self.detector_stats.items()})
 
     # ------------------------------------------------------------------ stages

@@ -150,8 +150,28 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    prototype_rows: str = field(
+        default="correct",
+        metadata={
+            "help": (
+                "Which majority rows make the prototypes μ_(y,0): 'correct' (default: those the frozen ERM model "
+                "classifies correctly, so every prototype sits on its class's side of the head's boundary) or 'all' "
+                "(the paper: every majority row of the class)."
+            )
+        },
+    )
     min_anchors_per_batch: int = field(
         default=2, metadata={"help": "Batches with fewer anchors are skipped (and counted in the logs)."}
+    )
+    partial_label_propagation: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Partial setting: a class-balanced scikit-learn LogisticRegression fitted on the labelled rows' "
+                "frozen features labels the other rows, and the detector trains on all of them (known labels kept). "
+                "False: the detector learns from the labelled rows only (the paper)."
+            )
+        },
     )
     # ------------------------------------------------------------------ unlabeled setting
     pseudo_labeler: str = field(
@@ -194,6 +214,7 @@ class FairTrainingArguments(TrainingArguments):
             "negative_strategy": ("nearest", "all", "random"),
             "lora_objective": ("contrastive", "task"),
             "anchor_source": ("labels", "detector", "union"),
+            "prototype_rows": ("correct", "all"),
             "pseudo_labeler": PSEUDO_LABELERS,
             "eval_sensitive_labels": ("auto", "use", "ignore"),
         }
