@@ -73,7 +73,13 @@ def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_n
     if threshold is not None and not (isinstance(threshold, float) and math.isnan(threshold)):
         about += f", detector gate threshold τ = {float(threshold):g} (the LoRA is on for rows with risk > τ)"
     about += "; metrics computed with `fairnet_peft.metrics`."
-    return "\n".join([start, heading, "", about, "", table.rstrip("\n"), end]) + "\n"
+    clean = _clean_metrics(metrics)
+    lines = [start, heading, "", about, "", table.rstrip("\n")]
+    if "train_detector_auc" in clean:
+        lines += ["", f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
+                      f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same "
+                      "frozen features (the mean-pooled detector input)."]
+    return "\n".join(lines + [end]) + "\n"
 
 
 def update_card_text(text: str, section: str, adapter_name: str = "default") -> str:

@@ -359,7 +359,10 @@ class FairTrainer(Trainer):
         if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel):
             from .model_card import attach_fairness_report
 
-            attach_fairness_report(self.model, metrics, split=metric_key_prefix, adapter_name=self.adapter_name)
+            detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
+                        if k in self.detector_stats}
+            attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
+                                   adapter_name=self.adapter_name)
         return metrics
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
