@@ -69,13 +69,13 @@ PRESETS = {  # per task: sizes (n_* rows, image_size, max_length), model dims, E
                                 **dict(_ERM_VIT, erm_epochs=5), fair_epochs=1, batch=32, eval_batch=128)},
     "quick": {"synthetic": dict(n_train=2000, n_val=600, n_test=2000, model=_BERT, erm_epochs=3, erm_lr=1e-3,
                                 scheduler="linear", weight_decay=0.0, fair_epochs=3, batch=32, eval_batch=256),
-              "adult": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
+              "adult": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=16,
                             eval_batch=128),
               "digits": dict(n_train=2000, n_val=400, n_test=800, image_size=16, model=_VIT, **_ERM_VIT,
                              fair_epochs=5, batch=32, eval_batch=256),
-              "waterbirds": dict(n_train=2000, n_val=400, n_test=800, image_size=16, model=_VIT, **_ERM_VIT,
+              "waterbirds": dict(n_train=2000, n_val=400, n_test=800, image_size=32, model=_VIT, **_ERM_VIT,
                                  fair_epochs=5, batch=32, eval_batch=256),
-              "text2": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=32,
+              "text2": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=16,
                             eval_batch=128)},
 }
 PRESETS["standard"] = {t: dict(c) for t, c in PRESETS["quick"].items()}
