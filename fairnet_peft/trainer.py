@@ -166,6 +166,7 @@ class FairTrainer(Trainer):
 
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
+        compute_metrics = self._with_pseudo_group_metric(compute_metrics)
         self._check_selection_metric(args)
         if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
             raise ValueError(
@@ -221,7 +222,8 @@ class FairTrainer(Trainer):
     def _check_selection_metric(self, args) -> None:
         metric = args.metric_for_best_model or ""
         group_metrics = ("worst_group", "equalized_odds", "gate_rate_s", "acc_y", "detector_")
-        if not self._eval_uses_sensitive and any(g in metric for g in group_metrics):
+        label_free = metric.removeprefix("eval_").startswith("pseudo_")
+        if not self._eval_uses_sensitive and not label_free and any(g in metric for g in group_metrics):
             raise ValueError(
                 f"metric_for_best_model={metric!r} needs the eval set's sensitive labels, which the {self.label_setting} "
                 "setting must not use for selection (that would leak labels the setting lacks). Use 'accuracy' or "
@@ -353,8 +355,55 @@ class FairTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------ evaluation: risk, gate and groups reach compute_metrics
+    def _with_pseudo_group_metric(self, compute_metrics):
+        """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
+        pseudo-groups for the eval rows: worst accuracy over (class × pseudo-group) cells."""
+        if compute_metrics is None:
+            return None
+
+        def wrapped(eval_pred):
+            metrics = compute_metrics(eval_pred)
+            groups = getattr(self, "_eval_pseudo_groups", None)
+            preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+            labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
+            if groups is not None and labels is not None and len(groups) == len(labels):
+                from .pseudo_labels import pseudo_group_worst_accuracy
+
+                metrics["pseudo_worst_group_accuracy"] = pseudo_group_worst_accuracy(
+                    np.asarray(preds).argmax(-1), np.asarray(labels), groups)
+            return metrics
+
+        return wrapped
+
+    def eval_pseudo_groups(self, dataset) -> np.ndarray:
+        """Unlabeled setting, after `train()`: the fitted pseudo-labeler's marks for `dataset`'s rows, from the
+        frozen model's features (LoRA off), in row order. Cached per dataset fingerprint."""
+        if self.pseudo_labels is None:
+            raise ValueError("eval_pseudo_groups needs the pseudo-labeler fitted by train() in the unlabeled setting.")
+        key = getattr(dataset, "_fingerprint", id(dataset))
+        cache = self.__dict__.setdefault("_pseudo_group_cache", {})
+        if key not in cache:  # every process runs the pass (it gathers); the main one, which holds the labeler, marks
+            rows = dataset.remove_columns([c for c in (ROW_COLUMN,) if c in dataset.column_names])
+            feats = self._frozen_pass(rows.add_column(ROW_COLUMN, list(range(len(rows)))))
+            marks = np.zeros(len(rows), dtype=np.int64)
+            if self.pseudo_labeler is not None:
+                marks = np.asarray(self.pseudo_labeler.predict(np.concatenate([feats["z"], feats["feat"]], axis=1),
+                                                               feats["label"], feats["logits"]), dtype=np.int64)
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
+            cache[key] = marks
+        return cache[key]
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them."""
+        """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them. In
+        the unlabeled setting, with a pseudo-labeler fitted by this trainer, the metrics add the label-free
+        `pseudo_worst_group_accuracy` (see docs/label-settings.md)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self._eval_pseudo_groups = None
+        if self.pseudo_labels is not None and hasattr(dataset, "add_column") and "labels" in dataset.column_names:
+            self._eval_pseudo_groups = self.eval_pseudo_groups(dataset)
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel):
             from .model_card import attach_fairness_report

@@ -200,3 +200,28 @@ def test_prototypes_average_correct_majority_rows_and_anchor_weights_balance_cla
         compute_prototypes(z, labels, np.array([0, 0, 0, 1, 1, 1]), 2)
     w = anchor_weights(np.array([0, 0, 0, 1, 1]), np.array([1, 1, 1, 1, 0]), 3)
     assert w[2] == 0 and w[0] * 3 == pytest.approx(w[1] * 1)  # equal total weight per present class
+
+
+def test_unlabeled_setting_reports_the_label_free_pseudo_group_selector(data, erm_dir, tmp_path):
+    """Issue 11 item 2: with no sensitive labels anywhere, evaluate() adds worst accuracy over (class × pseudo-group)
+    cells, the pseudo-groups of the eval rows coming from the labeler fitted on training; selection on it is allowed."""
+    train = data["train"].remove_columns("sensitive").add_column("sensitive", [-1] * len(data["train"]))
+    val = data["validation"].remove_columns("sensitive")
+    args = defaults(tmp_path, max_steps=20, metric_for_best_model="pseudo_worst_group_accuracy")
+    trainer = FairTrainer(model=fresh(erm_dir), args=args, train_dataset=train, eval_dataset=val)
+    trainer.train()
+    assert trainer.pseudo_labels is not None and trainer.pseudo_labels.shape == (len(train),)
+    metrics = trainer.evaluate()
+    groups = trainer.eval_pseudo_groups(val)
+    assert groups.shape == (len(val),) and 0 < groups.mean() < 0.5
+    # recompute it from predict(): the same number
+    out = trainer.predict(val)
+    pred = out.predictions[0].argmax(-1)
+    from fairnet_peft.pseudo_labels import pseudo_group_worst_accuracy
+
+    expected = pseudo_group_worst_accuracy(pred, np.array(val["labels"]), groups)
+    assert metrics["eval_pseudo_worst_group_accuracy"] == pytest.approx(expected)
+    assert metrics["eval_pseudo_worst_group_accuracy"] <= metrics["eval_accuracy"]
+    # the pseudo-groups track the true groups on this task (reported, never used for selection)
+    true = np.array(data["validation"]["sensitive"])
+    assert (groups[true == 1]).mean() > (groups[true == 0]).mean()
