@@ -286,7 +286,7 @@ def _token_mask(batch: torch.Tensor, args, kwargs) -> Optional[torch.Tensor]:
 def root_pre_hook(module: nn.Module, args, kwargs):
     """Start of a forward pass of the wrapped model: pop `fair_gate` and fix the gates that are known up front."""
     state: GateState = getattr(module, STATE_ATTR)
-    live = state.open_pass()  # first, so that root_post_hook (always called) closes exactly this pass
+    state.open_pass()  # first, so that root_post_hook (always called) closes exactly this pass
     if getattr(module, "_is_replica", False):
         raise RuntimeError(
             "FairLoRA does not support torch.nn.DataParallel: its replicas would share one gate state and the bias "

@@ -25,7 +25,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -8,9 +8,8 @@ import torch
 import transformers as T
 from peft import PeftModel, get_peft_model
 
-from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, gate_record
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
-from fairnet_peft.datasets import make_synthetic_text
 
 T.logging.set_verbosity_error()
 
@@ -18,23 +17,14 @@ FAST = dict(report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=5
 
 
 @pytest.fixture(scope="module")
-def data():
-    return make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=600)
+def data(synthetic_data):
+    return synthetic_data
 
 
 @pytest.fixture(scope="module")
-def erm_dir(data, tmp_path_factory):
-    """Train the ERM model once (the FairNet starting point) and save it."""
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-    model = T.BertForSequenceClassification(cfg)
-    args = T.TrainingArguments(str(tmp_path_factory.mktemp("erm")), num_train_epochs=3, learning_rate=1e-3,
-                               per_device_train_batch_size=32, **FAST)
-    T.Trainer(model=model, args=args, train_dataset=data["train"].remove_columns("sensitive")).train()
-    path = str(tmp_path_factory.mktemp("erm_model"))
-    model.save_pretrained(path)
-    return path
+def erm_dir(synthetic_erm_dir):
+    """The ERM model (tests/conftest.py), the FairNet starting point."""
+    return synthetic_erm_dir
 
 
 def erm(path):

@@ -18,7 +18,6 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
-from fairnet_peft.datasets import make_synthetic_text
 from fairnet_peft.prototypes import anchor_weights, compute_prototypes
 from fairnet_peft.trainer import _DetectorEarlyStopping, holdout_rows
 
@@ -27,22 +26,14 @@ QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, datalo
 
 
 @pytest.fixture(scope="module")
-def data():
-    return make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=600)
+def data(synthetic_data):
+    return synthetic_data
 
 
 @pytest.fixture(scope="module")
-def erm_dir(data, tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-    model = T.BertForSequenceClassification(cfg)
-    args = T.TrainingArguments(str(tmp_path_factory.mktemp("erm")), num_train_epochs=3, learning_rate=1e-3,
-                               per_device_train_batch_size=32, **QUIET)
-    T.Trainer(model=model, args=args, train_dataset=data["train"].remove_columns("sensitive")).train()
-    path = str(tmp_path_factory.mktemp("erm_model"))
-    model.save_pretrained(path)
-    return path
+def erm_dir(synthetic_erm_dir):
+    """The ERM model (tests/conftest.py), the FairNet starting point."""
+    return synthetic_erm_dir
 
 
 def fresh(erm_dir):

@@ -1,0 +1,32 @@
+"""Shared fixtures: the synthetic spurious-correlation task and one ERM model trained on it (tiny BERT), built once
+per test session and used by the trainer tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from fairnet_peft.datasets import make_synthetic_text
+
+
+@pytest.fixture(scope="session")
+def synthetic_data():
+    return make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=600)
+
+
+@pytest.fixture(scope="session")
+def synthetic_erm_dir(synthetic_data, tmp_path_factory):
+    """ERM (3 epochs, lr 1e-3, batch 32, seed 0) saved once: the FairNet starting point of the trainer tests."""
+    T.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    model = T.BertForSequenceClassification(cfg)
+    args = T.TrainingArguments(str(tmp_path_factory.mktemp("erm")), num_train_epochs=3, learning_rate=1e-3,
+                               per_device_train_batch_size=32, report_to=[], save_strategy="no", disable_tqdm=True,
+                               seed=0, dataloader_num_workers=0, use_cpu=True)
+    T.Trainer(model=model, args=args, train_dataset=synthetic_data["train"].remove_columns("sensitive")).train()
+    path = str(tmp_path_factory.mktemp("erm_model"))
+    model.save_pretrained(path)
+    return path
