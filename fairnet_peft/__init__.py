@@ -21,8 +21,7 @@ from .training_args import FairTrainingArguments  # noqa: E402
 
 __all__ += ["FairTrainer", "FairTrainingArguments"]
 
-from .model_card import attach_fairness_report, install_model_card_hook, write_model_card  # noqa: E402
+from .model_card import attach_fairness_report, write_model_card  # noqa: E402
 from .sweep import threshold_sweep  # noqa: E402
 
-install_model_card_hook()
 __all__ += ["attach_fairness_report", "write_model_card", "threshold_sweep"]

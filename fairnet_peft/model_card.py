@@ -147,7 +147,7 @@ def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
         raise ValueError(f"attach_fairness_report: no adapter {adapter_name!r} (adapters: {list(model.peft_config)})")
     clean = _clean_metrics(metrics)
     render_fairness_table(clean, split=split)  # validates split and that some known metric is present
-    install_model_card_hook()
+    _hook_instance(model)
     model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split}
 
 
@@ -203,8 +203,34 @@ def write_model_card(model_or_dir, metrics: Mapping[str, Any], *, split: str,
 
 
 # ---------------------------------------------------------------------- the PEFT hook
+def _hook_instance(model) -> None:
+    """Make this model's `save_pretrained` / `push_to_hub` write its attached reports: the two PeftModel methods
+    that write and upload the card are wrapped on the instance only, so no other model and no PEFT class changes."""
+    if model.__dict__.get("_fairnet_card_hooked"):
+        return
+    card, upload = type(model).create_or_update_model_card, type(model)._upload_modified_files
+
+    def create_or_update_model_card(output_dir: str):
+        result = card(model, output_dir)
+        sections = _attached_sections(model)
+        if sections:
+            _update_readme(output_dir, sections)
+        return result
+
+    def _upload_modified_files(working_dir, *args, **kwargs):
+        # transformers' push_to_hub replaced README.md (after save_pretrained) with the Hub's card or a template
+        if _attached_sections(model):
+            model.create_or_update_model_card(working_dir)
+        return upload(model, working_dir, *args, **kwargs)
+
+    model.__dict__.update(create_or_update_model_card=create_or_update_model_card,
+                          _upload_modified_files=_upload_modified_files, _fairnet_card_hooked=True)
+
+
 def install_model_card_hook() -> None:
-    """Make `PeftModel.save_pretrained` and `push_to_hub` write attached fairness reports. Idempotent."""
+    """Deprecated: patch the `PeftModel` class so every model's `save_pretrained` / `push_to_hub` writes attached
+    fairness reports. Nothing calls it any more: `attach_fairness_report` hooks the one model it is given, and
+    `import fairnet_peft` changes nothing in PEFT besides registering FAIRLORA. Kept for code that calls it. Idempotent."""
     from peft import PeftModel
 
     card = PeftModel.create_or_update_model_card

@@ -53,6 +53,33 @@ def _assert_card(text: str, split: str, count: int = 1) -> None:
         assert text.count(row) == count, row
 
 
+@pytest.fixture(autouse=True)
+def pristine_peft():
+    """The deprecated class-level hook is off after every test, as after `import fairnet_peft`."""
+    yield
+    uninstall_model_card_hook()
+
+
+def test_import_patches_nothing_in_peft_and_a_report_hooks_only_its_model(tmp_path):
+    """Issue 13: importing fairnet_peft leaves PeftModel's methods as they are; attaching a report changes one model."""
+    import subprocess
+    import sys
+
+    code = ("import peft; card, up = peft.PeftModel.create_or_update_model_card, peft.PeftModel._upload_modified_files\n"
+            "import fairnet_peft\n"
+            "assert peft.PeftModel.create_or_update_model_card is card and peft.PeftModel._upload_modified_files is up\n"
+            "assert not hasattr(card, '__fairnet_original__')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    original = PeftModel.create_or_update_model_card
+    model, other = _model(), _model()
+    attach_fairness_report(model, METRICS, split="test")
+    assert PeftModel.create_or_update_model_card is original
+    other.save_pretrained(tmp_path / "other")
+    assert SECTION_TITLE not in (tmp_path / "other" / "README.md").read_text()
+    model.save_pretrained(tmp_path / "model")
+    _assert_card((tmp_path / "model" / "README.md").read_text(), "test")
+
+
 def test_hook_install_is_idempotent():
     install_model_card_hook()
     first = (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files)
@@ -148,12 +175,9 @@ def test_bad_input_fails_at_attach_time():
 def test_uninstall_restores_peft(tmp_path):
     install_model_card_hook()
     uninstall_model_card_hook()
-    try:
-        assert not hasattr(PeftModel.create_or_update_model_card, "__fairnet_original__")
-        assert "_upload_modified_files" not in PeftModel.__dict__
-        model = _model()
-        model.__dict__["_fairnet_fairness_reports"] = {"default": {"metrics": {"accuracy": 1.0}, "split": "x"}}
-        model.save_pretrained(tmp_path)
-        assert SECTION_TITLE not in (tmp_path / "README.md").read_text()
-    finally:
-        install_model_card_hook()
+    assert not hasattr(PeftModel.create_or_update_model_card, "__fairnet_original__")
+    assert "_upload_modified_files" not in PeftModel.__dict__
+    model = _model()
+    model.__dict__["_fairnet_fairness_reports"] = {"default": {"metrics": {"accuracy": 1.0}, "split": "x"}}
+    model.save_pretrained(tmp_path)
+    assert SECTION_TITLE not in (tmp_path / "README.md").read_text()
