@@ -529,6 +529,13 @@ class FairTrainer(Trainer):
         if self.label_setting == "unlabeled":
             self._pseudo = self._pseudo_labels(self._frozen_pass())
             labels = self._pseudo
+            whole = [int(k) for k in np.unique(self._labels) if (labels[self._labels == k] == 1).all()]
+            if whole:
+                raise ValueError(
+                    f"The pseudo-labeler ({self.pseudo_label_details.get('method', self.args.pseudo_labeler)}) marked "
+                    f"every row of classes {whole} as minority, so no majority prototype exists for them (an error set "
+                    "is a whole class when the frozen model never predicts it: is the model task-trained?). Train the "
+                    "base model first, or choose FairTrainingArguments.pseudo_labeler='lof'/'gmm'/'kmeans'.")
         else:
             labels = self._sensitive
         self._labels_of_setting = labels

@@ -30,6 +30,7 @@ def main(out_path: str, setting: str) -> None:
         "/tmp/fair_stats_unused", report_to=[], save_strategy="no", disable_tqdm=True, detector_epochs=1,
         detector_learning_rate=0.0, num_train_epochs=1, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=16,
         per_device_eval_batch_size=16, seed=0, use_cpu=True,
+        pseudo_labeler="lof",  # the model is untrained: its error set is a whole class, which `auto` would fall back to
     )
     trainer = FairTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
