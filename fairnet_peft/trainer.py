@@ -578,7 +578,7 @@ class FairTrainer(Trainer):
     def _prototype_pass(self) -> None:
         args, feats = self.args, self._frozen_pass()
         gated = (feats["risk"] > float(self._config.threshold)).astype(np.int64)
-        detected = (feats["risk"] > args.anchor_threshold).astype(np.int64)  # anchors: independent of the gate τ
+        detected = (feats["risk"] > self.anchor_threshold()).astype(np.int64)  # anchors: independent of the gate τ
         labelled = self._labels_of_setting
         if args.anchor_source == "labels":
             group = labelled.copy()
@@ -698,6 +698,12 @@ class FairTrainer(Trainer):
         self._set_trainable("lora")
         self.optimizer, self.lr_scheduler = None, None
         self.skipped_batches = 0
+
+    def anchor_threshold(self) -> float:
+        """`anchor_threshold`, with 'auto' = w₁ / (1 + w₁): a class-balanced detector's risk at which the minority
+        becomes the more likely group under the labelled rows' prior (w₁ = N(s=0) / N(s=1))."""
+        value = self.args.anchor_threshold
+        return self._pos_weight / (1.0 + self._pos_weight) if value == "auto" else float(value)
 
     def anchor_rows(self) -> np.ndarray:
         """Indices of the training rows the LoRA stage trains on (ŝ = 1), after the prototype pass."""

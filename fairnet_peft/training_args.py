@@ -140,13 +140,15 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
-    anchor_threshold: float = field(
-        default=0.5,
+    anchor_threshold: Union[float, str] = field(
+        default="auto",
         metadata={
             "help": (
                 "Risk above which a row without a (pseudo-)label counts as detected minority for the anchors and "
-                "prototypes (anchor_source 'detector'/'union'). Independent of the gate τ, so the 'w/o detector' "
-                "ablation (gate_threshold=0) changes the gate only."
+                "prototypes (anchor_source 'detector'/'union'). 'auto' = w₁ / (1 + w₁) with w₁ = N(s=0)/N(s=1) of the "
+                "labelled rows: the detector is trained class-balanced, so this is where the minority becomes the more "
+                "likely group under the training prior (0.9 for a 10 % minority). Independent of the gate τ, so the "
+                "'w/o detector' ablation (gate_threshold=0) changes the gate only."
             )
         },
     )
@@ -231,8 +233,10 @@ class FairTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"FairTrainingArguments.detector_holdout_fraction={self.detector_holdout_fraction}: must be in [0, 0.5)."
             )
-        if not 0.0 <= self.anchor_threshold < 1.0:
-            raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold}: must be in [0, 1).")
+        if self.anchor_threshold != "auto" and not (isinstance(self.anchor_threshold, (int, float))
+                                                    and 0.0 <= self.anchor_threshold < 1.0):
+            raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold!r}: 'auto' or a number in "
+                             "[0, 1).")
         for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name != "detector_patience" else 1):
                 raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: must be a non-negative integer"
