@@ -71,7 +71,7 @@ PRESETS = {  # per task: sizes (n_* rows, image_size, max_length), model dims, E
                                 scheduler="linear", weight_decay=0.0, fair_epochs=3, batch=32, eval_batch=256),
               "adult": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=16,
                             eval_batch=128),
-              "digits": dict(n_train=2000, n_val=400, n_test=800, image_size=16, model=_VIT, **_ERM_VIT,
+              "digits": dict(n_train=2000, n_val=400, n_test=800, image_size=16, digit_scale=1.0, model=_VIT, **_ERM_VIT,
                              fair_epochs=5, batch=32, eval_batch=256),
               "waterbirds": dict(n_train=2000, n_val=400, n_test=800, image_size=32, model=_VIT, **_ERM_VIT,
                                  fair_epochs=5, batch=32, eval_batch=256),
@@ -128,7 +128,8 @@ def build_task(task: str, cfg: dict, seed: int):
     if load is None:
         return None
     wanted = dict(seed=seed, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=cfg["n_test"], progress=False,
-                  max_train=cfg["n_train"], max_eval=cfg["n_test"], image_size=cfg.get("image_size"))
+                  max_train=cfg["n_train"], max_eval=cfg["n_test"], image_size=cfg.get("image_size"),
+                  digit_scale=cfg.get("digit_scale"))
     params = inspect.signature(load).parameters
     ds = load(**{k: v for k, v in wanted.items() if k in params and v is not None})
     sizes = {"train": cfg["n_train"], "validation": cfg["n_val"], "test": cfg["n_test"]}
