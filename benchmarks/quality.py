@@ -748,7 +748,10 @@ def _train_fairnet(ctx: Context, name: str, sens: np.ndarray, point: dict, grid_
                  pseudo_labeler=cfg.get("pseudo_labeler", "lof"),
                  lof_contamination=cfg["lof_contamination"], lof_n_neighbors=cfg["lof_n_neighbors"],
                  class_balanced_anchors=bool(cfg.get("class_balanced_anchors", False)),
-                 gate_threshold=0.0 if spec["tau"] == 0.0 else None)
+                 gate_threshold=0.0 if spec["tau"] == 0.0 else None,
+                 # this benchmark's protocol picks (epoch, τ) on validation: keep its stages epoch-sized, with
+                 # no update floors and no detector early stopping (defaults.py measures the library defaults)
+                 lora_min_updates=0, detector_min_updates=0, detector_holdout_fraction=0.0)
     for key in ("negative_strategy", "distance"):
         if key in cfg:
             extra[key] = cfg[key]

@@ -129,6 +129,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     fair.add_argument("--detector-epochs", type=float, default=None,
                       help="Upper bound on the detector stage's epochs (it stops early on held-out rows).")
     fair.add_argument("--detector-lr", type=float, default=None, help="Learning rate of the detector stage.")
+    fair.add_argument("--lora-min-updates", type=int, default=None,
+                      help="Least number of LoRA-stage updates (FairTrainingArguments.lora_min_updates).")
+    fair.add_argument("--detector-min-updates", type=int, default=None,
+                      help="No detector early stop before this many updates (FairTrainingArguments.detector_min_updates).")
     fair.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r).")
     fair.add_argument("--threshold", type=float, default=0.5, help="Gate threshold τ (LoRA on when risk > τ).")
     fair.add_argument("--margin", type=float, default=None, help="Triplet margin m.")
@@ -421,7 +425,8 @@ def fair_training_args(args, **extra):
     knobs = dict(learning_rate=args.lr, detector_epochs=args.detector_epochs, detector_learning_rate=args.detector_lr,
                  margin=args.margin, task_loss_weight=args.task_loss_weight,
                  class_balanced_anchors=args.class_balanced_anchors, anchor_source=args.anchor_source,
-                 pseudo_labeler=args.pseudo_labeler)
+                 pseudo_labeler=args.pseudo_labeler, lora_min_updates=args.lora_min_updates,
+                 detector_min_updates=args.detector_min_updates)
     return FairTrainingArguments(
         output_dir=os.path.join(args.output_dir, "fair_trainer"),
         sensitive_column="sensitive",

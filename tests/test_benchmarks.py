@@ -137,6 +137,7 @@ def test_quality_grid_tau_candidates_and_ceiling():
     assert "Target (a): NOT MET" in text and "Target (b): MET" in text
 
 
+@pytest.mark.slow
 def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
     quality = _load("quality")
     argv = ["--tiny", "--jobs=2", "--datasets", "text,vision", "--out", "x", "--doc=none", "--seeds", "1"]
@@ -241,6 +242,7 @@ def test_groupdro_upweights_the_worst_cell(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.slow
 def test_gpu_run_dry_run(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")

@@ -17,11 +17,13 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs an example script end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 # One torch thread: the tiny models gain nothing from two, and on a shared CPU two threads can be several times slower.
 TINY = ["--max-train", "200", "--max-eval", "100", "--erm-epochs", "1", "--epochs", "1", "--detector-epochs", "1",
-        "--batch-size", "32", "--num-threads", "1"]
+        "--lora-min-updates", "4", "--detector-min-updates", "4", "--batch-size", "32", "--num-threads", "1"]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, so any network access fails fast
 
 
@@ -133,6 +135,11 @@ def test_demo_preset_and_label_setting_helpers():
     args = text.common.parse_with_preset(text.build_parser(), ["--demo", "--epochs", "3"], text.DEMO)
     assert (args.max_train, args.max_eval, args.erm_epochs, args.output_dir) == (2000, 1000, 1, "outputs/demo-text")
     assert args.epochs == 3  # an explicit option wins over the preset
+    # `make demo` sets sizes and epochs only: every FairNet knob is the library default
+    assert set(text.DEMO) <= {"max_train", "max_eval", "max_val", "erm_epochs", "epochs", "output_dir"}
+    assert (args.lr, args.detector_lr, args.task_loss_weight, args.class_balanced_anchors, args.margin) == (None,) * 5
+    fair = text.common.fair_training_args(args)
+    assert fair.learning_rate == 1e-3 and fair.class_balanced_anchors and fair.detector_learning_rate == 1e-3
     assert text.common.encode_sensitive(["F", "M", None, "", "F"], "F") == [1, 0, -1, -1, 1]
     assert text.common.encode_sensitive([1, 0.0, "-1", float("nan")], None) == [1, 0, -1, -1]
     with pytest.raises(ValueError, match="--minority-value"):

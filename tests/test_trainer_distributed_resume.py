@@ -27,6 +27,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["full", "unlabeled"])
 def test_two_process_statistics_equal_one_process(tmp_path, setting):
     single, double = tmp_path / "one.json", tmp_path / "two.json"
