@@ -393,18 +393,23 @@ def root_post_hook(module: nn.Module, args, kwargs, output):
     return merged
 
 
+def backtrack_rows(ctx: "_Pass") -> torch.Tensor:
+    """Indices of the rows a pass reruns: those gated for an adapter whose layers ran before the detector."""
+    rows = torch.zeros(ctx.batch_size, dtype=torch.bool, device=ctx.device)
+    for adapter in ctx.ran_before_detector:
+        if adapter in ctx.records:
+            rows |= ctx.records[adapter].gate.to(ctx.device)
+    return rows.nonzero().squeeze(1)
+
+
 def _backtrack(module: nn.Module, state: GateState, args, kwargs, output):
     """Rerun the gated rows whose adapted layers ran before the detector's read point; None if nothing to redo."""
     ctx = state.live
     if ctx is None or ctx.backtrack or not ctx.ran_before_detector:
         return None
-    rows = torch.zeros(ctx.batch_size, dtype=torch.bool, device=ctx.device)
-    for adapter in ctx.ran_before_detector:
-        if adapter in ctx.records:
-            rows |= ctx.records[adapter].gate.to(ctx.device)
-    if not bool(rows.any()):
+    idx = backtrack_rows(ctx)
+    if not idx.numel():
         return None
-    idx = rows.nonzero().squeeze(1)
     gates = {a: rec.gate[idx.to(rec.gate.device)].long() for a, rec in ctx.records.items()}
     sub_args = tuple(_take_rows(a, idx, ctx.batch_size) for a in args)
     sub_kwargs = {k: _take_rows(v, idx, ctx.batch_size) for k, v in kwargs.items()}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .detector import pool_tokens
-from .gate import find_gate_state
+from .gate import backtrack_rows, find_gate_state
 
 HEAD_NAMES = ("classifier", "score")
 POOLINGS = ("auto", "head", "cls", "mean", "last")
@@ -119,16 +119,6 @@ def _gate_state(model: nn.Module):
         return None
 
 
-def _backtrack_rows(state) -> torch.Tensor:
-    """Row indices FairLoRA's gate reran in the last pass (the rows gate.root_post_hook selects)."""
-    ctx = state.context
-    rows = torch.zeros(ctx.batch_size, dtype=torch.bool, device=ctx.device)
-    for adapter in ctx.ran_before_detector:
-        if adapter in state.records:
-            rows |= state.records[adapter].gate
-    return rows.nonzero().squeeze(1)
-
-
 class HeadCapture:
     """What `capture_head_input` yields. After the forward, `.z` is the head's pooled input, shape (B, d).
 
@@ -176,7 +166,9 @@ class HeadCapture:
         if not torch.is_tensor(x):
             raise TypeError(f"The head `{self.head_name}` was called without a tensor input; set "
                             "FairLoraConfig.representation_module to the module that receives the features.")
-        self.calls.append({"x": x, "out_dim": None, "rerun": bool(getattr(self.gate_state, "in_backtrack", False))})
+        passes = getattr(self.gate_state, "passes", [])
+        rows = backtrack_rows(passes[-2]) if len(passes) > 1 and passes[-1].backtrack else None  # a FairLoRA rerun
+        self.calls.append({"x": x, "out_dim": None, "rerun": rows is not None, "rows": rows})
 
     def _post_hook(self, module, args, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
@@ -213,7 +205,7 @@ class HeadCapture:
                                "forward pass per `with` block.")
         z = self._pool(first[0], None)
         if reruns:  # FairLoRA's gate reran the gated rows: their head input replaces the first pass's
-            rows = _backtrack_rows(self.gate_state)
+            rows = reruns[-1]["rows"]
             z = z.index_copy(0, rows.to(z.device), self._pool(reruns[-1], rows).to(z.dtype))
         return z
 

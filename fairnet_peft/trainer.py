@@ -198,11 +198,13 @@ class FairTrainer(Trainer):
         setting, sensitive, labels = validate_train_dataset(
             dataset, sensitive_column=args.sensitive_column, num_labels=getattr(config, "num_labels", None),
             vocab_size=getattr(text, "vocab_size", None) if "input_ids" in dataset.column_names else None)
-        if (setting == "unlabeled" and args.pseudo_labeler == "lof" and isinstance(args.lof_n_neighbors, int)
-                and len(sensitive) <= args.lof_n_neighbors):
+        neighbours = 20 if args.lof_n_neighbors == "auto" else args.lof_n_neighbors  # 'auto' uses at least 20
+        smallest = int(np.bincount(labels).min(initial=len(labels))) if len(labels) else 0
+        if setting == "unlabeled" and args.pseudo_labeler in ("lof", "auto") and smallest <= neighbours:
             raise ValueError(
-                f"Unlabeled setting with {len(sensitive)} rows but lof_n_neighbors={args.lof_n_neighbors}: LOF needs "
-                "more rows than neighbours. Lower FairTrainingArguments.lof_n_neighbors or add data."
+                f"Unlabeled setting: the smallest class has {smallest} rows but lof_n_neighbors={args.lof_n_neighbors!r} "
+                f"needs more than {neighbours} per class (LOF runs within each class). Lower "
+                "FairTrainingArguments.lof_n_neighbors, choose pseudo_labeler='gmm'/'kmeans'/'error_set', or add data."
             )
         self.label_setting, self._sensitive, self._labels = setting, sensitive, labels
         if ROW_COLUMN in dataset.column_names:

@@ -135,7 +135,7 @@ def _with(ds, column, values):
         (lambda ds: _with(ds, "sensitive", [2] * len(ds)), r"values \[2\] outside"),
         (lambda ds: _with(ds, "sensitive", [0] * len(ds)), "No minority rows"),
         (lambda ds: _with(ds, "labels", [1] * len(ds)), "single class"),
-        (lambda ds: _with(ds.select(range(15)), "sensitive", [-1] * 15), "lof_n_neighbors=20"),
+        (lambda ds: _with(ds.select(range(15)), "sensitive", [-1] * 15), r"lof_n_neighbors='auto'.*more than 20 per class"),
         (lambda ds: ds.add_column("embedding", [[0.5, float("nan")] if i == 3 else [0.5, 0.5] for i in range(len(ds))]),
          r"'embedding' has NaN/inf values in rows \[3\]"),
     ],
