@@ -259,7 +259,8 @@ def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELE
     them scores high, while random outliers score ≈ 0. Unlike the raw accuracy gap, the correlation does not reward a
     tiny group of a few hard rows, nor a large group that merely contains the errors. The error set itself scores 1 by
     construction, so it is not a candidate; it is the fallback when no candidate reaches `min_score`, i.e. when no
-    feature structure explains the errors better than the errors themselves. Candidates that fail (e.g. mark no row)
+    feature structure explains the errors better than the errors themselves, unless it marks every row of a class
+    (a model that never predicts that class): then the best candidate is kept. Candidates that fail (e.g. mark no row)
     are skipped and their error recorded in `details["errors"]`.
 
     Near-ties (scores within `tie`) go to the candidate marking the fewest rows: the score cannot see a class where
@@ -285,10 +286,13 @@ def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELE
     if scores:  # near-ties (within `tie`) go to the candidate that marks the fewest rows
         top = max(scores.values())
         best = min((n for n in scores if scores[n] >= top - tie), key=lambda n: (results[n].labels.mean(), n))
+    chosen = results[best] if best is not None else None
     if best is None or scores[best] < min_score:
-        chosen = error_set(logits, y)
-    else:
-        chosen = results[best]
+        fallback = error_set(logits, y)
+        # an error set that is a whole class (a model that never predicts it) leaves that class without a majority:
+        # then the best candidate, however weak, is the better fallback
+        whole_class = any(bool(fallback.labels[y == k].all()) for k in np.unique(y))
+        chosen = fallback if (chosen is None or not whole_class) else chosen
     chosen.details.update({"scores": scores, "shares": {n: float(r.labels.mean()) for n, r in results.items()},
                            "errors": errors, "min_score": min_score, "tie": tie, "auto": True})
     return chosen

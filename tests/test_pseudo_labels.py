@@ -242,3 +242,14 @@ def test_nan_features_and_mismatched_lengths_are_clear_errors():
 
 def test_methods_constant_lists_every_entry_point():
     assert METHODS == ("error_set", "lof", "gmm", "kmeans", "auto")
+
+
+def test_auto_does_not_fall_back_to_an_error_set_that_is_a_whole_class():
+    """A model that never predicts class 1: its error set is all of class 1, which would leave no majority there."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    y = np.repeat([0, 1], 100)
+    logits = np.tile([2.0, -2.0], (200, 1))  # always class 0
+    result = pseudo_label("auto", features=x, labels=y, logits=logits, seed=0)
+    assert result.method != "error_set"
+    assert not result.labels[y == 1].all() and result.labels.any()
