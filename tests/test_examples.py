@@ -180,7 +180,7 @@ def test_vision_example_runs_offline_unlabeled(tmp_path):
     metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["label_setting_inferred"] == "unlabeled"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert set(config["target_modules"]) == {"q_proj", "v_proj"} and config["task_type"] is None
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} and config["task_type"] is None
 
     # The saved adapter loads back onto the cached ERM model (after `import fairnet_peft`) and gates examples.
     import torch
