@@ -30,3 +30,15 @@ def synthetic_erm_dir(synthetic_data, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("erm_model"))
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_data):
+    """Short name used by the trainer tests."""
+    return synthetic_data
+
+
+@pytest.fixture(scope="module")
+def erm_dir(synthetic_erm_dir):
+    """The ERM model, the FairNet starting point of the trainer tests."""
+    return synthetic_erm_dir

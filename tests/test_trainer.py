@@ -16,17 +16,6 @@ T.logging.set_verbosity_error()
 FAST = dict(report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=5, seed=0, dataloader_num_workers=0)
 
 
-@pytest.fixture(scope="module")
-def data(synthetic_data):
-    return synthetic_data
-
-
-@pytest.fixture(scope="module")
-def erm_dir(synthetic_erm_dir):
-    """The ERM model (tests/conftest.py), the FairNet starting point."""
-    return synthetic_erm_dir
-
-
 def erm(path):
     return T.BertForSequenceClassification.from_pretrained(path)
 

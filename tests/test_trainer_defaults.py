@@ -25,17 +25,6 @@ T.logging.set_verbosity_error()
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
 
 
-@pytest.fixture(scope="module")
-def data(synthetic_data):
-    return synthetic_data
-
-
-@pytest.fixture(scope="module")
-def erm_dir(synthetic_erm_dir):
-    """The ERM model (tests/conftest.py), the FairNet starting point."""
-    return synthetic_erm_dir
-
-
 def fresh(erm_dir):
     return get_peft_model(T.BertForSequenceClassification.from_pretrained(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
 
