@@ -84,21 +84,25 @@ def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(target[known], score[known]))
 
 
-def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-              seed: int, max_rows: int = 20000) -> float:
-    """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
-    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
+def balanced_probe():
+    """The logistic probe both the detector's reference AUC and partial-setting label propagation use."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+
+
+def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+              seed: int, max_rows: int = 20000) -> float:
+    """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
+    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
     fit = np.flatnonzero(fit_rows)
     if len(fit) > max_rows:
         fit = np.random.default_rng(seed).choice(fit, size=max_rows, replace=False)
     if len(np.unique(target[fit])) < 2 or not test_rows.any():
         return float("nan")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
-    probe.fit(features[fit], target[fit])
+    probe = balanced_probe().fit(features[fit], target[fit])
     return roc_auc(target[test_rows], probe.predict_proba(features[test_rows])[:, 1])
 
 
@@ -554,16 +558,11 @@ class FairTrainer(Trainer):
         """Partial setting: a class-balanced scikit-learn LogisticRegression, fitted on the labelled rows' frozen
         features (head input z joined with the mean-pooled detector input), labels the unlabelled rows, so the
         detector also learns from them. Known labels are kept; the held-out rows stay out of the fit."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         x = np.concatenate([feats["z"], feats["feat"]], axis=1)
         fit_rows = fit_rows & (labels >= 0)
         if len(np.unique(labels[fit_rows])) < 2:
             return labels
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
-        probe.fit(x[fit_rows], labels[fit_rows])
+        probe = balanced_probe().fit(x[fit_rows], labels[fit_rows])
         unknown = labels < 0
         out = labels.copy()
         out[unknown] = probe.predict(x[unknown]).astype(np.int64)
