@@ -2,26 +2,31 @@
 
 Importing this package registers the PEFT type ``FAIRLORA``, so ``get_peft_model``, ``PeftModel.from_pretrained``,
 ``AutoPeftModel*`` and transformers' ``model.load_adapter`` handle FairLoRA adapters. Import it before loading.
+
+Layout (docs/architecture.md): ``tuner/`` is the PEFT method (config, LoRA layer, detector, gate, representation),
+``training/`` the two-stage `FairTrainer` and what it computes (losses, prototypes, pseudo-labels), ``evaluation/``
+metrics, τ sweep, plots and model card, ``data/`` the shipped datasets and label-setting helpers. The flat module
+names of earlier releases (``fairnet_peft.metrics``, ``fairnet_peft.datasets``, ``fairnet_peft.trainer`` ...) stay
+importable: each is the same module object as its new home (see ``_aliases``).
 """
 
 from ._registration import register as _register
 
 _register()
 
-from .config import FairLoraConfig  # noqa: E402
-from .gate import GateRecord, force_gate, gate_record  # noqa: E402
-from .model import FairLoraModel  # noqa: E402
+from . import _aliases  # noqa: E402
+from .tuner.config import FairLoraConfig  # noqa: E402
+from .tuner.gate import GateRecord, force_gate, gate_record  # noqa: E402
+from .tuner.model import FairLoraModel  # noqa: E402
+from .training.arguments import FairTrainingArguments  # noqa: E402
+from .training.trainer import FairTrainer  # noqa: E402
+from .evaluation.model_card import attach_fairness_report, write_model_card  # noqa: E402
+from .evaluation.sweep import threshold_sweep  # noqa: E402
+from .evaluation import metrics  # noqa: E402
+
+_aliases.install()
 
 __version__ = "0.1.0"
 
-__all__ = ["FairLoraConfig", "FairLoraModel", "GateRecord", "force_gate", "gate_record"]
-
-from .trainer import FairTrainer  # noqa: E402
-from .training_args import FairTrainingArguments  # noqa: E402
-
-__all__ += ["FairTrainer", "FairTrainingArguments"]
-
-from .model_card import attach_fairness_report, write_model_card  # noqa: E402
-from .sweep import threshold_sweep  # noqa: E402
-
-__all__ += ["attach_fairness_report", "write_model_card", "threshold_sweep"]
+__all__ = ["FairLoraConfig", "FairLoraModel", "GateRecord", "force_gate", "gate_record", "FairTrainer",
+           "FairTrainingArguments", "attach_fairness_report", "write_model_card", "threshold_sweep", "metrics"]

@@ -36,7 +36,7 @@ def register() -> None:
     peft_type = _extend_peft_type()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    from .config import FairLoraConfig
-    from .model import FairLoraModel
+    from .tuner.config import FairLoraConfig
+    from .tuner.model import FairLoraModel
 
     register_peft_method(name="fairlora", config_cls=FairLoraConfig, model_cls=FairLoraModel, prefix="fairlora_")

@@ -1,4 +1,4 @@
-"""Unit tests of fairnet_peft/losses.py on hand-computed cases.
+"""Unit tests of fairnet_peft/training/losses.py on hand-computed cases.
 
 Eq. 1 (class-balanced BCE): −1 rows are ignored, pos_weight scales the positive term only.
 Eq. 2 (prototype triplet loss): 2-D prototypes on the unit circle, μ0 = (1, 0), μ1 = (0, 1), μ2 = (−1, 0), so every

@@ -743,7 +743,7 @@ def test_evaluate_module_offline_matches_functions(offline_evaluate):
 def test_metrics_module_does_not_import_torch():
     # load metrics.py on its own (the package __init__ imports peft, hence torch)
     code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('fnm', {os.path.join(REPO, 'fairnet_peft', 'metrics.py')!r}); "
+            f"spec = importlib.util.spec_from_file_location('fnm', {os.path.join(REPO, 'fairnet_peft', 'evaluation', 'metrics.py')!r}); "
             "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
             "print(mod.worst_group_accuracy([0, 1, 1], [0, 1, 0], sensitive_features=[0, 0, 1]), "
             "'torch' in sys.modules)")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .gate import find_gate_state, force_gate, gate_record
+from ..tuner.gate import find_gate_state, force_gate, gate_record
 
 __all__ = ["SweepScores", "collect_sweep_scores", "gate_rate_thresholds", "sweep_predictions", "sweep_metrics",
            "threshold_sweep"]

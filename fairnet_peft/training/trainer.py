@@ -37,13 +37,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import ParallelMode
 
-from .detector import align_mask, as_tokens, pool_tokens
-from .gate import find_gate_state, force_gate, gate_record
+from ..tuner.detector import align_mask, as_tokens, pool_tokens
+from ..tuner.gate import find_gate_state, force_gate, gate_record
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .prototypes import anchor_weights, compute_prototypes
 from .pseudo_labels import pseudo_label
-from .representation import capture_head_input, resolve_pooling
-from .training_args import FairTrainingArguments
+from ..tuner.representation import capture_head_input, resolve_pooling
+from .arguments import FairTrainingArguments
 from .validation import validate_train_dataset
 
 ROW_COLUMN = "fairnet_row"
@@ -166,7 +166,7 @@ class FairTrainer(Trainer):
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
         if compute_metrics is None:
-            from .metrics import make_compute_metrics
+            from ..evaluation.metrics import make_compute_metrics
 
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
@@ -412,7 +412,7 @@ class FairTrainer(Trainer):
             self._eval_pseudo_groups = self.eval_pseudo_groups(dataset)
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel):
-            from .model_card import attach_fairness_report
+            from ..evaluation.model_card import attach_fairness_report
 
             detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
                         if k in self.detector_stats}

@@ -765,7 +765,7 @@ def render_fairness_table(metrics: Mapping[str, Any], *, split: str) -> str:
 
 
 def load_evaluate_metric(**kwargs):
-    """``evaluate.load`` of the metric script shipped in ``fairnet_peft/metric/`` (no Hub access).
+    """``evaluate.load`` of the metric script shipped in ``fairnet_peft/evaluation/metric/`` (no Hub access).
 
     Keyword arguments go to ``evaluate.load`` (e.g. ``cache_dir``, ``keep_in_memory=True``).
     """

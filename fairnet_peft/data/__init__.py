@@ -35,7 +35,7 @@ __all__ = [
     "make_synthetic_text",
 ]
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 ADULT_TRAIN_FILE = os.path.join(DATA_DIR, "adult_train.csv.gz")
 ADULT_TEST_FILE = os.path.join(DATA_DIR, "adult_test.csv.gz")
 

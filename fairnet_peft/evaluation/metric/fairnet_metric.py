@@ -1,6 +1,6 @@
 """FairNet fairness metrics as an ``evaluate`` module, loadable offline from this file.
 
-    metric = evaluate.load("/path/to/fairnet_peft/metric/fairnet_metric.py")
+    metric = evaluate.load("/path/to/fairnet_peft/evaluation/metric/fairnet_metric.py")
     # or: metric = fairnet_peft.metrics.load_evaluate_metric()
     metric.compute(predictions=preds, references=labels, sensitive_features=groups)
 

@@ -23,7 +23,7 @@ from .config import FairLoraConfig
 from .detector import FairBiasDetector, FairTunerLayer
 from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
                    root_pre_hook)
-from .layer import MERGE_REFUSED, dispatch
+from .layer import MERGE_REFUSED, FairLoraLayer, dispatch
 
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
 # Attention query/value projections by naming family, tried in order when the model type is not in PEFT's mapping
@@ -343,6 +343,31 @@ class FairLoraModel(BaseTuner):
                 handle.remove()
             state.configs.pop(adapter_name, None)
             state.records.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ what a trainer reads and trains
+    def lora_layers(self, adapter_name: str) -> list[FairLoraLayer]:
+        """The adapted layers that hold a LoRA for `adapter_name`."""
+        return [m for m in self.model.modules() if isinstance(m, FairLoraLayer) and adapter_name in m.fairlora_A]
+
+    def trainable_parameters(self, part: str, adapter_name: str) -> list[nn.Parameter]:
+        """The parameters of one training stage of `adapter_name`: 'detector' (the bias detector) or 'lora' (every
+        adapted layer's A and B)."""
+        if part == "detector":
+            return list(self._gate_state(self.model).detector.fairlora_detector[adapter_name].parameters())
+        if part == "lora":
+            return [p for layer in self.lora_layers(adapter_name)
+                    for p in (*layer.fairlora_A[adapter_name].parameters(), *layer.fairlora_B[adapter_name].parameters())]
+        raise ValueError(f"trainable_parameters: part={part!r}; use 'detector' or 'lora'.")
+
+    @torch.no_grad()
+    def lora_relative_update(self, adapter_name: str) -> float:
+        """Mean over adapted layers of ‖(α/r)·B·A‖_F / ‖W‖_F: ≈ 0 means the LoRA has not moved from its zero start."""
+        ratios = []
+        for layer in self.lora_layers(adapter_name):
+            wa, wb = layer.fairlora_A[adapter_name].weight, layer.fairlora_B[adapter_name].weight
+            delta = layer.scaling[adapter_name] * (wb.reshape(wb.shape[0], -1) @ wa.reshape(wa.shape[0], -1))
+            ratios.append(float(delta.norm() / layer.get_base_layer().weight.norm().clamp_min(1e-12)))
+        return sum(ratios) / len(ratios) if ratios else 0.0
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_REFUSED)

@@ -1,0 +1,1 @@
+"""Evaluation: fairness metrics, the gate-threshold sweep, plots and the model-card report."""

@@ -1,0 +1,1 @@
+"""Two-stage training (detector, then LoRA) and what it computes: arguments, losses, prototypes, pseudo-labels."""

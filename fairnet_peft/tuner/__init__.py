@@ -1,0 +1,1 @@
+"""The FairLoRA PEFT method: config, conditional LoRA layer, bias detector, per-pass gate, head representation."""
