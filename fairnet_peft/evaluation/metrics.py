@@ -1,11 +1,12 @@
 """Fairness metrics for FairNet in fairlearn's style: ``f(y_true, y_pred, *, sensitive_features, ...)``.
 
-Every metric is a thin layer over :func:`_confusion_by_group`, which counts one (group × true label ×
-prediction) tensor; its docstring holds all conventions: (label × group) cells keyed ``"y=1,s=0"``,
-unknown group -1 dropped, empty cells NaN + :class:`EmptyGroupWarning`, max − min gaps over groups,
-macro one-vs-rest for multiclass. Inputs: numpy, lists or torch tensors; outputs: floats or small dicts.
-On top: :func:`fairness_summary` (flat dict), :func:`make_compute_metrics` (``transformers.Trainer``),
-:func:`render_fairness_table` (Markdown) and :func:`load_evaluate_metric` (the ``evaluate`` module).
+Every metric is a thin layer over ``counting._confusion_by_group``, which counts one (group × true label ×
+prediction) tensor; its docstring holds the conventions: (label × group) cells keyed ``"y=1,s=0"``, unknown group -1
+dropped, empty cells NaN + :class:`EmptyGroupWarning`, max − min gaps over groups, macro one-vs-rest for multiclass.
+Inputs: numpy, lists or torch tensors; outputs: floats or small dicts. On top, the one evaluation path:
+:func:`evaluate_predictions` (logits, labels, groups, gates → flat dict), used by :func:`make_compute_metrics`
+(``transformers.Trainer``), the τ sweep and the benchmarks. Markdown tables live in ``report``
+(:func:`render_fairness_table` is re-exported here); :func:`load_evaluate_metric` gives the ``evaluate`` module.
 """
 
 from __future__ import annotations
@@ -13,11 +14,32 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
+
+from .bootstrap import bootstrap_ci
+from .counting import (
+    EmptyGroupWarning,
+    _as_1d,
+    _check,
+    _confusion_by_group,
+    _fmt,
+    _gate_on,
+    _GroupStats,
+    _logits_to_labels,
+    _macro,
+    _nan_warn,
+    _spread,
+    _to_numpy,
+    _unknown_mask,
+    cell_key,
+    gated_logits,
+    group_key,
+    predicted_labels,
+)
+from .report import render_fairness_table
 
 __all__ = [
     "EmptyGroupWarning",
@@ -36,6 +58,9 @@ __all__ = [
     "detector_rates",
     "bootstrap_ci",
     "fairness_summary",
+    "predicted_labels",
+    "gated_logits",
+    "evaluate_predictions",
     "make_compute_metrics",
     "render_fairness_table",
     "load_evaluate_metric",
@@ -44,226 +69,6 @@ __all__ = [
 
 #: Local path of the ``evaluate`` metric script shipped with the package.
 EVALUATE_METRIC_PATH = Path(__file__).resolve().parent / "metric" / "fairnet_metric.py"
-
-
-class EmptyGroupWarning(UserWarning):
-    """A (label × group) cell or a group has no rows, so its metric is NaN and it is skipped."""
-
-
-# --------------------------------------------------------------------------------------------
-# Input conversion and the one helper that holds the conventions
-# --------------------------------------------------------------------------------------------
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """numpy view of an array-like; torch tensors go through ``.detach().cpu().numpy()``.
-
-    torch is never imported here: tensors are recognised by their ``detach`` method.
-    """
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu()
-        if str(getattr(x, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _as_1d(x: Any, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (got shape {arr.shape})")
-    return arr
-
-
-def _unknown_mask(s: np.ndarray) -> np.ndarray:
-    """True where the sensitive value is unknown: -1, None or NaN."""
-    if s.dtype.kind in "iu":
-        return s == -1
-    if s.dtype.kind == "f":
-        return (s == -1) | np.isnan(s)
-    if s.dtype.kind == "O":
-        return np.array(
-            [v is None or (isinstance(v, (int, float, np.number)) and (v == -1 or v != v)) for v in s],
-            dtype=bool,
-        )
-    return np.zeros(s.shape, dtype=bool)
-
-
-def _fmt(v: Any) -> str:
-    """Value as it appears in keys: numpy scalars unwrapped, integral floats printed as ints."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return str(v)
-
-
-def cell_key(y: Any, s: Any) -> str:
-    """Key of the (label ``y``, group ``s``) cell, e.g. ``"y=1,s=0"``."""
-    return f"y={_fmt(y)},s={_fmt(s)}"
-
-
-def group_key(s: Any) -> str:
-    """Key of sensitive group ``s``, e.g. ``"s=0"``."""
-    return f"s={_fmt(s)}"
-
-
-def _nan_warn(message: str) -> float:
-    warnings.warn(message, EmptyGroupWarning, stacklevel=3)
-    return float("nan")
-
-
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=float)
-    den = np.asarray(den, dtype=float)
-    out = np.full(np.broadcast(num, den).shape, np.nan)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
-
-
-@dataclass(frozen=True)
-class _GroupStats:
-    """Counts behind every metric; built once by :func:`_confusion_by_group`.
-
-    ``confusion[g, i, j]`` = number of rows of group ``groups[g]`` with true label ``classes[i]``
-    and prediction ``classes[j]``. ``cell_classes`` marks the classes present in ``y_true``.
-    """
-
-    classes: np.ndarray
-    groups: np.ndarray
-    confusion: np.ndarray
-    cell_classes: np.ndarray
-
-    # -- per cell / per group -------------------------------------------------------------
-    @property
-    def cell_count(self) -> np.ndarray:  # (G, K)
-        return self.confusion.sum(axis=2)
-
-    @property
-    def cell_accuracy(self) -> np.ndarray:  # (G, K), NaN where empty
-        return _safe_div(np.diagonal(self.confusion, axis1=1, axis2=2), self.cell_count)
-
-    @property
-    def group_count(self) -> np.ndarray:  # (G,)
-        return self.confusion.sum(axis=(1, 2))
-
-    @property
-    def group_accuracy(self) -> np.ndarray:  # (G,)
-        return _safe_div(np.trace(self.confusion, axis1=1, axis2=2), self.group_count)
-
-    def cells(self) -> list[tuple[int, int]]:
-        """(group index, class index) of the reported cells, ordered by label then group."""
-        ks = np.flatnonzero(self.cell_classes)
-        return [(g, k) for k in ks for g in range(len(self.groups))]
-
-    # -- one-vs-rest rates, shape (G,) ------------------------------------------------------
-    def rates(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """TPR, FPR and selection rate per group with ``classes[k]`` as the positive class."""
-        c = self.confusion
-        tp = c[:, k, k]
-        pred_pos = c[:, :, k].sum(axis=1)
-        pos = c[:, k, :].sum(axis=1)
-        n = self.group_count
-        return _safe_div(tp, pos), _safe_div(pred_pos - tp, n - pos), _safe_div(pred_pos, n)
-
-    def positive_classes(self) -> list[int]:
-        """Binary: ``[index of the positive class]``; multiclass: every class (one-vs-rest)."""
-        k = len(self.classes)
-        return [k - 1] if k <= 2 else list(range(k))
-
-
-def _confusion_by_group(
-    y_true: Any,
-    y_pred: Any,
-    sensitive_features: Any = None,
-    *,
-    labels: Sequence | None = None,
-    warn: bool = True,
-) -> _GroupStats:
-    """Drop unknown-group rows, count the (group, label, prediction) tensor, warn on empty cells.
-
-    ``sensitive_features=None`` means one group (all rows), used for label-only metrics.
-
-    Conventions, shared by every metric in this module:
-
-    * **Cells** are (true label × sensitive group) pairs, keyed ``"y=1,s=0"`` (flat metric keys use
-      ``acc_y1_s0``); **groups** are sensitive values alone, keyed ``"s=0"``. Labels of a cell are the
-      classes present in ``y_true``; groups are the sensitive values present.
-    * **Unknown sensitive values** (``-1``, ``None`` or NaN) are dropped before any group metric.
-    * **Empty cell** (a label and a group both occur, but never together): accuracy NaN, an
-      :class:`EmptyGroupWarning`, and the cell is left out of minima and averages. A rate whose
-      denominator is empty in some group (e.g. TPR of a group without positives) is NaN and left out
-      of the max − min spread. fairlearn instead scores such rates 0 (sklearn's ``nan_to_num``).
-      No known row at all: every group metric is NaN, with a warning.
-    * **Differences** are ``max_g − min_g`` over groups ("between_groups", as fairlearn); a single
-      group (or a single group where the rate is defined) gives 0.
-    * **Classes** are ``labels`` if given, else the values of ``y_true`` ∪ ``y_pred``. **Binary**:
-      ``{0, 1}`` (positive = 1) or any two values (positive = the larger one, as fairlearn).
-      **Multiclass** (> 2 classes, e.g. ``labels=range(3)``): the binary metric is computed with each
-      class in turn as the positive class (one-vs-rest) and averaged over classes (macro; classes where
-      it is undefined are skipped).
-    """
-    yt = _as_1d(y_true, "y_true")
-    yp = _as_1d(y_pred, "y_pred")
-    if len(yt) != len(yp):
-        raise ValueError(f"y_true and y_pred differ in length ({len(yt)} vs {len(yp)})")
-    if sensitive_features is None:
-        s = np.zeros(len(yt), dtype=np.int64)
-    else:
-        s = _as_1d(sensitive_features, "sensitive_features")
-        if len(s) != len(yt):
-            raise ValueError(f"sensitive_features has {len(s)} rows, y_true has {len(yt)}")
-        known = ~_unknown_mask(s)
-        yt, yp, s = yt[known], yp[known], s[known]
-        if s.dtype.kind == "O" and len(s):
-            s = np.array(s.tolist())
-
-    if labels is not None:
-        classes = np.asarray(list(labels))
-        missing = np.setdiff1d(np.union1d(yt, yp), classes)
-        if len(missing):
-            raise ValueError(f"labels {classes.tolist()} do not contain {missing.tolist()}")
-    else:
-        classes = np.unique(np.concatenate([yt, yp]))
-        if set(classes.tolist()) <= {0, 1}:
-            classes = np.array([0, 1], dtype=classes.dtype if len(classes) else np.int64)
-    groups = np.unique(s)
-    K, G = len(classes), len(groups)
-    flat = np.searchsorted(groups, s) * K * K + np.searchsorted(classes, yt) * K + np.searchsorted(classes, yp)
-    confusion = np.bincount(flat, minlength=G * K * K).reshape(G, K, K)
-    stats = _GroupStats(classes, groups, confusion, np.isin(classes, yt))
-
-    if warn:
-        if len(yt) == 0:
-            warnings.warn("no rows with a known sensitive value", EmptyGroupWarning, stacklevel=3)
-        empty = [cell_key(classes[k], groups[g]) for g, k in stats.cells() if stats.cell_count[g, k] == 0]
-        if empty:
-            warnings.warn(
-                f"empty (label x group) cells {empty}: accuracy NaN, left out of minima and averages",
-                EmptyGroupWarning,
-                stacklevel=3,
-            )
-    return stats
-
-
-def _spread(values: np.ndarray) -> float:
-    """max − min over the groups where ``values`` is defined; 0 for one group, NaN for none."""
-    v = values[~np.isnan(values)]
-    return float(v.max() - v.min()) if len(v) else float("nan")
-
-
-def _macro(per_class: list[float]) -> float:
-    """Mean over classes where the binary metric is defined (one-vs-rest macro rule)."""
-    v = np.array(per_class, dtype=float)
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if len(v) else float("nan")
-
-
-def _check(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,13 +264,6 @@ def demographic_parity_difference(
 # --------------------------------------------------------------------------------------------
 
 
-def _gate_on(gates: Any) -> np.ndarray:
-    g = _to_numpy(gates)
-    if g.ndim == 2:
-        g = g[:, 0]
-    return g.astype(float) > 0.5
-
-
 def gate_rates(gates, *, sensitive_features) -> dict[str, float]:
     """Fraction of rows with the gate on per sensitive group: ``P(gate = 1 | S = s)``.
 
@@ -511,62 +309,7 @@ def detector_rates(risk_or_gate, *, sensitive_features, threshold: float = 0.5) 
 
 
 # --------------------------------------------------------------------------------------------
-# Uncertainty
-# --------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    metric_fn: Callable[..., float],
-    y_true,
-    y_pred,
-    *,
-    sensitive_features=None,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    **kw,
-) -> dict[str, float]:
-    """Percentile bootstrap confidence interval of ``metric_fn`` over rows.
-
-    Rows are drawn with replacement ``n_resamples`` times (``numpy.random.default_rng(seed)``);
-    ``low``/``high`` are the ``(1 ∓ confidence)/2`` quantiles of the finite resampled values.
-    ``metric_fn(y_true, y_pred, sensitive_features=..., **kw)`` is called (without
-    ``sensitive_features`` when it is None, e.g. for :func:`accuracy`). Empty-cell warnings inside
-    resamples are silenced. Returns ``{"point", "low", "high", "confidence", "n_resamples"}``, where
-    ``n_resamples`` counts the resamples with a finite value.
-    """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
-    yt, yp = _as_1d(y_true, "y_true"), _as_1d(y_pred, "y_pred")
-    sf = None if sensitive_features is None else _as_1d(sensitive_features, "sensitive_features")
-
-    def call(idx):
-        if sf is None:
-            return metric_fn(yt[idx], yp[idx], **kw)
-        return metric_fn(yt[idx], yp[idx], sensitive_features=sf[idx], **kw)
-
-    point = float(call(slice(None)))
-    rng = np.random.default_rng(seed)
-    n = len(yt)
-    values = np.empty(n_resamples)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EmptyGroupWarning)
-        for i in range(n_resamples):
-            values[i] = call(rng.integers(0, n, size=n))
-    values = values[np.isfinite(values)]
-    alpha = 1.0 - confidence
-    if len(values):
-        low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    else:
-        low = high = float("nan")
-    return {"point": point, "low": float(low), "high": float(high), "confidence": confidence,
-            "n_resamples": int(len(values))}
-
-
-# --------------------------------------------------------------------------------------------
-# Everything at once: flat dict, Trainer hook, Markdown table, evaluate module
+# Everything at once: the flat dict of every metric
 # --------------------------------------------------------------------------------------------
 
 
@@ -614,30 +357,110 @@ def fairness_summary(
     return out
 
 
-def _split_predictions(predictions: Any) -> tuple[np.ndarray, Any, Any]:
-    """``logits`` or ``(logits, risk, gate)`` (missing trailing items allowed, None allowed)."""
-    if isinstance(predictions, (tuple, list)):
-        items = list(predictions) + [None, None]
-        return _to_numpy(items[0]), items[1], items[2]
-    return _to_numpy(predictions), None, None
+# --------------------------------------------------------------------------------------------
+# Logits in, metric dict out: the one evaluation path (Trainer hook, τ sweep, benchmarks)
+# --------------------------------------------------------------------------------------------
 
 
-def _logits_to_labels(logits: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
-    """argmax for ``(N, K)``, K ≥ 2; ``logit > 0`` (sigmoid > 0.5) for ``(N,)`` or ``(N, 1)``."""
-    if logits.ndim == 2 and logits.shape[1] >= 2:
-        return logits.argmax(axis=1), list(range(logits.shape[1]))
-    if logits.ndim == 2 and logits.shape[1] == 1:
-        logits = logits[:, 0]
-    if logits.ndim != 1:
-        raise ValueError(f"logits must be (N,), (N, 1) or (N, K); got shape {logits.shape}")
-    return (logits > 0).astype(np.int64), [0, 1]
-
-
-def _column0(x: Any) -> np.ndarray | None:
+def _column0(x: Any, name: str, n: int) -> np.ndarray | None:
+    """``x`` as (N,): column 0 of an ``(N, n_adapters)`` array; None stays None."""
     if x is None:
         return None
     arr = _to_numpy(x)
-    return arr[:, 0] if arr.ndim == 2 else arr.reshape(-1)
+    arr = arr[:, 0] if arr.ndim == 2 else arr.reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} rows, labels has {n}; pass one value per row")
+    return arr
+
+
+def _known_groups(sensitive_features: Any, keep: np.ndarray) -> np.ndarray | None:
+    """Sensitive values of the kept rows; None when there are none or every one is unknown."""
+    if sensitive_features is None:
+        return None
+    s = _as_1d(sensitive_features, "sensitive_features")
+    if len(s) != len(keep):
+        raise ValueError(f"sensitive_features has {len(s)} rows, labels has {len(keep)}")
+    s = s[keep]
+    return None if _unknown_mask(s).all() else s
+
+
+def _gate_metrics(gate: np.ndarray | None, risk: np.ndarray | None, s: np.ndarray | None,
+                  threshold: float) -> dict[str, float]:
+    """gate_rate (all rows), gate_rate_s{g} and detector_* of the kept rows (see evaluate_predictions)."""
+    if gate is None and risk is None:
+        return {}
+    gate_on = _gate_on(gate if gate is not None else risk > threshold).astype(np.int64)
+    out = {"gate_rate": float(gate_on.mean()) if len(gate_on) else float("nan")}
+    if s is None:
+        return out
+    out.update({f"gate_rate_s{key[2:]}": rate for key, rate in gate_rates(gate_on, sensitive_features=s).items()})
+    if set(np.unique(s[~_unknown_mask(s)]).tolist()) <= {0, 1}:
+        # risk > τ when there is a risk; else the hard gate, which passes through at 0.5
+        det, tau = (risk, threshold) if risk is not None else (gate_on, 0.5)
+        rates = detector_rates(det, sensitive_features=s, threshold=tau)
+        out.update({f"detector_{k}": v for k, v in rates.items()})
+    return out
+
+
+def evaluate_predictions(
+    logits,
+    labels,
+    *,
+    sensitive_features=None,
+    gates=None,
+    risk=None,
+    threshold: float = 0.5,
+    per_cell: bool = True,
+    prefix: str = "",
+) -> dict[str, float]:
+    """Every metric of a model's outputs on one split, as a flat dict of floats: the one evaluation path.
+
+    :func:`make_compute_metrics`, ``sweep.sweep_metrics`` and the benchmarks call it; the conventions live here:
+
+    * ``logits`` ``(N, K)``, K ≥ 2 → argmax, class set ``range(K)`` (multiclass: macro one-vs-rest);
+      ``(N,)`` or ``(N, 1)`` → ``logit > 0``, class set {0, 1}. Labels outside that set: classes from the data.
+    * ``labels`` ``(N,)``: rows labelled -100 (ignore index) are dropped from everything; integral floats → ints.
+    * ``sensitive_features`` ``(N,)``: -1/None/NaN = unknown, left out of group metrics. None (or all unknown):
+      only the label-only keys (``accuracy``, ``worst_class_accuracy``) and ``gate_rate``.
+    * ``gates`` (hard, {0, 1}) and/or ``risk`` ([0, 1]), ``(N,)`` or ``(N, n_adapters)`` (column 0): add
+      ``gate_rate`` and per group ``gate_rate_s{g}`` from ``gates`` (else ``risk > threshold``); with sensitive
+      values in {0, 1} also ``detector_tpr``/``detector_fpr``/``detector_tpr_over_fpr`` from
+      ``risk > threshold`` (else ``gates``). ``threshold`` is the detector's τ.
+
+    Keys: :func:`fairness_summary`'s (``acc_y*_s*`` unless ``per_cell=False``) plus the gate keys, each with
+    ``prefix`` in front (e.g. ``"test_"``). Undefined values are NaN, never an error.
+    """
+    y_pred, classes = _logits_to_labels(_to_numpy(logits))
+    y_true = _as_1d(labels, "labels")
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"labels has {len(y_true)} rows, logits has {len(y_pred)}; pass one label per row")
+    if y_true.dtype.kind == "f" and np.all(np.mod(y_true, 1) == 0):
+        y_true = y_true.astype(np.int64)
+    keep = y_true != -100
+    s = _known_groups(sensitive_features, keep)
+    gate, risk = _column0(gates, "gates", len(keep)), _column0(risk, "risk", len(keep))
+    y_true, y_pred = y_true[keep], y_pred[keep]
+    class_set = classes if set(np.unique(y_true).tolist()) <= set(classes) else None
+    out = fairness_summary(y_true, y_pred, sensitive_features=s, labels=class_set, per_cell=per_cell)
+    out.update(_gate_metrics(None if gate is None else gate[keep], None if risk is None else risk[keep], s,
+                             threshold))
+    return {f"{prefix}{key}": value for key, value in out.items()}
+
+
+def _split_eval_prediction(eval_pred: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(logits, risk, gate, labels, sensitive) of an ``EvalPrediction`` or a ``(predictions, label_ids)`` pair.
+
+    ``predictions``: logits or ``(logits, risk, gate)``; ``label_ids``: labels or ``(labels, sensitive)``.
+    Missing trailing items and None items are allowed.
+    """
+    predictions = getattr(eval_pred, "predictions", None)
+    label_ids = getattr(eval_pred, "label_ids", None)
+    if predictions is None and label_ids is None:
+        predictions, label_ids = eval_pred[0], eval_pred[1]
+    preds = list(predictions) if isinstance(predictions, (tuple, list)) else [predictions]
+    labels = list(label_ids) if isinstance(label_ids, (tuple, list)) else [label_ids]
+    preds, labels = preds + [None, None], labels + [None]
+    return preds[0], preds[1], preds[2], labels[0], labels[1]
 
 
 def make_compute_metrics(
@@ -648,120 +471,19 @@ def make_compute_metrics(
 ) -> Callable[[Any], dict[str, float]]:
     """Build ``compute_metrics`` for ``transformers.Trainer`` (Trainer adds the ``eval_`` prefix).
 
-    The returned function takes an ``EvalPrediction`` whose
-
-    * ``predictions`` is the logits array, or a tuple ``(logits, risk, gate)`` (FairTrainer):
-      ``risk`` (N,) in [0, 1], ``gate`` (N,) in {0, 1}; ``(N, n_adapters)`` arrays use column 0.
-      Logits ``(N, K)`` with K ≥ 2 → argmax; ``(N,)`` or ``(N, 1)`` → ``logit > 0``.
-    * ``label_ids`` is the labels array, or ``(labels, sensitive)`` with sensitive in {-1, 0, 1}.
-      Rows labelled -100 (ignore index) are dropped.
-
-    Returned keys: :func:`fairness_summary`'s (``accuracy``, ``worst_class_accuracy``, and with
-    known sensitive values ``worst_group_accuracy``, ``equalized_odds_difference``, ...,
-    ``acc_y1_s0``), plus, when a gate or risk is given, ``gate_rate`` (all rows) and with known
-    sensitive values ``gate_rate_s0``/``gate_rate_s1`` and ``detector_tpr``/``detector_fpr``/
-    ``detector_tpr_over_fpr``. The gate rates use ``gate`` (else ``risk > threshold``); the
-    detector rates use ``risk > threshold`` (else ``gate``). ``threshold`` is the detector's τ.
-    ``use_sensitive=False`` ignores sensitive labels (label-free model selection);
-    ``per_cell=False`` drops the ``acc_y*_s*`` keys. Undefined values are NaN, never an error.
+    The returned function takes an ``EvalPrediction`` whose ``predictions`` is the logits array or a tuple
+    ``(logits, risk, gate)`` (FairTrainer), and whose ``label_ids`` is the labels array or ``(labels,
+    sensitive)``, and returns :func:`evaluate_predictions` of them (see there for keys and conventions).
+    ``threshold`` is the detector's τ; ``use_sensitive=False`` ignores sensitive labels (label-free model
+    selection); ``per_cell=False`` drops the ``acc_y*_s*`` keys.
     """
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
-        predictions = getattr(eval_pred, "predictions", None)
-        label_ids = getattr(eval_pred, "label_ids", None)
-        if predictions is None and label_ids is None:
-            predictions, label_ids = eval_pred[0], eval_pred[1]
-        logits, risk, gate = _split_predictions(predictions)
-        if isinstance(label_ids, (tuple, list)):
-            labels, sensitive = label_ids[0], (label_ids[1] if len(label_ids) > 1 else None)
-        else:
-            labels, sensitive = label_ids, None
-        y_pred, classes = _logits_to_labels(logits)
-        y_true = _as_1d(labels, "labels")
-        if y_true.dtype.kind == "f" and np.all(np.mod(y_true, 1) == 0):
-            y_true = y_true.astype(np.int64)
-        keep = y_true != -100
-        s = None if (sensitive is None or not use_sensitive) else _as_1d(sensitive, "sensitive")[keep]
-        y_true, y_pred = y_true[keep], y_pred[keep]
-        labels_for_metrics = classes if set(np.unique(y_true).tolist()) <= set(classes) else None
-        if s is not None and _unknown_mask(s).all():
-            s = None
-        out = fairness_summary(y_true, y_pred, sensitive_features=s, labels=labels_for_metrics, per_cell=per_cell)
-
-        risk, gate = _column0(risk), _column0(gate)
-        gate_on = gate if gate is not None else (None if risk is None else (risk > threshold).astype(np.int64))
-        if gate_on is not None:
-            gate_on = _gate_on(gate_on)[keep].astype(np.int64)
-            out["gate_rate"] = float(gate_on.mean()) if len(gate_on) else float("nan")
-            if s is not None:
-                for key, rate in gate_rates(gate_on, sensitive_features=s).items():
-                    out[f"gate_rate_s{key[2:]}"] = rate
-                det = risk[keep] if risk is not None else gate_on
-                if set(np.unique(s[~_unknown_mask(s)]).tolist()) <= {0, 1}:
-                    rates = detector_rates(det, sensitive_features=s, threshold=threshold)
-                    out.update({f"detector_{k}": v for k, v in rates.items()})
-        return out
+        logits, risk, gate, labels, sensitive = _split_eval_prediction(eval_pred)
+        return evaluate_predictions(logits, labels, sensitive_features=sensitive if use_sensitive else None,
+                                    gates=gate, risk=risk, threshold=threshold, per_cell=per_cell)
 
     return compute_metrics
-
-
-_TABLE_ROWS = [
-    ("accuracy", "ACC (accuracy over all rows)"),
-    ("worst_group_accuracy", "WGA (min over label × group cells)"),
-    ("worst_sensitive_group_accuracy", "WGA by group (min over s)"),
-    ("worst_class_accuracy", "worst-class accuracy (min over y)"),
-    ("average_group_accuracy", "mean cell accuracy"),
-    ("equalized_odds_difference", "EOD, mean: ½(ΔTPR + ΔFPR)"),
-    ("equalized_odds_difference_worst_case", "EOD, worst case: max(ΔTPR, ΔFPR)"),
-    ("equal_opportunity_difference", "EOpp: ΔTPR"),
-    ("demographic_parity_difference", "DP: Δ selection rate"),
-    ("gate_rate", "gate rate, all rows"),
-]
-_TABLE_TAIL = [
-    ("detector_tpr", "detector TPR (gate on, s=1)"),
-    ("detector_fpr", "detector FPR (gate on, s=0)"),
-    ("detector_tpr_over_fpr", "detector TPR / FPR"),
-]
-
-
-def _cell(v: Any) -> str:
-    v = float(v)
-    return "n/a" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.4f}")
-
-
-def render_fairness_table(metrics: Mapping[str, Any], *, split: str) -> str:
-    """Markdown table of ACC, WGA, EOD, gate rates per group (and the rest that is present).
-
-    ``metrics`` is a :func:`make_compute_metrics` / ``Trainer.evaluate`` dict; keys may carry a
-    ``eval_``, ``test_`` or ``{split}_`` prefix. ``split`` names the data split the numbers were
-    measured on and is stated above the table. Values are fractions in [0, 1]; NaN prints "n/a".
-    """
-    if not split:
-        raise ValueError("split must name the data split the metrics were measured on")
-    clean: dict[str, Any] = {}
-    for key, value in metrics.items():
-        for prefix in (f"{split}_", "eval_", "test_"):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        clean[key] = value
-    rows = [(label, clean[k]) for k, label in _TABLE_ROWS if k in clean]
-    gate_groups = sorted(k for k in clean if re.fullmatch(r"gate_rate_s.+", k))
-    rows += [(f"gate rate, s={k[len('gate_rate_s'):]}", clean[k]) for k in gate_groups]
-    rows += [(label, clean[k]) for k, label in _TABLE_TAIL if k in clean]
-    for k in sorted(k for k in clean if re.fullmatch(r"acc_y.+_s.+", k)):
-        y, s = re.fullmatch(r"acc_y(.+)_s(.+)", k).groups()
-        rows.append((f"accuracy of cell y={y}, s={s}", clean[k]))
-    if not rows:
-        raise ValueError("no known fairness metric keys in metrics")
-    lines = [
-        f"Fairness metrics on the **{split}** split (fractions in [0, 1]).",
-        "",
-        "| metric | value |",
-        "|---|---:|",
-    ]
-    lines += [f"| {label} | {_cell(value)} |" for label, value in rows]
-    return "\n".join(lines) + "\n"
 
 
 def load_evaluate_metric(**kwargs):

@@ -1,34 +1,24 @@
-"""Fairness evaluation section of an adapter's model card (`README.md`).
+"""Writing the "Fairness evaluation" section into an adapter's model card (`README.md`); the text is `report`'s.
 
-Two ways in:
+* `write_model_card(adapter_dir, metrics, split="test")` writes/updates the section in a saved adapter folder.
+* `attach_fairness_report(model, metrics, split="test")` keeps the metrics on that `PeftModel` instance (in its
+  `__dict__`, never in the JSON config) and wraps the instance's `create_or_update_model_card` /
+  `_upload_modified_files`, so its later `save_pretrained` / `push_to_hub` write the section. No PEFT class changes;
+  `install_model_card_hook` (class-level, deprecated) is kept for code that calls it.
 
-* `write_model_card(adapter_dir, metrics, split="test")` writes/updates the section in a saved adapter directory.
-* `attach_fairness_report(model, metrics, split="test")` keeps the metrics on the `PeftModel` (a plain dict in the
-  instance's `__dict__`, never in the JSON config), and every later `model.save_pretrained(...)` /
-  `model.push_to_hub(...)` writes the section into the card. This needs `install_model_card_hook()` (idempotent;
-  `attach_fairness_report` calls it), which wraps two PEFT methods once:
-
-  - `PeftModel.create_or_update_model_card` (called by `save_pretrained`): after PEFT has written its card, the
-    attached sections are added or replaced;
-  - `PeftModel._upload_modified_files` (called by `push_to_hub` after transformers has overwritten README.md in its
-    temporary folder with the Hub's card or a fresh template): the card is brought up to date again (PEFT's own
-    entries and the fairness section) just before the upload, for models with an attached report.
-
-The section sits between HTML comment markers named after the adapter, so updating replaces it instead of adding a
-second copy, and several adapters each keep their own section.
+The section sits between HTML markers named after the adapter, so updating replaces it, and each adapter keeps its own.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from .metrics import render_fairness_table
+from .report import SECTION_TITLE, clean_metrics, render_fairness_section, render_fairness_table, section_markers
 
 __all__ = [
     "SECTION_TITLE",
@@ -42,49 +32,13 @@ __all__ = [
     "write_model_card",
 ]
 
-SECTION_TITLE = "Fairness evaluation"
 REPORT_ATTR = "_fairnet_fairness_reports"
 _HOOK_FLAG = "_fairnet_fairness_hook"
 
 
-def _markers(adapter_name: str) -> tuple[str, str]:
-    return (f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: start -->",
-            f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: end -->")
-
-
-def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Numeric entries as plain floats (numpy/torch scalars included); strings, lists and the like are dropped."""
-    out = {}
-    for key, value in metrics.items():
-        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[str(key)] = float(value)
-    return out
-
-
-def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",
-                            threshold: Optional[float] = None) -> str:
-    """The Markdown section (with its markers): a heading, the adapter and τ, and `render_fairness_table`."""
-    table = render_fairness_table(_clean_metrics(metrics), split=split)
-    start, end = _markers(adapter_name)
-    heading = f"## {SECTION_TITLE}" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
-    about = f"FairLoRA adapter `{adapter_name}`"
-    if threshold is not None and not (isinstance(threshold, float) and math.isnan(threshold)):
-        about += f", detector gate threshold τ = {float(threshold):g} (the LoRA is on for rows with risk > τ)"
-    about += "; metrics computed with `fairnet_peft.metrics`."
-    clean = _clean_metrics(metrics)
-    lines = [start, heading, "", about, "", table.rstrip("\n")]
-    if "train_detector_auc" in clean:
-        lines += ["", f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
-                      f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same "
-                      "frozen features (the mean-pooled detector input)."]
-    return "\n".join(lines + [end]) + "\n"
-
-
 def update_card_text(text: str, section: str, adapter_name: str = "default") -> str:
     """`text` with the adapter's section replaced, or appended (after a blank line) if it has none yet."""
-    start, end = _markers(adapter_name)
+    start, end = section_markers(adapter_name)
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(text):
         return pattern.sub(lambda _: section, text, count=1)
@@ -145,7 +99,7 @@ def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
         adapter_name = model.active_adapter
     if adapter_name not in model.peft_config:
         raise ValueError(f"attach_fairness_report: no adapter {adapter_name!r} (adapters: {list(model.peft_config)})")
-    clean = _clean_metrics(metrics)
+    clean = clean_metrics(metrics)
     render_fairness_table(clean, split=split)  # validates split and that some known metric is present
     _hook_instance(model)
     model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics as M
+from .metrics import evaluate_predictions, gated_logits, predicted_labels
 from ..tuner.gate import find_gate_state, force_gate, gate_record
 
 __all__ = ["SweepScores", "collect_sweep_scores", "gate_rate_thresholds", "sweep_predictions", "sweep_metrics",
@@ -62,13 +62,17 @@ class SweepScores:
             return (self.risk_native > float(threshold)).numpy()
         return self.risk > float(threshold)
 
+    def logits(self, threshold: float) -> np.ndarray:
+        """(N, K) logits the model gives at `threshold`: the corrected ones where the gate is on, else the base."""
+        return gated_logits(self.logits_off, self.logits_on, self.gate(threshold))
+
     @property
     def pred_off(self) -> np.ndarray:
-        return M._logits_to_labels(self.logits_off)[0]
+        return predicted_labels(self.logits_off)
 
     @property
     def pred_on(self) -> np.ndarray:
-        return M._logits_to_labels(self.logits_on)[0]
+        return predicted_labels(self.logits_on)
 
 
 # ---------------------------------------------------------------------- data loading
@@ -208,7 +212,7 @@ def collect_sweep_scores(
 
 def sweep_predictions(scores: SweepScores, threshold: float) -> np.ndarray:
     """Predictions the model makes at `threshold`: the corrected prediction where risk > τ, else the base one."""
-    return np.where(scores.gate(threshold), scores.pred_on, scores.pred_off)
+    return predicted_labels(scores.logits(threshold))
 
 
 def gate_rate_thresholds(risk, rates: Sequence[float]) -> list[float]:
@@ -234,37 +238,26 @@ def gate_rate_thresholds(risk, rates: Sequence[float]) -> list[float]:
     return [float(q) for q in np.quantile(values, [1.0 - r for r in rates])]
 
 
+# keys every sweep row has, NaN when undefined (no known group, or sensitive values other than 0/1)
+_ROW_KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference", "gate_rate")
+_DETECTOR_KEYS = ("tpr", "fpr", "tpr_over_fpr")
+
+
 def sweep_metrics(scores: SweepScores, thresholds: Sequence[float]) -> list[dict]:
-    """One row per τ (in the given order), from already collected scores; see `threshold_sweep` for the keys."""
-    keep = scores.labels != -100
-    y = scores.labels[keep]
-    if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
-        y = y.astype(np.int64)
-    s = scores.sensitive[keep]
-    pred_off, pred_on = scores.pred_off[keep], scores.pred_on[keep]
-    classes = M._logits_to_labels(scores.logits_off[:1])[1]
-    labels = classes if set(np.unique(y).tolist()) <= set(classes) else None
-    known = s[~M._unknown_mask(s)]
-    binary = set(np.unique(known).tolist()) <= {0, 1}
+    """One row per τ (in the given order), from already collected scores; see `threshold_sweep` for the keys.
+
+    Each row is `metrics.evaluate_predictions` of the model's logits and gates at τ, so it has the same keys and
+    numbers as `make_compute_metrics(threshold=τ)` on a normal run of the model at τ, plus `threshold` and the
+    detector rates again under their short names `tpr`, `fpr`, `tpr_over_fpr`.
+    """
     rows = []
     for tau in thresholds:
         tau = float(tau)
-        gate = scores.gate(tau)[keep]
-        pred = np.where(gate, pred_on, pred_off)
-        row = {
-            "threshold": tau,
-            "accuracy": M.accuracy(y, pred),
-            "worst_group_accuracy": M.worst_group_accuracy(y, pred, sensitive_features=s),
-            "equalized_odds_difference": M.equalized_odds_difference(y, pred, sensitive_features=s, labels=labels),
-            "gate_rate": float(gate.mean()) if len(gate) else math.nan,
-        }
-        if binary:
-            # the hard gate (threshold 0.5 passes it through), so the rates use exactly the gate applied above
-            rates = M.detector_rates(gate.astype(np.int64), sensitive_features=s, threshold=0.5)
-            row.update(tpr=rates["tpr"], fpr=rates["fpr"], tpr_over_fpr=rates["tpr_over_fpr"])
-        else:
-            row.update(tpr=math.nan, fpr=math.nan, tpr_over_fpr=math.nan)
-        row.update({f"gate_rate_s{k[2:]}": v for k, v in M.gate_rates(gate, sensitive_features=s).items()})
+        gate = scores.gate(tau)
+        out = evaluate_predictions(scores.logits(tau), scores.labels, sensitive_features=scores.sensitive,
+                                   gates=gate, threshold=tau)
+        row = {"threshold": tau, **{key: math.nan for key in _ROW_KEYS}, **out}
+        row.update({key: out.get(f"detector_{key}", math.nan) for key in _DETECTOR_KEYS})
         rows.append(row)
     return rows
 
@@ -285,7 +278,9 @@ def threshold_sweep(
     Returns one dict per τ (in the given order) with ``threshold``, ``accuracy`` (ACC), ``worst_group_accuracy``
     (WGA over label × group cells), ``equalized_odds_difference`` (EOD, mean), ``tpr``/``fpr``/``tpr_over_fpr``
     (detector rates against the sensitive labels, NaN unless they are binary), ``gate_rate`` (all rows) and
-    ``gate_rate_s{g}`` per group: the input of `fairnet_peft.plots.plot_threshold_sweep`. Rows labelled -100 are
+    ``gate_rate_s{g}`` per group: the input of `fairnet_peft.plots.plot_threshold_sweep`. The rest of
+    `metrics.evaluate_predictions`' keys at τ (``worst_class_accuracy``, ``acc_y1_s0``, ``detector_tpr`` ...) are
+    there too. Rows labelled -100 are
     dropped; sensitive value -1 means unknown. The predictions are exactly those of the model run with its
     threshold set to τ (see `collect_sweep_scores` for the data handling). The model's threshold is not changed.
     """

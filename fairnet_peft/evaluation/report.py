@@ -1,0 +1,125 @@
+"""Reporting: metric dicts rendered as Markdown, for the docs, benchmarks and the adapter's model card.
+
+`render_fairness_table(metrics, split=...)` turns an `evaluate_predictions` / `Trainer.evaluate` dict into a table
+(ACC, WGA, EOD, gate rates per group, detector rates, per-cell accuracies); `render_fairness_section` wraps it in the
+model card's "Fairness evaluation" section between HTML markers named after the adapter (`model_card` writes it into
+README.md). Only the standard library is imported: no numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Optional
+
+__all__ = ["SECTION_TITLE", "clean_metrics", "render_fairness_section", "render_fairness_table", "section_markers"]
+
+SECTION_TITLE = "Fairness evaluation"
+
+_TABLE_ROWS = [
+    ("accuracy", "ACC (accuracy over all rows)"),
+    ("worst_group_accuracy", "WGA (min over label × group cells)"),
+    ("worst_sensitive_group_accuracy", "WGA by group (min over s)"),
+    ("worst_class_accuracy", "worst-class accuracy (min over y)"),
+    ("average_group_accuracy", "mean cell accuracy"),
+    ("equalized_odds_difference", "EOD, mean: ½(ΔTPR + ΔFPR)"),
+    ("equalized_odds_difference_worst_case", "EOD, worst case: max(ΔTPR, ΔFPR)"),
+    ("equal_opportunity_difference", "EOpp: ΔTPR"),
+    ("demographic_parity_difference", "DP: Δ selection rate"),
+    ("gate_rate", "gate rate, all rows"),
+]
+_TABLE_TAIL = [
+    ("detector_tpr", "detector TPR (gate on, s=1)"),
+    ("detector_fpr", "detector FPR (gate on, s=0)"),
+    ("detector_tpr_over_fpr", "detector TPR / FPR"),
+]
+
+
+def _cell(v: Any) -> str:
+    v = float(v)
+    return "n/a" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.4f}")
+
+
+def _strip_prefixes(metrics: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """Keys without their ``{split}_``, ``eval_`` or ``test_`` prefix (the first that matches)."""
+    clean: dict[str, Any] = {}
+    for key, value in metrics.items():
+        for prefix in (f"{split}_", "eval_", "test_"):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        clean[key] = value
+    return clean
+
+
+def _table_rows(clean: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    rows = [(label, clean[k]) for k, label in _TABLE_ROWS if k in clean]
+    gate_groups = sorted(k for k in clean if re.fullmatch(r"gate_rate_s.+", k))
+    rows += [(f"gate rate, s={k[len('gate_rate_s'):]}", clean[k]) for k in gate_groups]
+    rows += [(label, clean[k]) for k, label in _TABLE_TAIL if k in clean]
+    for k in sorted(k for k in clean if re.fullmatch(r"acc_y.+_s.+", k)):
+        y, s = re.fullmatch(r"acc_y(.+)_s(.+)", k).groups()
+        rows.append((f"accuracy of cell y={y}, s={s}", clean[k]))
+    return rows
+
+
+def render_fairness_table(metrics: Mapping[str, Any], *, split: str) -> str:
+    """Markdown table of ACC, WGA, EOD, gate rates per group (and the rest that is present).
+
+    ``metrics`` is an ``evaluate_predictions`` / ``make_compute_metrics`` / ``Trainer.evaluate`` dict; keys may
+    carry a ``eval_``, ``test_`` or ``{split}_`` prefix. ``split`` names the data split the numbers were measured on
+    and is stated above the table. Values are fractions in [0, 1]; NaN prints "n/a".
+    """
+    if not split:
+        raise ValueError("split must name the data split the metrics were measured on (e.g. split='test')")
+    rows = _table_rows(_strip_prefixes(metrics, split))
+    if not rows:
+        raise ValueError("metrics has no known fairness metric key (e.g. 'accuracy'); pass an evaluate_predictions "
+                         "or Trainer.evaluate dict")
+    lines = [
+        f"Fairness metrics on the **{split}** split (fractions in [0, 1]).",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {label} | {_cell(value)} |" for label, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def section_markers(adapter_name: str) -> tuple[str, str]:
+    """The HTML comments that open and close an adapter's section, so rewriting replaces it."""
+    return (f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: start -->",
+            f"<!-- fairnet_peft: fairness evaluation of adapter {adapter_name}: end -->")
+
+
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric entries as plain floats (numpy/torch scalars included); strings, lists and the like are dropped."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(key)] = float(value)
+    return out
+
+
+def _about(adapter_name: str, threshold: Optional[float]) -> str:
+    about = f"FairLoRA adapter `{adapter_name}`"
+    if threshold is not None and not (isinstance(threshold, float) and math.isnan(threshold)):
+        about += f", detector gate threshold τ = {float(threshold):g} (the LoRA is on for rows with risk > τ)"
+    return about + "; metrics computed with `fairnet_peft.metrics`."
+
+
+def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",
+                            threshold: Optional[float] = None) -> str:
+    """The model card's Markdown section (with its markers): a heading, the adapter and τ, and the table."""
+    clean = clean_metrics(metrics)
+    table = render_fairness_table(clean, split=split)
+    start, end = section_markers(adapter_name)
+    heading = f"## {SECTION_TITLE}" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
+    lines = [start, heading, "", _about(adapter_name, threshold), "", table.rstrip("\n")]
+    if "train_detector_auc" in clean:
+        lines += ["", f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
+                      f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same "
+                      "frozen features (the mean-pooled detector input)."]
+    return "\n".join(lines + [end]) + "\n"
