@@ -4,7 +4,8 @@ The gate covers every token/position of an example (batch row); it comes from th
 The LoRA math lives in `FairLoraLayer._add_delta` / `lora_delta` only; `forward` picks the rows: no row gated → no
 LoRA compute at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row
 gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and
-added with `index_add`. Outside a forward of the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
+added with `index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example). Outside a
+forward of the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
 Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
 Merging is refused: the gate depends on the input, so no single merged weight exists.
 """
@@ -43,6 +44,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         self.fairlora_B = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
+        self.windowed = False  # set by the tuner inside windowed-attention blocks (rows = B · windows)
         self.__dict__[STATE_ATTR] = gate_state
         if isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -121,14 +123,22 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             if record.n_on == record.batch_size:  # uniform gate: right for any layout of dim 0 (e.g. B·T tokens)
                 result = self._add_delta(result, x, adapter)
                 continue
-            if x.shape[0] != record.batch_size:
-                raise RuntimeError(
-                    f"FairLoRA layer got an input with {x.shape[0]} rows but the gate has {record.batch_size}: this "
-                    "module does not keep the batch in dim 0, so it cannot be gated per example. Exclude it from "
-                    "`target_modules`."
-                )
-            result = self._add_delta(result, x, adapter, record.idx.to(x.device))
+            result = self._add_delta(result, x, adapter, self._gated_rows(record, x.shape[0]).to(x.device))
         return result
+
+    def _gated_rows(self, record, rows: int) -> torch.Tensor:
+        """Indices of the input rows of the gated examples: `record.idx`, or in a windowed-attention block (Swin:
+        `windowed`, B·nW windows, example-major as `window_partition` lays them out) every window of a gated example."""
+        if rows == record.batch_size:
+            return record.idx
+        if self.windowed and rows % record.batch_size == 0:
+            per_example = rows // record.batch_size
+            offsets = torch.arange(per_example, device=record.idx.device)
+            return (record.idx.unsqueeze(1) * per_example + offsets).reshape(-1)
+        raise RuntimeError(
+            f"FairLoRA layer got an input with {rows} rows but the gate has {record.batch_size}: this module does not "
+            "keep the batch in dim 0, so it cannot be gated per example. Exclude it from `target_modules`."
+        )
 
     def _keep_in_graph(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """With autograd on and a trainable adapter, tie its weights to the output with a zero factor: a batch with no

@@ -24,24 +24,71 @@ from .detector import FairBiasDetector, FairTunerLayer
 from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
                    root_pre_hook)
 from .layer import MERGE_REFUSED, FairLoraLayer, dispatch
+from .representation import find_head, resolve_pooling
 
-_STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
+_STACK_NAMES = ("layer", "layers", "h", "block", "blocks", "stages")
 # Attention query/value projections by naming family, tried in order when the model type is not in PEFT's mapping
 # or its names changed (transformers 5 ViT uses q_proj/v_proj where PEFT's mapping still says query/value).
 _QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("qkv",))
 
 
 def find_layer_stack(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
-    """The longest ModuleList of same-type blocks named like a layer stack ('layer', 'layers', 'h', 'blocks')."""
-    best = None
+    """The longest outermost ModuleList of same-type blocks named like a layer stack ('layer', 'layers', 'h',
+    'blocks', 'stages'). Outermost: in hierarchical models (Swin `encoder.layers[i].blocks`, ConvNeXt
+    `encoder.stages[i].layers`) the stages are the stack, whatever the depth of one stage."""
+    found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if name.rpartition(".")[2] not in _STACK_NAMES or len({type(m) for m in module}) != 1:
             continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    return best
+        if not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    return max(found, key=lambda item: len(item[1]), default=None)
+
+
+def declared_width(module: Optional[nn.Module], descend: bool = True) -> Optional[int]:
+    """The input width a module declares (in_features, in_channels, nx, embed_dim, hidden_size, a norm's
+    normalized_shape), else (`descend`) that of its first descendant that declares one: a block's first projection
+    or norm, which reads the block's input (Swin/ConvNeXt stages, whose widths differ from config.hidden_size)."""
+    subs = [] if module is None else (module.modules() if descend else [module])
+    for sub in subs:
+        if isinstance(sub, FairTunerLayer) and hasattr(sub, "base_layer"):
+            sub = sub.get_base_layer()
+        shape = getattr(sub, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and len(shape) == 1 and int(shape[0]) > 0:
+            return int(shape[0])
+        for attr in ("in_features", "in_channels", "nx", "embed_dim", "hidden_size"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _in_windowed_block(model: nn.Module, key: str) -> bool:
+    """Whether module `key` sits inside a windowed-attention block (an ancestor with a `window_size`, as Swin's
+    layers and attention): its input rows are then B · windows, not B."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if getattr(model.get_submodule(".".join(parts[:i])), "window_size", None) is not None:
+            return True
+    return False
+
+
+def frame_mask_pre_hook(module: nn.Module, args, kwargs):
+    """Audio encoders (Wav2Vec2-style `input_values` with a per-sample `attention_mask`): give the detector the mask
+    of the downsampled frames it reads, as the model computes it (`_get_feature_vector_attention_mask`). Runs after
+    gate.root_pre_hook, which drops masks over raw samples."""
+    state, mask = module.__dict__.get(STATE_ATTR), kwargs.get("attention_mask")
+    values = kwargs.get("input_values", args[0] if args else None)
+    live = state.live if state is not None else None
+    if live is None or live.mask is not None or not torch.is_tensor(mask) or not torch.is_tensor(values):
+        return None
+    if mask.dim() != 2 or values.dim() != 2 or mask.shape != values.shape:
+        return None
+    frames = int(module._get_feat_extract_output_lengths(values.shape[-1]))
+    live.mask = module._get_feature_vector_attention_mask(frames, mask).long()
+    return None
 
 
 def _model_config(model: nn.Module) -> dict:
@@ -75,6 +122,8 @@ class FairLoraModel(BaseTuner):
                 model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
                 model.register_forward_hook(root_post_hook, with_kwargs=True, always_call=True),
             ]
+            if callable(getattr(model, "_get_feature_vector_attention_mask", None)):  # after root_pre_hook
+                state.root_handles.append(model.register_forward_pre_hook(frame_mask_pre_hook, with_kwargs=True))
         return state
 
     def _prepare_adapter_config(self, peft_config: FairLoraConfig, model_config: dict) -> FairLoraConfig:
@@ -110,8 +159,10 @@ class FairLoraModel(BaseTuner):
         else:
             self._check_target_names(model, config)
             self._check_targets_match(model, config)
-        if config.detector_input_dim is None and (model_config.get("hidden_size") or config.detector_module):
-            config.detector_input_dim = model_config.get("hidden_size") or self._module_width(module_names, config)
+        if config.detector_input_dim is None and config.detector_module is not None:
+            config.detector_input_dim = self._infer_detector_width(model, config)
+        elif config.detector_input_dim is None and model_config.get("hidden_size"):
+            config.detector_input_dim = model_config["hidden_size"]
         if config.num_classes is None:
             num_labels = int(model_config.get("num_labels") or 0)
             if num_labels == 1:
@@ -123,7 +174,7 @@ class FairLoraModel(BaseTuner):
                 )
             config.num_classes = num_labels
         if config.representation_dim is None:
-            config.representation_dim = int(model_config.get("hidden_size") or 0)
+            config.representation_dim = self._representation_width(model, config) or int(model_config.get("hidden_size") or 0)
 
     @staticmethod
     def _check_target_module_exists(peft_config, key: str):
@@ -137,7 +188,8 @@ class FairLoraModel(BaseTuner):
     @staticmethod
     def _block_linear_names(model: nn.Module, config: FairLoraConfig) -> set[str]:
         """Leaf names of every nn.Linear / Conv1D / Conv2d inside the adapted blocks (e.g. BERT: query, key, value,
-        dense; Llama: q_proj … down_proj). Empty without a layer stack."""
+        dense; Llama: q_proj … down_proj; ConvNeXt: dwconv, pwconv1, pwconv2, downsampling_layer.1). Empty without a
+        layer stack."""
         stack = find_layer_stack(model)
         if stack is None or config.layers_to_transform is None:
             return set()
@@ -151,8 +203,9 @@ class FairLoraModel(BaseTuner):
                 if isinstance(module, BaseTunerLayer):
                     wrapped.append(name)
                     module = module.get_base_layer()
-                if isinstance(module, linear):
-                    names.add(name.rpartition(".")[2])
+                if isinstance(module, linear):  # a bare index ('1' in a ModuleList) keeps its parent's name
+                    parts = name.split(".")
+                    names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
         return names
 
     @staticmethod
@@ -260,32 +313,44 @@ class FairLoraModel(BaseTuner):
         )
 
     @staticmethod
-    def _input_width(module: Optional[nn.Module]) -> Optional[int]:
-        """The input width a module declares (in_features, in_channels, nx, embed_dim, hidden_size), else None."""
-        for attr in ("in_features", "in_channels", "nx", "embed_dim", "hidden_size"):
-            if module is not None and isinstance(getattr(module, attr, None), int) and getattr(module, attr) > 0:
-                return int(getattr(module, attr))
-        return None
+    def _read_width(model: nn.Module, config: FairLoraConfig) -> Optional[int]:
+        """Width of the hidden state the detector reads: the read module's declared input width; for a block of the
+        layer stack, its first projection's or norm's (stage widths of hierarchical models), else config.hidden_size.
+        None when unknown (then checked at the first forward, in DetectorNet.logits)."""
+        module = model.get_submodule(config.detector_module)
+        width = declared_width(module, descend=False)
+        stack = find_layer_stack(model)
+        if width is None and stack is not None and config.detector_module.rpartition(".")[0] == stack[0]:
+            width = declared_width(module) or _model_config(model).get("hidden_size")
+        return width
+
+    @staticmethod
+    def _representation_width(model: nn.Module, config: FairLoraConfig) -> Optional[int]:
+        """Width of z when z is the classification head's input (the head's input width: e.g. Wav2Vec2's
+        classifier_proj_size, ConvNeXt's last stage width); None for hidden-state poolings or without a head."""
+        try:
+            if resolve_pooling(config.representation_pooling, model, config.representation_module) != "head":
+                return None
+            return declared_width(find_head(model, config.representation_module)[1])
+        except ValueError:
+            return None
 
     @classmethod
-    def _module_width(cls, module_names: dict, config: FairLoraConfig) -> int:
-        width = cls._input_width(module_names.get(config.detector_module) if config.detector_module else None)
+    def _infer_detector_width(cls, model: nn.Module, config: FairLoraConfig) -> int:
+        width = (cls._read_width(model, config) or _model_config(model).get("hidden_size")
+                 or declared_width(model.get_submodule(config.detector_module)))
         if width is not None:
-            return width
+            return int(width)
         raise ValueError(
             "FairLoraConfig.detector_input_dim could not be inferred (the model has no config.hidden_size and the "
-            f"detector module {config.detector_module!r} has no in_features). Set detector_input_dim explicitly."
+            f"detector module {config.detector_module!r} declares no input width). Set detector_input_dim to the "
+            "feature size of that module's input, e.g. detector_input_dim=768."
         )
 
     @classmethod
     def _check_detector_width(cls, model: nn.Module, config: FairLoraConfig) -> None:
-        """detector_input_dim must equal the width of the hidden state the detector reads: the read module's declared
-        input width, or config.hidden_size when it reads a block of the layer stack. Unknown widths are checked at
-        the first forward (DetectorNet.logits)."""
-        width = cls._input_width(model.get_submodule(config.detector_module))
-        stack = find_layer_stack(model)
-        if width is None and stack is not None and config.detector_module.rpartition(".")[0] == stack[0]:
-            width = _model_config(model).get("hidden_size")
+        """detector_input_dim must equal the width of the hidden state the detector reads (`_read_width`)."""
+        width = cls._read_width(model, config)
         if width is not None and int(width) != config.detector_input_dim:
             raise ValueError(
                 f"FairLoraConfig.detector_input_dim={config.detector_input_dim} does not match the width {width} of "
@@ -304,7 +369,7 @@ class FairLoraModel(BaseTuner):
         if config.detector_module is None:  # no layer stack: read the input of the first adapted module
             config.detector_module = next(k for k, _ in model.named_modules() if k in set(self.targeted_module_names))
         if config.detector_input_dim is None:
-            config.detector_input_dim = self._module_width(dict(model.named_modules()), config)
+            config.detector_input_dim = self._infer_detector_width(model, config)
         self._check_detector_width(model, config)
         if state.detector is None:
             state.detector = FairBiasDetector()
@@ -329,6 +394,7 @@ class FairLoraModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         new_module = dispatch(target, adapter_name, config, state)
+        new_module.windowed = _in_windowed_block(self.model, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
