@@ -582,6 +582,124 @@ def test_compute_metrics_multiclass_and_options():
     assert M.make_compute_metrics()(EvalPrediction(predictions=logits_pad, label_ids=(y_pad, s_pad))) == full
 
 
+def test_evaluate_predictions_drops_ignore_index_rows_and_prefixes():
+    rng = np.random.default_rng(6)
+    y, p, s = make_data(6, unknown=0.1)
+    logits, risk = _binary_logits(y, p, rng), rng.random(len(y))
+    gate = (rng.random(len(y)) < 0.3).astype(int)
+    kwargs = dict(sensitive_features=s, gates=gate, risk=risk, threshold=0.4)
+    clean = M.evaluate_predictions(logits, y, **kwargs)
+    # -100 rows carry garbage everywhere else (even a group and a gate): they change nothing
+    pad = lambda a, v: np.concatenate([a, np.full((3,) + a.shape[1:], v, dtype=a.dtype)])  # noqa: E731
+    padded = M.evaluate_predictions(pad(logits, 50.0), pad(y, -100).astype(np.float32), sensitive_features=pad(s, 1),
+                                    gates=pad(gate, 1), risk=pad(risk, 0.99), threshold=0.4)
+    assert padded == clean
+    assert clean["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert clean["detector_tpr"] == pytest.approx(np.mean(risk[s == 1] > 0.4))
+    assert clean["gate_rate_s1"] == pytest.approx(gate[s == 1].mean())
+    prefixed = M.evaluate_predictions(logits, y, prefix="test_", **kwargs)
+    assert prefixed == {f"test_{k}": v for k, v in clean.items()}
+    assert "**test** split" in M.render_fairness_table(prefixed, split="test")
+
+
+def test_evaluate_predictions_unknown_groups():
+    rng = np.random.default_rng(7)
+    y, p, s = make_data(7, unknown=0.25)
+    logits, gate = _binary_logits(y, p, rng), (rng.random(len(y)) < 0.4).astype(int)
+    out = M.evaluate_predictions(logits, y, sensitive_features=s, gates=gate)
+    known = s != -1
+    assert out["accuracy"] == pytest.approx(accuracy_score(y, p))  # unknown rows count here
+    assert out["gate_rate"] == pytest.approx(gate.mean())
+    assert out["worst_group_accuracy"] == pytest.approx(fl_cells(y[known], p[known], s[known]).group_min()["accuracy"])
+    assert out["equalized_odds_difference"] == pytest.approx(
+        flm.equalized_odds_difference(y[known], p[known], sensitive_features=s[known], agg="mean"))
+    assert not any("s-1" in k for k in out)
+    # gates only: the detector rates are those of the hard gate, whatever τ is (τ = 1 used to turn them off)
+    for tau in (0.5, 1.0):
+        hard = M.evaluate_predictions(logits, y, sensitive_features=s, gates=gate, threshold=tau)
+        assert hard["detector_tpr"] == pytest.approx(gate[s == 1].mean()) == hard["gate_rate_s1"]
+    # every group unknown (or none given): label-only keys and the overall gate rate
+    for groups in (np.full_like(s, -1), None):
+        assert set(M.evaluate_predictions(logits, y, sensitive_features=groups, gates=gate)) == {
+            "accuracy", "worst_class_accuracy", "gate_rate"}
+    # groups other than {0, 1}: gate rates per group, no detector rates
+    three = M.evaluate_predictions(logits, y, sensitive_features=np.where(s == 1, 2, s), gates=gate)
+    assert "gate_rate_s2" in three and not any(k.startswith("detector_") for k in three)
+
+
+def test_evaluate_predictions_class_set_comes_from_the_logits_width():
+    rng = np.random.default_rng(8)
+    y, p, s = make_data(8, k=2)  # only classes 0 and 1 occur, but the model has 3 outputs
+    logits = rng.normal(size=(len(y), 3))
+    logits[np.arange(len(y)), p] += 10
+    out = M.evaluate_predictions(logits, y, sensitive_features=s, per_cell=False)
+    assert out["equalized_odds_difference"] == pytest.approx(np.mean(
+        [flm.equalized_odds_difference(y == c, p == c, sensitive_features=s, agg="mean") for c in (0, 1)]))
+    # the never-predicted class 2 is one of the three: its selection-rate spread (0) enters the macro average
+    assert out["demographic_parity_difference"] == pytest.approx(np.mean(
+        [flm.demographic_parity_difference(y == c, p == c, sensitive_features=s) for c in (0, 1, 2)]))
+    assert out["demographic_parity_difference"] != pytest.approx(
+        M.demographic_parity_difference(y, p, sensitive_features=s))
+    assert out == M.fairness_summary(y, p, sensitive_features=s, labels=[0, 1, 2], per_cell=False)
+    assert not any(k.startswith("acc_y") for k in out)
+    # one logit per row: logit > 0 is class 1
+    single = M.evaluate_predictions(np.where(p == 1, 2.0, -2.0)[:, None], y, sensitive_features=s)
+    assert single == M.fairness_summary(y, p, sensitive_features=s)
+
+
+def test_evaluate_predictions_gates_and_risk_present_or_absent():
+    rng = np.random.default_rng(9)
+    y, p, s = make_data(9)
+    logits, risk = _binary_logits(y, p, rng), rng.random(len(y))
+    gate = (risk > 0.7).astype(int)
+    base = set(M.fairness_summary(y, p, sensitive_features=s))
+    gate_keys = {"gate_rate", "gate_rate_s0", "gate_rate_s1", "detector_tpr", "detector_fpr", "detector_tpr_over_fpr"}
+    assert set(M.evaluate_predictions(logits, y, sensitive_features=s)) == base
+    risk_only = M.evaluate_predictions(logits, y, sensitive_features=s, risk=risk, threshold=0.7)
+    gate_only = M.evaluate_predictions(logits, y, sensitive_features=s, gates=gate)
+    assert set(risk_only) == set(gate_only) == base | gate_keys
+    assert risk_only == gate_only  # risk > τ is that gate
+    both = M.evaluate_predictions(logits, y, sensitive_features=s, gates=gate, risk=risk[:, None], threshold=0.2)
+    assert both["gate_rate_s1"] == risk_only["gate_rate_s1"]  # gate rates from the gate
+    assert both["detector_tpr"] == pytest.approx(np.mean(risk[s == 1] > 0.2))  # detector from risk > τ
+    with pytest.raises(ValueError, match="gates has 5 rows"):
+        M.evaluate_predictions(logits, y, gates=gate[:5])
+    with pytest.raises(ValueError, match="labels has"):
+        M.evaluate_predictions(logits[:5], y)
+    with pytest.raises(ValueError, match="logits must be"):
+        M.evaluate_predictions(logits[:, :, None], y)
+
+
+def test_make_compute_metrics_is_evaluate_predictions():
+    rng = np.random.default_rng(10)
+    y, p, s = make_data(10, unknown=0.1)
+    logits, risk = _binary_logits(y, p, rng), rng.random(len(y))
+    gate = (risk > 0.6).astype(int)
+    for kw, pred, labels, expected in [
+        ({}, logits, y, M.evaluate_predictions(logits, y)),
+        ({"threshold": 0.6}, (logits, risk, gate), (y, s),
+         M.evaluate_predictions(logits, y, sensitive_features=s, gates=gate, risk=risk, threshold=0.6)),
+        ({"use_sensitive": False, "per_cell": False}, (logits, risk), (y, s),
+         M.evaluate_predictions(logits, y, risk=risk, per_cell=False)),
+    ]:
+        assert M.make_compute_metrics(**kw)(EvalPrediction(predictions=pred, label_ids=labels)) == expected
+        assert M.make_compute_metrics(**kw)((pred, labels)) == expected
+
+
+def test_gated_logits_and_predicted_labels():
+    off = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    on = off[:, ::-1].copy()
+    gate = np.array([1, 0, 1])
+    np.testing.assert_array_equal(M.gated_logits(off, on, gate), [[0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
+    np.testing.assert_array_equal(M.predicted_labels(M.gated_logits(off, on, gate.astype(bool))), [1, 1, 1])
+    np.testing.assert_array_equal(M.predicted_labels(torch.tensor([-1.0, 0.0, 3.0])), [0, 0, 1])
+    np.testing.assert_array_equal(M.gated_logits(off[:, 0], on[:, 0], torch.tensor([0, 1, 1])), [2.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="same shape"):
+        M.gated_logits(off, on[:, :1], gate)
+    with pytest.raises(ValueError, match="gates has 2 rows"):
+        M.gated_logits(off, on, gate[:2])
+
+
 def test_compute_metrics_inside_trainer(tmp_path):
     """The real Trainer: tuple label_ids, (logits, risk, gate) predictions, eval_ prefix."""
     from datasets import Dataset

@@ -12,7 +12,8 @@ from peft import get_peft_model
 
 import fairnet_peft
 from fairnet_peft import FairLoraConfig, metrics as M
-from fairnet_peft.sweep import collect_sweep_scores, padding_collate, sweep_predictions, threshold_sweep
+from fairnet_peft.sweep import (SweepScores, collect_sweep_scores, padding_collate, sweep_metrics, sweep_predictions,
+                                threshold_sweep)
 
 from .helpers import tiny_model
 
@@ -131,6 +132,46 @@ def test_sweep_matches_running_the_model_at_every_threshold(setup):
             assert row[key] == value, (tau, key, row[key], value)
         rates.add(row["gate_rate"])
     assert 0.0 in rates and 1.0 in rates and len(rates) >= 5  # the grid spans off, on and mixed gates
+
+
+def test_sweep_row_equals_compute_metrics_of_a_run_at_that_threshold(setup):
+    """One evaluation path: the sweep's row at τ is make_compute_metrics(threshold=τ) of the model run at τ."""
+    from transformers import EvalPrediction
+
+    model, ds, scores, taus = setup
+    model.eval()
+    tau = taus[2]  # the 10 % quantile: gates mixed
+    config = model.peft_config["default"]
+    saved, config.threshold = config.threshold, tau
+    logits, risks, gates = [], [], []
+    try:
+        with torch.no_grad():
+            for batch in _batches(ds):
+                logits.append(model(**batch).logits)
+                rec = fairnet_peft.gate_record(model)
+                risks.append(rec.risk)
+                gates.append(rec.gate)
+    finally:
+        config.threshold = saved
+    run = EvalPrediction(predictions=tuple(torch.cat(t).numpy() for t in (logits, risks, gates)),
+                         label_ids=(np.asarray(ds["labels"]), np.asarray(ds["sensitive"])))
+    expected = M.make_compute_metrics(threshold=tau)(run)
+    row = sweep_metrics(scores, [tau])[0]
+    assert 0 < row["gate_rate"] < 1 and "acc_y1_s0" in expected and "detector_tpr" in expected
+    assert {k: row[k] for k in expected} == expected  # same predictions and gates, same counting: exact
+    assert (row["tpr"], row["fpr"]) == (row["detector_tpr"], row["detector_fpr"])
+    assert M.evaluate_predictions(scores.logits(tau), scores.labels, sensitive_features=scores.sensitive,
+                                  gates=scores.gate(tau), threshold=tau).items() <= row.items()
+
+
+def test_sweep_rows_without_known_groups_keep_their_keys(setup):
+    _, _, scores, taus = setup
+    blind = SweepScores(scores.logits_off, scores.logits_on, scores.risk, scores.labels,
+                        np.full_like(scores.sensitive, -1))
+    row = sweep_metrics(blind, taus[:1])[0]
+    for key in ("worst_group_accuracy", "equalized_odds_difference", "tpr", "fpr", "tpr_over_fpr"):
+        assert math.isnan(row[key]), key
+    assert row["accuracy"] == M.accuracy(scores.labels, sweep_predictions(blind, taus[0]))
 
 
 def test_sweep_threshold_at_a_risk_value_is_strict(setup):
