@@ -8,6 +8,9 @@ L_C = [ D(z_a, μ_{y_a,0}) − D(z_a, μ_{y',0}) + m ]_+ averaged over anchors, 
 the nearest other-class majority prototype ("nearest", any number of classes), every other class ("all": mean of
 the hinges) or a random other class ("random"). Features and prototypes are L2-normalised first; D is the
 Euclidean ("euclidean"), squared Euclidean ("squared_euclidean") or cosine (1 − cos, "cosine") distance.
+
+Both losses compute in fp32 with autocast off (`_fp32`): under `bf16=True` a risk of 0.998 would round to 1 and the
+anchor-prototype matmul would run in bf16, whose ~3 significant digits swamp the margin between two distances.
 """
 
 from __future__ import annotations
@@ -18,26 +21,37 @@ import torch
 import torch.nn.functional as F
 
 
+def _fp32(*tensors: torch.Tensor):
+    """`tensors` as fp32 (fp64 stays fp64), plus a context with autocast off on their device."""
+    cast = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+    device = tensors[0].device.type if tensors else "cpu"
+    return cast, torch.autocast(device_type=device, enabled=False)
+
+
 def class_balanced_bce(risk: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
     """Eq. 1 on the rows whose target is 0 or 1 (rows with −1 are ignored); 0 with a grad path if none remain."""
+    (risk,), no_autocast = _fp32(risk)
     known = target >= 0
     if not bool(known.any()):
         return risk.sum() * 0.0
-    p = risk[known].clamp(1e-6, 1 - 1e-6)
-    s = target[known].to(p.dtype)
-    return -(pos_weight * s * torch.log(p) + (1 - s) * torch.log(1 - p)).mean()
+    with no_autocast:
+        p = risk[known].clamp(1e-6, 1 - 1e-6)
+        s = target[known].to(p.dtype)
+        return -(pos_weight * s * torch.log(p) + (1 - s) * torch.log(1 - p)).mean()
 
 
 def pairwise_distance(z: torch.Tensor, protos: torch.Tensor, distance: str) -> torch.Tensor:
-    """Distances (A, P) between L2-normalised anchors z (A, d) and prototypes (P, d)."""
-    z, protos = F.normalize(z, dim=-1), F.normalize(protos, dim=-1)
-    if distance == "cosine":
-        return 1.0 - z @ protos.T
-    sq = (z.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
-    if distance == "squared_euclidean":
-        return sq
-    if distance == "euclidean":
-        return sq.clamp_min(1e-12).sqrt()
+    """Distances (A, P) in fp32 between L2-normalised anchors z (A, d) and prototypes (P, d)."""
+    (z, protos), no_autocast = _fp32(z, protos)
+    with no_autocast:
+        z, protos = F.normalize(z, dim=-1), F.normalize(protos.to(z.dtype), dim=-1)
+        if distance == "cosine":
+            return 1.0 - z @ protos.T
+        sq = (z.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
+        if distance == "squared_euclidean":
+            return sq
+        if distance == "euclidean":
+            return sq.clamp_min(1e-12).sqrt()
     raise ValueError(f"distance={distance!r}: choose 'euclidean', 'squared_euclidean' or 'cosine'.")
 
 
@@ -66,7 +80,7 @@ def prototype_triplet_loss(
         raise ValueError("The triplet loss needs at least two classes (a negative prototype of another class).")
     if z.shape[0] == 0:
         return z.sum() * 0.0, 0.0
-    dist = pairwise_distance(z, majority_prototypes.to(z.dtype), distance)  # (A, K)
+    dist = pairwise_distance(z, majority_prototypes, distance)  # (A, K), fp32
     pos = dist.gather(1, labels.view(-1, 1)).squeeze(1)
     other = torch.ones_like(dist, dtype=torch.bool).scatter_(1, labels.view(-1, 1), False)
     if negative_strategy == "nearest":

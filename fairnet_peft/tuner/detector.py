@@ -4,7 +4,9 @@
 `<model>.fair_bias_detector`; it is a PEFT tuner layer, so PEFT's own machinery (set/delete adapter, requires_grad,
 dtype casts, state dict) handles the detectors and the prototype buffers of every FairLoRA adapter. The detector is
 frozen by default (via PEFT's `frozen_peft_weight_names`); `FairTrainer` unfreezes it for its detector stage.
-`pool_tokens` is shared with the trainer, which pools the final representation the same way.
+`pool_tokens` is shared with the trainer, which pools the final representation the same way. Precision: the
+detector always computes in fp32 (autocast off, inputs upcast), so its risk and the gate `risk > τ` do not depend on
+whether the base runs in bf16 or under `bf16=True` autocast.
 """
 
 from __future__ import annotations
@@ -97,6 +99,15 @@ class DetectorNet(nn.Module):
         nn.init.xavier_uniform_(self.risk_mlp[-1].weight, gain=0.1)
 
     def logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) fp32 logits, always computed in fp32: autocast is off inside, bf16/fp16 hidden states are upcast, and
+        half-precision detector weights (a model cast after wrapping) are upcast for the computation only."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if self.in_norm.weight.dtype in (torch.float16, torch.bfloat16):
+                params = {name: p.float() for name, p in self.named_parameters()}
+                return torch.func.functional_call(self, params, (hidden, mask), {"raw_logits": True})
+            return self._logits(hidden, mask)
+
+    def _logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         tokens = as_tokens(hidden).to(self.in_norm.weight.dtype)
         if tokens.shape[-1] != self.in_norm.normalized_shape[0]:
             raise ValueError(
@@ -116,7 +127,10 @@ class DetectorNet(nn.Module):
             pooled = pool_tokens(tokens, mask, self.pooling)
         return self.risk_mlp(pooled).squeeze(-1)
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, raw_logits: bool = False):
+        """The risk score sigmoid(logit), (B,) fp32. `raw_logits=True` is internal (`logits` with upcast weights)."""
+        if raw_logits:
+            return self._logits(hidden, mask)
         return torch.sigmoid(self.logits(hidden, mask))
 
 
