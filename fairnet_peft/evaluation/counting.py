@@ -64,6 +64,7 @@ def _unknown_mask(s: np.ndarray) -> np.ndarray:
 
 
 def _gate_on(gates: Any) -> np.ndarray:
+    """(N,) bool of hard gates: values > 0.5 are on; an ``(N, n_adapters)`` array uses column 0."""
     g = _to_numpy(gates)
     if g.ndim == 2:
         g = g[:, 0]
