@@ -409,3 +409,99 @@ def test_bug_options_and_bad_input():
         load_bug_professions_text(n_val_per_cell=5000)
     with pytest.raises(ValueError, match="minority_fraction"):  # asks for more women in health than exist
         load_bug_professions_text(minority_fraction=0.6, train_correlation=0.5)
+
+
+# ----------------------------------------------------------------------------- group-label helpers (data.sampling)
+def test_encode_sensitive():
+    from fairnet_peft.data import encode_sensitive
+
+    assert encode_sensitive(["F", "M", None, "", "F"], "F") == [1, 0, -1, -1, 1]
+    assert encode_sensitive([1, 0.0, "-1", float("nan"), True], None) == [1, 0, -1, -1, 1]
+    assert encode_sensitive([2, 2.0, " 2 ", 3, "?"], "2") == [1, 1, 1, 0, -1]  # compared once normalised
+    with pytest.raises(ValueError, match="minority_value"):
+        encode_sensitive(["F", "M"], None)
+
+
+def test_stratified_subsample_exact_size_proportions_and_no_empty_cell():
+    from fairnet_peft.data import stratified_subsample
+
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 1000), (rng.random(1000) < 0.2).astype(int)
+    keep = stratified_subsample(y, s, 200, seed=3)
+    assert len(keep) == 200 and (np.diff(keep) > 0).all()
+    assert (keep == stratified_subsample(y, s, 200, seed=3)).all()
+    assert not np.array_equal(keep, stratified_subsample(y, s, 200, seed=4))
+    assert abs(s[keep].mean() - s.mean()) < 0.01  # proportions kept
+    assert (stratified_subsample(y, s, None, 0) == np.arange(1000)).all()
+    # a cell of 2 rows in 1000: proportional rounding would drop it at n=10; it keeps one row, n stays exact
+    y, s = np.zeros(1000, int), np.zeros(1000, int)
+    s[[5, 700]] = 1
+    keep = stratified_subsample(y, s, 10, seed=0)
+    assert len(keep) == 10 and s[keep].sum() == 1
+    s[700] = 0  # a single-row cell cannot be stratified on: plain draw, still repaired
+    keep = stratified_subsample(y, s, 10, seed=0)
+    assert len(keep) == 10 and 5 in keep
+    with pytest.raises(ValueError, match="n must be positive"):
+        stratified_subsample(y, s, 0, seed=0)
+
+
+def test_partial_group_labels_keeps_a_fraction_and_both_groups():
+    from fairnet_peft.data import partial_group_labels
+
+    s = np.array([0] * 990 + [1] * 10 + [-1] * 50)
+    hidden = partial_group_labels(s, 0.05, seed=0)
+    known = hidden >= 0
+    assert 0.02 < known[:1000].mean() < 0.08 and (hidden[known] == s[known]).all()
+    assert set(hidden[known]) == {0, 1} and (hidden[1000:] == -1).all()  # unknown rows stay unknown
+    tiny = partial_group_labels(np.array([0] * 50 + [1]), 0.001, seed=1)  # the lone minority row stays labelled
+    assert tiny[-1] == 1 and (tiny[:50] == 0).sum() >= 1
+    assert (partial_group_labels(s, 0.05, seed=0) == hidden).all()
+    with pytest.raises(ValueError, match="fraction"):
+        partial_group_labels(s, 0.0, seed=0)
+
+
+def test_hide_group_labels_per_setting():
+    from datasets import Dataset, DatasetDict
+
+    from fairnet_peft.data import hide_group_labels
+
+    rng = np.random.default_rng(0)
+    split = lambda n: Dataset.from_dict({"labels": rng.integers(0, 2, n), "sensitive": rng.integers(0, 2, n)})  # noqa
+    ds = DatasetDict(train=split(1000), validation=split(100), test=split(100))
+    assert hide_group_labels(ds, "full") is ds
+    partial = hide_group_labels(ds, "partial", 0.2, seed=0)
+    s = np.asarray(partial["train"]["sensitive"])
+    assert 0.15 < (s >= 0).mean() < 0.25 and set(np.unique(s)) == {-1, 0, 1}
+    assert (s[s >= 0] == np.asarray(ds["train"]["sensitive"])[s >= 0]).all()
+    assert set(partial["validation"]["sensitive"]) == {-1}
+    assert partial["test"]["sensitive"] == ds["test"]["sensitive"]  # test keeps its labels (reporting only)
+    unlabeled = hide_group_labels(ds, "unlabeled", seed=0)
+    assert set(unlabeled["train"]["sensitive"]) == {-1} and set(unlabeled["validation"]["sensitive"]) == {-1}
+    with pytest.raises(ValueError, match="setting must be one of"):
+        hide_group_labels(ds, "some", 0.2)
+
+
+def test_load_group_dataset_from_a_csv(tmp_path):
+    from fairnet_peft.data import load_group_dataset
+
+    path = tmp_path / "rows.csv"
+    rows = ["review,sentiment,gender"] + [f"text {i},{['neg', 'pos'][i % 2]},{'F' if i % 3 == 0 else 'M'}"
+                                          for i in range(100)] + ["no label,,F", "no group,pos,"]
+    path.write_text("\n".join(rows) + "\n")
+    ds, names = load_group_dataset(str(path), label_column="sentiment", sensitive_column="gender", minority_value="F",
+                                   keep_columns=["review"], seed=0, max_train=50)
+    assert names == ["neg", "pos"] and set(ds) == {"train", "validation", "test"}
+    assert len(ds["train"]) == 50 and 20 <= len(ds["validation"]) + len(ds["test"]) <= 21  # 80/10/10 of 102 rows
+    assert set(ds["train"].column_names) == {"review", "labels", "sensitive"}
+    for split in ds.values():
+        for row in split:
+            i = int(row["review"].split()[1]) if row["review"].startswith("text") else None
+            if i is not None:
+                assert row["labels"] == i % 2 and row["sensitive"] == int(i % 3 == 0)
+            else:  # the row without a label is dropped; the one without a group is kept as unknown
+                assert row["review"] == "no group" and row["sensitive"] == -1
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_group_dataset(str(path), label_column="sentiment", sensitive_column="gender", keep_columns=["text"])
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "rows.xlsx").write_text("x")
+        load_group_dataset(str(tmp_path / "rows.xlsx"))

@@ -1,0 +1,147 @@
+"""Group-aware sampling and label-setting helpers shared by the loaders, the examples and the benchmarks.
+
+A dataset here has a ``labels`` column and a ``sensitive`` column coded 1 (minority) / 0 (majority) / -1 (unknown).
+``encode_sensitive`` turns a raw group column into that code; ``stratified_subsample`` draws seeded row indices that
+keep every (label, group) cell; ``partial_group_labels`` / ``hide_group_labels`` hide group labels to simulate the
+partial and unlabeled settings (docs/label-settings.md). Arrays in, arrays (or a new ``DatasetDict``) out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+__all__ = ["LABEL_SETTINGS", "encode_sensitive", "group_strata", "hide_group_labels", "partial_group_labels",
+           "stratified_subsample"]
+
+#: Which group labels FairNet sees in training: all, a fraction, or none.
+LABEL_SETTINGS = ("full", "partial", "unlabeled")
+
+
+# ----------------------------------------------------------------------------- raw values
+def is_missing(value: Any) -> bool:
+    """True for None, NaN and the usual spellings of an empty cell ('', '?', 'nan', 'None')."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() in ("", "?", "nan", "NaN", "None")
+
+
+def normalize_value(value: Any) -> str:
+    """Value as a comparable string: 1, 1.0, True, '1' and ' 1 ' all become '1'."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def encode_sensitive(values: Sequence[Any], minority_value: Optional[Any] = None) -> list[int]:
+    """Map a raw group column to 1 (minority) / 0 (majority) / -1 (unknown: missing values).
+
+    With ``minority_value`` the rows equal to it (compared as normalised strings, so 1 == '1' == 1.0) are the
+    minority and every other present value the majority. Without it the column must already be coded 1 / 0 / -1.
+    """
+    if minority_value is not None:
+        target = normalize_value(minority_value)
+        return [-1 if is_missing(v) else int(normalize_value(v) == target) for v in values]
+    out = []
+    for v in values:
+        key = "-1" if is_missing(v) else normalize_value(v)
+        if key not in ("-1", "0", "1"):
+            raise ValueError(
+                f"The sensitive column has the value {v!r}; pass minority_value (--minority-value in the examples) to "
+                "say which value is the minority (the others become the majority), or code the column as 1 / 0 / -1.")
+        out.append(int(key))
+    return out
+
+
+# ----------------------------------------------------------------------------- subsampling
+def group_strata(labels: Sequence[int], sensitive: Sequence[int]) -> np.ndarray:
+    """One stratum id per (label, group) cell: ``labels * 2 + sensitive`` (unknown groups -1 get their own ids)."""
+    return np.asarray(labels, dtype=np.int64) * 2 + np.asarray(sensitive, dtype=np.int64)
+
+
+def _restore_empty_cells(keep: np.ndarray, strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Swap one row of every cell the draw missed in for a row of the currently largest drawn cell (same size)."""
+    keep = keep.copy()
+    for cell in np.unique(strata):
+        if (strata[keep] == cell).any():
+            continue
+        drawn, counts = np.unique(strata[keep], return_counts=True)
+        donor = drawn[np.argmax(counts)]
+        out = rng.choice(np.flatnonzero(strata[keep] == donor))
+        keep[out] = rng.choice(np.flatnonzero(strata == cell))
+    return keep
+
+
+def stratified_subsample(labels: Sequence[int], sensitive: Sequence[int], n: Optional[int], seed: int) -> np.ndarray:
+    """Sorted positions of a seeded subsample of ``n`` rows, stratified on the (label, group) cells.
+
+    ``n`` rows exactly (all rows when ``n`` is None or at least the length). The cells keep their proportions
+    (scikit-learn's stratified split) and, when ``n`` is at least the number of cells, none is left empty: a cell
+    that rounding dropped gets one row in exchange for a row of the largest cell. Cells with a single row cannot be
+    stratified on; then the draw is plain seeded sampling with the same no-empty-cell repair.
+    """
+    strata = group_strata(labels, sensitive)
+    if n is None or n >= len(strata):
+        return np.arange(len(strata))
+    if n <= 0:
+        raise ValueError(f"stratified_subsample: n must be positive, got {n}; pass None to keep every row.")
+    positions = np.arange(len(strata))
+    cells, counts = np.unique(strata, return_counts=True)
+    if n >= len(cells) and counts.min() >= 2:
+        keep, _ = train_test_split(positions, train_size=n, stratify=strata, random_state=seed)
+    else:
+        keep = np.random.default_rng(seed).choice(positions, size=n, replace=False)
+    if n >= len(cells):
+        keep = _restore_empty_cells(keep, strata, np.random.default_rng([seed, 1]))
+    return np.sort(keep)
+
+
+# ----------------------------------------------------------------------------- label settings
+def partial_group_labels(sensitive: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Keep a seeded random ``fraction`` of the group labels and set the others to -1.
+
+    Each group present keeps at least one labelled row (the detector needs both groups). Rows already unknown (-1)
+    stay unknown.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1] (share of rows that keep their group label), got {fraction}")
+    sensitive = np.asarray(sensitive, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    keep = rng.random(len(sensitive)) < fraction
+    for group in (1, 0):  # the minority first: its kept row is what the detector cannot do without
+        rows = np.flatnonzero(sensitive == group)
+        if rows.size and not keep[rows].any():
+            keep[rng.choice(rows)] = True
+    return np.where(keep, sensitive, -1)
+
+
+def _with_sensitive(ds, values) -> Any:
+    return ds.remove_columns("sensitive").add_column("sensitive", [int(v) for v in values])
+
+
+def hide_group_labels(ds, setting: str, fraction: float = 0.1, seed: int = 0):
+    """The ``DatasetDict`` a label ``setting`` sees: its train and validation group labels hidden, test untouched.
+
+    full: unchanged. partial: ``partial_group_labels(train, fraction, seed)`` and a wholly unknown validation split.
+    unlabeled: train and validation unknown. The test split keeps its labels (they are only used for reporting).
+    """
+    from datasets import DatasetDict
+
+    if setting not in LABEL_SETTINGS:
+        raise ValueError(f"setting must be one of {LABEL_SETTINGS}, got {setting!r}")
+    if setting == "full":
+        return ds
+    train_s = np.asarray(ds["train"]["sensitive"], dtype=np.int64)
+    hidden = (partial_group_labels(train_s, fraction, seed) if setting == "partial"
+              else np.full_like(train_s, -1))
+    out = dict(ds)
+    out["train"] = _with_sensitive(ds["train"], hidden)
+    out["validation"] = _with_sensitive(ds["validation"], [-1] * len(ds["validation"]))
+    return DatasetDict(out)
