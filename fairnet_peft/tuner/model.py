@@ -65,6 +65,12 @@ def declared_width(module: Optional[nn.Module], descend: bool = True) -> Optiona
     return None
 
 
+def _adaptable_leaves(model: nn.Module) -> list[str]:
+    """Leaf names of the modules FairLoRA can adapt (nn.Linear, Conv1D, nn.Conv2d), in model order, for messages."""
+    names = [k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))]
+    return list(dict.fromkeys(names))
+
+
 def _in_windowed_block(model: nn.Module, key: str) -> bool:
     """Whether module `key` sits inside a windowed-attention block (an ancestor with a `window_size`, as Swin's
     layers and attention): its input rows are then B · windows, not B."""
@@ -297,8 +303,9 @@ class FairLoraModel(BaseTuner):
             config.target_modules = None
         raise ValueError(
             f"FairLoraConfig.target_modules: could not find the attention query/value projections of model type "
-            f"{model_type!r} (tried {[list(c) for c in candidates]}). Pass target_modules=[...] with the names of the "
-            "nn.Linear modules to adapt, or target_modules='all-linear'."
+            f"{model_type!r} (tried {[list(c) for c in candidates]}) and found no layer stack (a ModuleList named "
+            f"{'/'.join(_STACK_NAMES)}). Pass target_modules=[...] with the names of the nn.Linear/Conv2d modules to "
+            f"adapt, e.g. target_modules={_adaptable_leaves(model)[:3]}, or target_modules='all-linear'."
         )
 
     def _check_targets_match(self, model: nn.Module, config: FairLoraConfig) -> None:
@@ -327,13 +334,10 @@ class FairLoraModel(BaseTuner):
     @staticmethod
     def _representation_width(model: nn.Module, config: FairLoraConfig) -> Optional[int]:
         """Width of z when z is the classification head's input (the head's input width: e.g. Wav2Vec2's
-        classifier_proj_size, ConvNeXt's last stage width); None for hidden-state poolings or without a head."""
-        try:
-            if resolve_pooling(config.representation_pooling, model, config.representation_module) != "head":
-                return None
-            return declared_width(find_head(model, config.representation_module)[1])
-        except ValueError:
-            return None
+        classifier_proj_size, DINOv2's 2 × hidden_size); None for hidden-state poolings ('auto' without a head)."""
+        if resolve_pooling(config.representation_pooling, model, config.representation_module) != "head":
+            return None  # an explicit 'head' without a head fails here, naming representation_module
+        return declared_width(find_head(model, config.representation_module)[1])
 
     @classmethod
     def _infer_detector_width(cls, model: nn.Module, config: FairLoraConfig) -> int:

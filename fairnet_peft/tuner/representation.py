@@ -51,9 +51,11 @@ def find_head(model: nn.Module, name: Optional[str] = None) -> tuple[str, nn.Mod
         module = base._modules.get(candidate)
         if isinstance(module, nn.Module):
             return candidate, module
+    linear = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and "fair_bias_detector" not in n]
+    example = f", e.g. representation_module={linear[-1]!r}" if linear else ""
     raise ValueError(
         f"{type(base).__name__} has no top-level `classifier` or `score` module, so the classification head's input "
-        "cannot be captured. Set FairLoraConfig.representation_module to the head's dotted name, or set "
+        f"cannot be captured. Set FairLoraConfig.representation_module to the head's dotted name{example}, or set "
         "FairLoraConfig.representation_pooling to 'cls', 'mean' or 'last' to use the last hidden state."
     )
 

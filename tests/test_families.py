@@ -1,0 +1,201 @@
+""""Any HF model" breadth: Swin, ConvNeXt, DeiT, DINOv2, a CLIP vision classifier and Wav2Vec2 (audio), each on a
+tiny seeded config, at the defaults. For every family: the resolved config and row-by-row gating, one short
+FairTrainer run that moves the LoRA and the detector, save/load with equal logits, the detector's pooled input
+against a hand computation from `output_hidden_states`, and z = what the classification head receives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+
+import fairnet_peft  # noqa: F401  (registers FairLoRA)
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, force_gate, gate_record
+from fairnet_peft.tuner.representation import capture_head_input, find_head
+
+T.logging.set_verbosity_error()
+FAMILIES = ["swin", "convnext", "deit", "dinov2", "clip", "wav2vec2"]
+VIT_SMALL = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+AUDIO_LEN, AUDIO_VALID = 1600, (1600, 800, 1600, 1200)  # samples per row: rows 1 and 3 are right-padded
+
+
+def build(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny seeded classifier of `kind`, built from its config (no download), in eval mode."""
+    torch.manual_seed(seed)
+    if kind == "swin":
+        cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2,
+                           num_labels=2)
+        return T.SwinForImageClassification(cfg).eval()
+    if kind == "convnext":
+        cfg = T.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], patch_size=4, image_size=32,
+                               num_labels=2)
+        return T.ConvNextForImageClassification(cfg).eval()
+    if kind == "deit":
+        return T.DeiTForImageClassification(T.DeiTConfig(intermediate_size=64, num_labels=2, **VIT_SMALL)).eval()
+    if kind == "dinov2":
+        return T.Dinov2ForImageClassification(T.Dinov2Config(mlp_ratio=2, num_labels=2, **VIT_SMALL)).eval()
+    if kind == "clip":
+        text = dict(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        cfg = T.CLIPConfig(text_config=text, vision_config=dict(intermediate_size=64, **VIT_SMALL), num_labels=2)
+        return T.CLIPForImageClassification(cfg).eval()
+    if kind == "wav2vec2":
+        cfg = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+                               num_conv_pos_embedding_groups=2, classifier_proj_size=24, num_labels=2, vocab_size=10)
+        return T.Wav2Vec2ForSequenceClassification(cfg).eval()
+    raise ValueError(kind)
+
+
+def inputs(kind: str, n: int = 4, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if kind != "wav2vec2":
+        size = 32 if kind in ("swin", "convnext") else 16
+        return {"pixel_values": torch.randn(n, 3, size, size, generator=g)}
+    values, mask = torch.randn(n, AUDIO_LEN, generator=g), torch.zeros(n, AUDIO_LEN, dtype=torch.long)
+    for row in range(n):
+        valid = AUDIO_VALID[row % len(AUDIO_VALID)]
+        mask[row, :valid] = 1
+        values[row, valid:] = 0.0
+    return {"input_values": values, "attention_mask": mask}
+
+
+def fair(kind: str, seed: int = 0, **kw):
+    return get_peft_model(build(kind, seed), FairLoraConfig(**kw)).eval()
+
+
+# (detector reads, its width, z width, a few default targets): what the defaults resolve to. z is the head's input:
+# DINOv2 concatenates [CLS] and the mean patch token (2 × 32), Wav2Vec2 projects to classifier_proj_size (24).
+RESOLVED = {
+    "swin": ("swin.encoder.layers.1", 32, 32, {"q_proj", "v_proj", "fc1"}),
+    "convnext": ("convnext.encoder.stages.1", 16, 32, {"dwconv", "pwconv1", "downsampling_layer.1"}),
+    "deit": ("deit.layers.1", 32, 32, {"q_proj", "v_proj", "fc1"}),
+    "dinov2": ("dinov2.encoder.layer.1", 32, 64, {"q_proj", "v_proj", "fc1"}),
+    "clip": ("vision_model.encoder.layers.1", 32, 32, {"q_proj", "v_proj", "fc1"}),
+    "wav2vec2": ("wav2vec2.encoder.layers.1", 32, 24, {"q_proj", "v_proj", "intermediate_dense"}),
+}
+
+
+# ---------------------------------------------------------------------------- config and gating
+@torch.no_grad()
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_defaults_resolve_and_gate_row_by_row(kind):
+    model, batch = fair(kind, init_weights=False), inputs(kind)
+    cfg = model.peft_config["default"]
+    read, width, z_width, targets = RESOLVED[kind]
+    assert (cfg.detector_module, cfg.detector_input_dim, cfg.representation_dim) == (read, width, z_width)
+    assert targets <= set(cfg.target_modules)
+    gate = torch.tensor([1, 0, 1, 0])
+    on, off, mixed = (model(**batch, fair_gate=g).logits for g in (torch.ones(4), torch.zeros(4), gate))
+    assert not torch.allclose(on, off, atol=1e-4)  # the LoRA changes the output
+    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)  # Swin: every window of a row
+    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    model(**batch)
+    assert gate_record(model).risk.shape == (4,) and gate_record(model).source == "detector"
+
+
+# ---------------------------------------------------------------------------- train one epoch, save, load
+def dataset(kind: str, n: int = 16) -> Dataset:
+    batch = inputs(kind, n=n, seed=2)
+    columns = {k: v.numpy() for k, v in batch.items()}
+    columns["labels"] = np.arange(n) % 2
+    columns["sensitive"] = (np.arange(n) // 2) % 2  # both groups in both classes
+    return Dataset.from_dict(columns).with_format("torch")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_one_epoch_moves_lora_and_detector_and_round_trips(kind, tmp_path):
+    model = fair(kind)
+    detector = model.base_model.model.fair_bias_detector.fairlora_detector["default"]
+    before = {n: p.detach().clone() for n, p in detector.named_parameters()}
+    args = FairTrainingArguments(str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=8,
+                                 detector_epochs=1, detector_min_updates=2, lora_min_updates=2,
+                                 detector_holdout_fraction=0.0, report_to=[], save_strategy="no", disable_tqdm=True,
+                                 seed=0, dataloader_num_workers=0, use_cpu=True)
+    FairTrainer(model=model, args=args, train_dataset=dataset(kind)).train()
+    assert model.base_model.lora_relative_update("default") > 0  # B started at zero
+    assert any(not torch.equal(before[n], p) for n, p in detector.named_parameters())
+    assert model.base_model.model.fair_bias_detector.fairlora_prototype_counts["default"].sum() > 0
+
+    model.eval().save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build(kind), str(tmp_path / "adapter")).eval()
+    batch = inputs(kind)
+    with torch.no_grad():
+        expected, risk = model(**batch).logits, gate_record(model).risk
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+        torch.testing.assert_close(gate_record(reloaded).risk, risk)
+
+
+# ---------------------------------------------------------------------------- what the detector reads
+def hand_tokens(kind: str, hidden_states: tuple) -> torch.Tensor:
+    """Input of the detector's block (hidden_states[1]: input of block / stage 1) as (B, positions, d)."""
+    hidden = hidden_states[1]
+    return hidden.flatten(2).transpose(1, 2) if kind == "convnext" else hidden  # ConvNeXt: (B, C, H, W) → H×W
+
+
+def hand_frame_mask(n_frames: int, batch: dict) -> torch.Tensor:
+    """Wav2Vec2 frames after the conv feature extractor (kernels 10, 3; strides 5, 2) of each row's valid samples."""
+    valid = batch["attention_mask"].sum(1)
+    frames = ((valid - 10) // 5 + 1 - 3) // 2 + 1
+    return (torch.arange(n_frames) < frames.unsqueeze(1)).float()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_detector_pools_over_the_positions_of_its_block(kind):
+    model, batch = fair(kind, detector_pooling="mean"), inputs(kind)
+    net = model.base_model.model.fair_bias_detector.fairlora_detector["default"]
+    seen = {}
+    hooks = [net.in_norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("tokens", a[0])),
+             net.risk_mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("pooled", a[0]))]
+    try:
+        out = model(**batch, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    tokens = hand_tokens(kind, out.hidden_states)
+    torch.testing.assert_close(seen["tokens"], tokens)
+    normed = net.in_norm(tokens)
+    if kind == "wav2vec2":  # the mean runs over each row's real frames only
+        assert tokens.shape[1] == 159
+        mask = hand_frame_mask(tokens.shape[1], batch).unsqueeze(-1)
+        expected = (normed * mask).sum(1) / mask.sum(1)
+        assert not torch.allclose(expected[1], normed[1].mean(0), atol=1e-4)  # row 1 is half padding
+    else:
+        # Swin: 4×4 merged patches; ConvNeXt: 8×8 positions; DeiT: [CLS], [DIST] and 16 patches; others [CLS] + 16
+        assert tokens.shape[1] == {"swin": 16, "convnext": 64, "deit": 18}.get(kind, 17)
+        expected = normed.mean(1)
+    torch.testing.assert_close(seen["pooled"], expected)
+
+
+# ---------------------------------------------------------------------------- z is the head's input
+@torch.no_grad()
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_z_is_what_the_classification_head_receives(kind):
+    model, batch = fair(kind, init_weights=False), inputs(kind)
+    cfg = model.peft_config["default"]
+    _, head = find_head(model, cfg.representation_module)
+    received = []
+    hook = head.register_forward_pre_hook(lambda m, a: received.append(a[0]))
+    try:
+        with force_gate(model, True), capture_head_input(model, batch, pooling=cfg.representation_pooling,
+                                                          head_name=cfg.representation_module) as cap:
+            out = model(**batch)
+    finally:
+        hook.remove()
+    assert len(received) == 1 and received[0].shape == (4, cfg.representation_dim)
+    torch.testing.assert_close(cap.z, received[0], rtol=0, atol=0)
+    torch.testing.assert_close(head(cap.z), out.logits)
+
+
+# ---------------------------------------------------------------------------- what a family must be told
+def test_missing_head_and_targets_errors_name_the_field_and_an_example():
+    torch.manual_seed(0)
+    teacher = T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(intermediate_size=64, num_labels=2, **VIT_SMALL))
+    with pytest.raises(ValueError, match=r"representation_module='distillation_classifier'"):
+        get_peft_model(teacher, FairLoraConfig(representation_pooling="head"))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"target_modules=\['0', '3'\]"):
+        get_peft_model(plain, FairLoraConfig())
