@@ -33,6 +33,12 @@ FairLoRA rows also carry their sensitive label and row index), each step = ``tra
                              the anchors, triplet loss against the prototypes + λ_T × task loss;
 * ``fairlora_anchors10``     the same stage, the same inputs, with 10 % of the rows minority anchors (the stage's
                              forward/backward runs on the anchors only).
+* ``fairlora_detector_stage`` one step of FairTrainer's detector stage (`prepare_detector_stage()`: class-balanced
+                             BCE on the detector's risk; the forward stops at the detector's layer, mid-depth by
+                             default), optimizer step included;
+* ``base_forward_backward``  the reference for it: a forward + backward of the base model with every base parameter
+                             trainable (task loss; no optimizer step, which only makes the reference cheaper).
+                             Their ratio is ``detector_step_over_full_forward`` (goal ≤ 0.6).
 
 Peak memory of one step (after the timed steps, so the optimizer state exists; same batch for every variant): the
 peak of live tensor bytes during the step above what was live before it, plus the variant's resident state (its
@@ -78,6 +84,9 @@ TRAIN_GOALS = {"train_step_over_lora": 1.2, "train_peak_mem_over_lora": 1.1,
                "train_step_over_lora_nodropout": 1.2, "train_peak_mem_over_lora_nodropout": 1.1}
 VARIANTS = ("base", "lora", "fairlora_all", "fairlora_default", "fairlora_nogate", "fairlora_gate10")
 TRAIN_VARIANTS = ("lora", "lora_nodropout", "fairlora_all_anchors", "fairlora_anchors10")
+# issue 14: one detector-stage step (stopped at the detector's layer) against a full forward + backward of the base
+STAGE_VARIANTS = ("fairlora_detector_stage", "base_forward_backward")
+STAGE_GOALS = {"detector_step_over_full_forward": 0.6}
 MODELS = ("minilm", "tiny", "bert-base")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -306,7 +315,7 @@ class _TrainBench:
     def __init__(self, args, load: Callable, vocab: int, device: torch.device, dtype: torch.dtype):
         from datasets import Dataset
         from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
-        from fairnet_peft.trainer import ROW_COLUMN
+        from fairnet_peft.training.passes import ROW_COLUMN
         from peft import LoraConfig, get_peft_model
         from transformers import Trainer, TrainingArguments
 
@@ -364,10 +373,7 @@ class _TrainBench:
             """FairTrainer's LoRA stage as `train()` sets it up, without training the detector."""
             trainer = FairTrainer(model=model, args=FairTrainingArguments(os.path.join(workdir, name), **common),
                                   train_dataset=data)
-            self._stack.enter_context(trainer._frozen_base_without_dropout())
-            trainer._set_detector_targets()
-            trainer._prototype_pass()
-            trainer._enter_lora_stage()
+            self._stack.enter_context(trainer.prepare_lora_stage())
             trainer.create_optimizer()
             return trainer
 
@@ -382,6 +388,12 @@ class _TrainBench:
             "fairlora_all_anchors": fair_stage(fair_all, "fairlora_all_anchors"),
             "fairlora_anchors10": fair_stage(fair_model(), "fairlora_anchors10"),
         }
+        detector_trainer = FairTrainer(model=fair_model(), args=FairTrainingArguments(
+            os.path.join(workdir, "fairlora_detector_stage"), **common), train_dataset=data)
+        self._stack.enter_context(detector_trainer.prepare_detector_stage())
+        detector_trainer.create_optimizer()
+        detector_trainer.current_gradient_accumulation_steps = 1
+        full = load().to(device, dtype).train()
         for trainer in self.trainers.values():
             trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; both trainers divide by it
         self.models = {name: trainer.model for name, trainer in self.trainers.items()}
@@ -406,6 +418,18 @@ class _TrainBench:
         self.before = {name: {pn: p.detach().clone() for pn, p in model.named_parameters() if p.requires_grad}
                        for name, model in self.models.items()}
         self.calls = {name: self._step(name) for name in TRAIN_VARIANTS}
+        detector_batches = self.batches["fairlora_anchors10"]  # 10 % minority rows, as a detector batch would hold
+
+        def detector_step(i: int = 0) -> None:
+            detector_trainer.training_step(detector_trainer.model, detector_batches[i % len(detector_batches)])
+            detector_trainer.optimizer.step()
+            detector_trainer.optimizer.zero_grad(set_to_none=True)
+
+        def full_forward_backward(i: int = 0) -> None:
+            full(**self.batches["lora"][i % k]).loss.backward()
+            full.zero_grad(set_to_none=True)
+
+        self.stage_calls = {"fairlora_detector_stage": detector_step, "base_forward_backward": full_forward_backward}
         self.info = {
             "train_batches": k, "learning_rate": args.lr,
             "optimizer": {name: f"{type(t.optimizer).__name__}({getattr(t.args.optim, 'value', t.args.optim)})"
@@ -507,6 +531,7 @@ TRAIN_PAIRS = {"train_step_over_lora": ("fairlora_all_anchors", "lora"),
                "train_step_over_lora_nodropout": ("fairlora_all_anchors", "lora_nodropout"),
                "train_step_anchors10_over_lora": ("fairlora_anchors10", "lora"),
                "train_step_lora_nodropout_over_lora": ("lora_nodropout", "lora")}
+STAGE_PAIRS = {"detector_step_over_full_forward": ("fairlora_detector_stage", "base_forward_backward")}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -534,6 +559,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if skipped:
                 raise RuntimeError(f"FairTrainer skipped {skipped} benchmark batches (too few anchors)")
             train_info = bench.info
+            stage_times = _time_round_robin(bench.stage_calls, args.runs, args.warmup, clock, sync, grad=True)
         threads_used = torch.get_num_threads()
     finally:
         if bench is not None:
@@ -585,6 +611,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         )
         result.update(train_info)
         goals.update(TRAIN_GOALS)
+        stage = _summary(stage_times, STAGE_PAIRS)
+        result.update(stage["ratios"], stage_medians_ms=stage["medians_ms"], stage_iqr_ms=stage["iqr_ms"],
+                      stage_min_ratios=stage["min_ratios"],
+                      stage_paired_median_ratios=stage["paired_median_ratios"])
+        goals.update(STAGE_GOALS)
     result["goals"] = goals
     result["goals_met"] = {key: result[key] <= goal for key, goal in goals.items()}
     result.update({
@@ -632,6 +663,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         elif key in result.get("train_min_ratios", {}):
             extra = (f"; ratio of minima {result['train_min_ratios'][key]:.3f}, "
                      f"median per-round ratio {result['train_paired_median_ratios'][key]:.3f}")
+        elif key in result.get("stage_min_ratios", {}):
+            extra = (f"; ratio of minima {result['stage_min_ratios'][key]:.3f}, "
+                     f"median per-round ratio {result['stage_paired_median_ratios'][key]:.3f}")
         print(f"{key} = {result[key]:.3f} (goal <= {goal}): {'met' if result['goals_met'][key] else 'NOT met'}{extra}")
     sys.stdout.flush()
     print(json.dumps(result))

@@ -164,11 +164,10 @@ def test_gradient_accumulation_divides_each_micro_batch_loss(data, erm_dir, tmp_
     trainer = FairTrainer(model=model, args=fair_args(tmp_path, max_steps=1, detector_epochs=1),
                           train_dataset=data["train"])
     trainer.train()  # runs the detector and prototype stages, then one LoRA step
-    trainer._stage = "lora"
     minority = trainer.train_dataset.filter(lambda r: r["sensitive"] == 1).select(range(8))
     batch = trainer.data_collator([minority[i] for i in range(8)])
     grads = {}
-    with trainer._frozen_base_without_dropout():
+    with trainer.prepare_lora_stage():
         for steps in (1, 4):
             trainer.args.gradient_accumulation_steps = steps
             trainer.current_gradient_accumulation_steps = steps
@@ -180,22 +179,23 @@ def test_gradient_accumulation_divides_each_micro_batch_loss(data, erm_dir, tmp_
         torch.testing.assert_close(g1, 4 * g4, rtol=1e-4, atol=1e-7)
 
 
-def test_enter_lora_stage_sets_up_the_contrastive_stage(data, tmp_path):
-    """`_enter_lora_stage` (used by `train()` and benchmarks/overhead.py): LoRA loss, only LoRA A/B trainable, and a
-    fresh optimizer over exactly those parameters."""
+def test_prepare_lora_stage_sets_up_the_contrastive_stage(data, tmp_path):
+    """`prepare_lora_stage()` (the public stage API benchmarks/overhead.py uses): LoRA loss, only LoRA A/B trainable,
+    and a fresh optimizer over exactly those parameters; on exit the trainer is back to evaluation."""
     model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
         FairLoraConfig(task_type="SEQ_CLS"))
     trainer = FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"])
-    trainer._set_detector_targets()
-    trainer._prototype_pass()
     trainer.optimizer, trainer.skipped_batches = torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 3  # stale
-    trainer._enter_lora_stage()
-    assert trainer._stage == "lora" and trainer.optimizer is None and trainer.lr_scheduler is None
-    assert trainer.skipped_batches == 0
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert len(trainable) == 2 * len(model.base_model.targeted_module_names)
-    assert all(".fairlora_A.default." in n or ".fairlora_B.default." in n for n in trainable)
-    optimizer = trainer.create_optimizer()
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in trainable}
+    assert trainer.stage is None
+    with trainer.prepare_lora_stage():
+        assert trainer.stage == "lora" and trainer.optimizer is None and trainer.lr_scheduler is None
+        assert trainer.skipped_batches == 0
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert len(trainable) == 2 * len(model.base_model.targeted_module_names)
+        assert all(".fairlora_A.default." in n or ".fairlora_B.default." in n for n in trainable)
+        optimizer = trainer.create_optimizer()
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in trainable}
+        assert (trainer._detector.fairlora_prototype_counts["default"][:, 0] > 0).all()  # prototypes were set
+    assert trainer.stage is None and not any(p.requires_grad for p in model.parameters())

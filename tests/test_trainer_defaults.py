@@ -19,7 +19,7 @@ from peft import get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.prototypes import anchor_weights, compute_prototypes
-from fairnet_peft.trainer import _DetectorEarlyStopping, holdout_rows
+from fairnet_peft.training.detector_stage import DetectorEarlyStopping, holdout_rows
 
 T.logging.set_verbosity_error()
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
@@ -112,7 +112,7 @@ def test_a_detector_that_cannot_learn_warns_once_and_stays_near_one_half(data, e
         trainer.train()
     detector_warnings = [w for w in caught if "could not learn to find the minority" in str(w.message)]
     assert len(detector_warnings) == 1
-    risk = trainer._frozen_pass(full=False)["risk"]
+    risk = trainer.frozen_pass(full=False)["risk"]
     assert abs(float(np.median(risk)) - 0.5) < 0.2
 
 
@@ -136,7 +136,7 @@ def test_holdout_rows_are_stratified_and_leave_small_groups_alone():
 
 def test_early_stopping_keeps_the_best_detector_and_waits_for_min_updates():
     net = torch.nn.Linear(2, 1)
-    trainer = types.SimpleNamespace(adapter_name="a", _detector=types.SimpleNamespace(fairlora_detector={"a": net}))
+    trainer = types.SimpleNamespace(detector_network=lambda: net)
     losses = iter([0.9, 0.5, 0.6, 0.55, 0.7, 0.8, 0.9])
     weights_at_best = {}
 
@@ -146,8 +146,8 @@ def test_early_stopping_keeps_the_best_detector_and_waits_for_min_updates():
             weights_at_best["w"] = net.weight.detach().clone()
         return loss
 
-    trainer._holdout_loss = holdout_loss
-    stopper = _DetectorEarlyStopping(trainer, every=10, patience=2, min_updates=50)
+    trainer.holdout_loss = holdout_loss
+    stopper = DetectorEarlyStopping(trainer, every=10, patience=2, min_updates=50)
     state, control = types.SimpleNamespace(max_steps=1000), types.SimpleNamespace(should_training_stop=False)
     stopped_at = None
     for step in range(1, 71):

@@ -10,6 +10,7 @@ its measurement in docs/method.md §"Defaults". See docs/api.md.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -258,3 +259,19 @@ class FairTrainingArguments(TrainingArguments):
                 "FairTrainingArguments: reentrant activation checkpointing is not supported (the per-example gate "
                 "is reused inside checkpointed blocks). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
+
+
+def stage_arguments(args: TrainingArguments, **overrides) -> TrainingArguments:
+    """A copy of `args` with `overrides`, for one stage or pass; the caller's object is never written to.
+
+    A shallow `copy.copy`, not `dataclasses.replace`: replace re-runs `TrainingArguments.__post_init__`, and the new
+    object's lazy device set-up (`_setup_devices`) then resets the accelerate state the running `Trainer` holds. The
+    copy keeps that set-up, and the overrides are plain values of fields already validated (steps, rates, strategy
+    names, output folders, `dataloader_drop_last`)."""
+    unknown = [k for k in overrides if not hasattr(args, k)]
+    if unknown:
+        raise AttributeError(f"stage_arguments: {type(args).__name__} has no fields {unknown}.")
+    stage = copy.copy(args)
+    for key, value in overrides.items():
+        setattr(stage, key, value)
+    return stage

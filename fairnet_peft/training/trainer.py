@@ -15,6 +15,13 @@
 Rows are tracked by a `fairnet_row` index column, so statistics are exact under shuffling and under DDP
 (`gather_for_metrics` drops the padding duplicates). Stage 1-2 results are saved under
 `<output_dir>/fairnet-detector-stage/final`, which is how `train(resume_from_checkpoint=...)` knows the stage.
+
+Who owns what: this class owns the stages (`stage`, the per-stage copy of the arguments made by
+`stage_arguments`, never by writing into the user's `args`), the losses and evaluation; the passes over the
+training rows live in passes.py (a mixin), the detector stage's pure helpers in detector_stage.py, and the adapter's
+state is changed only through the tuner's public methods (`trainable_parameters`, `set_prototypes`).
+The public stage API for benchmarks and tests: `stage`, `prepare_lora_stage()`, `frozen_pass()`, `anchor_rows()`,
+`lora_updates()`, `holdout_loss()`.
 """
 
 from __future__ import annotations
@@ -33,110 +40,22 @@ import torch.nn.functional as F
 from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import ParallelMode
 
-from ..tuner.detector import align_mask, as_tokens, pool_tokens
-from ..tuner.gate import find_gate_state, force_gate, gate_record
-from .losses import class_balanced_bce, prototype_triplet_loss
-from .prototypes import anchor_weights, compute_prototypes
-from .pseudo_labels import pseudo_label
+from ..tuner.gate import find_gate_state, force_gate, gate_record, stop_at_detector
 from ..tuner.representation import capture_head_input, resolve_pooling
-from .arguments import FairTrainingArguments
+from .arguments import FairTrainingArguments, stage_arguments
+from .detector_stage import DetectorEarlyStopping
+from .losses import class_balanced_bce, prototype_triplet_loss
+from .passes import ROW_COLUMN, TrainingPasses
 from .validation import validate_train_dataset
 
-ROW_COLUMN = "fairnet_row"
 STAGE_DIR = "fairnet-detector-stage"
 
 
-MIN_HOLDOUT_PER_GROUP = 5
-
-
-def holdout_rows(target: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the (pseudo-)labelled rows held out from the detector stage, stratified by group.
-
-    Each group gives max(fraction × its rows, MIN_HOLDOUT_PER_GROUP) rows, so a small labelled minority (partial
-    setting) still has a usable held-out slice. Empty when `fraction` is 0 or a group has fewer than
-    3 × MIN_HOLDOUT_PER_GROUP rows (then the detector stage runs its whole budget)."""
-    mask = np.zeros(len(target), dtype=bool)
-    if fraction <= 0:
-        return mask
-    rng = np.random.default_rng(seed)
-    picks = []
-    for group in (0, 1):
-        rows = np.flatnonzero(target == group)
-        if len(rows) < 3 * MIN_HOLDOUT_PER_GROUP:
-            return mask
-        n = max(int(round(fraction * len(rows))), MIN_HOLDOUT_PER_GROUP)
-        picks.append(rng.choice(rows, size=n, replace=False))
-    mask[np.concatenate(picks)] = True
-    return mask
-
-
-def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
-    """scikit-learn's ROC-AUC, NaN when only one group is present."""
-    from sklearn.metrics import roc_auc_score
-
-    known = target >= 0
-    if len(np.unique(target[known])) < 2:
-        return float("nan")
-    return float(roc_auc_score(target[known], score[known]))
-
-
-def balanced_probe():
-    """The logistic probe both the detector's reference AUC and partial-setting label propagation use."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
-
-
-def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-              seed: int, max_rows: int = 20000) -> float:
-    """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
-    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
-    fit = np.flatnonzero(fit_rows)
-    if len(fit) > max_rows:
-        fit = np.random.default_rng(seed).choice(fit, size=max_rows, replace=False)
-    if len(np.unique(target[fit])) < 2 or not test_rows.any():
-        return float("nan")
-    probe = balanced_probe().fit(features[fit], target[fit])
-    return roc_auc(target[test_rows], probe.predict_proba(features[test_rows])[:, 1])
-
-
-class _DetectorEarlyStopping(TrainerCallback):
-    """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
-    evaluations without improvement, but not before `min_updates` (a fresh detector can sit on a plateau near 0.5 for
-    a few hundred updates before it finds the group). Every process computes the same gathered loss, so all stop
-    together."""
-
-    def __init__(self, trainer: "FairTrainer", every: int, patience: int, min_updates: int):
-        self.trainer, self.every, self.patience, self.min_updates = trainer, max(int(every), 1), patience, min_updates
-        self.best_loss, self.best_state, self.bad, self.evaluations = float("inf"), None, 0, 0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every and state.global_step < state.max_steps:
-            return control
-        loss = self.trainer._holdout_loss()
-        self.evaluations += 1
-        if self.best_state is None or loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # not noise at ~0
-            self.best_loss, self.bad = loss, 0
-            net = self.trainer._detector.fairlora_detector[self.trainer.adapter_name]
-            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            self.bad += 1
-            if self.bad >= self.patience and state.global_step >= self.min_updates:
-                control.should_training_stop = True
-        return control
-
-    def restore_best(self) -> None:
-        if self.best_state is not None:
-            self.trainer._detector.fairlora_detector[self.trainer.adapter_name].load_state_dict(self.best_state)
-
-
-class FairTrainer(Trainer):
+class FairTrainer(TrainingPasses, Trainer):
     """Runs FairNet's detector → prototype → contrastive-LoRA stages. Same constructor as `Trainer`, plus
     `adapter_name` (default: the active adapter). `trainer.label_setting` is "full", "partial" or "unlabeled"."""
 
@@ -181,7 +100,7 @@ class FairTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             # Every stage uses all of its trainable parameters, and the detector's loss is not reachable from the model
             # output, which DDP's unused-parameter search would wrongly mark as unused.
-            args.ddp_find_unused_parameters = False
+            args = stage_arguments(args, ddp_find_unused_parameters=False)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          compute_metrics=compute_metrics, **kwargs)
         self._stage = "eval"
@@ -193,6 +112,7 @@ class FairTrainer(Trainer):
         self._stage_log_history: list[dict] = []
         self._all_rows = self.train_dataset
         self.pseudo_labeler, self.pseudo_label_details = None, {}
+        self._feature_cache: Optional[dict] = None  # base features, only inside caching_features() (passes.py)
 
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args, model):
@@ -265,19 +185,26 @@ class FairTrainer(Trainer):
             outputs = model(**batch, output_hidden_states=cap.needs_hidden_states)
         return outputs, cap.representation(outputs)
 
+    @property
+    def _tuner(self):
+        return self.model.base_model
+
+    @property
+    def stage(self) -> Optional[str]:
+        """The stage being trained: "detector", "lora", or None (not training: evaluation, prediction)."""
+        return None if self._stage == "eval" else self._stage
+
     def _set_trainable(self, what: str) -> None:
         """Freeze everything, then unfreeze the detector ('detector') or the adapter's LoRA ('lora')."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        det = self._detector
-        det.set_detector_trainable(self.adapter_name, what == "detector")
+        self._detector.set_detector_trainable(self.adapter_name, what == "detector")
         # Trainer reuses its DDP wrapper across train() calls, and DDP only reduces the parameters that were trainable
         # when it wrapped: drop the wrapper so the next stage is wrapped (and its gradients averaged) anew.
         self.model_wrapped = self.model
         if what == "lora":
-            for name, p in self.model.named_parameters():
-                if (".fairlora_A." in name or ".fairlora_B." in name) and f".{self.adapter_name}." in name:
-                    p.requires_grad_(True)
+            for p in self._tuner.trainable_parameters("lora", self.adapter_name):
+                p.requires_grad_(True)
 
     @contextlib.contextmanager
     def _frozen_base_without_dropout(self):
@@ -316,10 +243,18 @@ class FairTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _detector_loss(self, model, inputs, rows):
+        """Eq. 1 on the batch. On one process the forward stops at the detector's layer (`stop_at_detector`): the base
+        is frozen and the detector reads detached features, so nothing after it counts. Under DDP/FSDP the wrapper's
+        gradient bookkeeping needs a complete forward, so the whole model runs."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with force_gate(model, False):
-            model(**inputs)
-        risk = gate_record(model, self.adapter_name).risk
+        if self.accelerator.num_processes == 1:
+            with force_gate(self.model, False), stop_at_detector(self.model, self.adapter_name) as stop:
+                self.model(**inputs)
+            risk = stop.record.risk
+        else:
+            with force_gate(model, False):
+                model(**inputs)
+            risk = gate_record(model, self.adapter_name).risk
         target = self._detector_target.to(risk.device)[rows.to(risk.device)]
         loss = class_balanced_bce(risk, target, self._pos_weight)
         self._log_terms(detector_loss=loss.item())
@@ -381,27 +316,6 @@ class FairTrainer(Trainer):
 
         return wrapped
 
-    def eval_pseudo_groups(self, dataset) -> np.ndarray:
-        """Unlabeled setting, after `train()`: the fitted pseudo-labeler's marks for `dataset`'s rows, from the
-        frozen model's features (LoRA off), in row order. Cached per dataset fingerprint."""
-        if self.pseudo_labels is None:
-            raise ValueError("eval_pseudo_groups needs the pseudo-labeler fitted by train() in the unlabeled setting.")
-        key = getattr(dataset, "_fingerprint", id(dataset))
-        cache = self.__dict__.setdefault("_pseudo_group_cache", {})
-        if key not in cache:  # every process runs the pass (it gathers); the main one, which holds the labeler, marks
-            rows = dataset.remove_columns([c for c in (ROW_COLUMN,) if c in dataset.column_names])
-            feats = self._frozen_pass(rows.add_column(ROW_COLUMN, list(range(len(rows)))))
-            marks = np.zeros(len(rows), dtype=np.int64)
-            if self.pseudo_labeler is not None:
-                marks = np.asarray(self.pseudo_labeler.predict(np.concatenate([feats["z"], feats["feat"]], axis=1),
-                                                               feats["label"], feats["logits"]), dtype=np.int64)
-            if self.accelerator.num_processes > 1:
-                from accelerate.utils import broadcast_object_list
-
-                marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
-            cache[key] = marks
-        return cache[key]
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them. In
         the unlabeled setting, with a pseudo-labeler fitted by this trainer, the metrics add the label-free
@@ -438,198 +352,22 @@ class FairTrainer(Trainer):
             return loss, preds, (labels, sensitive)
         return loss, preds, labels
 
-    # ------------------------------------------------------------------ passes over the training set
-    @contextlib.contextmanager
-    def _keep_last_batch(self):
-        """Passes over the training rows must see every row: `dataloader_drop_last` is off inside."""
-        saved = self.args.dataloader_drop_last
-        self.args.dataloader_drop_last = False
-        try:
-            yield
-        finally:
-            self.args.dataloader_drop_last = saved
-
-    def _detector_read_module(self) -> torch.nn.Module:
-        return self.model.get_base_model().get_submodule(self._config.detector_module)
-
-    def _frozen_pass(self, dataset=None, *, full: bool = True) -> dict[str, np.ndarray]:
-        """One eval-mode pass, LoRA off, over `dataset` (default: the training rows): row index, label, risk and, with
-        `full`, the representation z, the logits and the mean-pooled detector input of every row, in row order."""
-        model, dataset = self.model, self._all_rows if dataset is None else dataset
-        was_training = model.training
-        model.eval()
-        captured: dict[str, torch.Tensor] = {}
-        mask_now: list = [None]
-
-        def capture(module, args, kwargs):
-            hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
-            tokens = as_tokens(hidden.detach())
-            captured["feat"] = pool_tokens(tokens, align_mask(mask_now[0], tokens), "mean").float()
-
-        handle = self._detector_read_module().register_forward_pre_hook(capture, with_kwargs=True) if full else None
-        out: dict[str, list] = defaultdict(list)
-        try:
-            with torch.no_grad(), self._keep_last_batch():
-                for batch in self.get_eval_dataloader(dataset):
-                    batch = self._prepare_inputs(batch)
-                    _, rows = self._pop_extras(batch)
-                    labels = batch.pop("labels")
-                    mask_now[0] = batch.get("attention_mask")
-                    with force_gate(model, False):
-                        outputs, z = self._forward_with_z(model, batch) if full else (model(**batch), None)
-                    step = {"row": rows, "label": labels, "risk": gate_record(model, self.adapter_name).risk.float()}
-                    if full:
-                        step.update(z=z.float(), logits=outputs.logits.float(), feat=captured.pop("feat"))
-                    for key, value in self.accelerator.gather_for_metrics(step).items():
-                        out[key].append(value.cpu())
-        finally:
-            if handle is not None:
-                handle.remove()
-            model.train(was_training)
-        result = {k: torch.cat(v).numpy() for k, v in out.items()}
-        order = np.argsort(result["row"], kind="stable")
-        result = {k: v[order] for k, v in result.items()}
-        if len(result["row"]) != len(dataset) or len(np.unique(result["row"])) != len(dataset):
-            raise RuntimeError(
-                f"The pass over {len(dataset)} training rows returned {len(np.unique(result['row']))} distinct rows; "
-                "a custom sampler or collator dropped or repeated rows. FairTrainer needs every row once in eval passes."
-            )
-        if full and not np.isfinite(result["z"]).all():
-            bad = result["row"][~np.isfinite(result["z"]).all(1)][:10].tolist()
-            raise ValueError(f"The frozen model produced NaN/inf representations for training rows {bad}; check those inputs.")
-        return result
-
-    def _pseudo_labels(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """Unlabeled setting: fit `args.pseudo_labeler` (pseudo_labels.py) on the main process, broadcast the marks.
-        The fitted labeler stays on the trainer (`self.pseudo_labeler`) to mark validation rows the same way."""
-        args, marks = self.args, np.zeros(len(features["z"]), dtype=np.int64)
-        if self.accelerator.is_main_process:
-            result = pseudo_label(
-                args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
-                labels=features["label"], logits=features["logits"], seed=args.seed,
-                **self._pseudo_knobs())
-            marks, self.pseudo_labeler, self.pseudo_label_details = result.labels, result.labeler, {
-                "method": result.method, **{k: v for k, v in result.details.items() if np.isscalar(v)}}
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
-        return marks
-
-    def _pseudo_knobs(self) -> dict:
-        args = self.args
-        lof = dict(n_neighbors=args.lof_n_neighbors, contamination=args.lof_contamination)
-        clusters = dict(n_clusters=args.pseudo_clusters)
-        return {"lof": lof, "gmm": clusters, "kmeans": clusters, "auto": {**lof, **clusters}}.get(args.pseudo_labeler, {})
-
-    @property
-    def pseudo_labels(self) -> Optional[np.ndarray]:
-        """The unlabeled setting's pseudo-labels of the training rows (1 = presumed minority), after `train()`."""
-        return getattr(self, "_pseudo", None)
-
-    def _set_detector_targets(self) -> None:
-        """The detector's targets. `_labels_of_setting`: true labels (full, partial; -1 unknown) or pseudo-labels
-        (unlabeled); statistics and anchors use them. `_target`: what the detector trains on; in the partial setting
-        the unlabelled rows get a logistic probe's labels (`partial_label_propagation`)."""
-        args = self.args
-        if self.label_setting == "unlabeled":
-            self._pseudo = self._pseudo_labels(self._frozen_pass())
-            labels = self._pseudo
-            whole = [int(k) for k in np.unique(self._labels) if (labels[self._labels == k] == 1).all()]
-            if whole:
-                raise ValueError(
-                    f"The pseudo-labeler ({self.pseudo_label_details.get('method', self.args.pseudo_labeler)}) marked "
-                    f"every row of classes {whole} as minority, so no majority prototype exists for them (an error set "
-                    "is a whole class when the frozen model never predicts it: is the model task-trained?). Train the "
-                    "base model first, or choose FairTrainingArguments.pseudo_labeler='lof'/'gmm'/'kmeans'.")
-        else:
-            labels = self._sensitive
-        self._labels_of_setting = labels
-        self._holdout = holdout_rows(labels, args.detector_holdout_fraction, args.seed)
-        target = labels
-        if self.label_setting == "partial" and args.partial_label_propagation:
-            target = self._propagated_labels(self._frozen_pass(), labels, (labels >= 0) & ~self._holdout)
-        known = target[target >= 0]
-        self._pos_weight = float((known == 0).sum()) / max(int((known == 1).sum()), 1)
-        self._detector_target = torch.as_tensor(np.where(self._holdout, -1, target))
-        self._target = target
-
-    def _propagated_labels(self, feats: dict, labels: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
-        """Partial setting: a class-balanced scikit-learn LogisticRegression, fitted on the labelled rows' frozen
-        features (head input z joined with the mean-pooled detector input), labels the unlabelled rows, so the
-        detector also learns from them. Known labels are kept; the held-out rows stay out of the fit."""
-        x = np.concatenate([feats["z"], feats["feat"]], axis=1)
-        fit_rows = fit_rows & (labels >= 0)
-        if len(np.unique(labels[fit_rows])) < 2:
-            return labels
-        probe = balanced_probe().fit(x[fit_rows], labels[fit_rows])
-        unknown = labels < 0
-        out = labels.copy()
-        out[unknown] = probe.predict(x[unknown]).astype(np.int64)
-        return out
-
-    def _holdout_loss(self) -> float:
-        """Class-balanced BCE (Eq. 1) of the current detector on the held-out rows."""
-        rows = np.flatnonzero(self._holdout)
-        feats = self._frozen_pass(self._all_rows.select(rows), full=False)
-        risk = torch.as_tensor(feats["risk"], dtype=torch.float64)
-        target = torch.as_tensor(self._target[feats["row"]])
-        return float(class_balanced_bce(risk, target, self._pos_weight))
-
-    def _prototype_pass(self) -> None:
-        args, feats = self.args, self._frozen_pass()
-        gated = (feats["risk"] > float(self._config.threshold)).astype(np.int64)
-        detected = (feats["risk"] > self.anchor_threshold()).astype(np.int64)  # anchors: independent of the gate τ
-        labelled = self._labels_of_setting
-        if args.anchor_source == "labels":
-            group = labelled.copy()
-        elif args.anchor_source == "detector":
-            group = detected
-        else:
-            group = np.where(labelled >= 0, labelled, detected)
-        self._group_hat = torch.as_tensor(group)
-        # detector statistics against the labels the setting has (pseudo-labels when unlabeled)
-        known = labelled >= 0
-        pos, neg = known & (labelled == 1), known & (labelled == 0)
-        tpr = float(gated[pos].mean()) if pos.any() else float("nan")
-        fpr = float(gated[neg].mean()) if neg.any() else float("nan")
-        fit_rows = known & ~self._holdout
-        self.detector_stats = {"detector_tpr": tpr, "detector_fpr": fpr,
-                               "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
-                               "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum()),
-                               "detector_auc": roc_auc(labelled[self._holdout], feats["risk"][self._holdout]),
-                               "probe_auc": probe_auc(feats["feat"], labelled, fit_rows, self._holdout, args.seed),
-                               "detector_holdout_rows": int(self._holdout.sum())}
-        self._warn_if_detector_failed(feats["risk"][known], labelled[known])
-        # prototypes μ_{y,g} (prototypes.py): majority prototypes from the rows the frozen model gets right
-        labels, z = feats["label"], feats["z"]
-        n_classes = max(int(self._config.num_classes or 0), int(labels.max()) + 1)
-        correct = feats["logits"].argmax(-1) == labels if args.prototype_rows == "correct" else None
-        proto, counts = compute_prototypes(z, labels, group, n_classes, correct=correct)
-        self._config.num_classes, self._config.representation_dim = n_classes, int(z.shape[1])
-        self._detector.set_prototypes(self.adapter_name, torch.as_tensor(proto), torch.as_tensor(counts))
-        self._anchor_weights = torch.as_tensor(anchor_weights(labels, group, n_classes))
-        self.log({f"prototype_stage_{k}": v for k, v in self.detector_stats.items()})
-
     # ------------------------------------------------------------------ stages
     def _stage_dir(self) -> str:
         return os.path.join(self.args.output_dir, STAGE_DIR)
 
     @contextlib.contextmanager
     def _stage_run(self, dataset, **overrides):
-        """Run one `Trainer` stage on `dataset` with some arguments overridden; both are put back afterwards."""
+        """Run one `Trainer` stage on `dataset` with a copy of the arguments (`stage_arguments`), so the user's
+        `args` object is never written to; the trainer's own arguments and dataset are put back afterwards."""
         args, full = self.args, self.train_dataset
-        saved = {k: getattr(args, k) for k in overrides}
         self.optimizer, self.lr_scheduler = None, None
         try:
-            for k, v in overrides.items():
-                setattr(args, k, v)
+            self.args = stage_arguments(args, **overrides)
             self.train_dataset = dataset
             yield
         finally:
-            for k, v in saved.items():
-                setattr(args, k, v)
-            self.train_dataset = full
+            self.args, self.train_dataset = args, full
             self.optimizer, self.lr_scheduler = None, None
 
     def _updates_per_epoch(self, rows: int, processes: int) -> int:
@@ -641,10 +379,9 @@ class FairTrainer(Trainer):
         rows = np.flatnonzero(self._detector_target.numpy() >= 0)  # labelled rows minus the held-out slice
         per_epoch = self._updates_per_epoch(len(rows), max(args.world_size, 1))
         max_steps = max(2 * args.detector_min_updates, math.ceil(args.detector_epochs * per_epoch))
-        stopper = _DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience,
-                                         min_updates=args.detector_min_updates)
-        self._stage = "detector"
-        self._set_trainable("detector")
+        stopper = DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience,
+                                        min_updates=args.detector_min_updates)
+        self._enter_detector_stage()
         if self._holdout.any():
             self.add_callback(stopper)
         try:
@@ -657,6 +394,7 @@ class FairTrainer(Trainer):
                 self.remove_callback(stopper)
         stopper.restore_best()
         self._detector_updates = int(self.state.global_step)
+        self._stage = "eval"
         self._set_trainable("none")
 
     def _save_stage(self) -> None:
@@ -678,11 +416,8 @@ class FairTrainer(Trainer):
             return False
         with open(marker) as f:
             state = json.load(f)
-        det = self._detector
         k, d = state["num_classes"], state["representation_dim"]
-        device = det.fairlora_prototypes[self.adapter_name].device
-        det.fairlora_prototypes[self.adapter_name] = torch.zeros(k, 2, d, device=device)
-        det.fairlora_prototype_counts[self.adapter_name] = torch.zeros(k, 2, device=device)
+        self._detector.set_prototypes(self.adapter_name, torch.zeros(k, 2, d), torch.zeros(k, 2))  # shapes to load into
         weights = load_file(os.path.join(final, "adapter_model.safetensors"))
         set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
         self._config.num_classes, self._config.representation_dim = k, d
@@ -693,22 +428,43 @@ class FairTrainer(Trainer):
 
     def _enter_lora_stage(self) -> None:
         """Stage 3 set-up (after the prototype pass): the LoRA loss, only this adapter's LoRA A/B trainable, and no
-        optimizer/scheduler yet, so `Trainer` builds them for the LoRA parameters. `train()` calls it inside
-        `_frozen_base_without_dropout()`; benchmarks/overhead.py calls it the same way to time single LoRA-stage steps."""
+        optimizer/scheduler yet, so `Trainer` builds them for the LoRA parameters."""
         self._stage = "lora"
         self._set_trainable("lora")
         self.optimizer, self.lr_scheduler = None, None
         self.skipped_batches = 0
 
-    def anchor_threshold(self) -> float:
-        """`anchor_threshold`, with 'auto' = w₁ / (1 + w₁): a class-balanced detector's risk at which the minority
-        becomes the more likely group under the labelled rows' prior (w₁ = N(s=0) / N(s=1))."""
-        value = self.args.anchor_threshold
-        return self._pos_weight / (1.0 + self._pos_weight) if value == "auto" else float(value)
+    def _enter_detector_stage(self) -> None:
+        self._stage = "detector"
+        self._set_trainable("detector")
+        self.optimizer, self.lr_scheduler = None, None
 
-    def anchor_rows(self) -> np.ndarray:
-        """Indices of the training rows the LoRA stage trains on (ŝ = 1), after the prototype pass."""
-        return np.flatnonzero(self._group_hat.numpy() == 1)
+    def prepare_detector_stage(self):
+        """Context manager: the detector stage set up as `train()` does it (detector targets from the setting's
+        labels, only the detector trainable, base frozen without dropout), without running it, for benchmarks and
+        tests that time or inspect single steps (`trainer.training_step(...)`). On exit `stage` is None again."""
+        return self._prepared_stage("detector")
+
+    def prepare_lora_stage(self):
+        """Context manager: the LoRA stage set up as `train()` does it from the current detector (targets, prototype
+        pass, only the LoRA trainable, base frozen without dropout), without training the detector first."""
+        return self._prepared_stage("lora")
+
+    @contextlib.contextmanager
+    def _prepared_stage(self, stage: str):
+        self._all_rows = self.train_dataset
+        with self._frozen_base_without_dropout(), self.caching_features():
+            self._set_detector_targets()
+            if stage == "lora":
+                self._prototype_pass()
+                self._enter_lora_stage()
+            else:
+                self._enter_detector_stage()
+            try:
+                yield self
+            finally:
+                self._stage = "eval"
+                self._set_trainable("none")
 
     def lora_updates(self) -> int:
         """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × anchors /
@@ -725,7 +481,7 @@ class FairTrainer(Trainer):
         args = self.args
         if args.gate_threshold is not None:
             self._config.threshold = args.gate_threshold
-        with self._frozen_base_without_dropout():
+        with self._frozen_base_without_dropout(), self.caching_features():
             return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
@@ -768,31 +524,9 @@ class FairTrainer(Trainer):
         return result
 
     # ------------------------------------------------------------------ diagnostics
-    @torch.no_grad()
     def lora_relative_update(self) -> float:
         """Mean over adapted layers of ‖(α/r)·B·A‖_F / ‖W‖_F for this adapter: ≈ 0 means the LoRA did not move."""
-        ratios = []
-        for module in self.model.modules():  # called outside autograd: plain tensors
-            a, b = getattr(module, "fairlora_A", {}), getattr(module, "fairlora_B", {})
-            if self.adapter_name not in a or self.adapter_name not in b:
-                continue
-            wa, wb = a[self.adapter_name].weight, b[self.adapter_name].weight
-            delta = module.scaling[self.adapter_name] * (wb.reshape(wb.shape[0], -1) @ wa.reshape(wa.shape[0], -1))
-            base = module.get_base_layer().weight
-            ratios.append(float(delta.norm() / base.norm().clamp_min(1e-12)))
-        return float(np.mean(ratios)) if ratios else 0.0
-
-    def _warn_if_detector_failed(self, risk: np.ndarray, target: np.ndarray) -> None:
-        auc = self.detector_stats.get("detector_auc", float("nan"))
-        if not np.isfinite(auc):
-            auc = roc_auc(target, risk)
-        if np.isfinite(auc) and auc < 0.6:
-            warnings.warn(
-                f"The bias detector could not learn to find the minority (AUC {auc:.2f}; probe AUC "
-                f"{self.detector_stats.get('probe_auc', float('nan')):.2f}): its risk stays near the class-balanced base "
-                "rate 0.5, so the gate is close to random. Check the sensitive column, FairLoraConfig.detector_layer "
-                "(features the group is visible in) or, without labels, FairTrainingArguments.pseudo_labeler.",
-                UserWarning, stacklevel=3)
+        return self._tuner.lora_relative_update(self.adapter_name)
 
     def _warn_if_no_op(self, metrics: dict) -> None:
         rate, update = metrics.get("train_gate_rate_s1", float("nan")), metrics["train_lora_relative_update"]

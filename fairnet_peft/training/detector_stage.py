@@ -1,0 +1,141 @@
+"""The detector stage's pure parts: which labelled rows are held out, the reference probe, early stopping, and the
+statistics the prototype pass reports.
+
+Arrays in, arrays out (numpy), except `DetectorEarlyStopping`, a `TrainerCallback` that asks its trainer for the
+held-out loss (`trainer.holdout_loss()`) and snapshots/restores the detector's weights. scikit-learn does the
+statistics (ROC-AUC, the logistic probe), imported lazily.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from transformers import TrainerCallback
+
+MIN_HOLDOUT_PER_GROUP = 5
+
+
+def holdout_rows(target: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the (pseudo-)labelled rows held out from the detector stage, stratified by group.
+
+    Each group gives max(fraction × its rows, MIN_HOLDOUT_PER_GROUP) rows, so a small labelled minority (partial
+    setting) still has a usable held-out slice. Empty when `fraction` is 0 or a group has fewer than
+    3 × MIN_HOLDOUT_PER_GROUP rows (then the detector stage runs its whole budget)."""
+    mask = np.zeros(len(target), dtype=bool)
+    if fraction <= 0:
+        return mask
+    rng = np.random.default_rng(seed)
+    picks = []
+    for group in (0, 1):
+        rows = np.flatnonzero(target == group)
+        if len(rows) < 3 * MIN_HOLDOUT_PER_GROUP:
+            return mask
+        n = max(int(round(fraction * len(rows))), MIN_HOLDOUT_PER_GROUP)
+        picks.append(rng.choice(rows, size=n, replace=False))
+    mask[np.concatenate(picks)] = True
+    return mask
+
+
+def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
+    """scikit-learn's ROC-AUC, NaN when only one group is present."""
+    from sklearn.metrics import roc_auc_score
+
+    known = target >= 0
+    if len(np.unique(target[known])) < 2:
+        return float("nan")
+    return float(roc_auc_score(target[known], score[known]))
+
+
+def balanced_probe():
+    """The logistic probe both the detector's reference AUC and partial-setting label propagation use."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+
+
+def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+              seed: int, max_rows: int = 20000) -> float:
+    """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
+    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
+    fit = np.flatnonzero(fit_rows)
+    if len(fit) > max_rows:
+        fit = np.random.default_rng(seed).choice(fit, size=max_rows, replace=False)
+    if len(np.unique(target[fit])) < 2 or not test_rows.any():
+        return float("nan")
+    probe = balanced_probe().fit(features[fit], target[fit])
+    return roc_auc(target[test_rows], probe.predict_proba(features[test_rows])[:, 1])
+
+
+class DetectorEarlyStopping(TrainerCallback):
+    """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
+    evaluations without improvement, but not before `min_updates` (a fresh detector can sit on a plateau near 0.5 for
+    a few hundred updates before it finds the group). Every process computes the same gathered loss, so all stop
+    together."""
+
+    def __init__(self, trainer, every: int, patience: int, min_updates: int):
+        self.trainer, self.every, self.patience, self.min_updates = trainer, max(int(every), 1), patience, min_updates
+        self.best_loss, self.best_state, self.bad, self.evaluations = float("inf"), None, 0, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every and state.global_step < state.max_steps:
+            return control
+        loss = self.trainer.holdout_loss()
+        self.evaluations += 1
+        if self.best_state is None or loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # not noise at ~0
+            self.best_loss, self.bad = loss, 0
+            net = self.trainer.detector_network()
+            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.bad >= self.patience and state.global_step >= self.min_updates:
+                control.should_training_stop = True
+        return control
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.trainer.detector_network().load_state_dict(self.best_state)
+
+
+def propagated_labels(features: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """Partial setting: `balanced_probe`, fitted on the labelled `fit_rows`, labels the unlabelled rows (-1), so the
+    detector also learns from them. Known labels are kept; unchanged when the fit rows hold one group only."""
+    fit_rows = fit_rows & (labels >= 0)
+    if len(np.unique(labels[fit_rows])) < 2:
+        return labels
+    probe = balanced_probe().fit(features[fit_rows], labels[fit_rows])
+    unknown = labels < 0
+    out = labels.copy()
+    out[unknown] = probe.predict(features[unknown]).astype(np.int64)
+    return out
+
+
+def detector_statistics(risk: np.ndarray, feat: np.ndarray, labelled: np.ndarray, gated: np.ndarray,
+                        group: np.ndarray, holdout: np.ndarray, seed: int) -> dict[str, float]:
+    """What the prototype pass reports about the detector, against the labels the setting has (-1 unknown): gate
+    rates (TPR/FPR at τ), anchors, held-out ROC-AUC of the risk and of the logistic probe on the same features."""
+    known = labelled >= 0
+    pos, neg = known & (labelled == 1), known & (labelled == 0)
+    tpr = float(gated[pos].mean()) if pos.any() else float("nan")
+    fpr = float(gated[neg].mean()) if neg.any() else float("nan")
+    return {"detector_tpr": tpr, "detector_fpr": fpr, "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
+            "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum()),
+            "detector_auc": roc_auc(labelled[holdout], risk[holdout]),
+            "probe_auc": probe_auc(feat, labelled, known & ~holdout, holdout, seed),
+            "detector_holdout_rows": int(holdout.sum())}
+
+
+def warn_if_detector_failed(stats: dict, risk: np.ndarray, labelled: np.ndarray) -> None:
+    """One warning when the detector did not find the minority (AUC < 0.6 on held-out rows, else on all known rows)."""
+    auc = stats.get("detector_auc", float("nan"))
+    if not np.isfinite(auc):
+        auc = roc_auc(labelled, risk)
+    if np.isfinite(auc) and auc < 0.6:
+        warnings.warn(
+            f"The bias detector could not learn to find the minority (AUC {auc:.2f}; probe AUC "
+            f"{stats.get('probe_auc', float('nan')):.2f}): its risk stays near the class-balanced base "
+            "rate 0.5, so the gate is close to random. Check the sensitive column, FairLoraConfig.detector_layer "
+            "(features the group is visible in) or, without labels, FairTrainingArguments.pseudo_labeler.",
+            UserWarning, stacklevel=4)
