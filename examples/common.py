@@ -1,15 +1,10 @@
-"""Helpers shared by `train_text.py` and `train_vision.py` (not part of the `fairnet_peft` package).
+"""Plumbing shared by `train_text.py` and `train_vision.py` that is not FairNet itself (not part of the package).
 
-Both examples run the same pipeline:
-
-1. ERM: fine-tune (or train from scratch) the classifier with a plain `transformers.Trainer`; the result is cached
-   in `--erm-cache` so that re-runs (other label settings, other FairNet knobs) skip this step;
-2. FairNet: wrap the ERM model with a FairLoRA adapter and run `FairTrainer` (detector → prototypes → LoRA);
-3. evaluate ERM and FairNet on the test split (ACC, WGA, EOD, gate rate per group);
-4. write the adapter (with a model card holding the fairness table), a plot and `metrics.json`; optionally push.
-
-Everything here works unchanged under `python`, `accelerate launch` and `torchrun`: the trainers handle the
-distribution, and only the main process writes files or prints the summary.
+What lives here: the command-line options, process helpers (quiet logs, main-process printing under `accelerate` /
+`torchrun`), the ERM cache (train once with `transformers.Trainer`, reuse for later runs), the test-split metrics,
+the summary table, the model-card text and the writing/pushing of the outputs. The FairNet flow itself (data → ERM →
+`get_peft_model(FairLoraConfig)` → `FairTrainer` → evaluate → save) is written out in each example; the data helpers
+(`hide_group_labels`, `load_group_dataset`, ...) come from `fairnet_peft.data`.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -42,20 +36,27 @@ SPLITS = ("train", "validation", "test")
 
 # ----------------------------------------------------------------------------- process / logging
 def quiet_libraries() -> None:
-    """Silence the known-harmless noise of transformers 5 / PEFT (load reports, FutureWarnings)."""
+    """Silence the known-harmless noise of transformers 5 / PEFT / datasets (load reports, FutureWarnings)."""
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the Trainer's own bar stays
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
-    try:
-        import datasets
 
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover
-        pass
+
+def _has_accelerator() -> bool:
+    """True with a GPU (or another torch accelerator). Without one, the trainers must be told `use_cpu=True`:
+    otherwise, under torchrun, accelerate initialises the process group but runs every rank as a single process."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def dist_state():
@@ -71,18 +72,44 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def _has_accelerator() -> bool:
-    """True with a GPU (or another torch accelerator). Without one, the trainers must be told `use_cpu=True`:
-    otherwise, under torchrun, accelerate initialises the process group but runs every rank as a single process."""
-    import torch
+class Stopwatch:
+    """Seconds per step: `lap(name)` records the time since the previous lap; `total()` since the start."""
 
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
+    def __init__(self):
+        self.start = self.last = time.time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name], self.last = now - self.last, now
+
+    def total(self) -> dict[str, float]:
+        return {**self.laps, "total": time.time() - self.start}
 
 
 # ----------------------------------------------------------------------------- arguments
+# FairNet knobs: (option, FairTrainingArguments field, argparse options, help). Unset (None) = the library default.
+FAIR_KNOBS = (
+    ("--lr", "learning_rate", dict(type=float), "Learning rate of the LoRA stage."),
+    ("--detector-epochs", "detector_epochs", dict(type=float),
+     "Upper bound on the detector stage's epochs (it stops early on held-out rows)."),
+    ("--detector-lr", "detector_learning_rate", dict(type=float), "Learning rate of the detector stage."),
+    ("--lora-min-updates", "lora_min_updates", dict(type=int),
+     "Least number of LoRA-stage updates (FairTrainingArguments.lora_min_updates)."),
+    ("--detector-min-updates", "detector_min_updates", dict(type=int),
+     "No detector early stop before this many updates (FairTrainingArguments.detector_min_updates)."),
+    ("--margin", "margin", dict(type=float), "Triplet margin m."),
+    ("--task-loss-weight", "task_loss_weight", dict(type=float),
+     "Weight λ_T of the task loss on the anchors in the LoRA stage."),
+    ("--class-balanced-anchors", "class_balanced_anchors", dict(action=argparse.BooleanOptionalAction),
+     "Weight the anchors by inverse class frequency."),
+    ("--anchor-source", "anchor_source", dict(choices=("labels", "detector", "union")),
+     "Which training rows are minority anchors (see docs/label-settings.md)."),
+    ("--pseudo-labeler", "pseudo_labeler", {},
+     "How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler)."),
+)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> None:
     """Options shared by both examples. `defaults` holds the per-example default values."""
     data = parser.add_argument_group("data")
@@ -125,25 +152,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     fair = parser.add_argument_group("FairNet (unset options keep the library defaults)")
     fair.add_argument("--epochs", type=float, default=defaults["epochs"],
                       help="Epochs of the contrastive LoRA stage (over the anchor rows; at least lora_min_updates).")
-    fair.add_argument("--lr", type=float, default=None, help="Learning rate of the LoRA stage.")
-    fair.add_argument("--detector-epochs", type=float, default=None,
-                      help="Upper bound on the detector stage's epochs (it stops early on held-out rows).")
-    fair.add_argument("--detector-lr", type=float, default=None, help="Learning rate of the detector stage.")
-    fair.add_argument("--lora-min-updates", type=int, default=None,
-                      help="Least number of LoRA-stage updates (FairTrainingArguments.lora_min_updates).")
-    fair.add_argument("--detector-min-updates", type=int, default=None,
-                      help="No detector early stop before this many updates (FairTrainingArguments.detector_min_updates).")
     fair.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r).")
     fair.add_argument("--threshold", type=float, default=0.5, help="Gate threshold τ (LoRA on when risk > τ).")
-    fair.add_argument("--margin", type=float, default=None, help="Triplet margin m.")
-    fair.add_argument("--task-loss-weight", type=float, default=None,
-                      help="Weight λ_T of the task loss on the anchors in the LoRA stage.")
-    fair.add_argument("--class-balanced-anchors", action=argparse.BooleanOptionalAction, default=None,
-                      help="Weight the anchors by inverse class frequency.")
-    fair.add_argument("--anchor-source", choices=("labels", "detector", "union"), default=None,
-                      help="Which training rows are minority anchors (see docs/label-settings.md).")
-    fair.add_argument("--pseudo-labeler", default=None,
-                      help="How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler).")
+    for flag, _, options, help_text in FAIR_KNOBS:
+        fair.add_argument(flag, default=None, help=help_text, **options)
 
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="Per-device training batch size.")
@@ -180,156 +192,15 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     return args
 
 
-# ----------------------------------------------------------------------------- datasets
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() in ("", "?", "nan", "NaN", "None")
-
-
-def _norm(value: Any) -> str:
-    """Value as a comparable string: 1, 1.0, '1' and ' 1 ' all become '1'."""
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def encode_sensitive(values: Sequence[Any], minority_value: Optional[str]) -> list[int]:
-    """Map a raw sensitive column to 1 (minority) / 0 (majority) / -1 (unknown)."""
-    if minority_value is None:
-        out = []
-        for v in values:
-            if _is_missing(v):
-                out.append(-1)
-                continue
-            key = _norm(v)
-            if key not in ("-1", "0", "1"):
-                raise ValueError(
-                    f"The sensitive column has the value {v!r}; pass --minority-value to say which value is the "
-                    "minority (the others become the majority), or code the column as 1 / 0 / -1."
-                )
-            out.append(int(key))
-        return out
-    target = _norm(minority_value)
-    return [-1 if _is_missing(v) else int(_norm(v) == target) for v in values]
-
-
-def _load_raw(spec: str, config: Optional[str]):
-    """`datasets` object for --dataset: a local file, a data directory, a save_to_disk directory or a Hub name."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f)) for f in
-                                   ("dataset_dict.json", "state.json")):
-        return load_from_disk(spec)
-    if os.path.isfile(spec):
-        ext = spec.lower().rsplit(".", 2)
-        kind = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
-        name = ext[-1] if ext[-1] not in ("gz", "bz2", "xz", "zst") else ext[-2]
-        if name not in kind:
-            raise ValueError(f"--dataset {spec!r}: unsupported file type; use CSV, TSV, JSON(L) or Parquet.")
-        extra = {"delimiter": "\t"} if name == "tsv" else {}
-        return DatasetDict(load_dataset(kind[name], data_files={"train": spec}, **extra))
-    return load_dataset(spec, config) if config else load_dataset(spec)
-
-
-def _subsample(ds, n: Optional[int], seed: int):
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
-
-
-def load_custom_dataset(args, *, keep_columns: Sequence[str], seed: int):
-    """Load --dataset, encode labels and sensitive values, and split into train/validation/test.
-
-    Existing splits are used ('validation'/'valid'/'dev' and 'test'); missing ones are carved out of train (seeded,
-    80/10/10 or 90/10). Returns (DatasetDict with `keep_columns` + labels + sensitive, list of class names).
-    """
-    from datasets import ClassLabel, DatasetDict
-
-    raw = _load_raw(args.dataset, args.dataset_config)
-    if not isinstance(raw, DatasetDict):
-        raw = DatasetDict(train=raw)
-    aliases = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-    splits = {"train": raw["train"] if "train" in raw else raw[next(iter(raw))]}
-    for split, names in aliases.items():
-        for name in names:
-            if name in raw:
-                splits[split] = raw[name]
-                break
-    missing = [s for s in ("validation", "test") if s not in splits]
-    if missing:
-        frac = 0.1 * len(missing)
-        parts = splits["train"].train_test_split(test_size=frac, seed=seed)
-        splits["train"] = parts["train"]
-        if len(missing) == 2:
-            rest = parts["test"].train_test_split(test_size=0.5, seed=seed)
-            splits["validation"], splits["test"] = rest["train"], rest["test"]
-        else:
-            splits[missing[0]] = parts["test"]
-
-    for col in list(keep_columns) + [args.label_column, args.sensitive_column]:
-        if col not in splits["train"].column_names:
-            raise ValueError(f"--dataset has no column {col!r} (columns: {splits['train'].column_names}).")
-
-    feature = splits["train"].features[args.label_column]
-    if isinstance(feature, ClassLabel):
-        class_names = list(feature.names)
-        encode = lambda v: int(v)  # noqa: E731
-    else:
-        values = sorted({_norm(v) for ds in splits.values() for v in ds[args.label_column] if not _is_missing(v)},
-                        key=lambda x: (not x.lstrip("-").isdigit(), int(x) if x.lstrip("-").isdigit() else 0, x))
-        class_names = values
-        index = {v: i for i, v in enumerate(values)}
-        encode = lambda v: index[_norm(v)]  # noqa: E731
-
-    out = {}
-    for split, ds in splits.items():
-        ds = ds.filter(lambda row: not _is_missing(row[args.label_column]))
-        labels = [encode(v) for v in ds[args.label_column]]
-        sensitive = encode_sensitive(ds[args.sensitive_column], args.minority_value)
-        drop = [c for c in ds.column_names if c not in keep_columns]
-        ds = ds.remove_columns(drop).add_column("labels", labels).add_column("sensitive", sensitive)
-        out[split] = ds
-    out["train"] = _subsample(out["train"], args.max_train, seed)
-    out["validation"] = _subsample(out["validation"], args.max_eval, seed + 1)
-    out["test"] = _subsample(out["test"], args.max_eval, seed + 2)
-    if len(class_names) < 2:
-        raise ValueError(f"--label-column {args.label_column!r} has fewer than two classes: {class_names}.")
-    return DatasetDict(out), class_names
-
-
-def apply_label_setting(ds, setting: str, fraction: float, seed: int):
-    """Hide the sensitive labels that `setting` does not have (train and validation; test keeps them for reporting).
-
-    full: unchanged. partial: a seeded `fraction` of the training rows keep their label (at least one minority row),
-    the rest and the whole validation split become -1. unlabeled: train and validation become -1.
-    """
-    from datasets import DatasetDict
-
-    if setting == "full":
-        return ds
-    out = dict(ds)
-    train_s = np.asarray(ds["train"]["sensitive"])
-    if setting == "partial":
-        rng = np.random.default_rng(seed)
-        keep = rng.random(len(train_s)) < fraction
-        minority = np.flatnonzero(train_s == 1)
-        if minority.size and not (keep & (train_s == 1)).any():
-            keep[rng.choice(minority)] = True  # the detector needs at least one labelled minority row
-        new_s = np.where(keep, train_s, -1)
-    else:
-        new_s = np.full_like(train_s, -1)
-    out["train"] = ds["train"].remove_columns("sensitive").add_column("sensitive", new_s.tolist())
-    out["validation"] = ds["validation"].remove_columns("sensitive").add_column(
-        "sensitive", [-1] * len(ds["validation"]))
-    return DatasetDict(out)
+def cap_validation(ds, args):
+    """--max-val: a seeded cap on the validation split (it only serves per-epoch evaluation)."""
+    if args.max_val is not None and args.max_val < len(ds["validation"]):
+        ds["validation"] = ds["validation"].shuffle(seed=args.seed + 3).select(range(args.max_val))
+    return ds
 
 
 def describe_split(ds, name: str) -> str:
+    """One log line: rows per (label, group) cell and the rows whose group is unknown."""
     y, s = np.asarray(ds["labels"]), np.asarray(ds["sensitive"])
     cells = ", ".join(f"y={k},s={g}: {int(((y == k) & (s == g)).sum())}"
                       for k in np.unique(y) for g in (0, 1) if ((y == k) & (s == g)).any())
@@ -337,7 +208,7 @@ def describe_split(ds, name: str) -> str:
     return f"{name}: {len(ds)} rows ({cells}{f', s unknown: {unknown}' if unknown else ''})"
 
 
-# ----------------------------------------------------------------------------- ERM
+# ----------------------------------------------------------------------------- ERM (cached)
 def erm_cache_dir(args, key: dict) -> tuple[str, dict]:
     """The ERM cache directory and the key that must match for a cached model to be reused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -379,22 +250,8 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
     log(f"[erm] training the ERM model ({args.erm_epochs} epochs) → {cache_dir}")
     start = time.time()
     model = build_model()
-    targs = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, "erm_trainer"),
-        num_train_epochs=args.erm_epochs,
-        learning_rate=args.erm_lr,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        warmup_steps=0.1,
-        weight_decay=0.01,
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
-    )
+    targs = TrainingArguments(output_dir=os.path.join(args.output_dir, "erm_trainer"), num_train_epochs=args.erm_epochs,
+                              learning_rate=args.erm_lr, warmup_steps=0.1, weight_decay=0.01, **_run_arguments(args))
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                       compute_metrics=make_compute_metrics(use_sensitive=False), **trainer_kwargs)
     trainer.train()
@@ -418,34 +275,24 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
     return cache_dir, {**info, "cached": False}
 
 
-# ----------------------------------------------------------------------------- FairNet
+# ----------------------------------------------------------------------------- FairNet and evaluation
+def _run_arguments(args) -> dict:
+    """TrainingArguments fields every trainer of the examples shares (batch sizes, seed, devices, no checkpoints)."""
+    return dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
+                eval_strategy="epoch", save_strategy="no", logging_steps=10, report_to="none", seed=args.seed,
+                dataloader_num_workers=0, dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator())
+
+
 def fair_training_args(args, **extra):
+    """FairTrainingArguments from the options: --epochs and the FairNet knobs that are set; the rest default."""
     from fairnet_peft import FairTrainingArguments
 
-    knobs = dict(learning_rate=args.lr, detector_epochs=args.detector_epochs, detector_learning_rate=args.detector_lr,
-                 margin=args.margin, task_loss_weight=args.task_loss_weight,
-                 class_balanced_anchors=args.class_balanced_anchors, anchor_source=args.anchor_source,
-                 pseudo_labeler=args.pseudo_labeler, lora_min_updates=args.lora_min_updates,
-                 detector_min_updates=args.detector_min_updates)
-    return FairTrainingArguments(
-        output_dir=os.path.join(args.output_dir, "fair_trainer"),
-        sensitive_column="sensitive",
-        num_train_epochs=args.epochs,
-        **{k: v for k, v in knobs.items() if v is not None},
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
-        **extra,
-    )
+    knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in FAIR_KNOBS}
+    return FairTrainingArguments(output_dir=os.path.join(args.output_dir, "fair_trainer"), sensitive_column="sensitive",
+                                 num_train_epochs=args.epochs, **{k: v for k, v in knobs.items() if v is not None},
+                                 **_run_arguments(args), **extra)
 
 
-# ----------------------------------------------------------------------------- evaluation
 def predict_args(args):
     """TrainingArguments for a prediction-only `Trainer` (batch size, distribution, no logging)."""
     from transformers import TrainingArguments
@@ -477,240 +324,15 @@ def cell_accuracies(logits, labels, sensitive) -> dict:
         return group_accuracies(np.asarray(labels), pred, sensitive_features=np.asarray(sensitive))
 
 
-def _fmt(value: Optional[float]) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3f}"
+def minority_description(args, *, default: str) -> str:
+    """The model card's "minority group (s=1)" line."""
+    if args.minority_value:
+        return f"{args.sensitive_column} == {args.minority_value}"
+    return default if args.dataset is None else f"{args.sensitive_column} == 1"
 
 
-SUMMARY_COLUMNS = (("ACC", "accuracy"), ("WGA", "worst_group_accuracy"), ("EOD", "equalized_odds_difference"),
-                   ("gate rate s=0", "gate_rate_s0"), ("gate rate s=1", "gate_rate_s1"))
-
-
-def summary_table(results: dict[str, dict], *, markdown: bool = False) -> str:
-    """ERM vs FairNet: ACC, WGA (min over label × group cells), EOD (mean of |ΔTPR|, |ΔFPR|), gate rate per group."""
-    header = ["model"] + [name for name, _ in SUMMARY_COLUMNS]
-    rows = [[name] + [_fmt(m.get(key)) for _, key in SUMMARY_COLUMNS] for name, m in results.items()]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
-    rule = "-" * len(fmt(header))
-    return "\n".join([rule, fmt(header), rule] + [fmt(r) for r in rows] + [rule])
-
-
-# ----------------------------------------------------------------------------- outputs
-def model_card(*, title: str, base_model: str, loader: str, results: dict, details: dict, repo_or_dir: str) -> str:
-    """The card text above the package's "Fairness evaluation" section (which `save_pretrained` appends)."""
-    meta = "\n".join(["---", "library_name: peft", f"base_model: {base_model}",
-                      "tags:", "- fairness", "- fairnet", "- fairlora", "- peft", "---", ""])
-    lines = [
-        meta,
-        f"# {title}",
-        "",
-        "A **FairLoRA** adapter (FairNet: a bias detector at an intermediate layer switches a contrastively trained "
-        "conditional LoRA on per example), trained with `fairnet_peft` on top of an ERM classifier.",
-        "",
-        "| | |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in details.items()]
-    lines += [
-        "",
-        "## ERM vs FairNet on the test split",
-        "",
-        summary_table(results, markdown=True),
-        "ACC: accuracy. WGA: worst accuracy over (label × group) cells. EOD: ½(|ΔTPR| + |ΔFPR|) between the groups. "
-        "Gate rate: fraction of test rows of each group for which the LoRA was switched on (s=1 is the minority). "
-        "Small test splits make WGA noisy: one row of the smallest cell moves it by 1/(cell size).",
-        "",
-        "The section *Fairness evaluation* below lists every test metric of the FairNet model.",
-        "",
-        "## Usage",
-        "",
-        "`import fairnet_peft` must run **before** loading: it registers the PEFT type `FAIRLORA` "
-        "(without it PEFT fails with `KeyError: 'FAIRLORA'`).",
-        "",
-        "```python",
-        "import fairnet_peft  # registers FAIRLORA",
-        f"from peft import {loader}",
-        "",
-        f"model = {loader}.from_pretrained({repo_or_dir!r}).eval()",
-        "out = model(**inputs)                    # the detector gates each example",
-        "rec = fairnet_peft.gate_record(model)    # rec.risk, rec.gate",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_outputs(*, args, model, cells: dict, fair_test: dict, metrics: dict, card: str) -> dict:
-    """Adapter + model card, group-accuracy plot and metrics.json in --output-dir (main process only)."""
-    from fairnet_peft.model_card import attach_fairness_report
-    from fairnet_peft.plots import plot_group_accuracies
-
-    out = os.path.abspath(args.output_dir)
-    adapter_dir = os.path.join(out, "adapter")
-    paths = {"adapter": adapter_dir, "plot": os.path.join(out, "group_accuracies.png"),
-             "metrics": os.path.join(out, "metrics.json"), "model_card": os.path.join(adapter_dir, "README.md")}
-    if not dist_state().is_main_process:
-        return paths
-    os.makedirs(adapter_dir, exist_ok=True)
-    for scratch in ("predict", "erm_trainer"):  # Trainer output dirs that stay empty (save_strategy="no")
-        path = os.path.join(out, scratch)
-        if os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
-    # Our card first; save_pretrained then lets PEFT update its metadata, and the attached report adds the
-    # "Fairness evaluation" section (fairnet_peft.metrics.render_fairness_table of the FairNet test metrics).
-    with open(paths["model_card"], "w", encoding="utf-8") as f:
-        f.write(card)
-    attach_fairness_report(model, fair_test, split="test")
-    model.save_pretrained(adapter_dir)
-    _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
-    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell")
-    with open(paths["metrics"], "w") as f:
-        json.dump({**metrics, "outputs": paths}, f, indent=2, default=_json_default)
-    return paths
-
-
-def _add_card_tags(path: str, tags: list[str]) -> None:
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(path)
-    card.data.tags = list(dict.fromkeys(list(card.data.tags or []) + tags))
-    card.save(path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
-
-
-def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
-    """Push the ERM base model and the adapter (model.push_to_hub), then the model card (main process only)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    if not dist_state().is_main_process:
-        return {}
-    api = HfApi()
-    base_id = args.hub_base_id or f"{args.hub_model_id}-erm"
-    api.create_repo(base_id, exist_ok=True)
-    upload = os.path.join(args.output_dir, "erm_upload")
-    shutil.rmtree(upload, ignore_errors=True)
-    shutil.copytree(erm_dir, upload, ignore=shutil.ignore_patterns("erm_key.json", "erm_info.json"))
-    api.upload_folder(repo_id=base_id, folder_path=upload, commit_message="ERM base model for a FairLoRA adapter")
-    shutil.rmtree(upload, ignore_errors=True)
-
+def log_adapter(model, trainer) -> None:
+    """One line: the label setting the trainer inferred and where the adapter sits."""
     config = model.peft_config[model.active_adapter]
-    local_base = config.base_model_name_or_path
-    config.base_model_name_or_path = base_id  # so AutoPeftModel*.from_pretrained(<adapter repo>) finds the base
-    try:
-        with warnings.catch_warnings():  # PEFT probes the base repo for a changed vocabulary; it has not changed
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.push_to_hub(args.hub_model_id, commit_message="FairLoRA adapter (fairnet_peft)")
-    finally:
-        config.base_model_name_or_path = local_base
-    with open(card_path, encoding="utf-8") as f:  # the local card, with the Hub ids instead of local paths
-        card = f.read().replace(repr(os.path.dirname(card_path)), repr(args.hub_model_id))
-        card = card.replace(local_base, base_id)
-    tmp = card_path + ".hub"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(card)
-    try:
-        api.create_commit(repo_id=args.hub_model_id, commit_message="Model card with the fairness table",
-                          operations=[CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=tmp)])
-    finally:
-        os.remove(tmp)
-    return {"adapter_repo": args.hub_model_id, "base_repo": base_id}
-
-
-def run_pipeline(*, args, kind: str, data, class_names: list[str], erm_key: dict, build_model: Callable[[], Any],
-                 load_model: Callable[[str], Any], collator, save_extra: Callable[[str], None], erm_trainer_kwargs: dict,
-                 task_type: Optional[str], loader: str, title: str, details: dict, timings: dict) -> dict:
-    """ERM (cached) → ERM test metrics → FairLoRA + FairTrainer → FairNet test metrics → outputs (→ push).
-
-    `data` is the processed DatasetDict (model inputs + labels + sensitive) after the label setting was applied to
-    train/validation; its test split keeps the true sensitive labels (reporting only).
-    """
-    from peft import get_peft_model
-    from transformers import Trainer
-
-    from fairnet_peft import FairLoraConfig
-
-    state = dist_state()
-    t = time.time()
-    erm_dir, erm_info = train_or_load_erm(
-        args=args, key=erm_key, build_model=build_model, train_ds=data["train"].remove_columns("sensitive"),
-        eval_ds=data["validation"].remove_columns("sensitive"), save_extra=save_extra,
-        trainer_kwargs=dict(data_collator=collator, **erm_trainer_kwargs))
-    timings["erm"] = time.time() - t
-    erm_dir = os.path.abspath(erm_dir)
-
-    # ERM on the test split
-    t = time.time()
-    test = data["test"]
-    erm_pred = Trainer(model=load_model(erm_dir), args=predict_args(args), data_collator=collator).predict(
-        test.remove_columns("sensitive"))
-    erm_test = test_metrics(erm_pred.predictions, test["labels"], test["sensitive"])
-    timings["erm_test"] = time.time() - t
-
-    # FairLoRA adapter on the ERM model + FairTrainer (detector → prototypes → contrastive LoRA)
-    t = time.time()
-    config = FairLoraConfig(task_type=task_type, r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
-                            base_model_name_or_path=erm_dir)
-    model = get_peft_model(load_model(erm_dir), config)
-    from fairnet_peft import FairTrainer
-
-    trainer = FairTrainer(model=model, args=fair_training_args(args), train_dataset=data["train"],
-                          eval_dataset=data["validation"], data_collator=collator)
-    resolved = model.peft_config["default"]
-    log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(resolved.target_modules)} of blocks "
-        f"{resolved.layers_to_transform}; the detector reads the input of block {resolved.detector_layer}")
-    train_result = trainer.train()
-    timings["fairnet_train"] = time.time() - t
-
-    t = time.time()
-    tau = float(resolved.threshold)
-    logits, risk, gate = trainer.predict(test).predictions
-    fair_test = test_metrics(logits, test["labels"], test["sensitive"], risk=risk, gate=gate, threshold=tau)
-    timings["fairnet_test"] = time.time() - t
-    timings["total"] = time.time() - timings.pop("_start")
-
-    results = {"ERM": erm_test, "FairNet": fair_test}
-    cells = {name: cell_accuracies(pred, test["labels"], test["sensitive"])
-             for name, pred in (("ERM", erm_pred.predictions), ("FairNet", logits))}
-    details = {**details, "classes": ", ".join(map(str, class_names)),
-               "label setting": args.setting + (f" ({args.label_fraction:g} of the train rows labelled)"
-                                                if args.setting == "partial" else ""),
-               "ERM base model": erm_dir, "train / test rows": f"{len(data['train'])} / {len(test)}",
-               "gate threshold τ": f"{tau:g}"}
-    adapter_dir = os.path.join(os.path.abspath(args.output_dir), "adapter")
-    card = model_card(title=title, base_model=erm_dir, loader=loader, results=results, details=details,
-                      repo_or_dir=adapter_dir)
-    metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
-               "erm": erm_test, "fairnet": fair_test, "threshold": tau,
-               "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
-               "cells_test": cells, "timings_s": timings, "args": vars(args), "world_size": state.num_processes}
-    paths = write_outputs(args=args, model=model, cells=cells, fair_test=fair_test, metrics=metrics, card=card)
-    pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
-        if args.push_to_hub else {}
-    finish(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed)
-    state.wait_for_everyone()
-    return {"erm": erm_test, "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,
-            "label_setting": trainer.label_setting}
-
-
-def finish(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict) -> None:
-    log("")
-    log(f"{name}: ERM vs FairNet on the test split ({args.setting} setting)")
-    log(summary_table(results))
-    log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR|; gate rate = P(LoRA on | s).")
-    log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    log(f"outputs: {paths.get('adapter')}, {paths.get('plot')}, {paths.get('metrics')}")
-    if pushed:
-        log(f"pushed: adapter → {pushed['adapter_repo']}, ERM base → {pushed['base_repo']}")
+    log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(config.target_modules)} of blocks "
+        f"{config.layers_to_transform}; the detector reads the input of block {config.detector_layer}")

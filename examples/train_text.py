@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import outputs  # noqa: E402
 
 DEFAULTS = dict(
     model=None,
@@ -63,48 +63,51 @@ def default_model_path() -> str:
 
 def load_data(args):
     """DatasetDict with text/labels/sensitive, and the class names."""
-    state = common.dist_state()
-    with state.main_process_first():
-        if args.dataset is None:
-            from fairnet_peft.datasets import load_adult_text
+    from fairnet_peft.data import load_adult_text, load_group_dataset
 
-            ds = load_adult_text(seed=args.seed, max_train=args.max_train, max_eval=args.max_eval,
-                                 progress=False)
+    with common.dist_state().main_process_first():
+        if args.dataset is None:
+            ds = load_adult_text(seed=args.seed, max_train=args.max_train, max_eval=args.max_eval, progress=False)
             names = ["<=50K", ">50K"]
         else:
-            ds, names = common.load_custom_dataset(args, keep_columns=[args.text_column], seed=args.seed)
+            ds, names = load_group_dataset(
+                args.dataset, config=args.dataset_config, label_column=args.label_column,
+                sensitive_column=args.sensitive_column, minority_value=args.minority_value,
+                keep_columns=[args.text_column], seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
             if args.text_column != "text":
                 ds = ds.rename_column(args.text_column, "text")
-    if args.max_val is not None and args.max_val < len(ds["validation"]):
-        ds["validation"] = ds["validation"].shuffle(seed=args.seed + 3).select(range(args.max_val))
-    return ds, names
+    return common.cap_validation(ds, args), names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    # 1. Arguments
     args = common.parse_with_preset(build_parser(), argv, DEMO)
     common.quiet_libraries()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+    from peft import get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              set_seed)
 
-    import fairnet_peft  # noqa: F401  (registers the PEFT type FAIRLORA)
+    from fairnet_peft import FairLoraConfig, FairTrainer  # importing fairnet_peft registers the PEFT type FAIRLORA
+    from fairnet_peft.data import hide_group_labels
 
-    timings = {"_start": time.time()}
+    clock = common.Stopwatch()
     set_seed(args.seed)
     model_path = args.model or default_model_path()
 
+    # 2. Data: hide the group labels the --setting does not have (train/validation; test keeps them for reporting)
     ds, class_names = load_data(args)
-    visible = common.apply_label_setting(ds, args.setting, args.label_fraction, args.seed)
+    visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoder-only models
         tokenizer.pad_token = tokenizer.eos_token
-
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=args.max_length)
-
-    data = visible.map(tokenize, batched=True, remove_columns=["text"])
+    data = visible.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
+                       remove_columns=["text"])
     for split in common.SPLITS:
         common.log("[data] " + common.describe_split(visible[split], split))
-    timings["data"] = time.time() - timings["_start"]
+    collator, test = DataCollatorWithPadding(tokenizer), data["test"]
+    clock.lap("data")
 
+    # 3. ERM: fine-tune the encoder with a new head (plain Trainer), cached in --erm-cache; evaluate it on test
     def build_model():
         set_seed(args.seed)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -118,16 +121,43 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    text_column=args.text_column, label_column=args.label_column, max_train=args.max_train,
                    max_length=args.max_length, seed=args.seed, epochs=args.erm_epochs, lr=args.erm_lr,
                    batch_size=args.batch_size)
+    erm_dir, erm_info = common.train_or_load_erm(
+        args=args, key=erm_key, build_model=build_model, train_ds=data["train"].remove_columns("sensitive"),
+        eval_ds=data["validation"].remove_columns("sensitive"), save_extra=tokenizer.save_pretrained,
+        trainer_kwargs=dict(data_collator=collator, processing_class=tokenizer))
+    clock.lap("erm")
+    erm_model = AutoModelForSequenceClassification.from_pretrained(erm_dir)
+    erm_logits = Trainer(model=erm_model, args=common.predict_args(args), data_collator=collator).predict(
+        test.remove_columns("sensitive")).predictions
+    erm_test = common.test_metrics(erm_logits, test["labels"], test["sensitive"])
+    clock.lap("erm_test")
+
+    # 4. FairNet: a FairLoRA adapter on the ERM model, trained by FairTrainer (detector → prototypes → LoRA)
+    config = FairLoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
+                            base_model_name_or_path=erm_dir)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(erm_dir), config)
+    trainer = FairTrainer(model=model, args=common.fair_training_args(args), train_dataset=data["train"],
+                          eval_dataset=data["validation"], data_collator=collator)
+    common.log_adapter(model, trainer)
+    train_result = trainer.train()
+    clock.lap("fairnet_train")
+
+    # 5. Evaluate on test: predictions are (logits, detector risk, gate); metrics per group and gate rates
+    tau = float(model.peft_config["default"].threshold)
+    logits, risk, gate = trainer.predict(test).predictions
+    fair_test = common.test_metrics(logits, test["labels"], test["sensitive"], risk=risk, gate=gate, threshold=tau)
+    clock.lap("fairnet_test")
+
+    # 6. Save the adapter with its model card, the plot and metrics.json; push with --push-to-hub; print the table
     details = {"task": "text classification",
                "data": args.dataset or "UCI Adult serialised to text (fairnet_peft.datasets.load_adult_text)",
-               "minority group (s=1)": (f"{args.sensitive_column} == {args.minority_value}" if args.minority_value
-                                        else "women" if args.dataset is None else f"{args.sensitive_column} == 1")}
-    return common.run_pipeline(
-        args=args, kind="text", data=data, class_names=class_names, erm_key=erm_key, build_model=build_model,
-        load_model=AutoModelForSequenceClassification.from_pretrained, collator=DataCollatorWithPadding(tokenizer),
-        save_extra=tokenizer.save_pretrained, erm_trainer_kwargs=dict(processing_class=tokenizer),
-        task_type="SEQ_CLS", loader="AutoPeftModelForSequenceClassification",
-        title="FairNet (FairLoRA) adapter for text classification", details=details, timings=timings)
+               "minority group (s=1)": common.minority_description(args, default="women")}
+    return outputs.finish_run(
+        args=args, kind="text", model=model, trainer=trainer, train_result=train_result, erm=(erm_dir, erm_info),
+        data=data, logits={"ERM": erm_logits, "FairNet": logits}, results={"ERM": erm_test, "FairNet": fair_test},
+        card=dict(title="FairNet (FairLoRA) adapter for text classification",
+                  loader="AutoPeftModelForSequenceClassification", details=details, class_names=class_names),
+        timings=clock.total())
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import outputs  # noqa: E402
 
 DEFAULTS = dict(
     model=None,
@@ -86,60 +86,72 @@ def processor_size(processor, fallback: int) -> int:
     return fallback
 
 
-def load_data(args, processor):
-    """DatasetDict with pixel_values/labels/sensitive (torch format), and the class names."""
+def _renormalise(ds, processor):
+    """The digits loader gives [-1, 1] pixels; a pretrained --model wants its own processor's normalisation."""
     import numpy as np
 
-    state = common.dist_state()
-    with state.main_process_first():
-        if args.dataset is None:
-            from fairnet_peft.datasets import load_digits_backgrounds
+    mean = np.asarray(getattr(processor, "image_mean", [0.5] * 3), np.float32).reshape(3, 1, 1)
+    std = np.asarray(getattr(processor, "image_std", [0.5] * 3), np.float32).reshape(3, 1, 1)
 
+    def renorm(batch):
+        x = (np.asarray(batch["pixel_values"], np.float32) + 1.0) / 2.0
+        return {"pixel_values": (x - mean) / std}
+
+    return ds.map(renorm, batched=True, batch_size=256)
+
+
+def load_data(args, processor):
+    """DatasetDict with pixel_values/labels/sensitive, and the class names."""
+    from fairnet_peft.data import load_digits_backgrounds, load_group_dataset
+
+    with common.dist_state().main_process_first():
+        if args.dataset is None:
             size = processor_size(processor, args.image_size) if args.model else args.image_size
             n_eval = args.max_eval or 800
             ds = load_digits_backgrounds(seed=args.seed, image_size=size, n_train=args.max_train or 4000,
                                          n_val=args.max_val or n_eval, n_test=n_eval, progress=False)
-            ds = ds.remove_columns(["digit", "digit_index"])
-            names = ["digit<5", "digit>=5"]
-            if args.model:  # the loader gives [-1, 1]; use the pretrained model's normalisation instead
-                mean = np.asarray(getattr(processor, "image_mean", [0.5] * 3), np.float32).reshape(3, 1, 1)
-                std = np.asarray(getattr(processor, "image_std", [0.5] * 3), np.float32).reshape(3, 1, 1)
-
-                def renorm(batch):
-                    x = (np.asarray(batch["pixel_values"], np.float32) + 1.0) / 2.0
-                    return {"pixel_values": (x - mean) / std}
-
-                ds = ds.map(renorm, batched=True, batch_size=256)
+            ds, names = ds.remove_columns(["digit", "digit_index"]), ["digit<5", "digit>=5"]
+            if args.model:
+                ds = _renormalise(ds, processor)
         else:
-            ds, names = common.load_custom_dataset(args, keep_columns=[args.image_column], seed=args.seed)
+            ds, names = load_group_dataset(
+                args.dataset, config=args.dataset_config, label_column=args.label_column,
+                sensitive_column=args.sensitive_column, minority_value=args.minority_value,
+                keep_columns=[args.image_column], seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
 
             def convert(batch):
                 images = [img.convert("RGB") for img in batch[args.image_column]]
                 return {"pixel_values": processor(images=images, return_tensors="np")["pixel_values"]}
 
             ds = ds.map(convert, batched=True, batch_size=64, remove_columns=[args.image_column])
-    if args.max_val is not None and args.max_val < len(ds["validation"]):
-        ds["validation"] = ds["validation"].shuffle(seed=args.seed + 3).select(range(args.max_val))
-    return ds, names
+    return common.cap_validation(ds, args), names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    # 1. Arguments
     args = common.parse_with_preset(build_parser(), argv, DEMO)
     common.quiet_libraries()
-    from transformers import AutoModelForImageClassification, ViTForImageClassification, default_data_collator, set_seed
+    from peft import get_peft_model
+    from transformers import (AutoModelForImageClassification, Trainer, ViTForImageClassification,
+                              default_data_collator, set_seed)
 
-    import fairnet_peft  # noqa: F401  (registers the PEFT type FAIRLORA)
+    from fairnet_peft import FairLoraConfig, FairTrainer  # importing fairnet_peft registers the PEFT type FAIRLORA
+    from fairnet_peft.data import hide_group_labels
 
-    timings = {"_start": time.time()}
+    clock = common.Stopwatch()
     set_seed(args.seed)
     processor = image_processor(args)
+
+    # 2. Data: hide the group labels the --setting does not have (train/validation; test keeps them for reporting)
     ds, class_names = load_data(args, processor)
-    visible = common.apply_label_setting(ds, args.setting, args.label_fraction, args.seed)
+    visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     data = visible.with_format("numpy")  # much faster to batch than the "torch" format for Array3D columns
     for split in common.SPLITS:
         common.log("[data] " + common.describe_split(visible[split], split))
-    timings["data"] = time.time() - timings["_start"]
+    collator, test = default_data_collator, data["test"]
+    clock.lap("data")
 
+    # 3. ERM: train the classifier (plain Trainer), cached in --erm-cache; evaluate it on test
     def build_model():
         set_seed(args.seed)
         if args.model:
@@ -148,24 +160,48 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 label2id={n: i for i, n in enumerate(class_names)}, ignore_mismatched_sizes=True)
         return ViTForImageClassification(scratch_config(args.image_size, len(class_names), class_names))
 
-    def save_extra(path):
-        processor.save_pretrained(path)
-
     erm_key = dict(kind="vision", model=args.model or "vit-scratch", image_size=args.image_size,
                    dataset=args.dataset or "digits_backgrounds", config=args.dataset_config,
                    image_column=args.image_column, label_column=args.label_column, max_train=args.max_train,
                    seed=args.seed, epochs=args.erm_epochs, lr=args.erm_lr, batch_size=args.batch_size)
+    erm_dir, erm_info = common.train_or_load_erm(
+        args=args, key=erm_key, build_model=build_model, train_ds=data["train"].remove_columns("sensitive"),
+        eval_ds=data["validation"].remove_columns("sensitive"), save_extra=processor.save_pretrained,
+        trainer_kwargs=dict(data_collator=collator))
+    clock.lap("erm")
+    erm_model = AutoModelForImageClassification.from_pretrained(erm_dir)
+    erm_logits = Trainer(model=erm_model, args=common.predict_args(args), data_collator=collator).predict(
+        test.remove_columns("sensitive")).predictions
+    erm_test = common.test_metrics(erm_logits, test["labels"], test["sensitive"])
+    clock.lap("erm_test")
+
+    # 4. FairNet: a FairLoRA adapter on the ERM model, trained by FairTrainer (detector → prototypes → LoRA)
+    config = FairLoraConfig(r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
+                            base_model_name_or_path=erm_dir)
+    model = get_peft_model(AutoModelForImageClassification.from_pretrained(erm_dir), config)
+    trainer = FairTrainer(model=model, args=common.fair_training_args(args), train_dataset=data["train"],
+                          eval_dataset=data["validation"], data_collator=collator)
+    common.log_adapter(model, trainer)
+    train_result = trainer.train()
+    clock.lap("fairnet_train")
+
+    # 5. Evaluate on test: predictions are (logits, detector risk, gate); metrics per group and gate rates
+    tau = float(model.peft_config["default"].threshold)
+    logits, risk, gate = trainer.predict(test).predictions
+    fair_test = common.test_metrics(logits, test["labels"], test["sensitive"], risk=risk, gate=gate, threshold=tau)
+    clock.lap("fairnet_test")
+
+    # 6. Save the adapter with its model card, the plot and metrics.json; push with --push-to-hub; print the table
     details = {"task": "image classification",
                "data": args.dataset or "digits on photo backgrounds (fairnet_peft.datasets.load_digits_backgrounds)",
-               "minority group (s=1)": (f"{args.sensitive_column} == {args.minority_value}" if args.minority_value
-                                        else "flower background" if args.dataset is None
-                                        else f"{args.sensitive_column} == 1"),
+               "minority group (s=1)": common.minority_description(args, default="flower background"),
                "model": args.model or "ViT from scratch (32x32, patch 4, hidden 64, 4 blocks, 4 heads, MLP 256)"}
-    return common.run_pipeline(
-        args=args, kind="vision", data=data, class_names=class_names, erm_key=erm_key, build_model=build_model,
-        load_model=AutoModelForImageClassification.from_pretrained, collator=default_data_collator,
-        save_extra=save_extra, erm_trainer_kwargs={}, task_type=None, loader="AutoPeftModel",
-        title="FairNet (FairLoRA) adapter for image classification", details=details, timings=timings)
+    return outputs.finish_run(
+        args=args, kind="vision", model=model, trainer=trainer, train_result=train_result, erm=(erm_dir, erm_info),
+        data=data, logits={"ERM": erm_logits, "FairNet": logits}, results={"ERM": erm_test, "FairNet": fair_test},
+        card=dict(title="FairNet (FairLoRA) adapter for image classification", loader="AutoPeftModel",
+                  details=details, class_names=class_names),
+        timings=clock.total())
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None
 
 
 # ---------------------------------------------------------------------------- fast unit checks of the helpers
-def test_demo_preset_and_label_setting_helpers():
+def test_demo_preset_keeps_fairnet_knobs_at_the_library_defaults():
     text = _load("train_text")
     args = text.common.parse_with_preset(text.build_parser(), ["--demo", "--epochs", "3"], text.DEMO)
     assert (args.max_train, args.max_eval, args.erm_epochs, args.output_dir) == (2000, 1000, 1, "outputs/demo-text")
@@ -140,24 +140,26 @@ def test_demo_preset_and_label_setting_helpers():
     assert (args.lr, args.detector_lr, args.task_loss_weight, args.class_balanced_anchors, args.margin) == (None,) * 5
     fair = text.common.fair_training_args(args)
     assert fair.learning_rate == 1e-3 and fair.class_balanced_anchors and fair.detector_learning_rate == 1e-3
-    assert text.common.encode_sensitive(["F", "M", None, "", "F"], "F") == [1, 0, -1, -1, 1]
-    assert text.common.encode_sensitive([1, 0.0, "-1", float("nan")], None) == [1, 0, -1, -1]
-    with pytest.raises(ValueError, match="--minority-value"):
-        text.common.encode_sensitive(["F", "M"], None)
+    # every FairNet option maps to a FairTrainingArguments field, and setting it reaches the trainer's arguments
+    import dataclasses
 
-    from datasets import Dataset, DatasetDict
+    from fairnet_peft import FairTrainingArguments
 
-    rng = np.random.default_rng(0)
-    split = lambda n: Dataset.from_dict({"labels": rng.integers(0, 2, n), "sensitive": rng.integers(0, 2, n)})  # noqa
-    ds = DatasetDict(train=split(1000), validation=split(100), test=split(100))
-    partial = text.common.apply_label_setting(ds, "partial", 0.2, seed=0)
-    s = np.asarray(partial["train"]["sensitive"])
-    assert 0.15 < (s >= 0).mean() < 0.25 and set(np.unique(s)) == {-1, 0, 1}
-    assert (s[s >= 0] == np.asarray(ds["train"]["sensitive"])[s >= 0]).all()
-    assert set(partial["validation"]["sensitive"]) == {-1}
-    assert partial["test"]["sensitive"] == ds["test"]["sensitive"]  # test keeps its labels (reporting only)
-    unlabeled = text.common.apply_label_setting(ds, "unlabeled", 0.2, seed=0)
-    assert set(unlabeled["train"]["sensitive"]) == {-1}
+    fields = {f.name for f in dataclasses.fields(FairTrainingArguments)}
+    assert {field for _, field, _, _ in text.common.FAIR_KNOBS} <= fields
+    args = text.common.parse_with_preset(text.build_parser(), ["--margin", "0.7", "--no-class-balanced-anchors"], {})
+    fair = text.common.fair_training_args(args)
+    assert fair.margin == 0.7 and fair.class_balanced_anchors is False
+
+
+def test_examples_use_the_package_data_helpers():
+    """Label hiding, group encoding and custom-data loading live once, in fairnet_peft.data."""
+    for name in ("train_text", "train_vision"):
+        module = _load(name)
+        source = open(module.__file__).read()
+        assert "hide_group_labels(" in source and "load_group_dataset(" in source, name
+        for copy in ("apply_label_setting", "encode_sensitive", "load_custom_dataset", "_stratified"):
+            assert not hasattr(module.common, copy), copy
 
 
 # ---------------------------------------------------------------------------- subprocess runs, network blocked
