@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, force_gate, gate_record
 from fairnet_peft.training.passes import FEATURES
-from fairnet_peft.tuner.gate import stop_at_detector
+from fairnet_peft.tuner.early_exit import stop_at_detector
 
 from .helpers import tiny_batch, tiny_model
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..tuner.detector import align_mask, as_tokens, pool_tokens
-from ..tuner.gate import force_gate, gate_record, stop_at_detector
+from ..tuner.early_exit import stop_at_detector
+from ..tuner.gate import force_gate, gate_record
 from .arguments import stage_arguments
 from .detector_stage import detector_statistics, holdout_rows, propagated_labels, warn_if_detector_failed
 from .losses import class_balanced_bce

@@ -44,13 +44,15 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import ParallelMode
 
-from ..tuner.gate import find_gate_state, force_gate, gate_record, stop_at_detector
+from ..tuner.early_exit import stop_at_detector
+from ..tuner.gate import find_gate_state, force_gate, gate_record
 from ..tuner.representation import capture_head_input, resolve_pooling
 from .arguments import FairTrainingArguments, stage_arguments
 from .detector_stage import DetectorEarlyStopping
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, TrainingPasses
-from .validation import validate_train_dataset
+from .validation import (check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric,
+                         validate_train_dataset)
 
 STAGE_DIR = "fairnet-detector-stage"
 
@@ -80,7 +82,7 @@ class FairTrainer(TrainingPasses, Trainer):
         if train_dataset is not None:
             train_dataset = self._validate_train_dataset(train_dataset, args, model)
         if eval_dataset is not None:
-            eval_dataset = self._check_eval_dataset(eval_dataset, args)
+            check_eval_dataset(eval_dataset, args.sensitive_column)
         self._eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
@@ -90,7 +92,7 @@ class FairTrainer(TrainingPasses, Trainer):
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
         compute_metrics = self._with_pseudo_group_metric(compute_metrics)
-        self._check_selection_metric(args)
+        check_selection_metric(args.metric_for_best_model, self._eval_uses_sensitive, self.label_setting)
         if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
             raise ValueError(
                 f"FairTrainer does not support nn.DataParallel ({args.n_gpu} GPUs in one process): its replicas would "
@@ -122,39 +124,11 @@ class FairTrainer(TrainingPasses, Trainer):
         setting, sensitive, labels = validate_train_dataset(
             dataset, sensitive_column=args.sensitive_column, num_labels=getattr(config, "num_labels", None),
             vocab_size=getattr(text, "vocab_size", None) if "input_ids" in dataset.column_names else None)
-        neighbours = 20 if args.lof_n_neighbors == "auto" else args.lof_n_neighbors  # 'auto' uses at least 20
-        smallest = int(np.bincount(labels).min(initial=len(labels))) if len(labels) else 0
-        if setting == "unlabeled" and args.pseudo_labeler in ("lof", "auto") and smallest <= neighbours:
-            raise ValueError(
-                f"Unlabeled setting: the smallest class has {smallest} rows but lof_n_neighbors={args.lof_n_neighbors!r} "
-                f"needs more than {neighbours} per class (LOF runs within each class). Lower "
-                "FairTrainingArguments.lof_n_neighbors, choose pseudo_labeler='gmm'/'kmeans'/'error_set', or add data."
-            )
+        check_pseudo_labeler_rows(setting, labels, args.pseudo_labeler, args.lof_n_neighbors)
         self.label_setting, self._sensitive, self._labels = setting, sensitive, labels
         if ROW_COLUMN in dataset.column_names:
             dataset = dataset.remove_columns(ROW_COLUMN)
         return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
-
-    def _check_eval_dataset(self, dataset, args):
-        datasets_ = dataset.values() if isinstance(dataset, dict) else [dataset]
-        for ds in datasets_:
-            names = getattr(ds, "column_names", [])
-            if args.sensitive_column in names:
-                values = set(np.unique(np.asarray(ds[args.sensitive_column])).tolist())
-                if values - {-1, 0, 1}:
-                    raise ValueError(f"eval_dataset column {args.sensitive_column!r} has values outside {{-1, 0, 1}}.")
-        return dataset
-
-    def _check_selection_metric(self, args) -> None:
-        metric = args.metric_for_best_model or ""
-        group_metrics = ("worst_group", "equalized_odds", "gate_rate_s", "acc_y", "detector_")
-        label_free = metric.removeprefix("eval_").startswith("pseudo_")
-        if not self._eval_uses_sensitive and not label_free and any(g in metric for g in group_metrics):
-            raise ValueError(
-                f"metric_for_best_model={metric!r} needs the eval set's sensitive labels, which the {self.label_setting} "
-                "setting must not use for selection (that would leak labels the setting lacks). Use 'accuracy' or "
-                "'worst_class_accuracy', or set eval_sensitive_labels='use' if your validation split really has them."
-            )
 
     # ------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self):

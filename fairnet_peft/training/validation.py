@@ -215,3 +215,35 @@ def _check_token_ids(dataset, vocab_size: int) -> None:
             f"seen min {bounds['min']}, max {bounds['max']}) in {_rows(mask)}. Tokenize with the model's own "
             "tokenizer, or resize the embeddings (model.resize_token_embeddings(len(tokenizer)))."
         )
+
+
+def check_pseudo_labeler_rows(setting: str, labels: np.ndarray, pseudo_labeler: str, lof_n_neighbors) -> None:
+    """Unlabeled setting with LOF (alone or inside 'auto'): every class needs more rows than LOF's neighbours."""
+    neighbours = 20 if lof_n_neighbors == "auto" else lof_n_neighbors  # 'auto' uses at least 20
+    smallest = int(np.bincount(labels).min(initial=len(labels))) if len(labels) else 0
+    if setting == "unlabeled" and pseudo_labeler in ("lof", "auto") and smallest <= neighbours:
+        raise ValueError(
+            f"Unlabeled setting: the smallest class has {smallest} rows but lof_n_neighbors={lof_n_neighbors!r} "
+            f"needs more than {neighbours} per class (LOF runs within each class). Lower "
+            "FairTrainingArguments.lof_n_neighbors, choose pseudo_labeler='gmm'/'kmeans'/'error_set', or add data.")
+
+
+def check_eval_dataset(dataset, sensitive_column: str) -> None:
+    """An eval split's sensitive column (if any) holds only -1 (unknown), 0 and 1."""
+    for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        if sensitive_column in getattr(ds, "column_names", []):
+            values = set(np.unique(np.asarray(ds[sensitive_column])).tolist())
+            if values - {-1, 0, 1}:
+                raise ValueError(f"eval_dataset column {sensitive_column!r} has values outside {{-1, 0, 1}}.")
+
+
+def check_selection_metric(metric: Optional[str], uses_sensitive: bool, setting: Optional[str]) -> None:
+    """`metric_for_best_model` may read the eval set's group labels only when the setting may use them."""
+    metric = metric or ""
+    group_metrics = ("worst_group", "equalized_odds", "gate_rate_s", "acc_y", "detector_")
+    label_free = metric.removeprefix("eval_").startswith("pseudo_")
+    if not uses_sensitive and not label_free and any(g in metric for g in group_metrics):
+        raise ValueError(
+            f"metric_for_best_model={metric!r} needs the eval set's sensitive labels, which the {setting} "
+            "setting must not use for selection (that would leak labels the setting lacks). Use 'accuracy' or "
+            "'worst_class_accuracy', or set eval_sensitive_labels='use' if your validation split really has them.")
