@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import transformers as T  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
-from defaults import partial_mask  # noqa: E402
+from suite.data import partial_mask  # noqa: E402
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments  # noqa: E402
 from fairnet_peft import metrics as M  # noqa: E402
 from fairnet_peft.datasets import make_synthetic_text  # noqa: E402

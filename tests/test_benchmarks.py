@@ -1,7 +1,8 @@
 """benchmarks/quality.py and benchmarks/gpu_run.sh run end to end at tiny size (no assertions on quality).
 
 `quality.py --tiny` runs in-process: every method row must be in the JSON and the Markdown table, with finite
-numbers. The baselines get small unit checks. `gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny
+numbers. The pieces of the suite package (benchmarks/suite/: selection, report, orchestration, baselines) get small
+unit checks. `gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny
 size (CUDA check, overhead, defaults suite, quality) and must leave its JSON files behind.
 """
 
@@ -22,11 +23,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+from suite import baselines, config, orchestration, report, selection  # noqa: E402
 
 
 def _load(name: str):
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
     module_name = f"fairnet_bench_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -46,26 +49,26 @@ def tiny_report(tmp_path_factory):
     quality = _load("quality")
     out = tmp_path_factory.mktemp("quality")
     threads = torch.get_num_threads()
-    report = quality.main(["--tiny", "--threads", "1", "--out", str(out), "--doc", str(out / "benchmarks.md")])
+    result = quality.main(["--tiny", "--threads", "1", "--out", str(out), "--doc", str(out / "benchmarks.md")])
     assert torch.get_num_threads() == threads
-    return quality, out, report
+    return quality, out, result
 
 
 def test_quality_tiny_has_every_method_and_finite_numbers(tiny_report):
-    quality, out, report = tiny_report
+    quality, out, _ = tiny_report
     saved = json.loads((out / "results.json").read_text())
     table = (out / "table.md").read_text()
     assert saved["command"].startswith("python benchmarks/quality.py --tiny")
     for dataset in ("text", "vision"):
         block = saved["datasets"][dataset]
         run = block["runs"]["0"]["results"]
-        for method in quality.METHODS + [quality.ORACLE_ROW]:
+        for method in config.METHODS + [config.ORACLE_ROW]:
             assert method in run, (dataset, method)
             for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
                 assert _finite(run[method][key]), (dataset, method, key)
             assert method in block["summary"]
             assert f"| {method} |" in table
-        for method in quality.FAIR_VARIANTS:
+        for method in config.FAIR_VARIANTS:
             assert _finite(run[method]["detector_tpr"]) and _finite(run[method]["detector_fpr"])
             assert 0.0 <= run[method]["tau"] <= 1.0
         assert run["FairNet-Full w/o detector"]["tau"] == 0.0
@@ -79,10 +82,11 @@ def test_quality_tiny_has_every_method_and_finite_numbers(tiny_report):
     # the Markdown file got the generated block under the quality heading, and a rerun replaces it in place
     doc = out / "benchmarks.md"
     text = doc.read_text()
-    assert text.startswith("# Benchmarks") and quality.DOC_HEADING in text and quality.BEGIN in text
-    quality.write_doc(str(doc), "second body\n")
+    block = report.QUALITY_BLOCK
+    assert text.startswith("# Benchmarks") and block.heading in text and block.begin in text
+    report.write_block(str(doc), block, "second body\n")
     again = doc.read_text()
-    assert again.count(quality.BEGIN) == 1 and "second body" in again and "| ERM |" not in again
+    assert again.count(block.begin) == 1 and "second body" in again and "| ERM |" not in again
 
 
 def test_quality_report_from_rebuilds_the_same_table_without_training(tiny_report, tmp_path):
@@ -97,31 +101,36 @@ def test_quality_report_from_rebuilds_the_same_table_without_training(tiny_repor
     assert (again / "text_group_accuracies.png").exists() and (again / "vision_tau_sweep.png").exists()
 
 
-def test_write_doc_keeps_other_sections(tmp_path):
-    quality = _load("quality")
+def test_write_block_keeps_other_sections(tmp_path):
+    block = report.QUALITY_BLOCK
     doc = tmp_path / "b.md"
     doc.write_text("# Benchmarks\n\n## Inference overhead\n\nnumbers\n\n## Quality (issue 6)\n\nhand text\n\n"
                    "## Later\n\nkeep\n")
-    quality.write_doc(str(doc), "table v1")
-    quality.write_doc(str(doc), "table v2")
+    report.write_block(str(doc), block, "table v1")
+    report.write_block(str(doc), block, "table v2")
     text = doc.read_text()
     assert "## Inference overhead\n\nnumbers" in text and "hand text" in text and "## Later\n\nkeep" in text
-    assert "table v2" in text and "table v1" not in text and text.count(quality.BEGIN) == 1
+    assert "table v2" in text and "table v1" not in text and text.count(block.begin) == 1
     assert text.index("hand text") < text.index("table v2") < text.index("## Later")
+    # the one writer serves every suite: the defaults block gets its own section after the title, both stay
+    report.write_block(str(doc), report.DEFAULTS_BLOCK, "defaults v1")
+    report.write_block(str(doc), report.DEFAULTS_BLOCK, "defaults v2")
+    text = doc.read_text()
+    assert text.index(report.DEFAULTS_BLOCK.heading) < text.index("## Inference overhead") and "table v2" in text
+    assert "defaults v2" in text and "defaults v1" not in text and text.count(report.DEFAULTS_BLOCK.begin) == 1
 
 
 def test_quality_grid_tau_candidates_and_ceiling():
-    quality = _load("quality")
     grid = [{"class_balanced_anchors": True}, {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}]
     # pseudo_labeler only changes the unlabeled setting: other settings train the point once
-    assert quality._setting_grid(grid, "full") == [{"class_balanced_anchors": True}]
-    assert quality._setting_grid(grid, "unlabeled") == grid
+    assert selection.setting_grid(grid, "full") == [{"class_balanced_anchors": True}]
+    assert selection.setting_grid(grid, "unlabeled") == grid
     with pytest.raises(ValueError, match="not in"):
-        quality._setting_grid([{"lr": 1.0}], "full")
+        selection.setting_grid([{"lr": 1.0}], "full")
     # τ candidates: the fixed grid plus validation-risk quantiles, so a narrow risk band still gets graded gate rates
     risk = np.random.default_rng(0).uniform(0.45, 0.55, 1000)
-    taus = quality.tau_candidates(risk)
-    assert set(quality.TAU_GRID) <= set(taus) and list(taus) == sorted(taus)
+    taus = selection.tau_candidates(risk)
+    assert set(config.TAU_GRID) <= set(taus) and list(taus) == sorted(taus)
     rates = sorted({round(float((risk > t).mean()), 2) for t in taus})
     assert 0.0 in rates and 1.0 in rates and len([r for r in rates if 0.0 < r < 1.0]) >= 15
     # the ceiling line: ERM's worst majority cell, compared with the best baseline
@@ -130,18 +139,18 @@ def test_quality_grid_tau_candidates_and_ceiling():
     erm = res(0.8, 0.4, {"y=0,s=0": cell(0.9), "y=1,s=0": cell(0.6), "y=0,s=1": cell(0.95), "y=1,s=1": cell(0.4)})
     runs = {"0": {"results": {"ERM": erm, "GroupDRO": res(0.7, 0.7, {}), "FairNet-Full": res(0.8, 0.55, {}),
                               "FairNet-Unlabeled": res(0.8, 0.45, {})}}}
-    tg = quality.targets(quality.summarise(runs))
+    tg = report.targets(report.summarise(runs))
     assert tg["a"]["erm_majority_worst_cell"] == pytest.approx(0.6)
-    text = quality.render_targets(tg)
+    text = report.render_targets(tg)
     assert "worst majority-group (s=0) cell is 60.0" in text and "70.0 is out of reach by design" in text
     assert "Target (a): NOT MET" in text and "Target (b): MET" in text
 
 
 @pytest.mark.slow
 def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
-    quality = _load("quality")
     argv = ["--tiny", "--jobs=2", "--datasets", "text,vision", "--out", "x", "--doc=none", "--seeds", "1"]
-    assert quality._child_argv(argv, "text", "o/part-text") == [
+    overrides = {"--datasets": "text", "--out": "o/part-text", "--doc": "none", "--jobs": 1}
+    assert orchestration.child_argv(argv, overrides) == [
         "--tiny", "--seeds", "1", "--datasets", "text", "--out", "o/part-text", "--doc", "none", "--jobs", "1"]
     out = tmp_path / "q"
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), "--tiny", "--jobs", "2", "--threads", "1",
@@ -158,8 +167,7 @@ def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
 
 
 def test_selector_floor_is_reference_accuracy_minus_half_a_point():
-    quality = _load("quality")
-    sel = quality.Selector("worst_group_accuracy", 0.870)
+    sel = selection.Selector("worst_group_accuracy", 0.870)
     state = iter(range(10))
     sel.offer({"epoch": 1, "accuracy": 0.830, "worst_group_accuracy": 0.70}, lambda: next(state))
     assert sel.best["epoch"] == 1  # below the floor, but the only candidate
@@ -174,7 +182,6 @@ def test_selector_floor_is_reference_accuracy_minus_half_a_point():
 
 
 def test_baselines_units():
-    baselines = _load("baselines")
     # JTT: error set and weights
     errors = baselines.jtt_error_set(np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), np.array([0, 0, 1]))
     assert errors.tolist() == [False, True, True]
@@ -191,8 +198,6 @@ def test_baselines_units():
 def test_groupdro_upweights_the_worst_cell(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
-
-    baselines = _load("baselines")
 
     class Tiny(torch.nn.Module):
         """Predicts class 1 when x0 > 0, the majority's rule; the minority's labels follow the opposite rule."""

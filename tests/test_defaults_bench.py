@@ -19,6 +19,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "benchmarks") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from suite import config, data, report, report_defaults  # noqa: E402
 
 
 def _load():
@@ -38,10 +42,10 @@ def tiny(tmp_path_factory):
     doc = out / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nIntro.\n\n## Inference overhead (issue 2)\n\nkept\n")
     threads = torch.get_num_threads()
-    report = bench.main(["--tiny", "--threads", "1", "--settings", "full,unlabeled", "--out", str(out),
+    result = bench.main(["--tiny", "--threads", "1", "--settings", "full,unlabeled", "--out", str(out),
                          "--doc", str(doc)])
     assert torch.get_num_threads() == threads
-    return bench, out, report
+    return bench, out, result
 
 
 def _in_unit(x) -> bool:
@@ -57,7 +61,7 @@ def test_tiny_results_are_complete_finite_and_consistent(tiny):
         run = block["runs"]["0"]
         assert set(run["settings"]) == {"full", "unlabeled"}
         for res in [run["erm"], *run["settings"].values()]:
-            for key in bench.METRICS:
+            for key in config.METRICS:
                 ci = res[key]
                 assert _in_unit(ci["point"]) and ci["low"] - 1e-9 <= ci["point"] <= ci["high"] + 1e-9, (task, key, ci)
             assert res["worst_group_accuracy"]["point"] <= res["accuracy"]["point"] + 1e-9
@@ -84,31 +88,30 @@ def test_tiny_table_and_doc_block(tiny):
             assert f"| {task} | {st} |" in table
     doc = (out / "benchmarks.md").read_text()
     # the section sits right after the title, before the first existing section, which is kept
-    assert doc.index(bench.DOC_HEADING) < doc.index("## Inference overhead (issue 2)") and "kept" in doc
-    assert doc.count(bench.BEGIN) == 1 and table.strip() in doc
-    bench.write_doc(str(out / "benchmarks.md"), "new body\n")  # a rerun replaces only the block
+    block = report.DEFAULTS_BLOCK
+    assert doc.index(block.heading) < doc.index("## Inference overhead (issue 2)") and "kept" in doc
+    assert doc.count(block.begin) == 1 and table.strip() in doc
+    report.write_block(str(out / "benchmarks.md"), block, "new body\n")  # a rerun replaces only the block
     doc2 = (out / "benchmarks.md").read_text()
-    assert doc2.count(bench.DOC_HEADING) == 1 and "new body" in doc2 and "Command:" not in doc2 and "kept" in doc2
+    assert doc2.count(block.heading) == 1 and "new body" in doc2 and "Command:" not in doc2 and "kept" in doc2
 
 
 def test_partial_mask_keeps_ten_percent_of_every_cell():
-    bench = _load()
     rng = np.random.default_rng(0)
     y, s = rng.integers(0, 2, 1000), (rng.random(1000) < 0.1).astype(np.int64)
-    masked = bench.partial_mask(s, y, seed=3)
+    masked = data.partial_mask(s, y, seed=3)
     assert set(np.unique(masked)) <= {-1, 0, 1} and np.all(masked[masked >= 0] == s[masked >= 0])
     for c in range(4):
         cell = y * 2 + s == c
         assert (masked[cell] >= 0).sum() == max(1, round(0.1 * cell.sum()))
-    assert np.array_equal(masked, bench.partial_mask(s, y, seed=3))
+    assert np.array_equal(masked, data.partial_mask(s, y, seed=3))
 
 
 def test_t_interval_contains_the_mean_and_matches_scipy():
     from scipy import stats
 
-    bench = _load()
     vals = [0.70, 0.74, 0.69]
-    ci = bench.t_interval(vals + [None, float("nan")])
+    ci = report_defaults.t_interval(vals + [None, float("nan")])
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(vals), scale=stats.sem(vals))
     assert ci["n"] == 3 and ci["low"] == pytest.approx(lo) and ci["high"] == pytest.approx(hi)
     assert ci["low"] < ci["mean"] < ci["high"]
@@ -121,24 +124,24 @@ def _row(erm_wga, fn_wga, erm_acc, fn_acc, minority=True):
 
 
 def test_goal_rule():
-    bench = _load()
-    assert bench.goal("synthetic", "full", _row(0.30, 0.36, 0.80, 0.796), None)["met"]
-    assert not bench.goal("synthetic", "full", _row(0.30, 0.34, 0.80, 0.80), None)["met"]  # + 4 < + 5
-    assert not bench.goal("synthetic", "full", _row(0.30, 0.40, 0.80, 0.79), None)["met"]  # − 1 ACC point
-    assert bench.goal("adult", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]  # Adult: + 3
-    assert not bench.goal("digits", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]
+    goal = report_defaults.goal
+    assert goal("synthetic", "full", _row(0.30, 0.36, 0.80, 0.796), None)["met"]
+    assert not goal("synthetic", "full", _row(0.30, 0.34, 0.80, 0.80), None)["met"]  # + 4 < + 5
+    assert not goal("synthetic", "full", _row(0.30, 0.40, 0.80, 0.79), None)["met"]  # − 1 ACC point
+    assert goal("adult", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]  # Adult: + 3
+    assert not goal("digits", "unlabeled", _row(0.50, 0.535, 0.85, 0.85), None)["met"]
     full = _row(0.30, 0.60, 0.80, 0.80)
-    assert bench.goal("digits", "partial", _row(0.30, 0.58, 0.80, 0.80), full)["met"]  # within 3 of Full
-    assert not bench.goal("digits", "partial", _row(0.30, 0.56, 0.80, 0.80), full)["met"]
-    majority = bench.goal("adult", "full", _row(0.5, 0.5, 0.8, 0.8, minority=False), None)
+    assert goal("digits", "partial", _row(0.30, 0.58, 0.80, 0.80), full)["met"]  # within 3 of Full
+    assert not goal("digits", "partial", _row(0.30, 0.56, 0.80, 0.80), full)["met"]
+    majority = goal("adult", "full", _row(0.5, 0.5, 0.8, 0.8, minority=False), None)
     assert not majority["applies"] and "majority" in majority["text"]
 
 
 def test_missing_loader_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
     bench = _load()
-    monkeypatch.setitem(bench.TASKS, "waterbirds", ("load_not_there_yet", "vit"))
-    report = bench.main(["--tiny", "--tasks", "waterbirds", "--out", str(tmp_path), "--doc", "none"])
-    assert "load_not_there_yet" in report["tasks"]["waterbirds"]["skipped"]
+    monkeypatch.setitem(config.TASKS, "waterbirds", ("load_not_there_yet", "vit"))
+    result = bench.main(["--tiny", "--tasks", "waterbirds", "--out", str(tmp_path), "--doc", "none"])
+    assert "load_not_there_yet" in result["tasks"]["waterbirds"]["skipped"]
     assert "waterbirds: skipped" in (tmp_path / "table.md").read_text() and "skipped" in capsys.readouterr().out
 
 

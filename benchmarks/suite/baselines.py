@@ -1,4 +1,4 @@
-"""Compact group-robustness baselines for `benchmarks/quality.py` (issue 6): GroupDRO, JTT and DFR.
+"""Compact group-robustness baselines for the quality suite (`benchmarks/quality.py`, issue 6): GroupDRO, JTT and DFR.
 
 Own, small re-implementations (no code copied from the reference repositories), each stating its label budget:
 

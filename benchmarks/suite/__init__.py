@@ -1,0 +1,18 @@
+"""The benchmark suite behind the thin CLIs in benchmarks/ (quality.py, defaults.py, ablations.py, selector.py).
+
+A run flows: CLI options → `orchestration` (seeds, datasets or tasks, child processes) → `data` (splits, model
+factories) → `methods` (ERM, GroupDRO, JTT, DFR, FairNet; `baselines` holds the three baselines' trainers) with
+`selection` picking checkpoints on validation → `report` / `report_defaults` (summaries, tables, results.json and
+the one writer of the generated blocks in docs/benchmarks.md). `config` holds the presets and method tables,
+`common` the small shared helpers. Only public names of `fairnet_peft` are used.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+DOC_PATH = os.path.join(REPO_ROOT, "docs", "benchmarks.md")

@@ -1,0 +1,75 @@
+"""Model selection on validation, never on test: the candidates a method offers and the rule that keeps one.
+
+`Selector` keeps the best (epoch[, grid point, τ]) candidate under the validation ACC floor (ERM's val ACC − 0.5
+points) and snapshots only that candidate's trainable parameters (`snapshot` / `restore`). `tau_candidates` gives
+FairNet's τ candidates from the validation risks (label-free); `setting_grid` gives the FairNet hyper-parameter
+points one label setting trains.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ACC_TOLERANCE, FAIR_GRID_KEYS, GATE_RATE_GRID, TAU_GRID
+
+
+def tau_candidates(val_risk: np.ndarray) -> tuple:
+    """τ candidates: the fixed grid plus the τ that gate 5 %, 10 %, …, 95 % of the validation rows (label-free).
+
+    A detector trained for one epoch often puts most risks in a narrow band (e.g. 0.45-0.55), where a 0.1-spaced grid
+    only offers "almost all rows" or "almost none"; quantiles of the validation risk cover the gate rates between."""
+    from fairnet_peft.evaluation.sweep import gate_rate_thresholds
+
+    qs = gate_rate_thresholds(val_risk, GATE_RATE_GRID)
+    return tuple(sorted(set(TAU_GRID) | {round(q, 4) for q in qs if 0.0 < q < 1.0}))
+
+
+def setting_grid(grid: list, setting: str) -> list:
+    """The grid points that differ for `setting`: 'pseudo_labeler' only acts without train group labels."""
+    out: list = []
+    for point in grid:
+        bad = [k for k in point if k not in FAIR_GRID_KEYS]
+        if bad:
+            raise ValueError(f"fair_grid keys {bad} not in {FAIR_GRID_KEYS}")
+        if setting != "unlabeled":
+            point = {k: v for k, v in point.items() if k != "pseudo_labeler"}
+        if point not in out:
+            out.append(point)
+    return out
+
+
+def snapshot(model: nn.Module) -> dict:
+    """CPU copies of the trainable parameters (what changes during a stage)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(model: nn.Module, state: dict) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+class Selector:
+    """Keeps the best candidate by (meets the val-ACC floor, `metric`, val ACC); the floor is `reference_acc` (ERM's
+    val ACC) − ACC_TOLERANCE (0.5 points). No reference: no floor."""
+
+    def __init__(self, metric: str, reference_acc: Optional[float] = None):
+        self.metric = metric
+        self.floor = None if reference_acc is None else reference_acc - ACC_TOLERANCE
+        self.best: Optional[dict] = None
+        self.state: Optional[dict] = None
+        self.history: list[dict] = []
+
+    def key(self, c: dict) -> tuple:
+        ok = True if self.floor is None else c["accuracy"] >= self.floor - 1e-9
+        return (ok, c[self.metric], c["accuracy"])
+
+    def offer(self, cand: dict, state_fn: Callable[[], dict]) -> None:
+        self.history.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in cand.items()})
+        if self.best is None or self.key(cand) > self.key(self.best):
+            self.best, self.state = cand, state_fn()
