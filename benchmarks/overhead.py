@@ -27,9 +27,9 @@ FairLoRA rows also carry their sensitive label and row index), each step = ``tra
 * ``lora_nodropout``         the same with the base's dropout off (p = 0), as FairTrainer runs its frozen base;
 * ``fairlora_all_anchors``   FairTrainer's contrastive LoRA stage, every row of the batch a minority anchor (the worst
                              case: the anchor forward covers the whole batch). Set up as `FairTrainer.train()` does it,
-                             minus the detector's own training: `_set_detector_targets()`, `_prototype_pass()` over the
-                             benchmark's rows (prototypes from the frozen model), `_enter_lora_stage()` (only LoRA A/B
-                             trainable), inside `_frozen_base_without_dropout()`; detector frozen, gate forced on for
+                             minus the detector's own training: `with trainer.prepare_lora_stage():` (targets and
+                             prototypes from the frozen model over the benchmark's rows, only LoRA A/B trainable,
+                             base frozen without dropout); detector frozen, gate forced on for
                              the anchors, triplet loss against the prototypes + λ_T × task loss;
 * ``fairlora_anchors10``     the same stage, the same inputs, with 10 % of the rows minority anchors (the stage's
                              forward/backward runs on the anchors only).

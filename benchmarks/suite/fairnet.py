@@ -25,9 +25,7 @@ log = logger("quality")
 
 
 def _in_lora_stage(trainer) -> bool:
-    """Whether `trainer` is in its LoRA stage (the epoch callback only selects LoRA epochs): the public
-    `trainer.stage`; a trainer from before it existed keeps the stage in `_stage`."""
-    return (trainer.stage if hasattr(type(trainer), "stage") else trainer._stage) == "lora"
+    return trainer.stage == "lora"
 
 
 def _fair_args(ctx: Context, name: str, cfg: dict, grid_index: int):
