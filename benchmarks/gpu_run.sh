@@ -13,7 +13,12 @@
 #      budget is near; results.json is written after every seed; the rest of the budget)  -> OUT/quality/
 #   OUT/summary.json: what ran, exit codes, wall times, files.
 #
-# Usage:  bash benchmarks/gpu_run.sh [--out DIR] [--dry-run]
+#   5. (--bf16) tests/test_precision.py + tests/test_decoder_scale.py: bf16 autocast / bf16 base / tiny Llama with
+#      non-reentrant checkpointing and left padding                                     -> OUT/bf16.log
+#   6. (--fsdp) accelerate launch --config_file examples/accelerate_fsdp.yaml (FSDP2, one process per GPU,
+#      DetectorNet its own FSDP unit) examples/train_text.py at a small size                -> OUT/fsdp.log
+#      accelerate runs FSDP only on GPUs (tests/test_fsdp.py); --dry-run only checks the config and the command.
+# Usage:  bash benchmarks/gpu_run.sh [--out DIR] [--dry-run] [--bf16] [--fsdp]
 #   --dry-run  everything at tiny size on the CPU (what tests/test_benchmarks.py runs; one to two minutes); the
 #              GPU flags of the defaults step are parsed by defaults.py too, so a bad flag fails the dry run
 # Environment: PYTHON (default .venv/bin/python if present, else python3); FAIRNET_MINILM_PATH (MiniLM folder when
@@ -26,13 +31,17 @@
 set -uo pipefail
 
 DRY=0
+BF16=0
+FSDP=0
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --bf16) BF16=1 ;;
+    --fsdp) FSDP=1 ;;
     --out) OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}" ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +56,8 @@ OUT="${OUT:-runs/gpu$([ $DRY = 1 ] && echo -dry)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 BUDGET_S="${GPU_RUN_BUDGET_S:-450}"
+# steps 5-6 run last with fixed caps; steps 3-4 share what is left of the budget after reserving those caps
+BUDGET_S=$(( BUDGET_S - BF16 * 120 - FSDP * 240 ))
 START=$(date +%s)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 DRY OUT
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -181,6 +192,42 @@ timeout -k 20 "$LIMIT" "$PYTHON" benchmarks/quality.py "${QARGS[@]}" --out "$OUT
   | tee "$OUT/quality.log" | grep -E "^\[quality|^\| |Target" || true
 rc=${PIPESTATUS[0]}
 step_done quality $rc $(( $(date +%s) - t ))
+
+# ---------------------------------------------------------------------------------------------- 5. bf16 (flag)
+if [ $BF16 = 1 ]; then
+  t=$(date +%s)
+  BCMD=("$PYTHON" -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_decoder_scale.py)
+  if [ $DRY = 1 ]; then
+    echo "[gpu_run] bf16 step would run: ${BCMD[*]}"
+    rc=0
+  else
+    timeout -k 10 120 "${BCMD[@]}" > "$OUT/bf16.log" 2>&1
+    rc=$?
+    tail -n 3 "$OUT/bf16.log"
+  fi
+  step_done bf16 $rc $(( $(date +%s) - t ))
+fi
+
+# ---------------------------------------------------------------------------------------------- 6. FSDP (flag)
+if [ $FSDP = 1 ]; then
+  t=$(date +%s)
+  NGPU=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+  FCMD=("$PYTHON" -m accelerate.commands.launch --config_file examples/accelerate_fsdp.yaml --num_processes "$NGPU"
+        --fsdp_transformer_layer_cls_to_wrap BertLayer,DetectorNet examples/train_text.py --max-train 2000
+        --max-eval 500 --epochs 1)
+  if [ $DRY = 1 ]; then
+    "$PYTHON" -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); assert c['distributed_type'] == 'FSDP' and \
+'DetectorNet' in c['fsdp_config']['fsdp_transformer_layer_cls_to_wrap'], c" examples/accelerate_fsdp.yaml \
+      && "$PYTHON" examples/train_text.py --help > /dev/null
+    rc=$?
+    echo "[gpu_run] fsdp step would run: ${FCMD[*]}"
+  else
+    timeout -k 20 240 "${FCMD[@]}" > "$OUT/fsdp.log" 2>&1
+    rc=$?
+    tail -n 5 "$OUT/fsdp.log"
+  fi
+  step_done fsdp $rc $(( $(date +%s) - t ))
+fi
 
 # ---------------------------------------------------------------------------------------------- summary
 STEPS_JSON=$(IFS=,; echo "[${STEPS[*]}]")
