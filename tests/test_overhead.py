@@ -71,7 +71,12 @@ def test_overhead_quick_tiny_prints_json_last(capsys):
     # FairLoRA's state adds its adapter, detector and prototypes to the same base: more bytes than the base alone
     fair_extra = last["train_memory_bytes"]["fairlora_all_anchors"]["state"] - 4 * base_params
     assert fair_extra >= 4 * 3 * last["train_trainable_parameters"]["fairlora_all_anchors"]
-    assert set(last["goals_met"]) == set(bench.GOALS) | set(bench.TRAIN_GOALS)
+    assert set(last["goals_met"]) == set(bench.GOALS) | set(bench.TRAIN_GOALS) | set(bench.STAGE_GOALS)
+    # issue 14: a detector-stage step (stopped at the detector's layer) over a whole forward + backward of the base
+    stage = last["stage_medians_ms"]
+    assert set(stage) == set(bench.STAGE_VARIANTS) and all(_positive(v) for v in stage.values())
+    a, b = stage["fairlora_detector_stage"], stage["base_forward_backward"]
+    assert abs(last["detector_step_over_full_forward"] - a / b) <= 0.0005 / b + 0.0005 * a / b**2 + 0.00005
     assert all(isinstance(v, bool) for v in last["goals_met"].values())
     # every variant's steps were real steps: each of its trainable tensors changed, and only its LoRA is trained
     for variant, changed in last["train_params_changed"].items():

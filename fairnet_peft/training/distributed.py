@@ -61,7 +61,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
 
     Every rank must call it (the gather is a collective). The folder is what `model.save_pretrained` writes
     unsharded: `PeftModel.from_pretrained(base, path)` loads it on a single process."""
-    state = full_state_dict(model)
+    state = full_state_dict(model) if is_sharded(model) else None  # unsharded: PEFT reads the adapter's own tensors
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         adapters = [adapter_name] if adapter_name else None

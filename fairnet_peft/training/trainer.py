@@ -49,6 +49,7 @@ from ..tuner.gate import find_gate_state, force_gate, gate_record
 from ..tuner.representation import capture_head_input, resolve_pooling
 from .arguments import FairTrainingArguments, stage_arguments
 from .detector_stage import DetectorEarlyStopping
+from .distributed import check_fsdp_active, save_adapter
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, TrainingPasses
 from .validation import (check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric,
@@ -115,6 +116,7 @@ class FairTrainer(TrainingPasses, Trainer):
         self._all_rows = self.train_dataset
         self.pseudo_labeler, self.pseudo_label_details = None, {}
         self._feature_cache: Optional[dict] = None  # base features, only inside caching_features() (passes.py)
+        check_fsdp_active(self.args, self.accelerator)  # a dropped FSDP request would train N unsharded copies
 
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args, model):
@@ -373,8 +375,8 @@ class FairTrainer(TrainingPasses, Trainer):
 
     def _save_stage(self) -> None:
         final = os.path.join(self._stage_dir(), "final")
+        save_adapter(self.model, final, self.adapter_name)  # every rank: FSDP gathers the shards, rank 0 writes
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(final, selected_adapters=[self.adapter_name])
             state = {"label_setting": self.label_setting, "pos_weight": self._pos_weight,
                      "group_hat": self._group_hat.tolist(), "detector_stats": self.detector_stats,
                      "anchor_weights": self._anchor_weights.tolist(),
