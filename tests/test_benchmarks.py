@@ -251,7 +251,8 @@ def test_groupdro_upweights_the_worst_cell(tmp_path):
 def test_gpu_run_dry_run(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+    command = ["bash", os.path.join(BENCH, "gpu_run.sh"), "--dry-run", "--bf16", "--fsdp", "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=420)
@@ -270,5 +271,7 @@ def test_gpu_run_dry_run(tmp_path):
     assert defaults["preset"] == "tiny" and set(defaults["settings"]) == {"full", "partial", "unlabeled"}
     assert set(defaults["tasks"]) == {"synthetic"} and "runs" in defaults["tasks"]["synthetic"]
     assert "defaults GPU run would be: standard preset" in stdout  # the GPU flags parse in defaults.py
+    assert "bf16 step would run:" in stdout and "fsdp step would run:" in stdout  # issue 14's flags, dry
+    assert {"bf16", "fsdp"} <= set(steps)
     overhead = [p for p in ("overhead.json", "overhead_gpu.json") if (out / p).exists()]
     assert overhead or "overhead skipped" in stdout
