@@ -1,10 +1,10 @@
 """Plumbing shared by `train_text.py` and `train_vision.py` that is not FairNet itself (not part of the package).
 
 What lives here: the command-line options, process helpers (quiet logs, main-process printing under `accelerate` /
-`torchrun`), the ERM cache (train once with `transformers.Trainer`, reuse for later runs), the test-split metrics,
-the summary table, the model-card text and the writing/pushing of the outputs. The FairNet flow itself (data → ERM →
-`get_peft_model(FairLoraConfig)` → `FairTrainer` → evaluate → save) is written out in each example; the data helpers
-(`hide_group_labels`, `load_group_dataset`, ...) come from `fairnet_peft.data`.
+`torchrun`), the ERM cache (train once with `transformers.Trainer`, reuse for later runs) and the test-split metrics.
+`outputs.py` writes and pushes the results. The FairNet flow itself (data → ERM → `get_peft_model(FairLoraConfig)`
+→ `FairTrainer` → evaluate → save) is written out in each example; the data helpers (`hide_group_labels`,
+`load_group_dataset`, ...) come from `fairnet_peft.data`.
 """
 
 from __future__ import annotations
@@ -233,7 +233,9 @@ def cached_erm(cache_dir: str, key: dict) -> bool:
 
 def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_ds, eval_ds,
                       save_extra: Callable[[str], None], trainer_kwargs: dict) -> tuple[str, dict]:
-    """Train the ERM classifier with `transformers.Trainer` unless `key` matches the cache. Returns (dir, info)."""
+    """Train the ERM classifier with `transformers.Trainer` unless `key` matches the cache.
+
+    Returns (absolute cache directory, info): the adapter records it as its base model path."""
     from transformers import Trainer, TrainingArguments
 
     from fairnet_peft.metrics import make_compute_metrics
@@ -245,7 +247,7 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
     if hit:
         log(f"[erm] using the cached ERM model in {cache_dir}")
         with open(os.path.join(cache_dir, "erm_info.json")) as f:
-            return cache_dir, {**json.load(f), "cached": True}
+            return os.path.abspath(cache_dir), {**json.load(f), "cached": True}
 
     log(f"[erm] training the ERM model ({args.erm_epochs} epochs) → {cache_dir}")
     start = time.time()
@@ -272,7 +274,7 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
             json.dump(key, f, indent=2, default=str)
     state.wait_for_everyone()
     del trainer, model
-    return cache_dir, {**info, "cached": False}
+    return os.path.abspath(cache_dir), {**info, "cached": False}
 
 
 # ----------------------------------------------------------------------------- FairNet and evaluation

@@ -162,8 +162,9 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
                card: dict, timings: dict) -> dict:
     """Step 6 of the examples: model card, metrics.json, adapter, plot (→ push) and the printed table.
 
-    `data` is the DatasetDict trained and tested on; `erm` is (ERM directory, ERM training info); `logits` and `results` map "ERM"/"FairNet" to the test logits and
-    test metrics; `card` holds title, loader, details and class_names."""
+    `data` is the DatasetDict trained and tested on; `erm` is (ERM directory, ERM training info); `logits` and
+    `results` map "ERM"/"FairNet" to the test logits and test metrics; `card` holds title, loader, details and
+    class_names."""
     erm_dir, erm_info = erm
     test = data["test"]
     fair_test, tau = results["FairNet"], float(model.peft_config[model.active_adapter].threshold)

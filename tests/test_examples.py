@@ -262,12 +262,14 @@ def test_text_example_with_a_local_csv_partial_labels_and_the_erm_cache(tmp_path
     _write_csv(csv, 500, seed=1)
     argv = ["--model", tiny_text_model, "--dataset", str(csv), "--text-column", "review", "--label-column",
             "sentiment", "--sensitive-column", "gender", "--minority-value", "F", "--setting", "partial",
-            "--label-fraction", "0.5", *TINY, "--erm-lr", "1e-3", "--erm-cache", str(tmp_path / "erm")]
+            "--label-fraction", "0.5", *TINY, "--erm-lr", "1e-3", "--erm-cache", "erm"]  # relative to the cwd
     first = text.main(argv + ["--output-dir", str(tmp_path / "run1")])
     metrics = _check_outputs(tmp_path / "run1")
     assert metrics["label_setting_inferred"] == "partial" and metrics["erm_train"]["cached"] is False
     assert "neg, pos" in (tmp_path / "run1" / "adapter" / "README.md").read_text()
     assert first["erm"]["accuracy"] == metrics["erm"]["accuracy"]
+    config = json.loads((tmp_path / "run1" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "erm")  # recorded as an absolute path
 
     second = text.main(argv + ["--output-dir", str(tmp_path / "run2"), "--setting", "unlabeled"])
     metrics2 = _check_outputs(tmp_path / "run2")

@@ -3,7 +3,8 @@
 ``load_digits_backgrounds`` makes the background the group (a rare 'flower' background, mostly with label 0 in
 train); ``load_waterbirds_style`` makes the background a spurious attribute of balanced labels (Waterbirds' four
 groups). Both follow one recipe (``_compose_splits``): disjoint digit pools per split → rows drawn per (label,
-background) cell → shuffled → each row drawn onto a random photo crop → ``pixel_values`` float32 (3, S, S) in [-1, 1].
+background) cell → shuffled → each row drawn onto a random photo crop → ``pixel_values`` float32 (3, S, S) in
+[-1, 1].
 """
 
 from __future__ import annotations
