@@ -381,7 +381,9 @@ def _tiny_wav2vec2():
     return T.Wav2Vec2ForSequenceClassification(cfg).eval()
 
 
-def test_batch_contract_audio_input_values_ignores_the_sample_mask():
+def test_batch_contract_audio_input_values_pool_the_real_frames():
+    """A per-sample audio mask is not sliced onto frames; the detector gets the model's own frame mask
+    (`_get_feature_vector_attention_mask`), so it pools only the frames of real samples."""
     model = get_peft_model(_tiny_wav2vec2(), FairLoraConfig(task_type="SEQ_CLS", init_weights=False)).eval()
     g = torch.Generator().manual_seed(0)
     values = torch.randn(4, 400, generator=g)
@@ -397,11 +399,16 @@ def test_batch_contract_audio_input_values_ignores_the_sample_mask():
         model(input_values=values, attention_mask=mask)
     hook.remove()
     risk = gate_record(model).risk
-    net = model.base_model.model.fair_bias_detector.fairlora_detector["default"]
+    base = model.base_model.model
+    net = base.fair_bias_detector.fairlora_detector["default"]
     hidden = seen[0]
     assert hidden.shape[0] == 4 and hidden.shape[1] < 400  # frames, not the 400 samples the mask counts
+    frames = base.wav2vec2._get_feature_vector_attention_mask(hidden.shape[1], mask).long()
+    assert frames[1].sum() < hidden.shape[1] and bool(frames[[0, 2, 3]].all())
     with torch.no_grad():
         unmasked = net(hidden, None)
+        framed = net(hidden, frames)
         sliced = net(hidden, mask[:, -hidden.shape[1]:])  # what slicing the sample mask onto frames would give
-    torch.testing.assert_close(risk, unmasked, rtol=0, atol=1e-6)
-    assert not torch.allclose(sliced[1], unmasked[1])
+    torch.testing.assert_close(risk, framed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(risk[[0, 2, 3]], unmasked[[0, 2, 3]], rtol=0, atol=1e-6)
+    assert not torch.allclose(risk[1], unmasked[1]) and not torch.allclose(risk[1], sliced[1])

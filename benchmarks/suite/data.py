@@ -4,7 +4,8 @@ Quality suite: `build_text` (UCI Adult as text + MiniLM, optionally with the bot
 cached) and `build_vision` (digits on backgrounds + a ViT from a config) return a `Bundle`: per split the labels, the
 group labels and an `InputStore` the `Collator` and `methods.predict` read rows from. Default-settings suite:
 `build_task` returns `datasets.Dataset` splits in torch format and a model factory. Both subsample with
-`stratified_indices`; `partial_labels` / `partial_mask` hide group labels for the Partial setting.
+`stratified_indices`; `partial_mask` (and the package's `partial_group_labels`) hide group labels for the Partial
+setting.
 """
 
 from __future__ import annotations
@@ -230,16 +231,6 @@ def hf_dataset(split: Split, sensitive: Optional[np.ndarray] = None, weight: Opt
         cols["weight"] = np.asarray(weight, np.float32)
     return Dataset.from_dict(cols)
 
-
-
-def partial_labels(sensitive: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Keep a seeded random `fraction` of the group labels (at least one row of each group), -1 elsewhere."""
-    rng = np.random.default_rng(seed + 101)
-    keep = rng.random(len(sensitive)) < fraction
-    for g in (0, 1):
-        if not (keep & (sensitive == g)).any() and (sensitive == g).any():
-            keep[rng.choice(np.flatnonzero(sensitive == g))] = True
-    return np.where(keep, sensitive, -1)
 
 
 def partial_mask(sensitive: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:

@@ -16,7 +16,9 @@ import numpy as np
 
 from .common import epoch_callback, finite, logger, quiet, run_args
 from .config import FAIR_GRID_KEYS, FAIR_VARIANTS, TAU_GRID
-from .data import Collator, hf_dataset, partial_labels, partial_mask
+from fairnet_peft.data import partial_group_labels
+
+from .data import Collator, hf_dataset, partial_mask
 from .methods import (Context, bootstrap_scores, evaluate_candidate, gated_predictions, predict, sweep_rows,
                       test_result, training_args)
 from .selection import Selector, restore, setting_grid, snapshot, tau_candidates
@@ -95,7 +97,7 @@ def _train_groups(setting: str, train, cfg: dict, seed: int) -> np.ndarray:
     if setting == "full":
         return train.sensitive
     if setting == "partial":
-        return partial_labels(train.sensitive, cfg["label_fraction"], seed)
+        return partial_group_labels(train.sensitive, cfg["label_fraction"], seed + 101)
     return np.full(len(train), -1)
 
 

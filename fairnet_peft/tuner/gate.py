@@ -21,9 +21,10 @@ Batch contract (`_batch_tensor`): B is dim 0 of the first positional tensor argu
 keywords input_ids, inputs_embeds, pixel_values, input_values, input_features, x, X, else of any other tensor
 keyword; no tensor → the pass has no gate. `fair_gate` must have B entries. The `attention_mask` keyword (or the
 second positional tensor) reaches the detector only when it indexes the same positions as the batch: (B, T) with
-integer ids, or with (B, T, d) embeddings; pixel/audio masks over raw samples are not used (the detector pools every
-position). Inside a pass a uniform gate (all rows on or off) applies to any input layout; a mixed gate needs the
-layer's input to keep the batch in dim 0 and raises otherwise.
+integer ids, or with (B, T, d) embeddings; pixel masks over raw samples are not used (the detector pools every
+position), and an audio model's per-sample mask becomes its frame mask (model.py `frame_mask_pre_hook`). Inside a
+pass a uniform gate (all rows on or off) applies to any input layout; a mixed gate needs the layer's input to keep
+the batch in dim 0 and raises otherwise.
 """
 
 from __future__ import annotations
