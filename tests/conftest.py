@@ -1,5 +1,7 @@
 """Shared fixtures: the synthetic spurious-correlation task and one ERM model trained on it (tiny BERT), built once
-per test session and used by the trainer tests."""
+per test session and used by the trainer tests. Tests that need a trained model or a benchmark run (the fixtures in
+END_TO_END_FIXTURES) are end-to-end runs: they get the `slow` marker here, so `make test-fast` skips them and
+`make test` runs them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,15 @@ import torch
 import transformers as T
 
 from fairnet_peft.datasets import make_synthetic_text
+
+# fixtures that train a model or run a benchmark end to end (module- or session-scoped, tens of seconds each)
+END_TO_END_FIXTURES = {"erm_dir", "synthetic_erm_dir", "uninterrupted", "tiny", "tiny_report"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,7 @@ def _train_set(n: int = 96) -> Dataset:
                               "labels": labels.tolist(), "sensitive": sensitive.tolist()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16_autocast", [False, True], ids=["bf16-base", "bf16-base+autocast"])
 def test_fair_trainer_trains_and_the_adapter_reloads_with_equal_logits(tmp_path, bf16_autocast):
     model = _wrap(_llama())

@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs_as_written(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     quick = readme.split("## Quick start", 1)[1]
