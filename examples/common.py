@@ -306,24 +306,22 @@ def predict_args(args):
 
 def test_metrics(logits, labels, sensitive, *, risk=None, gate=None, threshold: float = 0.5) -> dict:
     """Every fairness metric of one model on the test split (sensitive labels used: this is reporting only)."""
-    from fairnet_peft.metrics import make_compute_metrics
+    from fairnet_peft.metrics import evaluate_predictions
 
-    predictions = logits if risk is None and gate is None else (logits, risk, gate)
-    compute = make_compute_metrics(threshold=threshold, use_sensitive=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metrics = compute((predictions, (np.asarray(labels), np.asarray(sensitive))))
+        metrics = evaluate_predictions(np.asarray(logits), np.asarray(labels), sensitive_features=np.asarray(sensitive),
+                                       gates=gate, risk=risk, threshold=threshold)
     return {k: float(v) for k, v in metrics.items()}
 
 
 def cell_accuracies(logits, labels, sensitive) -> dict:
     """Accuracy and row count per (label × group) cell, for the plot."""
-    from fairnet_peft.metrics import group_accuracies
+    from fairnet_peft.metrics import group_accuracies, predicted_labels
 
-    pred = np.asarray(logits).argmax(-1) if np.asarray(logits).ndim == 2 else (np.asarray(logits) > 0).astype(int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return group_accuracies(np.asarray(labels), pred, sensitive_features=np.asarray(sensitive))
+        return group_accuracies(np.asarray(labels), predicted_labels(logits), sensitive_features=np.asarray(sensitive))
 
 
 def minority_description(args, *, default: str) -> str:
