@@ -98,7 +98,7 @@ def test_detector_stage_stops_at_its_layer_and_base_features_are_computed_once(s
     assert "detector" not in head_calls  # no detector-stage step or pass ran the model up to its head
     assert head_calls.count("lora") == 3  # the three LoRA steps ran whole forwards
     cached = trainer.frozen_pass()  # after train() the cache is gone: a whole pass again, same numbers
-    whole = trainer._run_pass(trainer._all_rows, features=True)
+    whole = trainer._run_pass(trainer.train_dataset, features=True)
     for key in ("risk", *FEATURES):
         np.testing.assert_allclose(cached[key], whole[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(trainer.frozen_pass(full=False)["risk"], whole["risk"], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,6 @@ unit, it silently stays untrained); examples/accelerate_fsdp.yaml wraps `Detecto
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -115,7 +115,7 @@ def test_each_training_variant_steps_its_own_lora_only():
                     moved = not torch.equal(value, before[variant][key])
                     assert moved == (variant == name and key in trainable), (name, variant, key)
             if name.startswith("fairlora"):
-                assert trainer._stage == "lora" and trainer._fair_logs["contrastive_loss"]  # the contrastive loss ran
+                assert trainer.stage == "lora" and trainer._fair_logs["contrastive_loss"]  # the contrastive loss ran
                 assert all(".fairlora_A.default." in n or ".fairlora_B.default." in n for n in trainable)
         assert tb.skipped_batches() == 0
     finally:

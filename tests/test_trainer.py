@@ -197,5 +197,5 @@ def test_prepare_lora_stage_sets_up_the_contrastive_stage(data, tmp_path):
         optimizer = trainer.create_optimizer()
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in trainable}
-        assert (trainer._detector.fairlora_prototype_counts["default"][:, 0] > 0).all()  # prototypes were set
+        assert (model.get_base_model().fair_bias_detector.fairlora_prototype_counts["default"][:, 0] > 0).all()
     assert trainer.stage is None and not any(p.requires_grad for p in model.parameters())

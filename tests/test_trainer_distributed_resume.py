@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -38,10 +37,10 @@ def test_two_process_statistics_equal_one_process(tmp_path, setting):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert one["pos_weight"] == pytest.approx(two["pos_weight"])
+    assert one["anchor_threshold"] == pytest.approx(two["anchor_threshold"])  # w1 / (1 + w1): the class weight
     np.testing.assert_allclose(one["prototypes"], two["prototypes"], rtol=1e-5, atol=1e-6)
     assert one["counts"] == two["counts"]
-    assert one["group_hat"] == two["group_hat"]
+    assert one["anchor_rows"] == two["anchor_rows"]
     assert one["pseudo"] == two["pseudo"]
     for key, value in one["detector_stats"].items():
         assert value == pytest.approx(two["detector_stats"][key]), key

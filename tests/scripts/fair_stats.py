@@ -37,12 +37,12 @@ def main(out_path: str, setting: str) -> None:
     det = model.base_model.model.fair_bias_detector
     result = {
         "world_size": trainer.accelerator.num_processes,
-        "pos_weight": trainer._pos_weight,
+        "anchor_threshold": trainer.anchor_threshold(),
         "prototypes": det.fairlora_prototypes["default"].tolist(),
         "counts": det.fairlora_prototype_counts["default"].tolist(),
         "detector_stats": trainer.detector_stats,
-        "group_hat": trainer._group_hat.tolist(),
-        "pseudo": np.asarray(getattr(trainer, "_pseudo", [])).tolist(),
+        "anchor_rows": trainer.anchor_rows().tolist(),
+        "pseudo": np.asarray(trainer.pseudo_labels if trainer.pseudo_labels is not None else []).tolist(),
     }
     lora = {k: v.tolist() for k, v in model.state_dict().items() if "fairlora_B" in k}
     with open(f"{out_path}.rank{trainer.accelerator.process_index}", "w") as f:
