@@ -655,6 +655,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   f"{result['train_min_ms'][name]:>8.2f} {tmed[name] / tmed['lora']:>7.3f} "
                   f"{result['train_anchor_rows'][name]:>8} {mem['state'] / 2**20:>10.1f} "
                   f"{mem['step_peak'] / 2**20:>9.1f} {mem['peak'] / 2**20:>9.1f}")
+    if args.train:
+        print(f"{'detector stage':<22} {'median ms':>10} {'IQR ms':>8} {'/ full':>7}")
+        smed = result["stage_medians_ms"]
+        for name in STAGE_VARIANTS:
+            print(f"{name:<22} {smed[name]:>10.2f} {result['stage_iqr_ms'][name]:>8.2f} "
+                  f"{smed[name] / smed['base_forward_backward']:>7.3f}")
     for key, goal in goals.items():
         extra = ""
         if key in result["min_ratios"]:
