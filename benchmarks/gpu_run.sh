@@ -214,7 +214,7 @@ if [ $FSDP = 1 ]; then
   NGPU=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
   FCMD=("$PYTHON" -m accelerate.commands.launch --config_file examples/accelerate_fsdp.yaml --num_processes "$NGPU"
         --fsdp_transformer_layer_cls_to_wrap BertLayer,DetectorNet examples/train_text.py --max-train 2000
-        --max-eval 500 --epochs 1)
+        --max-eval 500 --epochs 1 --output-dir "$OUT/fsdp_run")
   if [ $DRY = 1 ]; then
     "$PYTHON" -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); assert c['distributed_type'] == 'FSDP' and \
 'DetectorNet' in c['fsdp_config']['fsdp_transformer_layer_cls_to_wrap'], c" examples/accelerate_fsdp.yaml \
