@@ -30,7 +30,7 @@ from .arguments import stage_arguments
 from .detector_stage import detector_statistics, holdout_rows, propagated_labels, warn_if_detector_failed
 from .losses import class_balanced_bce
 from .prototypes import anchor_weights, compute_prototypes
-from .pseudo_labels import pseudo_label
+from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
 
 ROW_COLUMN = "fairnet_row"
 FEATURES = ("z", "logits", "feat")
@@ -162,6 +162,24 @@ class TrainingPasses:
     def pseudo_labels(self) -> Optional[np.ndarray]:
         """The unlabeled setting's pseudo-labels of the training rows (1 = presumed minority), after `train()`."""
         return getattr(self, "_pseudo", None)
+
+    def _with_pseudo_group_metric(self, compute_metrics):
+        """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
+        pseudo-groups for the eval rows: worst accuracy over (class × pseudo-group) cells."""
+        if compute_metrics is None:
+            return None
+
+        def wrapped(eval_pred):
+            metrics = compute_metrics(eval_pred)
+            groups = getattr(self, "_eval_pseudo_groups", None)
+            preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+            labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
+            if groups is not None and labels is not None and len(groups) == len(labels):
+                metrics["pseudo_worst_group_accuracy"] = pseudo_group_worst_accuracy(
+                    np.asarray(preds).argmax(-1), np.asarray(labels), groups)
+            return metrics
+
+        return wrapped
 
     def eval_pseudo_groups(self, dataset) -> np.ndarray:
         """Unlabeled setting, after `train()`: the fitted pseudo-labeler's marks for `dataset`'s rows, from the

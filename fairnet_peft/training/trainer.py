@@ -272,26 +272,6 @@ class FairTrainer(TrainingPasses, Trainer):
         return loss
 
     # ------------------------------------------------------------------ evaluation: risk, gate and groups reach compute_metrics
-    def _with_pseudo_group_metric(self, compute_metrics):
-        """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
-        pseudo-groups for the eval rows: worst accuracy over (class × pseudo-group) cells."""
-        if compute_metrics is None:
-            return None
-
-        def wrapped(eval_pred):
-            metrics = compute_metrics(eval_pred)
-            groups = getattr(self, "_eval_pseudo_groups", None)
-            preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-            labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
-            if groups is not None and labels is not None and len(groups) == len(labels):
-                from .pseudo_labels import pseudo_group_worst_accuracy
-
-                metrics["pseudo_worst_group_accuracy"] = pseudo_group_worst_accuracy(
-                    np.asarray(preds).argmax(-1), np.asarray(labels), groups)
-            return metrics
-
-        return wrapped
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them. In
         the unlabeled setting, with a pseudo-labeler fitted by this trainer, the metrics add the label-free

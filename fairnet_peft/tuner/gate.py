@@ -8,7 +8,7 @@ the LoRA layers. A gate exists only inside a live pass of the wrapped (root) mod
 2. the detector pre-hook (on the module whose input the detector reads) moves the hidden states and mask to the
    detector's device, computes the risk scores and, for the other adapters, the gate `risk > τ`;
 3. every FairLoRA layer asks `GateState.record(adapter, rows)` and adds its update to the gated rows only;
-4. the root post-hook "backtracks" (reruns the gated rows if an adapted layer ran *before* the detector's read point
+4. the root post-hook "backtracks" (backtrack.py: reruns the gated rows if an adapted layer ran *before* the detector's read point
    while its gate was still unknown), then closes the pass and publishes only its `GateRecord`s (small (B,) tensors,
    no hidden states, inputs or masks) for `gate_record(model)`.
 
@@ -32,10 +32,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
+
+from .backtrack import rerun_gated_rows
 
 STATE_ATTR = "_fairlora_gate_state"
 DETECTOR_ATTR = "fair_bias_detector"
@@ -388,76 +390,10 @@ def root_post_hook(module: nn.Module, args, kwargs, output):
     merged = None
     try:
         if output is not None:
-            merged = _backtrack(module, state, args, kwargs, output)
+            merged = rerun_gated_rows(module, state.live, args, kwargs, output)
     finally:
         state.close_pass(publish=output is not None)
     return merged
-
-
-def backtrack_rows(ctx: "_Pass") -> torch.Tensor:
-    """Indices of the rows a pass reruns: those gated for an adapter whose layers ran before the detector."""
-    rows = torch.zeros(ctx.batch_size, dtype=torch.bool, device=ctx.device)
-    for adapter in ctx.ran_before_detector:
-        if adapter in ctx.records:
-            rows |= ctx.records[adapter].gate.to(ctx.device)
-    return rows.nonzero().squeeze(1)
-
-
-def _backtrack(module: nn.Module, state: GateState, args, kwargs, output):
-    """Rerun the gated rows whose adapted layers ran before the detector's read point; None if nothing to redo."""
-    ctx = state.live
-    if ctx is None or ctx.backtrack or not ctx.ran_before_detector:
-        return None
-    idx = backtrack_rows(ctx)
-    if not idx.numel():
-        return None
-    gates = {a: rec.gate[idx.to(rec.gate.device)].long() for a, rec in ctx.records.items()}
-    sub_args = tuple(_take_rows(a, idx, ctx.batch_size) for a in args)
-    sub_kwargs = {k: _take_rows(v, idx, ctx.batch_size) for k, v in kwargs.items()}
-    labels = sub_kwargs.pop("labels", None)
-    ctx.backtrack_running = True
-    try:
-        sub_output = module(*sub_args, **sub_kwargs, fair_gate=gates)
-    finally:
-        ctx.backtrack_running = False
-    merged = _merge_rows(output, sub_output, idx, ctx.batch_size)
-    if labels is not None and getattr(output, "loss", None) is not None:
-        merged["loss"] = _classification_loss(module, merged, kwargs["labels"])
-    return merged
-
-
-def _take_rows(value: Any, idx: torch.Tensor, batch_size: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
-        return value.index_select(0, idx.to(value.device))
-    return value
-
-
-def _merge_rows(full: Any, part: Any, idx: torch.Tensor, batch_size: int) -> Any:
-    if isinstance(full, torch.Tensor):
-        if full.dim() > 0 and full.shape[0] == batch_size and isinstance(part, torch.Tensor):
-            return full.index_copy(0, idx.to(full.device), part.to(full.dtype))
-        return full
-    if isinstance(full, tuple) and not hasattr(full, "keys"):
-        return type(full)(_merge_rows(f, p, idx, batch_size) for f, p in zip(full, part))
-    if hasattr(full, "keys"):  # transformers ModelOutput (an OrderedDict) or a plain dict
-        merged = full.__class__(**{k: _merge_rows(full[k], part[k] if k in part else None, idx, batch_size)
-                                   for k in full.keys()})
-        return merged
-    return full
-
-
-def _classification_loss(module: nn.Module, output, labels: torch.Tensor) -> torch.Tensor:
-    logits = output["logits"]
-    config = getattr(module, "config", None)
-    if logits.dim() != 2 or config is None:
-        raise ValueError(
-            "FairLoRA backtracking (adapted layers before the detector's read point) can recompute the loss only for "
-            "classification heads. Compute the loss from `logits` yourself, or adapt only layers after the detector "
-            "(the default `layers_to_transform`)."
-        )
-    from transformers.loss.loss_utils import ForSequenceClassificationLoss
-
-    return ForSequenceClassificationLoss(labels, logits, config)
 
 
 # ---------------------------------------------------------------------- public API

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .detector import pool_tokens
-from .gate import backtrack_rows, find_gate_state
+from .backtrack import backtrack_rows
+from .gate import find_gate_state
 
 HEAD_NAMES = ("classifier", "score")
 POOLINGS = ("auto", "head", "cls", "mean", "last")
