@@ -1,7 +1,8 @@
 """`FairTrainer`: FairNet's staged training as a drop-in `transformers.Trainer`.
 
 `train()` runs, on a PeftModel whose base is already task-trained (ERM):
-  0. (unlabeled setting only) a frozen-feature pass and a pseudo-labeler (LOF or the ERM error set) marks the minority;
+  0. (unlabeled setting only) a frozen-feature pass and a pseudo-labeler (`pseudo_labeler`, pseudo_labels.py) marks
+     the minority;
   1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1) on the
      (pseudo-)labelled rows, minus a held-out slice (`detector_holdout_fraction`) whose loss stops the stage early
      and whose best detector is kept;
@@ -20,8 +21,8 @@ Who owns what: this class owns the stages (`stage`, the per-stage copy of the ar
 `stage_arguments`, never by writing into the user's `args`), the losses and evaluation; the passes over the
 training rows live in passes.py (a mixin), the detector stage's pure helpers in detector_stage.py, and the adapter's
 state is changed only through the tuner's public methods (`trainable_parameters`, `set_prototypes`).
-The public stage API for benchmarks and tests: `stage`, `prepare_lora_stage()`, `frozen_pass()`, `anchor_rows()`,
-`lora_updates()`, `holdout_loss()`.
+The public stage API for benchmarks and tests: `stage`, `prepare_detector_stage()`, `prepare_lora_stage()`,
+`frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `lora_updates()`.
 """
 
 from __future__ import annotations
