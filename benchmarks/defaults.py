@@ -31,7 +31,7 @@ from suite.common import logger, silence_libraries, torch_threads  # noqa: E402
 from suite.config import DEFAULTS_PRESETS as PRESETS, SETTINGS, TASKS  # noqa: E402
 from suite.orchestration import run_defaults  # noqa: E402
 from suite.report import header, stamp_end  # noqa: E402
-from suite.report_defaults import finish_defaults  # noqa: E402
+from suite.report_defaults import finish_defaults, merge_reports  # noqa: E402
 
 log = logger("defaults")
 
@@ -43,6 +43,10 @@ def parse_args(argv):
     size.add_argument("--tiny", action="store_true", help="tiny sizes, 1 seed, synthetic + digits (seconds; tests)")
     size.add_argument("--quick", action="store_true", help="CPU sizes (see the PRESETS table)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --tiny)")
+    p.add_argument("--first-seed", type=int, default=0, help="start at this seed: seeds K..K+N-1 (to add seeds)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="no training: merge the runs of these results.json files (e.g. seed 0 and seeds 1-2) "
+                        "into one report in --out (and --doc), statistics recomputed over all seeds")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of full,partial,unlabeled")
     p.add_argument("--out", default=None, help="output folder for results.json and table.md")
@@ -54,6 +58,7 @@ def parse_args(argv):
     a = p.parse_args(argv)
     a.preset = "tiny" if a.tiny else "quick" if a.quick else "standard"
     a.seeds = a.seeds or (1 if a.tiny else 3)
+    a.seed_list = list(range(a.first_seed, a.first_seed + a.seeds))
     a.task_list = [t for t in (a.tasks or ("synthetic,digits" if a.tiny else ",".join(TASKS))).split(",") if t]
     a.setting_list = [s for s in a.settings.split(",") if s]
     if bad := [t for t in a.task_list if t not in TASKS] + [s for s in a.setting_list if s not in SETTINGS]:
@@ -75,10 +80,12 @@ def main(argv: Optional[list] = None) -> dict:
     import fairnet_peft  # noqa: F401  (registers FAIRLORA)
 
     os.makedirs(a.out, exist_ok=True)
+    if a.merge:
+        return finish_defaults(merge_reports(a.merge, argv), a.out, a.doc, log)
     t_start = time.time()
     with torch_threads(a.threads):
         report = header("defaults.py", argv, a.preset)
-        report.update(seeds=list(range(a.seeds)), settings=a.setting_list, n_boot=a.n_boot, tasks={})
+        report.update(seeds=a.seed_list, settings=a.setting_list, n_boot=a.n_boot, tasks={})
         run_defaults(os.path.abspath(__file__), argv, a, report)
     stamp_end(report, t_start)
     return finish_defaults(report, a.out, a.doc, log)

@@ -14,6 +14,7 @@ from fairnet_peft.datasets import (
     SYNTH_TOKENS,
     load_adult_text,
     load_bug_professions_text,
+    load_digit_objects,
     load_digits_backgrounds,
     load_waterbirds_style,
     make_synthetic_text,
@@ -505,3 +506,34 @@ def test_load_group_dataset_from_a_csv(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "rows.xlsx").write_text("x")
         load_group_dataset(str(tmp_path / "rows.xlsx"))
+
+
+def test_digit_objects_pretraining_data(waterbirds):
+    """The Waterbirds-style backbone's pretraining set: 10 digit classes from the train pool only (no validation or
+    test digit image of the task with the same seed), plain backgrounds (no task photo), deterministic."""
+    objects = load_digit_objects(seed=0, n=600, image_size=32)
+    cols = objects.with_format("numpy")[:]
+    assert cols["pixel_values"].shape == (600, 3, 32, 32) and cols["pixel_values"].dtype == np.float32
+    assert set(cols["labels"].tolist()) == set(range(10))
+    used = set(cols["digit_index"].tolist())
+    for split in ("validation", "test"):
+        assert not used & set(np.asarray(waterbirds[split]["digit_index"]).tolist())
+    from sklearn.datasets import load_digits
+
+    from fairnet_peft.data.vision import _digit_pools
+    assert used <= set(_digit_pools(load_digits().target, 0)["train"].tolist())  # the tasks' own seeded train pool
+    assert np.array_equal(cols["labels"], load_digits().target[cols["digit_index"]])
+    # plain backgrounds: the image corners (no digit there in most images) are near-uniform, unlike photo crops
+    corners = cols["pixel_values"][:, :, :3, :3].reshape(600, 3, -1)
+    assert np.median(corners.std(axis=2)) < 0.15
+    again = load_digit_objects(seed=0, n=600, image_size=32).with_format("numpy")[:]
+    assert np.array_equal(again["pixel_values"], cols["pixel_values"])
+    other = load_digit_objects(seed=1, n=600, image_size=32).with_format("numpy")[:]
+    assert not np.array_equal(other["digit_index"], cols["digit_index"])
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(split="tests"), "split"), (dict(n=5), "n must be"),
+                                           (dict(image_size=4), "image_size")])
+def test_digit_objects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_digit_objects(**kwargs)

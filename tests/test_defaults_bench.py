@@ -151,3 +151,42 @@ def test_bad_flags_name_the_flag():
         bench.parse_args(["--tasks", "nope"])
     with pytest.raises(ValueError, match="--jobs N"):
         bench.main(["--jobs=2"])
+
+
+def test_first_seed_picks_the_seed_range():
+    bench = _load()
+    assert bench.parse_args(["--quick", "--seeds", "2", "--first-seed", "1"]).seed_list == [1, 2]
+    assert bench.parse_args(["--quick"]).seed_list == [0, 1, 2]
+
+
+def test_merge_joins_seeds_and_settings_and_recomputes_the_statistics(tiny, tmp_path):
+    """Seed 0 with 'full' only + seed 1 (a relabelled copy) with both settings → one report over seeds [0, 1]."""
+    bench, out, _ = tiny
+    saved = json.loads((out / "results.json").read_text())
+    first = json.loads(json.dumps(saved))
+    for block in first["tasks"].values():
+        for run in block["runs"].values():
+            del run["settings"]["unlabeled"]
+    first["settings"] = ["full"]
+    second = json.loads(json.dumps(saved))
+    for block in second["tasks"].values():
+        block["runs"] = {"1": block["runs"]["0"]}
+        block["runs"]["1"]["settings"]["full"]["accuracy"]["point"] -= 0.1  # seed 1 differs: a 2-seed interval
+    second["seeds"] = [1]
+    paths = []
+    for i, part in enumerate((first, second)):
+        paths.append(str(tmp_path / f"part{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    merged = bench.main(["--merge", *paths, "--out", str(tmp_path / "merged"), "--doc", "none"])
+    assert merged["seeds"] == [0, 1] and merged["settings"] == ["full", "unlabeled"]
+    assert len(merged["merged_from"]) == 2
+    for task, block in merged["tasks"].items():
+        assert list(block["runs"]) == ["0", "1"]
+        assert set(block["runs"]["0"]["settings"]) == {"full"}
+        full = block["summary"]["full"]["fairnet_accuracy"]
+        original = saved["tasks"][task]["runs"]["0"]["settings"]["full"]["accuracy"]["point"]
+        assert full["n"] == 2 and full["mean"] == pytest.approx(original - 0.05) and full["low"] < full["high"]
+        assert block["summary"]["unlabeled"]["fairnet_accuracy"]["n"] == 1
+    table = (tmp_path / "merged" / "table.md").read_text()
+    assert "seeds [0, 1]" in table and "--merge" in table

@@ -190,6 +190,10 @@ def test_unlabeled_setting_reports_the_label_free_pseudo_group_selector(data, er
     trainer = FairTrainer(model=fresh(erm_dir), args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
     assert trainer.pseudo_labels is not None and trainer.pseudo_labels.shape == (len(train),)
+    details = trainer.pseudo_label_details  # auto's choice and its per-labeler scores stay on the trainer
+    assert details["auto"] is True and details["method"] in ("lof", "gmm", "kmeans", "error_set")
+    assert set(details["scores"]) <= {"lof", "gmm", "kmeans"} and details["scores"]
+    assert all(-1 <= v <= 1 for v in details["scores"].values())
     metrics = trainer.evaluate()
     groups = trainer.eval_pseudo_groups(val)
     assert groups.shape == (len(val),) and 0 < groups.mean() < 0.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -298,10 +299,22 @@ def build_task(task: str, cfg: dict, seed: int):
     else:
         size = int(np.asarray(ds["train"][0]["pixel_values"]).shape[-1])
         vcfg = T.ViTConfig(image_size=size, num_channels=3, hidden_dropout_prob=0.0, num_labels=2, **cfg["model"])
+        backbone = None
+        if cfg.get("pretrain"):  # Waterbirds-style: start from an object-pretrained backbone, as Waterbirds does
+            from .methods import pretrain_backbone
+
+            with tempfile.TemporaryDirectory() as tmp:
+                backbone = pretrain_backbone(vcfg, cfg["pretrain"], seed, tmp)
 
         def new_model():
-            return T.ViTForImageClassification(vcfg)
-        desc, task_type = f"ViT from config, {size}px, {cfg['model']}", None
+            model = T.ViTForImageClassification(vcfg)
+            if backbone is not None:
+                missing = model.load_state_dict(backbone, strict=False).missing_keys
+                assert all(k.startswith("classifier.") for k in missing), missing
+            return model
+        start = (f"pretrained to name the digit on {cfg['pretrain']['n']} plain-background images of the train pool"
+                 if backbone is not None else "from config")
+        desc, task_type = f"ViT {start}, {size}px, {cfg['model']}", None
         ds = {sp: d.select_columns(["pixel_values", "labels", "sensitive"]) for sp, d in ds.items()}
     return ({sp: d.with_format("torch") for sp, d in ds.items()}, new_model, task_type, pad,
             f"fairnet_peft.datasets.{name}; {desc}")

@@ -186,5 +186,6 @@ def fairnet_defaults(erm, ds, setting: str, task_type, cfg: dict, seed: int, out
     if setting == "unlabeled" and pseudo is not None:  # the pseudo-labeler against the true group (report only)
         pseudo = np.asarray(pseudo).reshape(-1)
         res.update(pseudo_precision=float(precision_score(train_s, pseudo, zero_division=0)),
-                   pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)))
+                   pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)),
+                   pseudo_details=dict(trainer.pseudo_label_details))
     return res

@@ -262,3 +262,26 @@ def train_erm(ds, new_model, cfg: dict, seed: int, out: str, collate):
     trainer.train()
     logits = trainer.predict(ds["test"]).predictions
     return trainer.model, (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+
+def pretrain_backbone(vit_config, pre: dict, seed: int, out: str) -> dict:
+    """The stand-in for an ImageNet checkpoint (Waterbirds-style task): a ViT of `vit_config`'s shape trained with a
+    plain `Trainer` to name the digit (10 classes) on `fairnet_peft.data.load_digit_objects` (the seed's *train*
+    digit pool, plain backgrounds: neither task photo, so no background-label link). Returns the backbone's
+    state dict without the classifier; the task model loads it and keeps its own fresh 2-class head."""
+    import copy
+
+    import transformers as T
+
+    from fairnet_peft.data import load_digit_objects
+
+    T.set_seed(seed)
+    objects = load_digit_objects(seed, n=pre["n"], image_size=vit_config.image_size).with_format("torch")
+    config = copy.deepcopy(vit_config)
+    config.num_labels = 10
+    args = T.TrainingArguments(**run_args(out, seed, pre["epochs"], pre["batch"], pre["batch"]),
+                               learning_rate=pre["lr"], lr_scheduler_type="cosine", warmup_steps=0.1)
+    trainer = quiet(T.Trainer(model=T.ViTForImageClassification(config), args=args, train_dataset=objects))
+    trainer.train()
+    return {k: v for k, v in trainer.model.state_dict().items() if not k.startswith("classifier.")}
+

@@ -224,7 +224,7 @@ def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: s
 def defaults_task(task: str, cfg: dict, a) -> dict:
     """Every seed of one task: {'config', 'runs', 'summary'}, or {'skipped': why} when its loader is missing."""
     runs = {}
-    for seed in range(a.seeds):
+    for seed in a.seed_list:
         run = defaults_seed(task, cfg, seed, a.setting_list, a.n_boot, os.path.join(a.out, "tmp", task))
         if run is None:
             break

@@ -150,6 +150,38 @@ def render(report: dict) -> str:
         "`fairnet_peft.metrics.bootstrap_ci`):", "", *seeds]) + "\n"
 
 
+def merge_reports(paths: list, argv: list) -> dict:
+    """One report from several results.json of this suite (e.g. seed 0, then seeds 1-2 added with --first-seed):
+    per task and seed the settings are joined (the first file's ERM run is kept: the same seed trains the same ERM),
+    and the statistics are recomputed over every seed. Wall time is the sum of the files'."""
+    import json
+
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        if not merged:
+            merged = {**part, "tasks": {}, "seeds": [], "settings": [], "wall_minutes": 0.0,
+                      "command": "python benchmarks/defaults.py " + " ".join(argv), "merged_from": []}
+        merged["merged_from"].append(part["command"])
+        merged["wall_minutes"] += part.get("wall_minutes", 0.0)
+        merged["finished"] = max(merged.get("finished", ""), part.get("finished", ""))
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(part["seeds"]))
+        merged["settings"] = [x for x in SETTINGS if x in set(merged["settings"]) | set(part["settings"])]
+        for task, block in part["tasks"].items():
+            if "runs" not in block:
+                continue
+            into = merged["tasks"].setdefault(task, {"config": block["config"], "runs": {}})
+            for seed, run in block["runs"].items():
+                have = into["runs"].setdefault(seed, {**run, "settings": {}, "timings_s": dict(run["timings_s"])})
+                have["settings"].update(run["settings"])
+                have["timings_s"].update({k: v for k, v in run["timings_s"].items() if k != "data+erm"})
+    for task, block in merged["tasks"].items():
+        block["runs"] = dict(sorted(block["runs"].items(), key=lambda kv: int(kv[0])))
+        block["summary"] = summarise_task(task, block["runs"])
+    return merged
+
+
 def finish_defaults(report: dict, out: str, doc: str, log: Callable[[str], None]) -> dict:
     """table.md, results.json and (unless --doc none) the generated block of the default-settings suite."""
     publish(out, render(report), report, doc, DEFAULTS_BLOCK, log)

@@ -33,7 +33,7 @@ from .text import (
     load_bug_professions_text,
     make_synthetic_text,
 )
-from .vision import load_digits_backgrounds, load_waterbirds_style
+from .vision import load_digit_objects, load_digits_backgrounds, load_waterbirds_style
 
 __all__ = [
     "DATA_DIR",
@@ -50,6 +50,7 @@ __all__ = [
     "hide_group_labels",
     "load_adult_text",
     "load_bug_professions_text",
+    "load_digit_objects",
     "load_digits_backgrounds",
     "load_group_dataset",
     "load_waterbirds_style",

@@ -36,6 +36,11 @@ ROW_COLUMN = "fairnet_row"
 FEATURES = ("z", "logits", "feat")
 
 
+
+def _plain(value) -> bool:
+    """A detail worth keeping on the trainer: a scalar, or a dict of scalars (e.g. auto's per-labeler scores)."""
+    return np.isscalar(value) or (isinstance(value, dict) and all(np.isscalar(v) for v in value.values()))
+
 class TrainingPasses:
     """Frozen-model passes of `FairTrainer`; see the module docstring."""
 
@@ -142,7 +147,7 @@ class TrainingPasses:
                 args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
                 labels=features["label"], logits=features["logits"], seed=args.seed, **self._pseudo_knobs())
             marks, self.pseudo_labeler, self.pseudo_label_details = result.labels, result.labeler, {
-                "method": result.method, **{k: v for k, v in result.details.items() if np.isscalar(v)}}
+                "method": result.method, **{k: v for k, v in result.details.items() if _plain(v)}}
         return self._broadcast(marks)
 
     def _broadcast(self, marks: np.ndarray) -> np.ndarray:
