@@ -10,6 +10,7 @@ its measurement in docs/method.md §"Defaults". See docs/api.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -199,6 +200,18 @@ class FairTrainingArguments(TrainingArguments):
     pseudo_clusters: int = field(
         default=2, metadata={"help": "Clusters per class for pseudo_labeler 'gmm' / 'kmeans' (smallest = minority)."}
     )
+    max_accuracy_drop: Union[float, str] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Accuracy guard (guard.py): after training, if the adapter at its τ loses more than this fraction of "
+                "eval-set accuracy against the adapter off, τ is raised until it does not (up to 1 = off) and the "
+                "saved config keeps that τ. Uses class labels only. 'auto' (default) = 0.005 in the unlabeled setting "
+                "and no guard where group labels exist; a number applies in every setting; 'none' disables it. Needs "
+                "an eval_dataset; skipped when gate_threshold fixes τ."
+            )
+        },
+    )
     # ------------------------------------------------------------------ model selection
     eval_sensitive_labels: str = field(
         default="auto",
@@ -238,6 +251,13 @@ class FairTrainingArguments(TrainingArguments):
                                                     and 0.0 <= self.anchor_threshold < 1.0):
             raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold!r}: 'auto' or a number in "
                              "[0, 1).")
+        if isinstance(self.max_accuracy_drop, str) and self.max_accuracy_drop not in ("auto", "none"):
+            with contextlib.suppress(ValueError):  # "0.01" from a command line
+                self.max_accuracy_drop = float(self.max_accuracy_drop)
+        if self.max_accuracy_drop not in ("auto", "none", None) and not (
+                isinstance(self.max_accuracy_drop, (int, float)) and 0.0 <= self.max_accuracy_drop <= 1.0):
+            raise ValueError(f"FairTrainingArguments.max_accuracy_drop={self.max_accuracy_drop!r}: 'auto', 'none' or a "
+                             "fraction in [0, 1] (0.005 = half an accuracy point).")
         for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name != "detector_patience" else 1):
                 raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: must be a non-negative integer"

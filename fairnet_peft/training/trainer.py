@@ -51,6 +51,7 @@ from ..tuner.representation import capture_head_input, resolve_pooling
 from .arguments import FairTrainingArguments, stage_arguments
 from .detector_stage import DetectorEarlyStopping
 from .distributed import check_fsdp_active, save_adapter
+from .guard import apply_accuracy_guard
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, TrainingPasses
 from .validation import (check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric,
@@ -477,6 +478,7 @@ class FairTrainer(TrainingPasses, Trainer):
         result.metrics.update({f"train_{k}": v for k, v in self.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
+        result.metrics.update(apply_accuracy_guard(self))
         self._warn_if_no_op(result.metrics)
         return result
 
