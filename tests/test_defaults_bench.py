@@ -86,6 +86,9 @@ def test_tiny_table_and_doc_block(tiny):
     for task in ("synthetic", "digits"):
         for st in ("full", "unlabeled"):
             assert f"| {task} | {st} |" in table
+    # the unlabeled setting ran with an eval set: the guard's decision and auto's labeler are in each task's note
+    assert table.count("unlabeled: accuracy guard raised τ in ") == 2 and "full: accuracy guard" not in table
+    assert table.count("unlabeled: pseudo-labeler chosen per seed ") == 2
     doc = (out / "benchmarks.md").read_text()
     # the section sits right after the title, before the first existing section, which is kept
     block = report.DEFAULTS_BLOCK
@@ -190,3 +193,20 @@ def test_merge_joins_seeds_and_settings_and_recomputes_the_statistics(tiny, tmp_
         assert block["summary"]["unlabeled"]["fairnet_accuracy"]["n"] == 1
     table = (tmp_path / "merged" / "table.md").read_text()
     assert "seeds [0, 1]" in table and "--merge" in table
+
+
+def test_merge_replaces_a_task_run_with_another_model_recipe(tiny, tmp_path):
+    bench, out, _ = tiny
+    saved = json.loads((out / "results.json").read_text())
+    newer = json.loads(json.dumps(saved))
+    del newer["tasks"]["synthetic"]
+    run = newer["tasks"]["digits"]["runs"]["0"]
+    run["description"] += "; pretrained backbone"
+    run["erm"]["accuracy"]["point"] = 0.123
+    paths = [str(out / "results.json"), str(tmp_path / "newer.json")]
+    with open(paths[1], "w") as f:
+        json.dump(newer, f)
+    merged = bench.main(["--merge", *paths, "--out", str(tmp_path / "m"), "--doc", "none"])
+    digits = merged["tasks"]["digits"]["runs"]["0"]
+    assert digits["description"].endswith("pretrained backbone") and digits["erm"]["accuracy"]["point"] == 0.123
+    assert merged["tasks"]["synthetic"]["runs"]["0"] == saved["tasks"]["synthetic"]["runs"]["0"]

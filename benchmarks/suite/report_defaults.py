@@ -133,7 +133,23 @@ def _task_note(task: str, block: dict) -> str:
             + ", ".join(f"{k}={cfg[k]}" for k in ("erm_epochs", "erm_lr", "scheduler", "batch"))
             + f"; FairNet num_train_epochs={cfg['fair_epochs']}; mean time per seed: {times}."
             + (f" Smallest test cell: {smallest} rows (< {MIN_CELL}): see its bootstrap CI per seed."
-               if smallest < MIN_CELL else ""))
+               if smallest < MIN_CELL else "") + _guard_and_labeler_note(runs))
+
+
+def _guard_and_labeler_note(runs: dict) -> str:
+    """Per setting: in how many seeds the accuracy guard raised τ (and to what), and auto's pseudo-labeler choice."""
+    notes = []
+    for st in SETTINGS:
+        res = [r["settings"][st] for r in runs.values() if st in r["settings"]]
+        guarded = [x["train_metrics"] for x in res if "train_guard_raised" in x.get("train_metrics", {})]
+        if guarded:
+            raised = [f"{m['train_guard_threshold']:.3g}" for m in guarded if m["train_guard_raised"]]
+            notes.append(f"{st}: accuracy guard raised τ in {len(raised)} of {len(guarded)} seeds"
+                         + (f" (to {', '.join(raised)}; 1 = adapter off)" if raised else ""))
+        chosen = [x["pseudo_details"]["method"] for x in res if x.get("pseudo_details")]
+        if chosen:
+            notes.append(f"{st}: pseudo-labeler chosen per seed {', '.join(chosen)}")
+    return (" " + "; ".join(notes) + ".") if notes else ""
 
 
 def render(report: dict) -> str:
@@ -152,8 +168,10 @@ def render(report: dict) -> str:
 
 def merge_reports(paths: list, argv: list) -> dict:
     """One report from several results.json of this suite (e.g. seed 0, then seeds 1-2 added with --first-seed):
-    per task and seed the settings are joined (the first file's ERM run is kept: the same seed trains the same ERM),
-    and the statistics are recomputed over every seed. Wall time is the sum of the files'."""
+    per task and seed the settings are joined, a later file's setting replacing an earlier one (the first file's ERM
+    run is kept: the same seed trains the same ERM), and the statistics are recomputed over every seed. A task whose
+    model description differs from an earlier file's (another backbone recipe) is replaced as a whole. Wall time is
+    the sum of the files'."""
     import json
 
     merged: dict = {}
@@ -172,6 +190,9 @@ def merge_reports(paths: list, argv: list) -> dict:
             if "runs" not in block:
                 continue
             into = merged["tasks"].setdefault(task, {"config": block["config"], "runs": {}})
+            if into["runs"] and next(iter(into["runs"].values()))["description"] != next(iter(block["runs"].values()))[
+                    "description"]:  # another model recipe is another experiment: the later file's runs replace
+                into.update(config=block["config"], runs={})
             for seed, run in block["runs"].items():
                 have = into["runs"].setdefault(seed, {**run, "settings": {}, "timings_s": dict(run["timings_s"])})
                 have["settings"].update(run["settings"])
