@@ -19,17 +19,16 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments  # noqa: E402
-from fairnet_peft import metrics as M  # noqa: E402
 from fairnet_peft.datasets import make_synthetic_text  # noqa: E402
-from fairnet_peft.pseudo_labels import pseudo_group_worst_accuracy, rank_correlation  # noqa: E402
-from fairnet_peft.sweep import collect_sweep_scores, gate_rate_thresholds, sweep_predictions  # noqa: E402
+from fairnet_peft.sweep import collect_sweep_scores  # noqa: E402
+from suite.selection import selector_ranks  # noqa: E402
 
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)
 
@@ -54,28 +53,8 @@ def run_seed(seed: int, out: str) -> dict:
     trainer.train()
     val, test = data["validation"], data["test"]
     groups = trainer.eval_pseudo_groups(val.remove_columns("sensitive"))
-    scores = collect_sweep_scores(model, val)
-    taus = sorted(set(np.round(np.linspace(0.1, 0.9, 9), 3).tolist()
-                      + gate_rate_thresholds(scores.risk, np.linspace(0.05, 0.95, 19).tolist())))
-    y, s = scores.labels, scores.sensitive
-    rows = []
-    for tau in taus:
-        pred = sweep_predictions(scores, tau)
-        rows.append(dict(tau=tau, true=M.worst_group_accuracy(y, pred, sensitive_features=s),
-                         pseudo=pseudo_group_worst_accuracy(pred, y, groups),
-                         worst_class=min(float((pred[y == k] == k).mean()) for k in np.unique(y))))
-    test_scores = collect_sweep_scores(model, test)
-    result = {"seed": seed, "candidates": len(rows)}
-    for name in ("pseudo", "worst_class"):
-        values, truth = [r[name] for r in rows], [r["true"] for r in rows]
-        best = max(rows, key=lambda r: (r[name], -abs(r["tau"] - 0.5)))
-        pred = sweep_predictions(test_scores, best["tau"])
-        result[name] = dict(rho=rank_correlation(values, truth), tau=best["tau"],
-                            test_wga=M.worst_group_accuracy(test_scores.labels, pred,
-                                                            sensitive_features=test_scores.sensitive))
-    oracle = max(rows, key=lambda r: r["true"])
-    result["oracle_val_wga_tau"] = oracle["tau"]
-    return result
+    result = selector_ranks(collect_sweep_scores(model, val), groups, collect_sweep_scores(model, test))
+    return {"seed": seed, **result}
 
 
 def main(argv=None) -> list:

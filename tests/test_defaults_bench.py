@@ -72,6 +72,11 @@ def test_tiny_results_are_complete_finite_and_consistent(tiny):
         for st, res in run["settings"].items():
             assert _in_unit(res["gate_rate_s0"]) and _in_unit(res["gate_rate_s1"])
             assert res["train_metrics"]["train_runtime"] > 0
+        sel = run["settings"]["unlabeled"]["selector"]  # ρ of the label-free selectors (issue 11 item 2)
+        assert sel["candidates"] >= 9  # ρ is nan when a side is constant over the candidates (tiny splits can be)
+        assert all((math.isnan(sel[k]["rho"]) or -1 <= sel[k]["rho"] <= 1) and _in_unit(sel[k]["test_wga"])
+                   for k in ("pseudo", "worst_class"))
+        assert "selector" not in run["settings"]["full"]
         for st, row in block["summary"].items():
             for key in ("erm_accuracy", "fairnet_accuracy", "fairnet_worst_group_accuracy"):
                 assert row[key]["n"] == 1 and row[key]["low"] is None  # one seed: no t-interval
@@ -89,6 +94,7 @@ def test_tiny_table_and_doc_block(tiny):
     # the unlabeled setting ran with an eval set: the guard's decision and auto's labeler are in each task's note
     assert table.count("unlabeled: accuracy guard raised τ in ") == 2 and "full: accuracy guard" not in table
     assert table.count("unlabeled: pseudo-labeler chosen per seed ") == 2
+    assert table.count("unlabeled: Spearman ρ with the true validation WGA") == 2
     doc = (out / "benchmarks.md").read_text()
     # the section sits right after the title, before the first existing section, which is kept
     block = report.DEFAULTS_BLOCK

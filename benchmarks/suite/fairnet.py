@@ -188,4 +188,19 @@ def fairnet_defaults(erm, ds, setting: str, task_type, cfg: dict, seed: int, out
         res.update(pseudo_precision=float(precision_score(train_s, pseudo, zero_division=0)),
                    pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)),
                    pseudo_details=dict(trainer.pseudo_label_details))
+        res["selector"] = _selector(trainer, ds, collate)  # issue 11 item 2: ρ of the label-free selectors
     return res
+
+
+def _selector(trainer, ds, collate) -> dict:
+    """`selection.selector_ranks` on this run: validation and test sweeps (gate forced off/on), the validation
+    pseudo-groups from the labeler the trainer fitted on training."""
+    from fairnet_peft.evaluation.sweep import collect_sweep_scores
+
+    from .selection import selector_ranks
+
+    def sweep(split):
+        return collect_sweep_scores(trainer.model, ds[split], collate_fn=collate)
+    groups = trainer.eval_pseudo_groups(ds["validation"].remove_columns("sensitive"))
+    return selector_ranks(sweep("validation"), groups, sweep("test"))
+

@@ -137,7 +137,8 @@ def _task_note(task: str, block: dict) -> str:
 
 
 def _guard_and_labeler_note(runs: dict) -> str:
-    """Per setting: in how many seeds the accuracy guard raised τ (and to what), and auto's pseudo-labeler choice."""
+    """Per setting: in how many seeds the accuracy guard raised τ (and to what), auto's pseudo-labeler choice and the
+    label-free selectors' rank correlation with the true validation WGA."""
     notes = []
     for st in SETTINGS:
         res = [r["settings"][st] for r in runs.values() if st in r["settings"]]
@@ -149,6 +150,16 @@ def _guard_and_labeler_note(runs: dict) -> str:
         chosen = [x["pseudo_details"]["method"] for x in res if x.get("pseudo_details")]
         if chosen:
             notes.append(f"{st}: pseudo-labeler chosen per seed {', '.join(chosen)}")
+        sel = [x["selector"] for x in res if x.get("selector")]
+        if sel:
+            def rho(name):
+                return ", ".join(f"{x[name]['rho']:.2f}" for x in sel)
+
+            def picked(name):
+                return ", ".join(f"{100 * x[name]['test_wga']:.1f}" for x in sel)
+            notes.append(f"{st}: Spearman ρ with the true validation WGA over the τ candidates, per seed: pseudo-group "
+                         f"WGA {rho('pseudo')}, worst-class accuracy {rho('worst_class')}; test WGA at the τ each "
+                         f"picks: {picked('pseudo')} vs {picked('worst_class')}")
     return (" " + "; ".join(notes) + ".") if notes else ""
 
 

@@ -73,3 +73,32 @@ class Selector:
         self.history.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in cand.items()})
         if self.best is None or self.key(cand) > self.key(self.best):
             self.best, self.state = cand, state_fn()
+
+
+def selector_ranks(val_scores, val_pseudo_groups: np.ndarray, test_scores) -> dict:
+    """Issue 11 item 2: across the τ candidates of `tau_candidates` (label-free), Spearman's ρ between each label-free
+    selector on validation and the true validation WGA, and the test WGA of the τ each selector picks.
+
+    Selectors: `pseudo` = worst accuracy over (class × pseudo-group) cells, the pseudo-groups of the validation rows
+    coming from the labeler fitted on training (`FairTrainer.eval_pseudo_groups`); `worst_class` = worst per-class
+    accuracy. `val_scores` / `test_scores` are `SweepScores` whose `sensitive` holds the true groups (report only).
+    Ties go to the τ closest to 0.5."""
+    from fairnet_peft import metrics as M
+    from fairnet_peft.evaluation.sweep import sweep_predictions
+    from fairnet_peft.training.pseudo_labels import pseudo_group_worst_accuracy, rank_correlation
+
+    y, s = val_scores.labels, val_scores.sensitive
+    rows = []
+    for tau in tau_candidates(val_scores.risk):
+        pred = sweep_predictions(val_scores, tau)
+        rows.append(dict(tau=tau, true=M.worst_group_accuracy(y, pred, sensitive_features=s),
+                         pseudo=pseudo_group_worst_accuracy(pred, y, val_pseudo_groups),
+                         worst_class=min(float((pred[y == k] == k).mean()) for k in np.unique(y))))
+    out = {"candidates": len(rows), "oracle_val_tau": max(rows, key=lambda r: r["true"])["tau"]}
+    for name in ("pseudo", "worst_class"):
+        best = max(rows, key=lambda r: (r[name], -abs(r["tau"] - 0.5)))
+        pred = sweep_predictions(test_scores, best["tau"])
+        out[name] = dict(rho=rank_correlation([r[name] for r in rows], [r["true"] for r in rows]), tau=best["tau"],
+                         test_wga=M.worst_group_accuracy(test_scores.labels, pred,
+                                                         sensitive_features=test_scores.sensitive))
+    return out
