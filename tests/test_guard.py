@@ -139,3 +139,6 @@ def test_guard_at_defaults_in_the_unlabeled_setting(synthetic_data, synthetic_er
     assert _accuracy(model, data["validation"]) == pytest.approx(metrics["train_guard_accuracy_guarded"])
     full = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=data["train"], eval_dataset=val)
     assert not any(k.startswith("train_guard") for k in full.train().metrics)  # 'auto': no guard with group labels
+    blind = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=train)  # unlabeled, no eval set
+    with pytest.warns(UserWarning, match="No eval_dataset: the accuracy guard"):
+        assert not any(k.startswith("train_guard") for k in blind.train().metrics)

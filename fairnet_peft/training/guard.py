@@ -72,7 +72,13 @@ def apply_accuracy_guard(trainer) -> dict:
     dataset = trainer.eval_dataset
     if isinstance(dataset, dict):
         dataset = next(iter(dataset.values()), None)
-    if max_drop is None or args.gate_threshold is not None or dataset is None:
+    if max_drop is None or args.gate_threshold is not None:
+        return {}
+    if dataset is None:
+        warnings.warn(
+            f"No eval_dataset: the accuracy guard (max_accuracy_drop={max_drop:g}, on in the {trainer.label_setting} "
+            "setting) cannot check that the adapter keeps accuracy. Pass eval_dataset (class labels suffice), or set "
+            "max_accuracy_drop='none' to silence this.", UserWarning, stacklevel=3)
         return {}
     outputs = {}
     for on in (False, True):
