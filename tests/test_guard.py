@@ -19,7 +19,8 @@ from peft import get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.evaluation.sweep import SweepScores
-from fairnet_peft.training.guard import NEVER, guard_threshold, resolve_max_drop
+from fairnet_peft.training.guard import (NEVER, guard_threshold, resolve_max_drop, resolve_selection, select_threshold,
+                                        tau_candidates)
 
 T.logging.set_verbosity_error()
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
@@ -35,6 +36,54 @@ def test_resolve_max_drop():
     assert resolve_max_drop("auto", "full") is None and resolve_max_drop("auto", "partial") is None
     assert resolve_max_drop("none", "unlabeled") is None and resolve_max_drop(None, "unlabeled") is None
     assert resolve_max_drop(0.02, "full") == 0.02
+
+
+def test_resolve_selection():
+    assert resolve_selection("auto", "unlabeled") == "pseudo_group"
+    assert resolve_selection("auto", "full") == "none" == resolve_selection("auto", "partial")
+    assert resolve_selection("none", "unlabeled") == "none"
+
+
+# rows: 0-1 minority (pseudo-group 1) of class 1 that the adapter fixes (risk 0.9, 0.8); 2-3 class 0, pseudo-group 1,
+# right either way (0.7, 0.6); 4-5 class 0, pseudo-group 0, that the adapter breaks (0.35, 0.32); 6-7 right either way
+_Y = np.array([1, 1, 0, 0, 0, 0, 1, 1])
+_OFF = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+_ON = np.array([1, 1, 0, 0, 1, 1, 1, 1])
+_RISK = np.array([0.9, 0.8, 0.7, 0.6, 0.35, 0.32, 0.1, 0.2])
+_GROUPS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_pseudo_group_selection_picks_the_best_pseudo_group_wga_nearest_the_configured_tau():
+    out = select_threshold(_scores(_Y, _OFF, _ON, _RISK), 0.3, None, _GROUPS)
+    # at τ = 0.3 rows 4-5 are gated and broken: pseudo-group WGA 0; every τ in [0.35, 0.8) fixes 0-1 and spares 4-5
+    assert out["accuracy_adapter"] == pytest.approx(0.75) and out["pseudo_group_wga"] == 1.0
+    expected = min(t for t in tau_candidates(_RISK, 0.3) if 0.35 <= t < 0.8)
+    assert out["threshold"] == pytest.approx(expected) and out["selected"] and not out["raised"]
+    assert out["accuracy_guarded"] == 1.0
+    kept = select_threshold(_scores(_Y, _OFF, _ON, _RISK), 0.5, 0.0, _GROUPS)  # already the best: τ stays
+    assert kept["threshold"] == 0.5 and not kept["selected"] and kept["pseudo_group_wga"] == 1.0
+
+
+def test_pseudo_group_selection_respects_the_accuracy_floor_and_can_switch_the_adapter_off():
+    # ERM right everywhere, the adapter wrong everywhere: only the τ that gate no row are admissible
+    worse = select_threshold(_scores(_Y, _Y, 1 - _Y, _RISK), 0.5, 0.005, _GROUPS)
+    assert worse["threshold"] >= _RISK.max() and worse["raised"] and worse["gate_rate"] == 0.0
+    assert worse["accuracy_guarded"] == worse["accuracy_off"] == 1.0
+    # pseudo-groups that reward breaking rows 4-5 (they are "group 1" now): without a floor the selector would gate
+    # them; with a floor of 0 the accuracy cost rules those τ out
+    groups = np.array([0, 0, 0, 0, 1, 1, 0, 0])
+    free = select_threshold(_scores(_Y, _OFF, _ON, _RISK), 0.5, None, groups)
+    floored = select_threshold(_scores(_Y, _OFF, _ON, _RISK), 0.5, 0.0, groups)
+    assert floored["accuracy_guarded"] >= floored["accuracy_off"] and floored["threshold"] >= 0.35
+    assert free["pseudo_group_wga"] >= floored["pseudo_group_wga"]
+
+
+def test_pseudo_group_selection_needs_the_unlabeled_setting(synthetic_data, synthetic_erm_dir, tmp_path):
+    args = FairTrainingArguments(str(tmp_path), threshold_selection="pseudo_group", **QUIET)
+    with pytest.raises(ValueError, match="threshold_selection='pseudo_group' needs the unlabeled setting"):
+        FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"])
+    with pytest.raises(ValueError, match="threshold_selection"):
+        FairTrainingArguments(str(tmp_path), threshold_selection="best", **QUIET)
 
 
 def test_a_helpful_adapter_keeps_its_threshold():
@@ -125,20 +174,32 @@ def test_guard_switches_a_harmful_adapter_off_end_to_end(synthetic_data, synthet
 
 
 def test_guard_at_defaults_in_the_unlabeled_setting(synthetic_data, synthetic_erm_dir, tmp_path):
-    """'auto' runs the guard in the unlabeled setting: its 'off' accuracy is the ERM model's, and the final model
-    is within the allowed 0.5 points of it on the eval set. Without an eval set (or with gate_threshold) no guard."""
+    """'auto' in the unlabeled setting: τ chosen by the eval rows' pseudo-group WGA under the 0.5-point floor. Its
+    'off' accuracy is the ERM model's, the final model is within the floor and has the reported pseudo-group WGA.
+    With group labels: nothing runs; without an eval set: one warning."""
+    from fairnet_peft.pseudo_labels import pseudo_group_worst_accuracy
+
     data = synthetic_data
     train = data["train"].remove_columns("sensitive").add_column("sensitive", [-1] * len(data["train"]))
     val = data["validation"].remove_columns("sensitive")
     args = FairTrainingArguments(str(tmp_path), num_train_epochs=1, per_device_train_batch_size=32, **QUIET)
     model = _fresh(synthetic_erm_dir)
-    metrics = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val).train().metrics
+    trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    metrics = trainer.train().metrics
     erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
     assert metrics["train_guard_accuracy_off"] == pytest.approx(_accuracy(erm, data["validation"]))
     assert metrics["train_guard_accuracy_guarded"] >= metrics["train_guard_accuracy_off"] - 0.005 - 1e-9
-    assert _accuracy(model, data["validation"]) == pytest.approx(metrics["train_guard_accuracy_guarded"])
+    assert model.peft_config["default"].threshold == pytest.approx(metrics["train_guard_threshold"])
+    model.eval()
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor(val["input_ids"]),
+                     attention_mask=torch.tensor(val["attention_mask"])).logits.argmax(-1).numpy()
+    y = np.array(val["labels"])
+    assert M.accuracy(y, pred) == pytest.approx(metrics["train_guard_accuracy_guarded"])
+    groups = trainer.eval_pseudo_groups(val)
+    assert pseudo_group_worst_accuracy(pred, y, groups) == pytest.approx(metrics["train_guard_pseudo_group_wga"])
     full = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=data["train"], eval_dataset=val)
-    assert not any(k.startswith("train_guard") for k in full.train().metrics)  # 'auto': no guard with group labels
+    assert not any(k.startswith("train_guard") for k in full.train().metrics)  # 'auto': nothing with group labels
     blind = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=train)  # unlabeled, no eval set
-    with pytest.warns(UserWarning, match="No eval_dataset: the accuracy guard"):
+    with pytest.warns(UserWarning, match="No eval_dataset"):
         assert not any(k.startswith("train_guard") for k in blind.train().metrics)

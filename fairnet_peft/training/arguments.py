@@ -212,6 +212,18 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    threshold_selection: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "How τ is chosen after training on the eval set (guard.py): 'pseudo_group' = the candidate with the "
+                "best worst accuracy over (class × pseudo-group) cells of the eval rows, among those the accuracy "
+                "floor (max_accuracy_drop) admits (unlabeled setting only); 'none' = keep FairLoraConfig.threshold "
+                "unless the floor forbids it. 'auto' (default) = 'pseudo_group' in the unlabeled setting, 'none' "
+                "elsewhere. The saved config keeps the chosen τ."
+            )
+        },
+    )
     # ------------------------------------------------------------------ model selection
     eval_sensitive_labels: str = field(
         default="auto",
@@ -233,6 +245,7 @@ class FairTrainingArguments(TrainingArguments):
             "prototype_rows": ("correct", "all"),
             "pseudo_labeler": PSEUDO_LABELERS,
             "eval_sensitive_labels": ("auto", "use", "ignore"),
+            "threshold_selection": ("auto", "pseudo_group", "none"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:

@@ -55,7 +55,7 @@ from .guard import apply_accuracy_guard
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, TrainingPasses
 from .validation import (check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric,
-                         validate_train_dataset)
+                         check_threshold_selection, validate_train_dataset)
 
 STAGE_DIR = "fairnet-detector-stage"
 
@@ -96,6 +96,7 @@ class FairTrainer(TrainingPasses, Trainer):
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
         compute_metrics = self._with_pseudo_group_metric(compute_metrics)
         check_selection_metric(args.metric_for_best_model, self._eval_uses_sensitive, self.label_setting)
+        check_threshold_selection(args.threshold_selection, self.label_setting)
         if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
             raise ValueError(
                 f"FairTrainer does not support nn.DataParallel ({args.n_gpu} GPUs in one process): its replicas would "
