@@ -199,6 +199,7 @@ def test_merge_joins_seeds_and_settings_and_recomputes_the_statistics(tiny, tmp_
         assert block["summary"]["unlabeled"]["fairnet_accuracy"]["n"] == 1
     table = (tmp_path / "merged" / "table.md").read_text()
     assert "seeds [0, 1]" in table and "--merge" in table
+    assert table.count("- `python benchmarks/defaults.py --tiny") == 2  # the merged runs' own commands
 
 
 def test_merge_replaces_a_task_run_with_another_model_recipe(tiny, tmp_path):

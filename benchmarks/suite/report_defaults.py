@@ -169,8 +169,9 @@ def render(report: dict) -> str:
     for task, block in report["tasks"].items():
         head += [_headline_row(task, st, row) for st, row in block.get("summary", {}).items()]
         seeds += [x for seed, run in block.get("runs", {}).items() for x in _seed_rows(task, seed, run)]
+    sources = [f"- `{c}`" for c in report.get("merged_from", [])]
     return "\n".join([
-        f"Command: `{report['command']}`", "", *head, "",
+        f"Command: `{report['command']}`", *(["", "Merging the runs of:", *sources] if sources else []), "", *head, "",
         f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min, seeds "
         f"{report['seeds']}. " + LEGEND, "", *[_task_note(t, b) for t, b in report["tasks"].items()], "",
         f"Per seed, percentile bootstrap CIs over test rows ({report['n_boot']} resamples, "
