@@ -93,7 +93,7 @@ LEGEND = ("Test-split percentages: mean over seeds [95 % t-interval over seeds; 
           "FairNet = `FairTrainer` with default `FairTrainingArguments` (only output dir, epochs, batch sizes, seed "
           "and logging set); ERM = plain `Trainer`, fixed epochs. WGA = min over label × group cells; EOD = "
           "½(|ΔTPR| + |ΔFPR|); det./probe AUC = `train_detector_auc` / `train_probe_auc`; gate = test rows with the "
-          "LoRA on, per group, at the default τ; pseudo-label P / R = precision / recall of the unlabeled setting's "
+          "LoRA on, per group, at the adapter's τ (0.5; unlabeled: the τ chosen after training); pseudo-label P / R = precision / recall of the unlabeled setting's "
           "pseudo-labels against the true train groups (reported, never used). Goals: full WGA ≥ ERM + 5 (issue 10), "
           "partial WGA ≥ Full − 3, unlabeled WGA ≥ ERM + 5 (Adult + 3) (issue 11), all with ACC ≥ ERM − 0.5; they "
           "apply only where ERM's worst cell is a minority (s=1) cell in most seeds: FairNet by design only lifts "
@@ -153,7 +153,8 @@ def _guard_and_labeler_note(runs: dict) -> str:
         sel = [x["selector"] for x in res if x.get("selector")]
         if sel:
             def rho(name):
-                return ", ".join(f"{x[name]['rho']:.2f}" for x in sel)
+                return ", ".join("n/a" if x[name]["rho"] is None or x[name]["rho"] != x[name]["rho"]  # nan: constant
+                                 else f"{x[name]['rho']:.2f}" for x in sel)
 
             def picked(name):
                 return ", ".join(f"{100 * x[name]['test_wga']:.1f}" for x in sel)
