@@ -204,9 +204,9 @@ class FairTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": (
-                "Accuracy guard (guard.py): after training, if the adapter at its τ loses more than this fraction of "
-                "eval-set accuracy against the adapter off, τ is raised until it does not (up to 1 = off) and the "
-                "saved config keeps that τ. Uses class labels only. 'auto' (default) = 0.005 in the unlabeled setting "
+                "Accuracy floor (guard.py): after training, no τ is kept at which the adapter loses more than this "
+                "fraction of eval-set accuracy against the adapter off (with threshold_selection 'none': τ is raised "
+                "until it does not, up to 1 = off); the saved config keeps the τ used. Uses class labels only. 'auto' (default) = 0.005 in the unlabeled setting "
                 "and no guard where group labels exist; a number applies in every setting; 'none' disables it. Needs "
                 "an eval_dataset; skipped when gate_threshold fixes τ."
             )
