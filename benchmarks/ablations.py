@@ -27,7 +27,7 @@ from peft import get_peft_model  # noqa: E402
 from suite.data import partial_mask  # noqa: E402
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments  # noqa: E402
 from fairnet_peft import metrics as M  # noqa: E402
-from fairnet_peft.datasets import make_synthetic_text  # noqa: E402
+from fairnet_peft.data import make_synthetic_text  # noqa: E402
 from selector import QUIET, erm_model  # noqa: E402
 
 

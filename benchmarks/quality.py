@@ -9,7 +9,7 @@ One invocation trains and evaluates, for every seed and dataset, on the same tra
   (τ = 0: LoRA on for every row), ``w/o contrastive`` (task loss on the anchors instead of the triplet loss) and
   ``w/o both``. Every FairNet model starts from the same selected ERM model.
 
-Datasets: ``text`` = UCI Adult serialised to text (``fairnet_peft.datasets.load_adult_text``; y = income > 50K,
+Datasets: ``text`` = UCI Adult serialised to text (``fairnet_peft.data.load_adult_text``; y = income > 50K,
 s = 1 for Female) with all-MiniLM-L6-v2; ``vision`` = sklearn digits on photo backgrounds
 (``load_digits_backgrounds``; y = digit ≥ 5, s = 1 for the rare background) with a small ViT built from a config and
 trained from scratch. On CPU the bottom half of MiniLM (embeddings + blocks 0-2) is frozen for *every* method and its

@@ -26,8 +26,8 @@ import transformers as T  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments  # noqa: E402
-from fairnet_peft.datasets import make_synthetic_text  # noqa: E402
-from fairnet_peft.sweep import collect_sweep_scores  # noqa: E402
+from fairnet_peft.data import make_synthetic_text  # noqa: E402
+from fairnet_peft.evaluation.sweep import collect_sweep_scores  # noqa: E402
 from suite.selection import selector_ranks  # noqa: E402
 
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)

@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 6. Save the adapter with its model card, the plot and metrics.json; push with --push-to-hub; print the table
     details = {"task": "text classification",
-               "data": args.dataset or "UCI Adult serialised to text (fairnet_peft.datasets.load_adult_text)",
+               "data": args.dataset or "UCI Adult serialised to text (fairnet_peft.data.load_adult_text)",
                "minority group (s=1)": common.minority_description(args, default="women")}
     return outputs.finish_run(
         args=args, kind="text", model=model, trainer=trainer, train_result=train_result, erm=(erm_dir, erm_info),

@@ -2,7 +2,7 @@
 """FairNet on images: ERM training → FairLoRA adapter + FairTrainer → ERM vs FairNet on the test split.
 
 Default: a small `ViTForImageClassification` built from a config (32x32 input, patch 4, hidden 64, 4 blocks, 4 heads,
-MLP 256) trained from scratch on `fairnet_peft.datasets.load_digits_backgrounds` (sklearn digits pasted on photo
+MLP 256) trained from scratch on `fairnet_peft.data.load_digits_backgrounds` (sklearn digits pasted on photo
 backgrounds; y = digit >= 5, s = 1 for the rare 'flower' background, which in training occurs almost only with y = 0).
 
     python examples/train_vision.py --demo
@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 6. Save the adapter with its model card, the plot and metrics.json; push with --push-to-hub; print the table
     details = {"task": "image classification",
-               "data": args.dataset or "digits on photo backgrounds (fairnet_peft.datasets.load_digits_backgrounds)",
+               "data": args.dataset or "digits on photo backgrounds (fairnet_peft.data.load_digits_backgrounds)",
                "minority group (s=1)": common.minority_description(args, default="flower background"),
                "model": args.model or "ViT from scratch (32x32, patch 4, hidden 64, 4 blocks, 4 heads, MLP 256)"}
     return outputs.finish_run(

@@ -4,17 +4,17 @@ Importing this package registers the PEFT type ``FAIRLORA``, so ``get_peft_model
 ``AutoPeftModel*`` and transformers' ``model.load_adapter`` handle FairLoRA adapters. Import it before loading.
 
 Layout (docs/architecture.md): ``tuner/`` is the PEFT method (config, LoRA layer, detector, gate, representation),
-``training/`` the two-stage `FairTrainer` and what it computes (losses, prototypes, pseudo-labels), ``evaluation/``
-metrics, τ sweep, plots and model card, ``data/`` the shipped datasets and label-setting helpers. The flat module
-names of earlier releases (``fairnet_peft.metrics``, ``fairnet_peft.datasets``, ``fairnet_peft.trainer`` ...) stay
-importable: each is the same module object as its new home (see ``_aliases``).
+``training/`` `FairTrainer` and what it computes (run state, passes, losses, prototypes, pseudo-labels, selection),
+``metrics`` the fairness metrics users call (``from fairnet_peft import metrics``), ``evaluation/`` what the metrics
+are built on and what presents them (counting, τ sweep, plots, model card), ``data/`` the shipped datasets and
+label-setting helpers. Every public name has one import path: the module it is defined in, or this package.
 """
 
 from ._registration import register as _register
 
 _register()
 
-from . import _aliases  # noqa: E402
+from . import metrics  # noqa: E402
 from .tuner.config import FairLoraConfig  # noqa: E402
 from .tuner.gate import GateRecord, force_gate, gate_record  # noqa: E402
 from .tuner.model import FairLoraModel  # noqa: E402
@@ -22,9 +22,6 @@ from .training.arguments import FairTrainingArguments  # noqa: E402
 from .training.trainer import FairTrainer  # noqa: E402
 from .evaluation.model_card import attach_fairness_report, write_model_card  # noqa: E402
 from .evaluation.sweep import threshold_sweep  # noqa: E402
-from .evaluation import metrics  # noqa: E402
-
-_aliases.install()
 
 __version__ = "0.1.0"
 

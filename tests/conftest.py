@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as T
 
-from fairnet_peft.datasets import make_synthetic_text
+from fairnet_peft.data import make_synthetic_text
 
 # fixtures that train a model or run a benchmark end to end (module- or session-scoped, tens of seconds each)
 END_TO_END_FIXTURES = {"erm_dir", "synthetic_erm_dir", "uninterrupted", "tiny", "tiny_report"}

@@ -1,4 +1,4 @@
-"""Tests for fairnet_peft.datasets: offline loaders, determinism, split structure."""
+"""Tests for fairnet_peft.data: offline loaders, determinism, split structure."""
 
 import gzip
 import hashlib
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fairnet_peft import datasets as fds
-from fairnet_peft.datasets import (
+from fairnet_peft import data as fds
+from fairnet_peft.data import (
     SYNTH_TOKENS,
     load_adult_text,
     load_bug_professions_text,

@@ -217,7 +217,7 @@ def test_text_example_under_torchrun_with_two_processes(tmp_path, tiny_text_mode
     metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["world_size"] == 2
     # the prototype pass gathered every training row once (full setting, anchors = the labelled minority rows)
-    from fairnet_peft.datasets import load_adult_text
+    from fairnet_peft.data import load_adult_text
 
     assert metrics["setting"] == "full" and metrics["args"]["anchor_source"] in ("labels", "union", None)  # None: default
     train = load_adult_text(seed=metrics["args"]["seed"], max_train=200, max_eval=100, progress=False)["train"]

@@ -2,7 +2,7 @@
 
 Part 1 corrupts `FairLoraConfig` fields (wrong types, out-of-range values) and, against a tiny BERT, model-dependent
 values (unknown module names, block indices). Part 2 corrupts a small synthetic training set and runs
-`fairnet_peft.validation.validate_train_dataset` (missing columns, wrong dtypes, NaN, empty, one row, strings in the
+`fairnet_peft.training.validation.validate_train_dataset` (missing columns, wrong dtypes, NaN, empty, one row, strings in the
 sensitive column, bad labels, token ids outside the vocabulary). The error must come from fairnet_peft's own code,
 never from inside torch, peft, numpy, pyarrow or datasets.
 """
@@ -25,8 +25,8 @@ from peft import PeftConfig, get_peft_model
 
 import fairnet_peft
 from fairnet_peft import FairLoraConfig
-from fairnet_peft.datasets import make_synthetic_text
-from fairnet_peft.validation import validate_train_dataset
+from fairnet_peft.data import make_synthetic_text
+from fairnet_peft.training.validation import validate_train_dataset
 
 PACKAGE = os.path.dirname(os.path.abspath(fairnet_peft.__file__))
 
@@ -203,7 +203,7 @@ def test_detector_input_dim_mismatch_names_the_field():
 
 
 def test_detector_width_checked_at_first_forward():
-    from fairnet_peft.detector import DetectorNet
+    from fairnet_peft.tuner.detector import DetectorNet
 
     net = DetectorNet(7, [4], 0.0, "attention")
     with pytest.raises(ValueError, match="FairLoraConfig.detector_input_dim=7 .* width 16") as excinfo:

@@ -14,8 +14,8 @@ from peft import get_peft_model
 from torch import nn
 
 from fairnet_peft import FairLoraConfig, force_gate, gate_record
-from fairnet_peft.detector import DetectorNet
-from fairnet_peft.gate import GateRecord, GateState, find_gate_state
+from fairnet_peft.tuner.detector import DetectorNet
+from fairnet_peft.tuner.gate import GateRecord, GateState, find_gate_state
 
 from .helpers import tiny_batch, tiny_model
 
@@ -231,7 +231,7 @@ def test_detector_input_goes_to_the_detector_device_and_the_gate_comes_back(monk
         return ref.clone()
 
     monkeypatch.setattr(DetectorNet, "forward", spy)
-    monkeypatch.setattr("fairnet_peft.gate._device_of", lambda module, default: torch.device("meta"))
+    monkeypatch.setattr("fairnet_peft.tuner.gate._device_of", lambda module, default: torch.device("meta"))
     model.peft_config["default"].threshold = float(ref.median())
     with torch.no_grad():
         model(**batch)

@@ -177,7 +177,7 @@ def test_guard_at_defaults_in_the_unlabeled_setting(synthetic_data, synthetic_er
     """'auto' in the unlabeled setting: τ chosen by the eval rows' pseudo-group WGA under the 0.5-point floor. Its
     'off' accuracy is the ERM model's, the final model is within the floor and has the reported pseudo-group WGA.
     With group labels: nothing runs; without an eval set: one warning."""
-    from fairnet_peft.pseudo_labels import pseudo_group_worst_accuracy
+    from fairnet_peft.training.pseudo_labels import pseudo_group_worst_accuracy
 
     data = synthetic_data
     train = data["train"].remove_columns("sensitive").add_column("sensitive", [-1] * len(data["train"]))

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fairnet_peft.losses import class_balanced_bce, pairwise_distance, prototype_triplet_loss
+from fairnet_peft.training.losses import class_balanced_bce, pairwise_distance, prototype_triplet_loss
 
 R2 = math.sqrt(2.0)
 PROTOS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import fairnet_peft  # noqa: F401  (registers FAIRLORA)
 from fairnet_peft import FairLoraConfig
-from fairnet_peft.model_card import (
+from fairnet_peft.evaluation.model_card import (
     SECTION_TITLE,
     attach_fairness_report,
     detach_fairness_report,

@@ -228,7 +228,7 @@ def _gated_detector_init(self) -> None:
         torch.nn.init.xavier_uniform_(weight, gain=GATE_GAIN, generator=generator)
 
 
-from fairnet_peft.detector import DetectorNet  # noqa: E402
+from fairnet_peft.tuner.detector import DetectorNet  # noqa: E402
 
 _original_detector_init = DetectorNet.reset_parameters
 

@@ -1,4 +1,4 @@
-"""Tests for fairnet_peft.plots: PNGs of the right size that actually show the data."""
+"""Tests for fairnet_peft.evaluation.plots: PNGs of the right size that actually show the data."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from fairnet_peft import metrics as M
-from fairnet_peft import plots
+from fairnet_peft.evaluation import plots
 
 
 def _rgb(path):

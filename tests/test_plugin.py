@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import fairnet_peft
 from fairnet_peft import FairLoraConfig, force_gate, gate_record
-from fairnet_peft.layer import FairLoraLayer
+from fairnet_peft.tuner.layer import FairLoraLayer
 
 from .helpers import install_fake_hub, tiny_batch, tiny_model
 

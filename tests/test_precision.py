@@ -17,7 +17,7 @@ import transformers as T
 from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, gate_record
-from fairnet_peft.datasets import make_synthetic_text
+from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.losses import class_balanced_bce, pairwise_distance, prototype_triplet_loss
 from fairnet_peft.tuner.detector import DetectorNet
 

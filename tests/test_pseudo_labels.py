@@ -1,10 +1,10 @@
-"""Pseudo-labelers (fairnet_peft.pseudo_labels) on numpy data where the group is recoverable, the label-free selector,
+"""Pseudo-labelers (fairnet_peft.training.pseudo_labels) on numpy data where the group is recoverable, the label-free selector,
 and bad input. Bars were measured on seeds 0-3 (worst seen in brackets) and are set with a margin below that."""
 
 import numpy as np
 import pytest
 
-from fairnet_peft.pseudo_labels import (METHODS, PseudoLabels, error_explanation_score, pseudo_group_worst_accuracy,
+from fairnet_peft.training.pseudo_labels import (METHODS, PseudoLabels, error_explanation_score, pseudo_group_worst_accuracy,
                                         pseudo_label, rank_correlation)
 
 D = 16

@@ -10,8 +10,8 @@ from peft import get_peft_model
 
 import fairnet_peft  # noqa: F401  (registers FairLoRA)
 from fairnet_peft import FairLoraConfig, force_gate, gate_record
-from fairnet_peft.detector import pool_tokens
-from fairnet_peft.representation import (
+from fairnet_peft.tuner.detector import pool_tokens
+from fairnet_peft.tuner.representation import (
     capture_head_input,
     find_head,
     last_token_index,

@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 import fairnet_peft
 from fairnet_peft import FairLoraConfig, metrics as M
-from fairnet_peft.sweep import (SweepScores, collect_sweep_scores, padding_collate, sweep_metrics, sweep_predictions,
+from fairnet_peft.evaluation.sweep import (SweepScores, collect_sweep_scores, padding_collate, sweep_metrics, sweep_predictions,
                                 threshold_sweep)
 
 from .helpers import tiny_model
@@ -199,7 +199,7 @@ def test_padding_collate_pads_ragged_rows_and_matches_the_padded_run(setup):
 
 
 def test_sweep_feeds_plot_threshold_sweep(setup, tmp_path):
-    from fairnet_peft.plots import plot_threshold_sweep
+    from fairnet_peft.evaluation.plots import plot_threshold_sweep
 
     model, ds, _, _ = setup
     sweep = threshold_sweep(model, ds, [0.0, 0.495, 0.5, 1.0], batch_size=64)
@@ -215,7 +215,7 @@ def test_sweep_errors_name_the_missing_column(setup):
 
 
 def test_gate_rate_thresholds_gate_the_asked_share_and_reject_bad_input():
-    from fairnet_peft.sweep import SweepScores, gate_rate_thresholds
+    from fairnet_peft.evaluation.sweep import SweepScores, gate_rate_thresholds
 
     risk = np.random.default_rng(0).uniform(0.47, 0.53, 2000).astype(np.float32)  # a narrow band around 0.5
     rates = [0.0, 0.05, 0.1, 0.5, 0.9, 1.0]

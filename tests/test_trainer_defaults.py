@@ -18,7 +18,7 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
-from fairnet_peft.prototypes import anchor_weights, compute_prototypes
+from fairnet_peft.training.prototypes import anchor_weights, compute_prototypes
 from fairnet_peft.training.detector_stage import DetectorEarlyStopping, holdout_rows
 
 T.logging.set_verbosity_error()
@@ -200,7 +200,7 @@ def test_unlabeled_setting_reports_the_label_free_pseudo_group_selector(data, er
     # recompute it from predict(): the same number
     out = trainer.predict(val)
     pred = out.predictions[0].argmax(-1)
-    from fairnet_peft.pseudo_labels import pseudo_group_worst_accuracy
+    from fairnet_peft.training.pseudo_labels import pseudo_group_worst_accuracy
 
     expected = pseudo_group_worst_accuracy(pred, np.array(val["labels"]), groups)
     assert metrics["eval_pseudo_worst_group_accuracy"] == pytest.approx(expected)

@@ -14,7 +14,7 @@ import transformers as T
 from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
-from fairnet_peft.datasets import make_synthetic_text
+from fairnet_peft.data import make_synthetic_text
 
 T.logging.set_verbosity_error()
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fair_stats.py")

@@ -95,7 +95,7 @@ GOAL_GAIN = {"full": 0.05, "unlabeled": 0.05}
 UNLABELED_GAIN = {"adult": 0.03}
 ACC_TOL = ACC_TOLERANCE  # the same 0.5 accuracy points
 
-# task → loader in fairnet_peft.datasets (None: the first load_*_text besides Adult) and model family
+# task → loader in fairnet_peft.data (None: the first load_*_text besides Adult) and model family
 TASKS = {"synthetic": ("make_synthetic_text", "bert"), "adult": ("load_adult_text", "minilm"),
          "digits": ("load_digits_backgrounds", "vit"), "waterbirds": ("load_waterbirds_style", "vit"),
          "text2": (None, "minilm")}

@@ -246,7 +246,7 @@ def partial_mask(sensitive: np.ndarray, labels: np.ndarray, seed: int) -> np.nda
 
 # ------------------------------------------------------------------------------------------------ default-settings tasks
 def task_loader(task: str):
-    """(name, function) of the task's loader in fairnet_peft.datasets; function None when the package lacks it."""
+    """(name, function) of the task's loader in fairnet_peft.data; function None when the package lacks it."""
     import fairnet_peft.data as D
 
     name = TASKS[task][0]
@@ -317,4 +317,4 @@ def build_task(task: str, cfg: dict, seed: int):
         desc, task_type = f"ViT {start}, {size}px, {cfg['model']}", None
         ds = {sp: d.select_columns(["pixel_values", "labels", "sensitive"]) for sp, d in ds.items()}
     return ({sp: d.with_format("torch") for sp, d in ds.items()}, new_model, task_type, pad,
-            f"fairnet_peft.datasets.{name}; {desc}")
+            f"fairnet_peft.data.{name}; {desc}")

@@ -66,7 +66,7 @@ def evaluate(y, pred, s=None) -> dict:
     """Test/validation metrics of predicted labels through `fairnet_peft`'s one evaluation path
     (`evaluate_predictions`), plus the per-cell accuracies with their counts. `s=None`: the label-free ones only
     (accuracy, worst-class accuracy)."""
-    from fairnet_peft.evaluation.metrics import evaluate_predictions, group_accuracies
+    from fairnet_peft.metrics import evaluate_predictions, group_accuracies
 
     keys = ("accuracy", "worst_class_accuracy")
     with warnings.catch_warnings():

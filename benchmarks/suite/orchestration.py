@@ -231,8 +231,8 @@ def defaults_task(task: str, cfg: dict, a) -> dict:
         runs[str(seed)] = run
     if not runs:
         loader_name = task_loader(task)[0] or "load_*_text"
-        dlog(f"{task}: skipped: fairnet_peft.datasets has no {loader_name} yet")
-        return {"skipped": f"fairnet_peft.datasets has no {loader_name}"}
+        dlog(f"{task}: skipped: fairnet_peft.data has no {loader_name} yet")
+        return {"skipped": f"fairnet_peft.data has no {loader_name}"}
     return {"config": cfg, "runs": runs, "summary": summarise_task(task, runs)}
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .counting import EmptyGroupWarning, _as_1d
+from .counting import EmptyGroupWarning, as_1d
 
 __all__ = ["bootstrap_ci"]
 
@@ -41,8 +41,8 @@ def bootstrap_ci(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:
         raise ValueError("n_resamples must be >= 1")
-    yt, yp = _as_1d(y_true, "y_true"), _as_1d(y_pred, "y_pred")
-    sf = None if sensitive_features is None else _as_1d(sensitive_features, "sensitive_features")
+    yt, yp = as_1d(y_true, "y_true"), as_1d(y_pred, "y_pred")
+    sf = None if sensitive_features is None else as_1d(sensitive_features, "sensitive_features")
 
     def call(idx):
         if sf is None:

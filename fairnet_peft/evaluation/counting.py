@@ -2,7 +2,7 @@
 
 Input conversion comes first: array-likes (numpy, lists, torch tensors, without importing torch), hard gates,
 and logits → predicted labels (`predicted_labels`, `gated_logits`: the model's logits under per-row gates).
-`_confusion_by_group` then drops rows of unknown group and counts the tensor; `_GroupStats` derives per-cell and
+`confusion_by_group` then drops rows of unknown group and counts the tensor; `GroupStats` derives per-cell and
 per-group accuracies and one-vs-rest rates from it. Cells and groups are keyed ``"y=1,s=0"`` and ``"s=0"``.
 `metrics` builds every public metric on these, so all of them share one set of conventions. Only numpy is imported.
 """
@@ -27,7 +27,7 @@ class EmptyGroupWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """numpy view of an array-like; torch tensors go through ``.detach().cpu().numpy()``.
 
     torch is never imported here: tensors are recognised by their ``detach`` method.
@@ -40,8 +40,8 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_1d(x: Any, name: str) -> np.ndarray:
-    arr = _to_numpy(x)
+def as_1d(x: Any, name: str) -> np.ndarray:
+    arr = to_numpy(x)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -49,7 +49,7 @@ def _as_1d(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _unknown_mask(s: np.ndarray) -> np.ndarray:
+def unknown_mask(s: np.ndarray) -> np.ndarray:
     """True where the sensitive value is unknown: -1, None or NaN."""
     if s.dtype.kind in "iu":
         return s == -1
@@ -63,15 +63,15 @@ def _unknown_mask(s: np.ndarray) -> np.ndarray:
     return np.zeros(s.shape, dtype=bool)
 
 
-def _gate_on(gates: Any) -> np.ndarray:
+def gate_on(gates: Any) -> np.ndarray:
     """(N,) bool of hard gates: values > 0.5 are on; an ``(N, n_adapters)`` array uses column 0."""
-    g = _to_numpy(gates)
+    g = to_numpy(gates)
     if g.ndim == 2:
         g = g[:, 0]
     return g.astype(float) > 0.5
 
 
-def _logits_to_labels(logits: np.ndarray) -> tuple[np.ndarray, list[int]]:
+def logits_to_labels(logits: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Predictions and the class set the logits' width implies: ``range(K)``, or ``[0, 1]`` for one logit."""
     if logits.ndim == 2 and logits.shape[1] >= 2:
         return logits.argmax(axis=1), list(range(logits.shape[1]))
@@ -84,7 +84,7 @@ def _logits_to_labels(logits: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 def predicted_labels(logits) -> np.ndarray:
     """Class ids: argmax for ``(N, K)`` logits, K ≥ 2; ``logit > 0`` (sigmoid > 0.5) for ``(N,)`` or ``(N, 1)``."""
-    return _logits_to_labels(_to_numpy(logits))[0]
+    return logits_to_labels(to_numpy(logits))[0]
 
 
 def gated_logits(logits_off, logits_on, gates) -> np.ndarray:
@@ -94,16 +94,16 @@ def gated_logits(logits_off, logits_on, gates) -> np.ndarray:
     logits at any gate assignment, e.g. ``gates = risk > τ`` for every τ of a sweep. ``gates`` are hard gates
     (bool or {0, 1}; values > 0.5 are on; an ``(N, n_adapters)`` array uses column 0).
     """
-    off, on = _to_numpy(logits_off), _to_numpy(logits_on)
+    off, on = to_numpy(logits_off), to_numpy(logits_on)
     if off.shape != on.shape:
         raise ValueError(f"logits_off {off.shape} and logits_on {on.shape} must have the same shape")
-    gate = _gate_on(gates)
+    gate = gate_on(gates)
     if len(gate) != len(off):
         raise ValueError(f"gates has {len(gate)} rows, the logits have {len(off)}; pass one gate per row")
     return np.where(gate.reshape((-1,) + (1,) * (off.ndim - 1)), on, off)
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
     """Value as it appears in keys: numpy scalars unwrapped, integral floats printed as ints."""
     if isinstance(v, np.generic):
         v = v.item()
@@ -114,15 +114,15 @@ def _fmt(v: Any) -> str:
 
 def cell_key(y: Any, s: Any) -> str:
     """Key of the (label ``y``, group ``s``) cell, e.g. ``"y=1,s=0"``."""
-    return f"y={_fmt(y)},s={_fmt(s)}"
+    return f"y={format_value(y)},s={format_value(s)}"
 
 
 def group_key(s: Any) -> str:
     """Key of sensitive group ``s``, e.g. ``"s=0"``."""
-    return f"s={_fmt(s)}"
+    return f"s={format_value(s)}"
 
 
-def _nan_warn(message: str) -> float:
+def nan_warn(message: str) -> float:
     warnings.warn(message, EmptyGroupWarning, stacklevel=3)
     return float("nan")
 
@@ -136,8 +136,8 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _GroupStats:
-    """Counts behind every metric; built once by :func:`_confusion_by_group`.
+class GroupStats:
+    """Counts behind every metric; built once by :func:`confusion_by_group`.
 
     ``confusion[g, i, j]`` = number of rows of group ``groups[g]`` with true label ``classes[i]``
     and prediction ``classes[j]``. ``cell_classes`` marks the classes present in ``y_true``.
@@ -186,14 +186,14 @@ class _GroupStats:
         return [k - 1] if k <= 2 else list(range(k))
 
 
-def _confusion_by_group(
+def confusion_by_group(
     y_true: Any,
     y_pred: Any,
     sensitive_features: Any = None,
     *,
     labels: Sequence | None = None,
     warn: bool = True,
-) -> _GroupStats:
+) -> GroupStats:
     """Drop unknown-group rows, count the (group, label, prediction) tensor, warn on empty cells.
 
     ``sensitive_features=None`` means one group (all rows), used for label-only metrics.
@@ -217,17 +217,17 @@ def _confusion_by_group(
       class in turn as the positive class (one-vs-rest) and averaged over classes (macro; classes where
       it is undefined are skipped).
     """
-    yt = _as_1d(y_true, "y_true")
-    yp = _as_1d(y_pred, "y_pred")
+    yt = as_1d(y_true, "y_true")
+    yp = as_1d(y_pred, "y_pred")
     if len(yt) != len(yp):
         raise ValueError(f"y_true and y_pred differ in length ({len(yt)} vs {len(yp)})")
     if sensitive_features is None:
         s = np.zeros(len(yt), dtype=np.int64)
     else:
-        s = _as_1d(sensitive_features, "sensitive_features")
+        s = as_1d(sensitive_features, "sensitive_features")
         if len(s) != len(yt):
             raise ValueError(f"sensitive_features has {len(s)} rows, y_true has {len(yt)}")
-        known = ~_unknown_mask(s)
+        known = ~unknown_mask(s)
         yt, yp, s = yt[known], yp[known], s[known]
         if s.dtype.kind == "O" and len(s):
             s = np.array(s.tolist())
@@ -245,7 +245,7 @@ def _confusion_by_group(
     K, G = len(classes), len(groups)
     flat = np.searchsorted(groups, s) * K * K + np.searchsorted(classes, yt) * K + np.searchsorted(classes, yp)
     confusion = np.bincount(flat, minlength=G * K * K).reshape(G, K, K)
-    stats = _GroupStats(classes, groups, confusion, np.isin(classes, yt))
+    stats = GroupStats(classes, groups, confusion, np.isin(classes, yt))
 
     if warn:
         if len(yt) == 0:
@@ -260,19 +260,19 @@ def _confusion_by_group(
     return stats
 
 
-def _spread(values: np.ndarray) -> float:
+def spread(values: np.ndarray) -> float:
     """max − min over the groups where ``values`` is defined; 0 for one group, NaN for none."""
     v = values[~np.isnan(values)]
     return float(v.max() - v.min()) if len(v) else float("nan")
 
 
-def _macro(per_class: list[float]) -> float:
+def macro_average(per_class: list[float]) -> float:
     """Mean over classes where the binary metric is defined (one-vs-rest macro rule)."""
     v = np.array(per_class, dtype=float)
     v = v[~np.isnan(v)]
     return float(v.mean()) if len(v) else float("nan")
 
 
-def _check(name: str, value: str, allowed: Sequence[str]) -> None:
+def check_inputs(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

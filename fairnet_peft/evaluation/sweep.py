@@ -11,7 +11,7 @@ layers before the detector's read point run with their gate still unknown (= off
 
 Example:
     >>> sweep = threshold_sweep(model, eval_ds, [0.1 * i for i in range(11)])
-    >>> fairnet_peft.plots.plot_threshold_sweep(sweep, "sweep.png")
+    >>> fairnet_peft.evaluation.plots.plot_threshold_sweep(sweep, "sweep.png")
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import evaluate_predictions, gated_logits, predicted_labels
+from ..metrics import evaluate_predictions, gated_logits, predicted_labels
 from ..tuner.gate import find_gate_state, force_gate, gate_record
 
 __all__ = ["SweepScores", "collect_sweep_scores", "gate_rate_thresholds", "sweep_predictions", "sweep_metrics",
@@ -278,7 +278,7 @@ def threshold_sweep(
     Returns one dict per τ (in the given order) with ``threshold``, ``accuracy`` (ACC), ``worst_group_accuracy``
     (WGA over label × group cells), ``equalized_odds_difference`` (EOD, mean), ``tpr``/``fpr``/``tpr_over_fpr``
     (detector rates against the sensitive labels, NaN unless they are binary), ``gate_rate`` (all rows) and
-    ``gate_rate_s{g}`` per group: the input of `fairnet_peft.plots.plot_threshold_sweep`. The rest of
+    ``gate_rate_s{g}`` per group: the input of `fairnet_peft.evaluation.plots.plot_threshold_sweep`. The rest of
     `metrics.evaluate_predictions`' keys at τ (``worst_class_accuracy``, ``acc_y1_s0``, ``detector_tpr`` ...) are
     there too. Rows labelled -100 are
     dropped; sensitive value -1 means unknown. The predictions are exactly those of the model run with its

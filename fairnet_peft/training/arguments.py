@@ -182,7 +182,7 @@ class FairTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": (
-                "How the minority is found when no row is labelled (fairnet_peft.pseudo_labels, scikit-learn): "
+                "How the minority is found when no row is labelled (fairnet_peft.training.pseudo_labels, scikit-learn): "
                 "'lof' (LocalOutlierFactor within each class), 'gmm' / 'kmeans' (GEORGE-style clustering within each "
                 "class, the smaller cluster is the minority), 'error_set' (rows the ERM model misclassifies, as JTT), "
                 "or 'auto' (default: among lof/gmm/kmeans, the one whose pseudo-minority best explains ERM's errors, "

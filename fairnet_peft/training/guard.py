@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..evaluation.metrics import accuracy
+from ..metrics import accuracy
 from ..evaluation.sweep import SweepScores, gate_rate_thresholds, sweep_predictions
 from .pseudo_labels import pseudo_group_worst_accuracy
 

@@ -90,7 +90,7 @@ class FairTrainer(TrainingPasses, Trainer):
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
         if compute_metrics is None:
-            from ..evaluation.metrics import make_compute_metrics
+            from ..metrics import make_compute_metrics
 
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
             compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)

@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
-from fairnet_peft.datasets import make_synthetic_text
+from fairnet_peft.data import make_synthetic_text
 
 T.logging.set_verbosity_error()
 

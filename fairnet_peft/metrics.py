@@ -19,27 +19,27 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from .bootstrap import bootstrap_ci
-from .counting import (
+from .evaluation.bootstrap import bootstrap_ci
+from .evaluation.counting import (
     EmptyGroupWarning,
-    _as_1d,
-    _check,
-    _confusion_by_group,
-    _fmt,
-    _gate_on,
-    _GroupStats,
-    _logits_to_labels,
-    _macro,
-    _nan_warn,
-    _spread,
-    _to_numpy,
-    _unknown_mask,
+    as_1d,
+    check_inputs,
+    confusion_by_group,
+    format_value,
+    gate_on,
+    GroupStats,
+    logits_to_labels,
+    macro_average,
+    nan_warn,
+    spread,
+    to_numpy,
+    unknown_mask,
     cell_key,
     gated_logits,
     group_key,
     predicted_labels,
 )
-from .report import render_fairness_table
+from .evaluation.report import render_fairness_table
 
 __all__ = [
     "EmptyGroupWarning",
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 #: Local path of the ``evaluate`` metric script shipped with the package.
-EVALUATE_METRIC_PATH = Path(__file__).resolve().parent / "metric" / "fairnet_metric.py"
+EVALUATE_METRIC_PATH = Path(__file__).resolve().parent / "evaluation" / "metric" / "fairnet_metric.py"
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,9 +78,9 @@ EVALUATE_METRIC_PATH = Path(__file__).resolve().parent / "metric" / "fairnet_met
 
 def accuracy(y_true, y_pred) -> float:
     """Plain accuracy over all rows: ``mean(y_pred == y_true)``. 1 is perfect; NaN when empty."""
-    stats = _confusion_by_group(y_true, y_pred, None, warn=False)
+    stats = confusion_by_group(y_true, y_pred, None, warn=False)
     n = stats.group_count.sum()
-    return float(np.trace(stats.confusion.sum(axis=0)) / n) if n else _nan_warn("accuracy of no rows")
+    return float(np.trace(stats.confusion.sum(axis=0)) / n) if n else nan_warn("accuracy of no rows")
 
 
 def worst_class_accuracy(y_true, y_pred) -> float:
@@ -88,9 +88,9 @@ def worst_class_accuracy(y_true, y_pred) -> float:
 
     This is SubpopBench's ``ValWorstAccAttributeNo`` selector (worst per-class recall).
     """
-    stats = _confusion_by_group(y_true, y_pred, None, warn=False)
+    stats = confusion_by_group(y_true, y_pred, None, warn=False)
     acc = stats.cell_accuracy[0][stats.cell_classes]
-    return float(np.nanmin(acc)) if len(acc) else _nan_warn("worst-class accuracy of no rows")
+    return float(np.nanmin(acc)) if len(acc) else nan_warn("worst-class accuracy of no rows")
 
 
 def group_accuracies(
@@ -103,8 +103,8 @@ def group_accuracies(
     (or ``{"s=0": {...}, ...}``). Empty cells have accuracy NaN and count 0 (with a warning);
     rows whose sensitive value is unknown (-1) are excluded.
     """
-    _check("by", by, ("cell", "group"))
-    stats = _confusion_by_group(y_true, y_pred, sensitive_features)
+    check_inputs("by", by, ("cell", "group"))
+    stats = confusion_by_group(y_true, y_pred, sensitive_features)
     if by == "group":
         return {
             group_key(s): {"accuracy": float(a), "count": int(n)}
@@ -117,7 +117,7 @@ def group_accuracies(
     }
 
 
-def _worst(stats: _GroupStats, by: str) -> float:
+def _worst(stats: GroupStats, by: str) -> float:
     if by == "group":
         acc = stats.group_accuracy
     else:
@@ -135,18 +135,18 @@ def worst_group_accuracy(
     (label × group) cells. ``by="group"``: ``min_s P(ŷ = Y | S = s)`` over sensitive groups.
     Empty cells are skipped (with a warning); unknown (-1) rows are excluded. 1 is perfect.
     """
-    _check("by", by, ("cell", "group"))
-    return _worst(_confusion_by_group(y_true, y_pred, sensitive_features), by)
+    check_inputs("by", by, ("cell", "group"))
+    return _worst(confusion_by_group(y_true, y_pred, sensitive_features), by)
 
 
 def cell_proportions(y_true, *, sensitive_features) -> dict[str, float]:
     """Share of rows per cell, ``n(y, s) / n``: pass the training split's to :func:`average_accuracy`."""
-    stats = _confusion_by_group(y_true, y_true, sensitive_features, warn=False)
+    stats = confusion_by_group(y_true, y_true, sensitive_features, warn=False)
     n = stats.group_count.sum()
     return {cell_key(stats.classes[k], stats.groups[g]): float(stats.cell_count[g, k] / n) for g, k in stats.cells()}
 
 
-def _average(stats: _GroupStats, weighting: str, train_proportions: Mapping | None) -> float:
+def _average(stats: GroupStats, weighting: str, train_proportions: Mapping | None) -> float:
     keys, accs, weights = [], [], []
     for g, k in stats.cells():
         y, s = stats.classes[k], stats.groups[g]
@@ -188,10 +188,10 @@ def average_accuracy(
     ``adj_acc_avg``); ``train_proportions`` maps ``"y=1,s=0"`` or ``(1, 0)`` to a share or count
     (see :func:`cell_proportions`). This is *not* plain accuracy over rows: use :func:`accuracy`.
     """
-    _check("weighting", weighting, ("plain", "train"))
+    check_inputs("weighting", weighting, ("plain", "train"))
     if weighting == "train" and train_proportions is None:
         raise ValueError('weighting="train" needs train_proportions (see cell_proportions)')
-    return _average(_confusion_by_group(y_true, y_pred, sensitive_features), weighting, train_proportions)
+    return _average(confusion_by_group(y_true, y_pred, sensitive_features), weighting, train_proportions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,21 +199,21 @@ def average_accuracy(
 # --------------------------------------------------------------------------------------------
 
 
-def _eod(stats: _GroupStats, agg: str) -> float:
+def _eod(stats: GroupStats, agg: str) -> float:
     per_class = []
     for k in stats.positive_classes():
         tpr, fpr, _ = stats.rates(k)
-        d_tpr, d_fpr = _spread(tpr), _spread(fpr)
+        d_tpr, d_fpr = spread(tpr), spread(fpr)
         per_class.append(0.5 * (d_tpr + d_fpr) if agg == "mean" else max(d_tpr, d_fpr))
-    return _macro(per_class)
+    return macro_average(per_class)
 
 
-def _eopp(stats: _GroupStats) -> float:
-    return _macro([_spread(stats.rates(k)[0]) for k in stats.positive_classes()])
+def _eopp(stats: GroupStats) -> float:
+    return macro_average([spread(stats.rates(k)[0]) for k in stats.positive_classes()])
 
 
-def _dp(stats: _GroupStats) -> float:
-    return _macro([_spread(stats.rates(k)[2]) for k in stats.positive_classes()])
+def _dp(stats: GroupStats) -> float:
+    return macro_average([spread(stats.rates(k)[2]) for k in stats.positive_classes()])
 
 
 def equalized_odds_difference(
@@ -234,8 +234,8 @@ def equalized_odds_difference(
 
     Multiclass: macro one-vs-rest average (module notes). ``labels`` fixes the class set.
     """
-    _check("agg", agg, ("mean", "worst_case"))
-    return _eod(_confusion_by_group(y_true, y_pred, sensitive_features, labels=labels), agg)
+    check_inputs("agg", agg, ("mean", "worst_case"))
+    return _eod(confusion_by_group(y_true, y_pred, sensitive_features, labels=labels), agg)
 
 
 def equal_opportunity_difference(
@@ -245,7 +245,7 @@ def equal_opportunity_difference(
 
     Multiclass: macro one-vs-rest average of ``|ΔTPR|`` over classes.
     """
-    return _eopp(_confusion_by_group(y_true, y_pred, sensitive_features, labels=labels))
+    return _eopp(confusion_by_group(y_true, y_pred, sensitive_features, labels=labels))
 
 
 def demographic_parity_difference(
@@ -256,7 +256,7 @@ def demographic_parity_difference(
     ``y_true`` is used only for the class set. Multiclass: macro one-vs-rest average of the
     selection-rate spread of each class.
     """
-    return _dp(_confusion_by_group(y_true, y_pred, sensitive_features, labels=labels))
+    return _dp(confusion_by_group(y_true, y_pred, sensitive_features, labels=labels))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +271,8 @@ def gate_rates(gates, *, sensitive_features) -> dict[str, float]:
     ``(N, n_adapters)`` array column 0 is used). Returns ``{"s=0": 0.04, "s=1": 0.81}``; rows
     with unknown group (-1) are excluded. Overall rate: ``gates.mean()``.
     """
-    on = _gate_on(gates).astype(np.int64)
-    stats = _confusion_by_group(on, on, sensitive_features, labels=[0, 1], warn=False)
+    on = gate_on(gates).astype(np.int64)
+    stats = confusion_by_group(on, on, sensitive_features, labels=[0, 1], warn=False)
     return {group_key(s): float(r) for s, r in zip(stats.groups, stats.rates(1)[2])}
 
 
@@ -284,18 +284,18 @@ def detector_rates(risk_or_gate, *, sensitive_features, threshold: float = 0.5) 
     ``tpr_over_fpr = tpr / fpr`` (inf if only fpr is 0, NaN if both are). Unknown rows (-1) are
     excluded; other sensitive values than 0/1 raise ``ValueError``.
     """
-    risk = _to_numpy(risk_or_gate)
+    risk = to_numpy(risk_or_gate)
     if risk.ndim == 2:
         risk = risk[:, 0]
     gate = (risk.reshape(-1).astype(float) > threshold).astype(np.int64)
-    s = _as_1d(sensitive_features, "sensitive_features")
+    s = as_1d(sensitive_features, "sensitive_features")
     if len(s) != len(gate):
         raise ValueError(f"sensitive_features has {len(s)} rows, risk_or_gate has {len(gate)}")
-    known = ~_unknown_mask(s)
+    known = ~unknown_mask(s)
     s, gate = s[known], gate[known]
     if not set(np.unique(s).tolist()) <= {0, 1}:
         raise ValueError(f"detector_rates needs sensitive values in {{0, 1, -1}}, got {np.unique(s).tolist()}")
-    stats = _confusion_by_group(s.astype(np.int64), gate, None, labels=[0, 1], warn=False)
+    stats = confusion_by_group(s.astype(np.int64), gate, None, labels=[0, 1], warn=False)
     tpr, fpr, _ = (float(r[0]) for r in stats.rates(1))
     if math.isnan(tpr) or math.isnan(fpr):
         warnings.warn("detector_rates: no rows with s=1 or no rows with s=0", EmptyGroupWarning, stacklevel=2)
@@ -315,7 +315,7 @@ def detector_rates(risk_or_gate, *, sensitive_features, threshold: float = 0.5) 
 
 def _flat(v: Any) -> str:
     """Value as it appears in flat metric keys (``acc_y1_s0``): unsafe characters become ``_``."""
-    return re.sub(r"[^0-9A-Za-z.-]", "_", _fmt(v))
+    return re.sub(r"[^0-9A-Za-z.-]", "_", format_value(v))
 
 
 def fairness_summary(
@@ -337,10 +337,10 @@ def fairness_summary(
     out = {"accuracy": accuracy(y_true, y_pred), "worst_class_accuracy": worst_class_accuracy(y_true, y_pred)}
     if sensitive_features is None:
         return out
-    s = _as_1d(sensitive_features, "sensitive_features")
-    if _unknown_mask(s).all():
+    s = as_1d(sensitive_features, "sensitive_features")
+    if unknown_mask(s).all():
         return out
-    stats = _confusion_by_group(y_true, y_pred, s, labels=labels)
+    stats = confusion_by_group(y_true, y_pred, s, labels=labels)
     out.update(
         worst_group_accuracy=_worst(stats, "cell"),
         worst_sensitive_group_accuracy=_worst(stats, "group"),
@@ -366,7 +366,7 @@ def _column0(x: Any, name: str, n: int) -> np.ndarray | None:
     """``x`` as (N,): column 0 of an ``(N, n_adapters)`` array; None stays None."""
     if x is None:
         return None
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     arr = arr[:, 0] if arr.ndim == 2 else arr.reshape(-1)
     if len(arr) != n:
         raise ValueError(f"{name} has {len(arr)} rows, labels has {n}; pass one value per row")
@@ -377,11 +377,11 @@ def _known_groups(sensitive_features: Any, keep: np.ndarray) -> np.ndarray | Non
     """Sensitive values of the kept rows; None when there are none or every one is unknown."""
     if sensitive_features is None:
         return None
-    s = _as_1d(sensitive_features, "sensitive_features")
+    s = as_1d(sensitive_features, "sensitive_features")
     if len(s) != len(keep):
         raise ValueError(f"sensitive_features has {len(s)} rows, labels has {len(keep)}")
     s = s[keep]
-    return None if _unknown_mask(s).all() else s
+    return None if unknown_mask(s).all() else s
 
 
 def _gate_metrics(gate: np.ndarray | None, risk: np.ndarray | None, s: np.ndarray | None,
@@ -389,14 +389,14 @@ def _gate_metrics(gate: np.ndarray | None, risk: np.ndarray | None, s: np.ndarra
     """gate_rate (all rows), gate_rate_s{g} and detector_* of the kept rows (see evaluate_predictions)."""
     if gate is None and risk is None:
         return {}
-    gate_on = _gate_on(gate if gate is not None else risk > threshold).astype(np.int64)
-    out = {"gate_rate": float(gate_on.mean()) if len(gate_on) else float("nan")}
+    gated = gate_on(gate if gate is not None else risk > threshold).astype(np.int64)
+    out = {"gate_rate": float(gated.mean()) if len(gated) else float("nan")}
     if s is None:
         return out
-    out.update({f"gate_rate_s{key[2:]}": rate for key, rate in gate_rates(gate_on, sensitive_features=s).items()})
-    if set(np.unique(s[~_unknown_mask(s)]).tolist()) <= {0, 1}:
+    out.update({f"gate_rate_s{key[2:]}": rate for key, rate in gate_rates(gated, sensitive_features=s).items()})
+    if set(np.unique(s[~unknown_mask(s)]).tolist()) <= {0, 1}:
         # risk > τ when there is a risk; else the hard gate, which passes through at 0.5
-        det, tau = (risk, threshold) if risk is not None else (gate_on, 0.5)
+        det, tau = (risk, threshold) if risk is not None else (gated, 0.5)
         rates = detector_rates(det, sensitive_features=s, threshold=tau)
         out.update({f"detector_{k}": v for k, v in rates.items()})
     return out
@@ -430,8 +430,8 @@ def evaluate_predictions(
     Keys: :func:`fairness_summary`'s (``acc_y*_s*`` unless ``per_cell=False``) plus the gate keys, each with
     ``prefix`` in front (e.g. ``"test_"``). Undefined values are NaN, never an error.
     """
-    y_pred, classes = _logits_to_labels(_to_numpy(logits))
-    y_true = _as_1d(labels, "labels")
+    y_pred, classes = logits_to_labels(to_numpy(logits))
+    y_true = as_1d(labels, "labels")
     if len(y_true) != len(y_pred):
         raise ValueError(f"labels has {len(y_true)} rows, logits has {len(y_pred)}; pass one label per row")
     if y_true.dtype.kind == "f" and np.all(np.mod(y_true, 1) == 0):
