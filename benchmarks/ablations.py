@@ -5,7 +5,8 @@ the default arguments plus the overrides given, per seed; prints test ACC, WGA a
     .venv/bin/python benchmarks/ablations.py --setting partial --args '{"anchor_threshold": 0.5}'
 
 `--args` overrides FairTrainingArguments fields, `--config` FairLoraConfig fields (JSON); without them the row is the
-defaults. Partial keeps 10 % of the group labels per (label × group) cell, as benchmarks/defaults.py does.
+defaults. Partial and unlabeled hide group labels with `fairnet_peft.data.hide_group_labels` (partial: a seeded 10 %
+of the train rows keep theirs), as benchmarks/defaults.py does.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import torch  # noqa: E402
 import transformers as T  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
-from suite.data import partial_mask  # noqa: E402
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments  # noqa: E402
 from fairnet_peft import metrics as M  # noqa: E402
-from fairnet_peft.data import make_synthetic_text  # noqa: E402
+from fairnet_peft.data import hide_group_labels, make_synthetic_text  # noqa: E402
+from suite.config import LABEL_FRACTION  # noqa: E402
 from selector import QUIET, erm_model  # noqa: E402
 
 
@@ -44,10 +45,7 @@ def run_seed(seed: int, setting: str, fair_args: dict, lora_config: dict, out: s
     data = make_synthetic_text(seed=seed, n_train=2000, n_val=600, n_test=1000)
     erm = erm_model(data, seed, os.path.join(out, f"erm{seed}"))
     result = {"seed": seed, "erm": scores(erm, data["test"])}
-    train, s = data["train"], np.array(data["train"]["sensitive"])
-    if setting != "full":
-        kept = partial_mask(s, np.array(train["labels"]), seed) if setting == "partial" else np.full(len(s), -1)
-        train = train.remove_columns("sensitive").add_column("sensitive", kept.tolist())
+    train = hide_group_labels(data, setting, fraction=LABEL_FRACTION, seed=seed)["train"]
     model = get_peft_model(erm, FairLoraConfig(task_type="SEQ_CLS", **lora_config))
     args = FairTrainingArguments(os.path.join(out, f"fair{seed}"), num_train_epochs=3, per_device_train_batch_size=32,
                                  seed=seed, **QUIET, **fair_args)

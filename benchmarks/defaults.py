@@ -1,12 +1,11 @@
-"""Default-settings quality suite (issue 10 item 4; Partial/Unlabeled rows for issue 11 item 4).
+"""Default-settings quality suite: FairNet at the library defaults against ERM, per task and label setting.
 
-For every task and seed: train ERM with a plain `transformers.Trainer` (fixed epochs, nothing selected on test), then
-FairNet with the library's DEFAULT arguments, `get_peft_model(erm, FairLoraConfig(task_type=...))` and
-`FairTrainer(model, FairTrainingArguments(output_dir, epochs, batch sizes, seed, ...))`, in the settings full (every
-train group label), partial (10 % kept per label × group cell, the rest -1) and unlabeled (all -1). No FairNet knob
-is set. Test metrics come from `fairnet_peft.metrics`: ACC, WGA (min over label × group cells) and EOD (mean
-convention), each as a mean over seeds with a t-interval and, per seed, a bootstrap CI over test rows; plus the
-detector vs probe AUC from `trainer.train().metrics`, the test gate rate per group and ERM's worst cell.
+Per task and seed: ERM with a plain `transformers.Trainer` (fixed epochs), then FairNet at the library defaults
+(`suite.fairnet.train_at_defaults`, shared with quality.py: `FairLoraConfig(task_type)`, `FairTrainingArguments` with
+only output dir, epochs, batch sizes, seed and logging set) in the settings full, partial and unlabeled, with the group
+labels `fairnet_peft.data.hide_group_labels` leaves. Tasks in `suite/config.py`, among them `hidden` (the group is not
+in the input: the goal is to do no harm). Test ACC, WGA and EOD (`fairnet_peft.metrics`) as seed means with a
+t-interval and per-seed bootstrap CIs; the detector vs probe AUC, the test gate rate per group and ERM's worst cell.
 
     .venv/bin/python benchmarks/defaults.py --tiny --out /tmp/d          # seconds; what the tests run
     .venv/bin/python benchmarks/defaults.py --quick --jobs 2 --threads 1  # CPU sizes, 3 seeds, both cores
@@ -40,7 +39,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--tiny", action="store_true", help="tiny sizes, 1 seed, synthetic + digits (seconds; tests)")
+    size.add_argument("--tiny", action="store_true",
+                      help="tiny sizes, 1 seed, synthetic + digits by default, capped update floors (seconds; tests)")
     size.add_argument("--quick", action="store_true", help="CPU sizes (see the PRESETS table)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --tiny)")
     p.add_argument("--first-seed", type=int, default=0, help="start at this seed: seeds K..K+N-1 (to add seeds)")

@@ -1,4 +1,4 @@
-"""Label-free selection in the unlabeled setting (issue 11 item 2): does a selector computed without any sensitive
+"""Label-free selection in the unlabeled setting: does a selector computed without any sensitive
 label rank the τ candidates like the true validation worst-group accuracy does?
 
 For each seed: ERM on the synthetic spurious text task (tiny BERT), then FairNet with default arguments and no group

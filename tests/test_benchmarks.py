@@ -1,9 +1,12 @@
-"""benchmarks/quality.py and benchmarks/gpu_run.sh run end to end at tiny size (no assertions on quality).
+"""benchmarks/quality.py and benchmarks/gpu_run.sh run end to end at tiny size (no assertions on quality), and the
+suite's pure pieces on hand-made numbers.
 
-`quality.py --tiny` runs in-process: every method row must be in the JSON and the Markdown table, with finite
-numbers. The pieces of the suite package (benchmarks/suite/: selection, report, orchestration, baselines) get small
-unit checks. `gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny
-size (CUDA check, overhead, defaults suite, quality) and must leave its JSON files behind.
+`quality.py --tiny` runs in-process on the text and hidden datasets: every headline row (ERM, FairNet at the library
+defaults in three settings, the oracle row, GroupDRO/JTT/DFR/AFR and their ACC-floor rows) and every ablation row
+must be in the JSON and the Markdown table, with finite numbers, the "dominated by" column and the checks. Hand-made
+inputs check AFR's weights and last-layer fit, the ACC-floor rule, the dominance rule, the checks, that FairNet rows
+get FairTrainingArguments at their defaults, and that the suite's modules import each other without a cycle.
+`gpu_run.sh --dry-run` runs the whole GPU script on the CPU at tiny size and must leave its JSON files behind.
 """
 
 from __future__ import annotations
@@ -49,36 +52,47 @@ def tiny_report(tmp_path_factory):
     quality = _load("quality")
     out = tmp_path_factory.mktemp("quality")
     threads = torch.get_num_threads()
-    result = quality.main(["--tiny", "--threads", "1", "--out", str(out), "--doc", str(out / "benchmarks.md")])
+    result = quality.main(["--tiny", "--threads", "1", "--datasets", "text,hidden", "--out", str(out),
+                           "--doc", str(out / "benchmarks.md")])
     assert torch.get_num_threads() == threads
     return quality, out, result
 
 
-def test_quality_tiny_has_every_method_and_finite_numbers(tiny_report):
+def test_quality_tiny_has_every_row_and_finite_numbers(tiny_report):
     quality, out, _ = tiny_report
     saved = json.loads((out / "results.json").read_text())
     table = (out / "table.md").read_text()
     assert saved["command"].startswith("python benchmarks/quality.py --tiny")
-    for dataset in ("text", "vision"):
+    assert set(saved["datasets"]) == {"text", "hidden"}
+    for dataset in ("text", "hidden"):
         block = saved["datasets"][dataset]
         run = block["runs"]["0"]["results"]
-        for method in config.METHODS + [config.ORACLE_ROW]:
-            assert method in run, (dataset, method)
+        for row in config.HEADLINE_ROWS + config.ABLATION_ROWS:
+            assert row in run, (dataset, row)
             for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
-                assert _finite(run[method][key]), (dataset, method, key)
-            assert method in block["summary"]
-            assert f"| {method} |" in table
-        for method in config.FAIR_VARIANTS:
-            assert _finite(run[method]["detector_tpr"]) and _finite(run[method]["detector_fpr"])
-            assert 0.0 <= run[method]["tau"] <= 1.0
-        assert run["FairNet-Full w/o detector"]["tau"] == 0.0
-        assert run["FairNet-Partial"]["label_setting"] == "partial"
-        assert run["FairNet-Unlabeled"]["label_setting"] == "unlabeled"
-        assert 0 < run["FairNet-Partial"]["train_labelled_rows"] < block["runs"]["0"]["sizes"]["train"]
-        assert set(block["targets"]) == {"a", "b"}
+                assert _finite(run[row][key]), (dataset, row, key)
+            assert row in block["summary"] and f"| {row} |" in table
+        for row in config.FLOOR_BASELINES:  # every baseline has its ACC-floor row, which says whether the floor held
+            assert isinstance(run[config.floor_row(row)]["floor_met"], bool)
+        for row, setting in config.FAIRNET_DEFAULTS.items():  # the library defaults, as the trainer hands them back
+            res = run[row]
+            assert res["label_setting"] == setting and 0.0 <= res["tau"] <= 1.0
+            assert 0.0 <= res["detector_tpr"] <= 1.0 and 0.0 <= res["detector_fpr"] <= 1.0
+        assert run["FairNet-Partial"]["train_labelled_rows"] < block["runs"]["0"]["sizes"]["train"]
+        assert run["FairNet-Unlabeled"]["train_labelled_rows"] == 0
+        assert len(run["FairNet-Full"]["sweep"]) == len(config.TAU_GRID)
+        assert run["FairNet-Full (grid) w/o detector"]["tau"] == 0.0
+        afr = run["AFR"]["afr"]
+        assert afr["held_out_rows"] + afr["erm_rows"] == block["runs"]["0"]["sizes"]["train"]
+        assert {"gamma", "lam"} <= set(run["AFR"]["selected"])
+        assert "worst_group_accuracy" not in run["AFR"]["selected"]  # label-free: selected without validation groups
+        assert {"not_dominated", "floor_wga", "unlabeled_vs_afr", "oracle_share"} <= set(block["targets"])
         for plot in block["plots"].values():
             assert os.path.exists(plot if os.path.isabs(plot) else os.path.join(ROOT, plot))
-    assert "Target (a)" in table and "Target (b)" in table
+    assert "no_harm" in saved["datasets"]["hidden"]["targets"] and "no_harm" not in saved["datasets"]["text"]["targets"]
+    assert "| text: method | train s | val s | selection | ACC | WGA | EOD ↓ | dominated by |" in table
+    assert table.count("| hidden: ablation |") == 1 and "Checks (means over seeds):" in table
+    assert "Run: " in table and "CPU (" in table  # the machine line
     # the Markdown file got the generated block under the quality heading, and a rerun replaces it in place
     doc = out / "benchmarks.md"
     text = doc.read_text()
@@ -98,7 +112,7 @@ def test_quality_report_from_rebuilds_the_same_table_without_training(tiny_repor
 
     assert without_plot_lines(again / "table.md") == without_plot_lines(out / "table.md")
     assert json.loads((again / "results.json").read_text())["command"].startswith("python benchmarks/quality.py --tiny")
-    assert (again / "text_group_accuracies.png").exists() and (again / "vision_tau_sweep.png").exists()
+    assert (again / "text_group_accuracies.png").exists() and (again / "hidden_tau_sweep.png").exists()
 
 
 def test_write_block_keeps_other_sections(tmp_path):
@@ -120,7 +134,7 @@ def test_write_block_keeps_other_sections(tmp_path):
     assert "defaults v2" in text and "defaults v1" not in text and text.count(report.DEFAULTS_BLOCK.begin) == 1
 
 
-def test_quality_grid_tau_candidates_and_ceiling():
+def test_quality_grid_and_tau_candidates():
     grid = [{"class_balanced_anchors": True}, {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}]
     # pseudo_labeler only changes the unlabeled setting: other settings train the point once
     assert selection.setting_grid(grid, "full") == [{"class_balanced_anchors": True}]
@@ -133,17 +147,187 @@ def test_quality_grid_tau_candidates_and_ceiling():
     assert set(config.TAU_GRID) <= set(taus) and list(taus) == sorted(taus)
     rates = sorted({round(float((risk > t).mean()), 2) for t in taus})
     assert 0.0 in rates and 1.0 in rates and len([r for r in rates if 0.0 < r < 1.0]) >= 15
-    # the ceiling line: ERM's worst majority cell, compared with the best baseline
-    cell = lambda a: {"accuracy": a, "count": 10}  # noqa: E731
-    res = lambda acc, wga, cells: {"accuracy": acc, "worst_group_accuracy": wga, "group_accuracies": cells}  # noqa: E731
-    erm = res(0.8, 0.4, {"y=0,s=0": cell(0.9), "y=1,s=0": cell(0.6), "y=0,s=1": cell(0.95), "y=1,s=1": cell(0.4)})
-    runs = {"0": {"results": {"ERM": erm, "GroupDRO": res(0.7, 0.7, {}), "FairNet-Full": res(0.8, 0.55, {}),
-                              "FairNet-Unlabeled": res(0.8, 0.45, {})}}}
-    tg = report.targets(report.summarise(runs))
-    assert tg["a"]["erm_majority_worst_cell"] == pytest.approx(0.6)
-    text = report.render_targets(tg)
-    assert "worst majority-group (s=0) cell is 60.0" in text and "70.0 is out of reach by design" in text
-    assert "Target (a): NOT MET" in text and "Target (b): MET" in text
+
+
+def _summary(rows: dict) -> dict:
+    """A quality summary from {row: (acc, wga)} seed means."""
+    return {r: {"accuracy": {"mean": a, "low": None, "n": 1}, "worst_group_accuracy": {"mean": w, "low": None, "n": 1}}
+            for r, (a, w) in rows.items()}
+
+
+def test_dominated_by_on_a_hand_made_table():
+    summary = _summary({"ERM": (0.80, 0.40), "FairNet-Full": (0.81, 0.60), "GroupDRO": (0.78, 0.70),
+                        "DFR": (0.82, 0.65), "JTT": (0.82, 0.60), config.ORACLE_ROW: (0.90, 0.90)})
+    dom = report.dominated_by(summary, list(summary))
+    assert dom["ERM"] == ["FairNet-Full", "DFR", "JTT"]  # the oracle row never dominates
+    assert dom["FairNet-Full"] == ["DFR"]  # JTT ties on WGA: a tie is not domination
+    assert dom["GroupDRO"] == [] and dom["DFR"] == [] and dom["JTT"] == [] and dom[config.ORACLE_ROW] == []
+    table = report.render_headline("t", summary)
+    assert "| FairNet-Full | all | all | library defaults | 81.0 | 60.0 | – | DFR |" in table
+
+
+def test_competitiveness_checks_on_hand_made_numbers():
+    fl = config.floor_row
+    summary = _summary({"ERM": (0.80, 0.40), "FairNet-Full": (0.81, 0.60), "FairNet-Unlabeled": (0.80, 0.45),
+                        config.ORACLE_ROW: (0.83, 0.70), "GroupDRO": (0.79, 0.70), fl("GroupDRO"): (0.80, 0.55),
+                        "AFR": (0.70, 0.66), fl("AFR"): (0.80, 0.62), "DFR": (0.82, 0.61)})
+    tg = report.targets(summary)
+    assert not tg["not_dominated"]["met"] and tg["not_dominated"]["by"] == ["DFR"]
+    assert not tg["floor_wga"]["met"] and tg["floor_wga"]["above"] == [fl("AFR")]  # 62 > 60; 55 is not
+    assert tg["unlabeled_vs_afr"]["applies"] is False  # AFR's ACC 70 < ERM − 0.5: the check does not apply
+    assert tg["oracle_share"]["met"] is False  # gain 20 < 0.8 × 30
+    summary["AFR"] = _summary({"AFR": (0.799, 0.44)})["AFR"]
+    summary["FairNet-Full"] = _summary({"x": (0.81, 0.64)})["x"]
+    summary["DFR"] = _summary({"x": (0.80, 0.61)})["x"]
+    tg = report.targets(summary, "hidden")
+    assert tg["not_dominated"]["met"] and tg["floor_wga"]["met"] and tg["oracle_share"]["met"]  # 24 ≥ 0.8 × 30
+    assert tg["unlabeled_vs_afr"]["applies"] and tg["unlabeled_vs_afr"]["met"]  # 45 ≥ 44, ACC 80 ≥ 79.5
+    assert tg["no_harm"]["met"]
+    assert "**NOT MET**" not in report.render_targets(tg) and report.render_targets(tg).count("**MET**") == 5
+
+
+def test_floor_rule_picks_the_right_candidate():
+    cands = [{"accuracy": 0.790, "worst_group_accuracy": 0.90},  # misses the floor 0.80 − 0.005
+             {"accuracy": 0.800, "worst_group_accuracy": 0.50},
+             {"accuracy": 0.796, "worst_group_accuracy": 0.60},  # meets it, best WGA among those that do
+             {"accuracy": 0.850, "worst_group_accuracy": 0.55}]
+    assert selection.pick_under_floor(cands, 0.80) == 2
+    # none meets the floor: the floor row takes the most accurate candidate, the method's own rule the best WGA
+    low = [{"accuracy": 0.70, "worst_group_accuracy": 0.90}, {"accuracy": 0.75, "worst_group_accuracy": 0.10}]
+    assert selection.pick_under_floor(low, 0.80) == 1
+    own = selection.Selector("worst_group_accuracy", 0.80)
+    for i, c in enumerate(low):
+        own.offer(c, lambda i=i: i)
+    assert own.state == 0 and own.floor_met is False
+    sel = selection.floor_selector(0.80)
+    for i, c in enumerate(cands):
+        sel.offer(c, lambda i=i: i)
+    assert sel.state == 2 and sel.floor_met is True
+
+
+def test_dfr_floor_row_keeps_a_C_that_meets_the_floor():
+    rng = np.random.default_rng(1)
+    n = 400
+    y, s = rng.integers(0, 2, n), (rng.random(n) < 0.3).astype(int)
+    x = np.c_[y * 2.0 - 1 + 0.8 * rng.standard_normal(n), (s - 0.5) * (2 * y - 1) + 0.5 * rng.standard_normal(n)]
+    perfect = baselines.dfr_fit(x, y, s, seed=0, n_draws_tune=2, n_draws_final=2, reference_pred=y)
+    floor, accs = perfect.info["acc_floor"], perfect.info["tuning_acc_by_C"]
+    assert floor == pytest.approx(1.0 - 0.005) and not perfect.info["floor_met"]
+    assert accs[str(perfect.info["C"])] == max(accs.values())  # no C is that accurate: the most accurate one
+    easy = baselines.dfr_fit(x, y, s, seed=0, n_draws_tune=2, n_draws_final=2, reference_pred=1 - y)
+    assert easy.info["floor_met"] and easy.info["acc_floor"] < 0.0  # every C meets a floor below 0 ...
+    wgas = easy.info["tuning_wga_by_C"]
+    assert wgas[str(easy.info["C"])] == max(wgas.values())  # ... so the floor row keeps the best WGA
+
+
+def test_afr_weights_follow_the_formula():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [3.0, -1.0]])
+    labels = np.array([0, 0, 1, 1])
+    p = np.array([np.exp(2) / (np.exp(2) + 1), 1 / (1 + np.exp(2)), 0.5, np.exp(-1) / (np.exp(3) + np.exp(-1))])
+    for gamma in (0.0, 1.0, 4.0, 30.0):
+        w = baselines.afr_weights(logits, labels, gamma)
+        expected = np.exp(-gamma * p) / np.exp(-gamma * p).sum()
+        assert w == pytest.approx(expected, rel=1e-9) and w.sum() == pytest.approx(1.0)
+    assert baselines.afr_weights(logits, labels, 0.0) == pytest.approx(np.full(4, 0.25))
+    w = baselines.afr_weights(logits, labels, 4.0)
+    assert list(np.argsort(w)) == list(np.argsort(-p))  # the less ERM believes the true class, the more weight
+    with pytest.raises(ValueError, match="gamma"):
+        baselines.afr_weights(logits, labels, -1.0)
+
+
+def test_afr_fit_follows_the_weights_and_the_pull():
+    x = np.array([[1.0, 0.0], [1.0, 0.0]])  # the same input with both labels: the weights decide
+    y = np.array([0, 1])
+    w0, b0 = np.zeros((2, 2)), np.zeros(2)
+    assert baselines.afr_fit(x, y, np.array([0.9, 0.1]), w0, b0, lam=0.01).predict(x[:1])[0] == 0
+    assert baselines.afr_fit(x, y, np.array([0.1, 0.9]), w0, b0, lam=0.01).predict(x[:1])[0] == 1
+    # λ pulls toward ERM's head: a strong pull keeps it, no pull moves it
+    start = np.array([[0.5, -0.2], [-0.5, 0.2]])
+    held = baselines.afr_fit(x, y, np.array([0.1, 0.9]), start, np.zeros(2), lam=1e6)
+    free = baselines.afr_fit(x, y, np.array([0.1, 0.9]), start, np.zeros(2), lam=0.0)
+    assert np.abs(held.weight - start).max() < 1e-4 and np.abs(free.weight - start).max() > 0.1
+    # the optimum of Σ w·CE + λ||θ − θ0||²: for one input x, softmax(logits)[1] = 0.9 when λ = 0
+    logit = free.logits(x[:1])[0]
+    assert np.exp(logit[1]) / np.exp(logit).sum() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_afr_split_is_stratified_on_the_class_label_only():
+    from suite.methods import afr_split
+
+    labels = np.array([0] * 80 + [1] * 20)
+    fit, held = afr_split(labels, 0.2, seed=0)
+    assert len(fit) == 80 and len(held) == 20 and not set(fit) & set(held)
+    assert labels[held].sum() == 4  # the class balance is kept in the held-out rows
+    assert np.array_equal(fit, afr_split(labels, 0.2, seed=0)[0])
+
+
+def test_fairnet_rows_get_the_default_arguments(monkeypatch, tmp_path):
+    """`train_at_defaults` (both suites) sets only output dir, epochs, batch sizes, seed, logging and the data
+    plumbing it is given: every other FairTrainingArguments field is the library default."""
+    import fairnet_peft
+    from peft import PeftModel
+
+    from suite import fairnet
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, args, **kwargs):
+            assert isinstance(model, PeftModel)
+            seen["args"], seen["kwargs"] = args, kwargs
+
+        def remove_callback(self, cb):
+            pass
+
+        def train(self):
+            return type("Out", (), {"metrics": {}})()
+
+    monkeypatch.setattr(fairnet_peft, "FairTrainer", Recorder)
+    import transformers as T
+
+    erm = T.BertForSequenceClassification(T.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=8))
+    fairnet.train_at_defaults(erm, "train-ds", "eval-ds", {"task_type": "SEQ_CLS"}, str(tmp_path), 3, 2.0, 8, 16,
+                              "collate", remove_unused_columns=False)
+    args = seen["args"]  # the default to compare with runs on the same device (use_cpu sets derived fields)
+    default = fairnet_peft.FairTrainingArguments(output_dir=str(tmp_path), use_cpu=args.use_cpu)
+    allowed = {"output_dir", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "seed",
+               "report_to", "save_strategy", "logging_strategy", "disable_tqdm", "dataloader_num_workers", "use_cpu",
+               "remove_unused_columns", "logging_dir"}
+    import dataclasses
+
+    changed = {f.name for f in dataclasses.fields(default)
+               if f.name not in allowed and getattr(args, f.name) != getattr(default, f.name)}
+    assert not changed, changed
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.seed) == (2.0, 8, 3)
+    assert seen["kwargs"]["eval_dataset"] == "eval-ds" and seen["kwargs"]["train_dataset"] == "train-ds"
+
+
+def test_suite_modules_import_each_other_without_a_cycle():
+    """Relative imports between benchmarks/suite modules, function-local ones included, form no cycle."""
+    import ast
+
+    suite_dir = os.path.join(BENCH, "suite")
+    graph = {}
+    for name in os.listdir(suite_dir):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(suite_dir, name), encoding="utf-8").read())
+            graph[name[:-3]] = {n.module.split(".")[0] for n in ast.walk(tree)
+                                if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    state: dict = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in graph.get(node, ()):
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join(path + [nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert "methods" not in graph["data"] and "data" in graph["methods"]
 
 
 @pytest.mark.slow
@@ -264,14 +448,14 @@ def test_gpu_run_dry_run(tmp_path):
     assert summary["dry_run"] is True
     assert json.loads((out / "cuda_check.json").read_text())["dry_run"] is True
     quality = json.loads((out / "quality" / "results.json").read_text())
-    assert set(quality["datasets"]) == {"text", "vision"}
+    assert set(quality["datasets"]) == {"text", "vision", "hidden"}
     steps = [s["step"] for s in summary["steps"]]
     assert steps.index("defaults") < steps.index("quality") and summary["all_ok"], summary["steps"]
     defaults = json.loads((out / "defaults" / "results.json").read_text())  # library defaults, tiny preset
     assert defaults["preset"] == "tiny" and set(defaults["settings"]) == {"full", "partial", "unlabeled"}
     assert set(defaults["tasks"]) == {"synthetic"} and "runs" in defaults["tasks"]["synthetic"]
     assert "defaults GPU run would be: standard preset" in stdout  # the GPU flags parse in defaults.py
-    assert "bf16 step would run:" in stdout and "fsdp step would run:" in stdout  # issue 14's flags, dry
+    assert "bf16 step would run:" in stdout and "fsdp step would run:" in stdout  # the bf16 and FSDP flags, dry
     assert {"bf16", "fsdp"} <= set(steps)
     overhead = [p for p in ("overhead.json", "overhead_gpu.json") if (out / p).exists()]
     assert overhead or "overhead skipped" in stdout

@@ -1,9 +1,10 @@
 """benchmarks/defaults.py (the default-settings suite) end to end at tiny size, plus its small pure pieces.
 
-One in-process `--tiny` run (synthetic + digits, one seed, settings full and unlabeled to keep the file fast) must
-write results.json, table.md and the generated doc block, with finite, consistent metrics (WGA ≤ ACC, every
-bootstrap CI around its point, gate rates in [0, 1]). The partial mask, the t-interval, the goal rule and the
-"loader not there yet" skip are checked on their own. No assertion on quality.
+One in-process `--tiny` run (synthetic, digits and hidden, one seed, settings full and unlabeled to keep the file fast)
+must write results.json, table.md and the generated doc block, with finite, consistent metrics (WGA ≤ ACC, every
+bootstrap CI around its point, gate rates in [0, 1]). The label hiding (the package's `hide_group_labels`), the hidden
+task's construction (its group is independent of the input), the t-interval, the goal rule and the "loader not there
+yet" skip are checked on their own. No assertion on quality.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def tiny(tmp_path_factory):
     doc = out / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nIntro.\n\n## Inference overhead (issue 2)\n\nkept\n")
     threads = torch.get_num_threads()
-    result = bench.main(["--tiny", "--threads", "1", "--settings", "full,unlabeled", "--out", str(out),
-                         "--doc", str(doc)])
+    result = bench.main(["--tiny", "--threads", "1", "--tasks", "synthetic,digits,hidden", "--settings",
+                         "full,unlabeled", "--out", str(out), "--doc", str(doc)])
     assert torch.get_num_threads() == threads
     return bench, out, result
 
@@ -56,7 +57,8 @@ def test_tiny_results_are_complete_finite_and_consistent(tiny):
     bench, out, _ = tiny
     saved = json.loads((out / "results.json").read_text())
     assert saved["command"].startswith("python benchmarks/defaults.py --tiny")
-    assert set(saved["tasks"]) == {"synthetic", "digits"} and saved["settings"] == ["full", "unlabeled"]
+    assert set(saved["tasks"]) == {"synthetic", "digits", "hidden"} and saved["settings"] == ["full", "unlabeled"]
+    assert "make_synthetic_text(group_in_input=False)" in saved["tasks"]["hidden"]["runs"]["0"]["description"]
     for task, block in saved["tasks"].items():
         run = block["runs"]["0"]
         assert set(run["settings"]) == {"full", "unlabeled"}
@@ -72,9 +74,9 @@ def test_tiny_results_are_complete_finite_and_consistent(tiny):
         for st, res in run["settings"].items():
             assert _in_unit(res["gate_rate_s0"]) and _in_unit(res["gate_rate_s1"])
             assert res["train_metrics"]["train_runtime"] > 0
-        sel = run["settings"]["unlabeled"]["selector"]  # ρ of the label-free selectors (issue 11 item 2)
-        assert sel["candidates"] >= 9  # ρ is nan when a side is constant over the candidates (tiny splits can be)
-        assert all((math.isnan(sel[k]["rho"]) or -1 <= sel[k]["rho"] <= 1) and _in_unit(sel[k]["test_wga"])
+        sel = run["settings"]["unlabeled"]["selector"]  # ρ of the label-free selectors
+        assert sel["candidates"] >= 9  # ρ is nan (null in the JSON) when a side is constant over the candidates
+        assert all((sel[k]["rho"] is None or -1 <= sel[k]["rho"] <= 1) and _in_unit(sel[k]["test_wga"])
                    for k in ("pseudo", "worst_class"))
         assert "selector" not in run["settings"]["full"]
         for st, row in block["summary"].items():
@@ -88,13 +90,14 @@ def test_tiny_table_and_doc_block(tiny):
     bench, out, _ = tiny
     table = (out / "table.md").read_text()
     assert table.startswith("Command: `python benchmarks/defaults.py --tiny")
-    for task in ("synthetic", "digits"):
+    for task in ("synthetic", "digits", "hidden"):
         for st in ("full", "unlabeled"):
             assert f"| {task} | {st} |" in table
     # the unlabeled setting ran with an eval set: the guard's decision and auto's labeler are in each task's note
-    assert table.count("unlabeled: accuracy guard raised τ in ") == 2 and "full: accuracy guard" not in table
-    assert table.count("unlabeled: pseudo-labeler chosen per seed ") == 2
-    assert table.count("unlabeled: Spearman ρ with the true validation WGA") == 2
+    assert table.count("unlabeled: accuracy guard raised τ in ") == 3 and "full: accuracy guard" not in table
+    assert table.count("unlabeled: pseudo-labeler chosen per seed ") == 3
+    assert table.count("unlabeled: Spearman ρ with the true validation WGA") == 3
+    assert table.count("(no harm: the group is not in the input)") == 2  # hidden's goal, in both settings
     doc = (out / "benchmarks.md").read_text()
     # the section sits right after the title, before the first existing section, which is kept
     block = report.DEFAULTS_BLOCK
@@ -105,15 +108,50 @@ def test_tiny_table_and_doc_block(tiny):
     assert doc2.count(block.heading) == 1 and "new body" in doc2 and "Command:" not in doc2 and "kept" in doc2
 
 
-def test_partial_mask_keeps_ten_percent_of_every_cell():
+def test_label_settings_hide_group_labels_as_the_package_does():
+    """The suite's label settings are `fairnet_peft.data.hide_group_labels`: partial keeps the package's
+    `partial_group_labels` of the train rows and no validation group label, unlabeled none; test keeps its labels."""
+    from datasets import Dataset
+
+    from fairnet_peft.data import partial_group_labels
+
     rng = np.random.default_rng(0)
     y, s = rng.integers(0, 2, 1000), (rng.random(1000) < 0.1).astype(np.int64)
-    masked = data.partial_mask(s, y, seed=3)
-    assert set(np.unique(masked)) <= {-1, 0, 1} and np.all(masked[masked >= 0] == s[masked >= 0])
-    for c in range(4):
-        cell = y * 2 + s == c
-        assert (masked[cell] >= 0).sum() == max(1, round(0.1 * cell.sum()))
-    assert np.array_equal(masked, data.partial_mask(s, y, seed=3))
+    ds = {k: Dataset.from_dict({"labels": y, "sensitive": s}).with_format("torch")
+          for k in ("train", "validation", "test")}
+    for setting in ("full", "partial", "unlabeled"):
+        seen = data.setting_view(ds, setting, seed=3)
+        train, val = (np.asarray(seen[k]["sensitive"]) for k in ("train", "validation"))
+        want = {"full": s, "partial": partial_group_labels(s, 0.1, 3), "unlabeled": np.full(1000, -1)}[setting]
+        assert np.array_equal(train, want), setting
+        assert np.array_equal(val, s if setting == "full" else np.full(1000, -1)), setting
+        assert np.array_equal(np.asarray(seen["test"]["sensitive"]), s)
+        assert seen["train"].format["type"] == "torch"  # the split's format is kept
+    arrays = data.setting_groups({"train": y, "validation": y}, {"train": s, "validation": s}, "partial", 3, 0.1)
+    assert np.array_equal(arrays[0], partial_group_labels(s, 0.1, 3)) and (arrays[1] == -1).all()
+
+
+def test_hidden_task_group_is_independent_of_the_input():
+    """The hidden task's tokens come from their own random stream: the same rows whatever the minority share, with
+    no group marker; the majority's label is the spurious token, the minority's mostly the core token."""
+    from fairnet_peft.data import SYNTH_TOKENS, make_synthetic_text
+
+    options = config.TASK_OPTIONS["hidden"]
+    a = make_synthetic_text(seed=4, n_train=600, n_val=100, n_test=100, minority_fraction=0.1, **options)
+    b = make_synthetic_text(seed=4, n_train=600, n_val=100, n_test=100, minority_fraction=0.5, **options)
+    ids, s = np.asarray(a["train"]["input_ids"]), np.asarray(a["train"]["sensitive"])
+    assert np.array_equal(ids, np.asarray(b["train"]["input_ids"]))  # the group share does not touch the input
+    assert s.mean() == pytest.approx(0.1) and np.asarray(b["train"]["sensitive"]).mean() == pytest.approx(0.5)
+    assert not np.isin(ids, SYNTH_TOKENS["marker"]).any()
+    y = np.asarray(a["train"]["labels"])
+    spurious = (ids == SYNTH_TOKENS["spurious"][1]).any(1).astype(int)
+    core = (ids == SYNTH_TOKENS["core"][1]).any(1).astype(int)
+    assert np.array_equal(y[s == 0], spurious[s == 0]) and (y[s == 1] == core[s == 1]).mean() > 0.7
+    # the input alone says nothing about the group: equal token rates in both groups (up to sampling noise)
+    assert abs(spurious[s == 1].mean() - spurious[s == 0].mean()) < 0.15
+    # and the marker task keeps its marker (the option changes only the hidden task)
+    plain = np.asarray(make_synthetic_text(seed=4, n_train=50, n_val=10, n_test=10)["train"]["input_ids"])
+    assert np.isin(plain, SYNTH_TOKENS["marker"]).any(1).all()
 
 
 def test_t_interval_contains_the_mean_and_matches_scipy():
@@ -144,6 +182,10 @@ def test_goal_rule():
     assert not goal("digits", "partial", _row(0.30, 0.56, 0.80, 0.80), full)["met"]
     majority = goal("adult", "full", _row(0.5, 0.5, 0.8, 0.8, minority=False), None)
     assert not majority["applies"] and "majority" in majority["text"]
+    # the group is not in the input: do no harm, in every setting and whichever cell is ERM's worst
+    assert goal("hidden", "full", _row(0.40, 0.391, 0.85, 0.846, minority=False), None)["met"]
+    assert not goal("hidden", "unlabeled", _row(0.40, 0.385, 0.85, 0.85), None)["met"]  # − 1.5 WGA
+    assert not goal("hidden", "partial", _row(0.40, 0.45, 0.85, 0.84), _row(0, 0.9, 0, 0))["met"]  # − 1 ACC
 
 
 def test_missing_loader_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):

@@ -1,10 +1,11 @@
 """The benchmark suite behind the thin CLIs in benchmarks/ (quality.py, defaults.py, ablations.py, selector.py).
 
 A run flows: CLI options → `orchestration` (seeds, datasets or tasks, child processes) → `data` (splits, model
-factories) → `methods` (ERM, GroupDRO, JTT, DFR, FairNet; `baselines` holds the three baselines' trainers) with
-`selection` picking checkpoints on validation → `report` / `report_defaults` (summaries, tables, results.json and
-the one writer of the generated blocks in docs/benchmarks.md). `config` holds the presets and method tables,
-`common` the small shared helpers. Only public names of `fairnet_peft` are used.
+factories, the label settings) → `methods` (ERM, GroupDRO, JTT, DFR, AFR; `baselines` holds their trainers and
+heads) and `fairnet` (FairNet at the library defaults, and the suite's own grid as an ablation), with `selection`
+picking candidates on validation → `report` / `report_defaults` (summaries, tables, results.json and the one writer
+of the generated blocks in docs/benchmarks.md). `config` holds the presets and method tables, `common` the small
+shared helpers. Only public names of `fairnet_peft` are used.
 """
 
 import os

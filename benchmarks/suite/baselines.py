@@ -1,20 +1,23 @@
-"""Compact group-robustness baselines for the quality suite (`benchmarks/quality.py`, issue 6): GroupDRO, JTT and DFR.
+"""Compact group-robustness baselines for the quality suite (`benchmarks/quality.py`): GroupDRO, JTT, DFR and AFR.
 
 Own, small re-implementations (no code copied from the reference repositories), each stating its label budget:
 
-* :class:`GroupDROTrainer`: online GroupDRO (Sagawa et al., ICLR 2020; `kohpangwei/group_DRO`) as a
-  `transformers.Trainer` subclass. Uses **train group labels**: one weight q_g per (label × group) cell,
-  ``q_g ← q_g · exp(η · (loss_g + C / √n_g))`` after every batch, loss = Σ_g q_g · loss_g.
-* :func:`jtt_error_set` + :class:`WeightedTrainer`: Just Train Twice (Liu et al., ICML 2021; `anniesch/jtt`). Uses
-  **no group labels**: ERM for T epochs → the error set E (train rows it misclassifies) → train again with the rows
-  of E up-weighted by λ_up. The up-weighting is a per-row loss weight (normalised by the batch's weight sum), the
+* :class:`GroupDROTrainer`: online GroupDRO (Sagawa et al., ICLR 2020) as a `transformers.Trainer` subclass. Uses
+  **train group labels**: one weight q_g per (label × group) cell, ``q_g ← q_g · exp(η · (loss_g + C / √n_g))``
+  after every batch, loss = Σ_g q_g · loss_g.
+* :func:`jtt_error_set` + :class:`WeightedTrainer`: Just Train Twice (Liu et al., ICML 2021). Uses **no group
+  labels**: ERM for T epochs → the error set E (train rows it misclassifies) → train again with the rows of E
+  up-weighted by λ_up. The up-weighting is a per-row loss weight (normalised by the batch's weight sum), the
   expected equivalent of JTT's up-sampling at the cost of one ERM run.
-* :class:`DFRHead` / :func:`dfr_fit`: Deep Feature Reweighting (Kirichenko et al., ICLR 2023;
-  `PolinaKirichenko/deep_feature_reweighting`). Last-layer retraining: an L1 logistic regression (scikit-learn) on the
-  frozen ERM features of **group-balanced subsets of the validation split**, so DFR needs **validation group
-  labels by definition** (they train the head, not only select it). C is tuned on validation halves (fit on one
-  half, worst-group accuracy on the other), then the head is refit on all of validation, averaging the weights over
-  several balanced draws, as in the DFR paper's `DFR^Val_Tr` protocol.
+* :class:`DFRHead` / :func:`dfr_fit`: Deep Feature Reweighting (Kirichenko et al., ICLR 2023). Last-layer
+  retraining: an L1 logistic regression (scikit-learn) on the frozen ERM features of **group-balanced subsets of the
+  validation split**, so DFR needs **validation group labels by definition** (they train the head, not only select
+  it). C is tuned on validation halves (fit on one half, scored on the other), then the head is refit on all of
+  validation, averaging the weights over several balanced draws, as in the DFR paper's `DFR^Val_Tr` protocol.
+* :func:`afr_weights` + :func:`afr_fit`: Automatic Feature Reweighting (Qiu et al., ICML 2023). Uses **no group
+  labels**: ERM is trained on part of the train rows; its last layer is retrained on the held-out rest with
+  per-row weights ``w_i ∝ exp(-γ · p_i)`` (p_i = ERM's softmax probability of the true class, weights summing to 1)
+  plus an ℓ2 pull ``λ · ||θ − θ_ERM||²`` toward ERM's head (weight and bias); a convex problem, solved with L-BFGS.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 __all__ = ["cell_index", "GroupDROTrainer", "WeightedTrainer", "jtt_error_set", "jtt_weights", "DFRHead", "dfr_fit",
-           "DFR_C_GRID"]
+           "DFR_C_GRID", "LinearHead", "afr_weights", "afr_fit"]
 
 #: Inverse L1 strengths tried by DFR (the grid of the DFR reference code).
 DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -210,12 +213,15 @@ def _worst_cell_accuracy(y, pred, cells) -> float:
 
 
 def dfr_fit(features, labels, sensitive, *, n_classes: int = 2, c_grid: Sequence[float] = DFR_C_GRID,
-            n_draws_tune: int = 5, n_draws_final: int = 10, seed: int = 0) -> DFRHead:
+            n_draws_tune: int = 5, n_draws_final: int = 10, seed: int = 0,
+            reference_pred: Optional[np.ndarray] = None, acc_tolerance: float = 0.005) -> DFRHead:
     """DFR on validation features (needs the validation split's group labels).
 
     1. Split validation into two halves, stratified by (label × group) cell (seeded).
-    2. For each C: fit on group-balanced draws of half 1, score worst-group accuracy on half 2; keep the best C
-       (ties: the larger C, i.e. the weaker penalty).
+    2. For each C: fit on group-balanced draws of half 1, score worst-group accuracy and accuracy on half 2. Keep the
+       best worst-group accuracy (ties: the larger C, i.e. the weaker penalty). With `reference_pred` (ERM's
+       predictions for the validation rows) only the C whose half-2 accuracy is at least ERM's half-2 accuracy −
+       `acc_tolerance` compete (none does: the most accurate C): the rule of the "ACC floor" row.
     3. Refit with that C on group-balanced draws of all of validation; the head averages the draws' weights.
     Features are standardised with the validation mean/std. Returns a :class:`DFRHead` (``info`` holds the scores).
     """
@@ -233,17 +239,87 @@ def dfr_fit(features, labels, sensitive, *, n_classes: int = 2, c_grid: Sequence
         idx = rng.permutation(np.flatnonzero(cells == c))
         half1[idx[: (len(idx) + 1) // 2]] = True
     half2 = ~half1
-    scores = {}
+    scores, accs = {}, {}
     if half2.any() and len(np.unique(y[half1])) == 2:
         for C in c_grid:
             try:
                 head = _fit_head(x[half1], y[half1], cells[half1], C, n_draws_tune, seed, n_classes, mean, scale)
             except ValueError:
                 continue
-            scores[C] = _worst_cell_accuracy(y[half2], head.predict(x[half2]), cells[half2])
-    best_c = max(scores, key=lambda c: (scores[c], c)) if scores else 1.0
+            pred = head.predict(x[half2])
+            scores[C] = _worst_cell_accuracy(y[half2], pred, cells[half2])
+            accs[C] = float((pred == y[half2]).mean())
+    info: dict = {}
+    if reference_pred is not None and scores:
+        floor = float((np.asarray(reference_pred)[half2] == y[half2]).mean()) - acc_tolerance
+        meets = [c for c in scores if accs[c] >= floor - 1e-9]
+        best_c = (max(meets, key=lambda c: (scores[c], accs[c], c)) if meets
+                  else max(scores, key=lambda c: (accs[c], scores[c], c)))
+        info.update(acc_floor=round(floor, 4), floor_met=bool(meets))
+    else:
+        best_c = max(scores, key=lambda c: (scores[c], c)) if scores else 1.0
     head = _fit_head(x, y, cells, best_c, n_draws_final, seed, n_classes, mean, scale)
     head.info = {"C": best_c, "tuning_wga_by_C": {str(c): round(v, 4) for c, v in scores.items()},
+                 "tuning_acc_by_C": {str(c): round(v, 4) for c, v in accs.items()}, **info,
                  "n_val": int(len(y)), "balanced_cell_size": int(min((cells == c).sum() for c in np.unique(cells)))}
     return head
+
+
+# ---------------------------------------------------------------------------------------------------- AFR
+@dataclass
+class LinearHead:
+    """A retrained last layer: ``logits = features @ weight.T + bias`` (the ERM head's shapes)."""
+
+    weight: np.ndarray  # (K, d)
+    bias: np.ndarray  # (K,)
+    info: dict = field(default_factory=dict)
+
+    def logits(self, features) -> np.ndarray:
+        return np.asarray(features, np.float64) @ self.weight.T + self.bias
+
+    def predict(self, features) -> np.ndarray:
+        return self.logits(features).argmax(-1)
+
+
+def afr_weights(logits, labels, gamma: float) -> np.ndarray:
+    """AFR's per-row weights: ``exp(-γ · p_i)`` normalised to sum to 1, p_i = softmax(logits_i)[labels_i] (the ERM
+    model's probability of the true class). γ = 0 gives uniform weights; a larger γ puts the weight on the rows ERM
+    gets least right."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+    if gamma < 0:
+        raise ValueError(f"afr_weights: gamma must be >= 0, got {gamma}")
+    z = logits - logits.max(-1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    p_true = prob[np.arange(len(labels)), labels]
+    w = np.exp(-gamma * (p_true - p_true.min()))  # shifted for stability; the normalisation cancels the shift
+    return w / w.sum()
+
+
+def afr_fit(features, labels, weights, weight0, bias0, lam: float, max_iter: int = 200) -> LinearHead:
+    """AFR's last-layer retraining: minimise ``Σ_i w_i · CE(x_i θ, y_i) + λ · ||θ − θ_0||²`` over the head
+    θ = (weight, bias), starting at θ_0 = ERM's head (`weight0` (K, d), `bias0` (K,)). Convex; full-batch L-BFGS in
+    float64 (`max_iter` iterations at most)."""
+    x = torch.as_tensor(np.asarray(features, np.float64))
+    y = torch.as_tensor(np.asarray(labels, np.int64))
+    w = torch.as_tensor(np.asarray(weights, np.float64))
+    w0 = torch.as_tensor(np.asarray(weight0, np.float64))
+    b0 = torch.as_tensor(np.asarray(bias0, np.float64))
+    weight, bias = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def objective():
+        per_row = F.cross_entropy(x @ weight.T + bias, y, reduction="none")
+        return (w * per_row).sum() + lam * (((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum())
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        final = float(objective())
+    return LinearHead(weight.detach().numpy(), bias.detach().numpy(), {"lambda": float(lam), "objective": final})
 

@@ -1,5 +1,6 @@
 """Small helpers every benchmark shares: logging, device and machine description, quiet trainers, epoch callbacks,
-JSON-safe values, the MiniLM path and the plain `TrainingArguments` fields of a benchmark run.
+JSON-safe values, the seed-mean t-interval, the MiniLM path and the plain `TrainingArguments` fields of a benchmark
+run.
 
 Nothing here trains or evaluates; `methods`, `orchestration` and `report` call these.
 """
@@ -61,6 +62,18 @@ def epoch_callback(fn: Callable[[nn.Module, int], None], active: Callable[[], bo
 
 def finite(x) -> Optional[float]:
     return float(x) if isinstance(x, (int, float, np.floating)) and math.isfinite(float(x)) else None
+
+
+def t_interval(values) -> dict:
+    """Mean of the finite `values` with a 95 % t-interval over them (`low`/`high` None with fewer than two)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if finite(x) is not None], np.float64)
+    mean = float(v.mean()) if len(v) else float("nan")
+    if len(v) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": int(len(v)), "values": v.tolist()}
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(v)), "values": v.tolist()}
 
 
 def jsonable(x):

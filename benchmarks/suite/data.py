@@ -1,11 +1,13 @@
-"""Benchmark data: the splits every method of a (dataset, seed) shares, and the model each one starts from.
+"""Benchmark data: the splits every method of a (dataset, seed) shares, the model each one starts from, and the group
+labels each label setting sees.
 
 Quality suite: `build_text` (UCI Adult as text + MiniLM, optionally with the bottom blocks frozen and their outputs
-cached) and `build_vision` (digits on backgrounds + a ViT from a config) return a `Bundle`: per split the labels, the
-group labels and an `InputStore` the `Collator` and `methods.predict` read rows from. Default-settings suite:
-`build_task` returns `datasets.Dataset` splits in torch format and a model factory. Both subsample with
-`stratified_indices`; `partial_mask` (and the package's `partial_group_labels`) hide group labels for the Partial
-setting.
+cached), `build_vision` (digits on backgrounds + a ViT from a config) and `build_hidden` (the synthetic task whose
+group is not in the input + a tiny BERT) return a `Bundle`: per split the labels, the group labels and an `InputStore`
+the `Collator` and `methods.predict` read rows from. Default-settings suite: `build_task` returns `datasets.Dataset`
+splits in torch format and a model factory (`pretrain_backbone` gives the Waterbirds-style task its backbone). Both
+subsample with `fairnet_peft.data.stratified_subsample`, and `setting_view` hides group labels with
+`fairnet_peft.data.hide_group_labels`: what a user of the package does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import device, minilm_path
-from .config import LABEL_FRACTION, TASKS
+from fairnet_peft.data import hide_group_labels, stratified_subsample
+
+from .common import device, minilm_path, quiet, run_args
+from .config import LABEL_FRACTION, TASK_OPTIONS, TASKS
 
 
 # ------------------------------------------------------------------------------------------------ row stores
@@ -33,6 +37,23 @@ class InputStore:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, idx) -> "InputStore":
+        """The rows `idx`, in that order, as a new store."""
+        idx = [int(i) for i in idx]
+        if self.kind == "pixels":
+            return InputStore(self.kind, self.rows[torch.as_tensor(idx, dtype=torch.long)], self.pad_id)
+        rows = [self.rows[i] for i in idx]
+        return InputStore(self.kind, rows, self.pad_id)
+
+    @staticmethod
+    def concat(stores: list) -> "InputStore":
+        """One store holding the rows of `stores` one after the other (same kind)."""
+        kind = stores[0].kind
+        if any(s.kind != kind for s in stores):
+            raise ValueError(f"InputStore.concat: mixed kinds {[s.kind for s in stores]}")
+        rows = torch.cat([s.rows for s in stores]) if kind == "pixels" else [r for s in stores for r in s.rows]
+        return InputStore(kind, rows, stores[0].pad_id)
 
     def batch(self, idx) -> dict:
         idx = list(idx)
@@ -80,6 +101,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, np.int64)
+        return Split(self.labels[idx], self.sensitive[idx], self.store.subset(idx))
+
 
 @dataclass
 class Bundle:
@@ -90,20 +115,6 @@ class Bundle:
     new_model: Callable[[], nn.Module]
     fair_config: dict
     description: dict = field(default_factory=dict)
-
-
-def stratified_indices(labels, sensitive, n: int, seed: int) -> np.ndarray:
-    """Seeded subsample of n indices, proportional per (label × group) cell, at least one row per cell (sorted)."""
-    if n >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    cells = labels * 2 + sensitive
-    take = []
-    for c in np.unique(cells):
-        idx = np.flatnonzero(cells == c)
-        k = max(1, int(round(n * len(idx) / len(labels))))
-        take.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
-    return np.sort(np.concatenate(take))
 
 
 class PassThroughEmbeddings(nn.Module):
@@ -160,7 +171,7 @@ def _text_split(part, cfg: dict, name: str, seed: int, tok):
     labels, sensitive = np.asarray(part["labels"], np.int64), np.asarray(part["sensitive"], np.int64)
     texts = list(part["text"])
     limit, offset = {"validation": (cfg["n_val"], 11), "test": (cfg["n_test"], 13)}.get(name, (None, 0))
-    keep = (stratified_indices(labels, sensitive, limit, seed + offset) if limit is not None and len(labels) > limit
+    keep = (stratified_subsample(labels, sensitive, limit, seed + offset) if limit is not None and len(labels) > limit
             else np.arange(len(labels)))
     labels, sensitive, texts = labels[keep], sensitive[keep], [texts[i] for i in keep]
     ids = tok(texts, truncation=True, max_length=cfg["max_length"])["input_ids"]
@@ -223,25 +234,72 @@ def build_vision(cfg: dict, seed: int) -> Bundle:
     return Bundle("vision", splits, lambda: copy.deepcopy(init), dict(task_type=None), desc)
 
 
-def hf_dataset(split: Split, sensitive: Optional[np.ndarray] = None, weight: Optional[np.ndarray] = None):
+def build_hidden(cfg: dict, seed: int) -> Bundle:
+    """The synthetic task whose group is not in the input (`make_synthetic_text(group_in_input=False)`: no group
+    marker, the group drawn independently of the tokens) with a tiny BERT from a config."""
+    import transformers as T
+
+    from fairnet_peft.data import make_synthetic_text
+
+    ds = make_synthetic_text(seed=seed, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=cfg["n_test"],
+                             group_in_input=False)
+    splits = {}
+    for name in ("train", "validation", "test"):
+        part = ds[name]
+        ids = [[t for t, m in zip(row, mask) if m] for row, mask in zip(part["input_ids"], part["attention_mask"])]
+        splits[name] = Split(np.asarray(part["labels"], np.int64), np.asarray(part["sensitive"], np.int64),
+                             InputStore("ids", ids, pad_id=0))
+    bcfg = T.BertConfig(vocab_size=32, hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                        num_attention_heads=cfg["heads"], intermediate_size=cfg["intermediate"], num_labels=2,
+                        max_position_embeddings=64)
+    T.set_seed(seed)
+    init = T.BertForSequenceClassification(bcfg)
+    desc = {"model": f"BERT from config: {cfg['layers']} blocks, hidden {cfg['hidden']}, random init",
+            "data": "make_synthetic_text(group_in_input=False): no group marker, group independent of the tokens"}
+    return Bundle("hidden", splits, lambda: copy.deepcopy(init), dict(task_type="SEQ_CLS"), desc)
+
+
+BUILDERS = {"text": "build_text", "vision": "build_vision", "hidden": "build_hidden"}
+
+
+def hf_dataset(split: Split, sensitive: Optional[np.ndarray] = None, weight: Optional[np.ndarray] = None,
+               offset: int = 0):
+    """The rows of `split` as a `datasets.Dataset` of (row index into the store, labels, sensitive[, weight]); `offset`
+    shifts the row index (a store that holds several splits one after the other)."""
     from datasets import Dataset
 
-    cols = {"row": np.arange(len(split)), "labels": split.labels,
+    cols = {"row": offset + np.arange(len(split)), "labels": split.labels,
             "sensitive": split.sensitive if sensitive is None else sensitive}
     if weight is not None:
         cols["weight"] = np.asarray(weight, np.float32)
     return Dataset.from_dict(cols)
 
 
+# ------------------------------------------------------------------------------------------------ label settings
+def setting_view(ds: dict, setting: str, seed: int, fraction: float = LABEL_FRACTION) -> dict:
+    """The splits a label `setting` sees: `fairnet_peft.data.hide_group_labels` on train and validation (full: as is;
+    partial: a seeded `fraction` of the train group labels, validation unknown; unlabeled: train and validation
+    unknown); test keeps its labels (reporting only). `ds` maps split names to `datasets.Dataset`s; the format of
+    each split (e.g. torch) is kept."""
+    from datasets import DatasetDict
 
-def partial_mask(sensitive: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Keep a seeded LABEL_FRACTION of the group labels in every (label × group) cell (≥ 1 each), -1 elsewhere."""
-    rng, out = np.random.default_rng(seed + 101), np.full(len(sensitive), -1, np.int64)
-    for c in np.unique(labels * 2 + sensitive):
-        idx = np.flatnonzero(labels * 2 + sensitive == c)
-        keep = rng.choice(idx, size=max(1, round(LABEL_FRACTION * len(idx))), replace=False)
-        out[keep] = sensitive[keep]
+    seen = hide_group_labels(DatasetDict(train=ds["train"], validation=ds["validation"]), setting, fraction, seed)
+    out = dict(ds)
+    for name in ("train", "validation"):
+        fmt = ds[name].format
+        out[name] = seen[name].with_format(fmt["type"], columns=None, **fmt["format_kwargs"])
     return out
+
+
+def setting_groups(labels: dict, sensitive: dict, setting: str, seed: int,
+                   fraction: float = LABEL_FRACTION) -> tuple:
+    """(train, validation) group labels a `setting` sees, for arrays: `setting_view` on {labels, sensitive} columns."""
+    from datasets import Dataset
+
+    ds = {k: Dataset.from_dict({"labels": np.asarray(labels[k]), "sensitive": np.asarray(sensitive[k])})
+          for k in ("train", "validation")}
+    seen = setting_view(ds, setting, seed, fraction)
+    return tuple(np.asarray(seen[k]["sensitive"], np.int64) for k in ("train", "validation"))
 
 
 # ------------------------------------------------------------------------------------------------ default-settings tasks
@@ -257,10 +315,30 @@ def task_loader(task: str):
 
 
 def _take(ds, n: int, seed: int):
-    """`ds` subsampled to n rows by `stratified_indices`."""
+    """`ds` subsampled to n rows by `fairnet_peft.data.stratified_subsample`."""
     if n >= len(ds):
         return ds
-    return ds.select(stratified_indices(np.asarray(ds["labels"]), np.asarray(ds["sensitive"]), n, seed))
+    return ds.select(stratified_subsample(np.asarray(ds["labels"]), np.asarray(ds["sensitive"]), n, seed))
+
+
+def pretrain_backbone(vit_config, pre: dict, seed: int, out: str) -> dict:
+    """The stand-in for an ImageNet checkpoint (Waterbirds-style task): a ViT of `vit_config`'s shape trained with a
+    plain `Trainer` to name the digit (10 classes) on `fairnet_peft.data.load_digit_objects` (the seed's *train*
+    digit pool, plain backgrounds: neither task photo, so no background-label link). Returns the backbone's
+    state dict without the classifier; the task model loads it and keeps its own fresh 2-class head."""
+    import transformers as T
+
+    from fairnet_peft.data import load_digit_objects
+
+    T.set_seed(seed)
+    objects = load_digit_objects(seed, n=pre["n"], image_size=vit_config.image_size).with_format("torch")
+    config = copy.deepcopy(vit_config)
+    config.num_labels = 10
+    args = T.TrainingArguments(**run_args(out, seed, pre["epochs"], pre["batch"], pre["batch"]),
+                               learning_rate=pre["lr"], lr_scheduler_type="cosine", warmup_steps=0.1)
+    trainer = quiet(T.Trainer(model=T.ViTForImageClassification(config), args=args, train_dataset=objects))
+    trainer.train()
+    return {k: v for k, v in trainer.model.state_dict().items() if not k.startswith("classifier.")}
 
 
 def build_task(task: str, cfg: dict, seed: int):
@@ -274,7 +352,10 @@ def build_task(task: str, cfg: dict, seed: int):
                   max_train=cfg["n_train"], max_eval=cfg["n_test"], image_size=cfg.get("image_size"),
                   digit_scale=cfg.get("digit_scale"))
     params = inspect.signature(load).parameters
-    ds = load(**{k: v for k, v in wanted.items() if k in params and v is not None})
+    options = TASK_OPTIONS.get(task, {})
+    if bad := [k for k in options if k not in params]:
+        raise ValueError(f"TASK_OPTIONS[{task!r}]: {name} has no parameter {bad}")
+    ds = load(**{k: v for k, v in wanted.items() if k in params and v is not None}, **options)
     sizes = {"train": cfg["n_train"], "validation": cfg["n_val"], "test": cfg["n_test"]}
     ds = {sp: _take(ds[sp], n, seed + i) for i, (sp, n) in enumerate(sizes.items())}
     family, pad = TASKS[task][1], 0
@@ -301,8 +382,6 @@ def build_task(task: str, cfg: dict, seed: int):
         vcfg = T.ViTConfig(image_size=size, num_channels=3, hidden_dropout_prob=0.0, num_labels=2, **cfg["model"])
         backbone = None
         if cfg.get("pretrain"):  # Waterbirds-style: start from an object-pretrained backbone, as Waterbirds does
-            from .methods import pretrain_backbone
-
             with tempfile.TemporaryDirectory() as tmp:
                 backbone = pretrain_backbone(vcfg, cfg["pretrain"], seed, tmp)
 
@@ -316,5 +395,6 @@ def build_task(task: str, cfg: dict, seed: int):
                  if backbone is not None else "from config")
         desc, task_type = f"ViT {start}, {size}px, {cfg['model']}", None
         ds = {sp: d.select_columns(["pixel_values", "labels", "sensitive"]) for sp, d in ds.items()}
+    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else name
     return ({sp: d.with_format("torch") for sp, d in ds.items()}, new_model, task_type, pad,
-            f"fairnet_peft.data.{name}; {desc}")
+            f"fairnet_peft.data.{call}; {desc}")

@@ -1,29 +1,31 @@
 """FairNet runs of both suites, on a copy of the selected ERM model.
 
-Quality (`run_fairnet`): one variant (Full/Partial/Unlabeled or an ablation) trained once per point of the preset's
-grid; at every LoRA epoch the (epoch, τ) candidates go to the variant's `Selector` on validation; the best
-candidate's LoRA is restored and evaluated on test, with the τ sweep and (Full) the oracle gate row. Defaults
-(`fairnet_defaults`): `FairTrainer` with default `FairTrainingArguments`, test metrics with bootstrap CIs, gate
-rates, detector/probe AUCs and the pseudo-labels against the true groups.
+`train_at_defaults` is the one way both suites build FairNet as users get it: `get_peft_model(erm,
+FairLoraConfig(task_type))` and `FairTrainer` with `FairTrainingArguments` that set only the output dir, epochs, batch
+sizes, seed and logging (no FairNet knob), the validation split as `eval_dataset`, the group labels the setting sees
+(`data.setting_view`, i.e. `fairnet_peft.data.hide_group_labels`). Quality: `run_fairnet_defaults` (FairNet-Full /
+Partial / Unlabeled rows: the model as the trainer hands it back, its test gate, the τ sweep and, in the full setting,
+the oracle row with the test group as the gate); `run_fairnet` (the ablation rows: the suite's own grid, trained once
+per grid point, (grid point, epoch, τ) selected on validation). Defaults suite (`fairnet_defaults`): test metrics with
+bootstrap CIs, gate rates, detector/probe AUCs and the pseudo-labels against the true groups.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional
 
 import numpy as np
 
 from .common import epoch_callback, finite, logger, quiet, run_args
-from .config import FAIR_GRID_KEYS, FAIR_VARIANTS, TAU_GRID
-from fairnet_peft.data import partial_group_labels
-
-from .data import Collator, hf_dataset, partial_mask
+from .config import FAIR_GRID_KEYS, FAIR_VARIANTS, FAIRNET_DEFAULTS, LABEL_FRACTION, TAU_GRID
+from .data import Collator, InputStore, hf_dataset, setting_groups, setting_view
 from .methods import (Context, bootstrap_scores, evaluate_candidate, gated_predictions, predict, sweep_rows,
                       test_result, training_args)
 from .selection import Selector, restore, setting_grid, snapshot, tau_candidates
 
-log = logger("quality")
+log, dlog = logger("quality"), logger("defaults")
 
 
 def _in_lora_stage(trainer) -> bool:
@@ -53,7 +55,7 @@ def _fair_args(ctx: Context, name: str, cfg: dict, grid_index: int):
 def _offer_taus(ctx: Context, model, sel: Selector, taus: Optional[tuple], use_val_s: bool, **where) -> None:
     """Offer every τ candidate of `model` at this epoch to `sel` (validation; one lazy snapshot for all of them)."""
     val, off_val = ctx.split("validation"), ctx.erm["validation"]["logits"]
-    scores = predict(model, val.store, ctx.cfg["eval_batch_size"], gate_on=True)
+    scores = predict(model, val.store, ctx.cfg["eval_batch_size"], gate="on")
     snap: dict = {}
 
     def lazy_snapshot():
@@ -92,13 +94,13 @@ def _train_fairnet(ctx: Context, name: str, sens: np.ndarray, point: dict, grid_
     return model, stats
 
 
-def _train_groups(setting: str, train, cfg: dict, seed: int) -> np.ndarray:
-    """The train group labels a setting sees: all, a seeded 10 % (-1 elsewhere) or none (all -1)."""
-    if setting == "full":
-        return train.sensitive
-    if setting == "partial":
-        return partial_group_labels(train.sensitive, cfg["label_fraction"], seed + 101)
-    return np.full(len(train), -1)
+def _train_groups(ctx: Context, setting: str) -> np.ndarray:
+    """The train group labels a setting sees (`data.setting_groups`: `fairnet_peft.data.hide_group_labels`)."""
+    train, val = ctx.split("train"), ctx.split("validation")
+    train_s, _ = setting_groups({"train": train.labels, "validation": val.labels},
+                                {"train": train.sensitive, "validation": val.sensitive}, setting, ctx.seed,
+                                ctx.cfg["label_fraction"])
+    return train_s
 
 
 def _search_grid(ctx: Context, name: str, sens: np.ndarray, grid: list, sel: Selector) -> tuple:
@@ -128,17 +130,23 @@ def _search_grid(ctx: Context, name: str, sens: np.ndarray, grid: list, sel: Sel
 
 def run_fairnet(ctx: Context, name: str) -> dict:
     """One FairNet variant: grid × epochs × τ selected on validation, then its test metrics, gate rates and sweep."""
-    spec, cfg, train = FAIR_VARIANTS[name], ctx.cfg, ctx.split("train")
-    sens = _train_groups(spec["setting"], train, cfg, ctx.seed)
+    spec, cfg = FAIR_VARIANTS[name], ctx.cfg
+    sens = _train_groups(ctx, spec["setting"])
     metric = "worst_group_accuracy" if spec["setting"] == "full" else "worst_class_accuracy"
     grid = setting_grid(list(cfg.get("fair_grid") or [{}]), spec["setting"])
     sel = Selector(metric, ctx.erm_val_acc)
-    (model, stats), grid_errors = _search_grid(ctx, name, sens, grid, sel)
+    try:
+        (model, stats), grid_errors = _search_grid(ctx, name, sens, grid, sel)
+    except ValueError as err:  # the trainer refused every grid point (e.g. no anchors): ERM's predictions
+        log(f"  {name}: FairTrainer raised, reporting ERM's predictions: {err}")
+        return test_result(ctx, ctx.erm["test"]["logits"].argmax(-1), trainer_error=str(err), tau=1.0, grid=grid,
+                           detector_tpr=0.0, detector_fpr=0.0, gate_rate=0.0,
+                           train_labelled_rows=int((sens >= 0).sum()))
     restore(model, sel.state)
     tau = float(sel.best["tau"])
     model.peft_config[model.active_adapter].threshold = tau
     test = ctx.split("test")
-    on = predict(model, test.store, cfg["eval_batch_size"], gate_on=True)
+    on = predict(model, test.store, cfg["eval_batch_size"], gate="on")
     off = ctx.erm["test"]["logits"]
     gate = on["risk"] > tau
     point = grid[int(sel.best["grid"])]
@@ -150,45 +158,113 @@ def run_fairnet(ctx: Context, name: str) -> dict:
         gate_rate=float(gate.mean()), train_labelled_rows=int((sens >= 0).sum()),
         sweep=sweep_rows(off, on["logits"], on["risk"], test.labels, test.sensitive, TAU_GRID),
     )
-    if name == "FairNet-Full":  # the paper's train+test block: the test group label is the gate
-        oracle = np.where(test.sensitive == 1, on["logits"].argmax(-1), off.argmax(-1))
+    if spec["setting"] == "full" and spec["tau"] == "grid" and spec["objective"] == "contrastive":
+        oracle = np.where(test.sensitive == 1, on["logits"].argmax(-1), off.argmax(-1))  # the test group is the gate
         result["oracle_gate"] = test_result(ctx, oracle, detector_tpr=1.0, detector_fpr=0.0)
     return result
 
 
-def fairnet_defaults(erm, ds, setting: str, task_type, cfg: dict, seed: int, out: str, collate, n_boot: int) -> dict:
-    """FairNet at DEFAULT FairTrainingArguments on a copy of the ERM model; test metrics, gate, AUCs, pseudo-labels."""
+def train_at_defaults(erm, train, eval_dataset, fair_config: dict, out: str, seed: int, epochs: float, batch: int,
+                      eval_batch: int, collate, **plumbing):
+    """FairNet as users get it, on a copy of `erm`: `FairLoraConfig(**fair_config)` (the task type, and for a model cut
+    below its frozen blocks the block that is the full model's default detector layer) and `FairTrainer` at default
+    `FairTrainingArguments`: only output dir, epochs, batch sizes, seed and logging are set (`common.run_args`), plus
+    `plumbing`: data-loading fields such as `remove_unused_columns`, and in the tiny test presets only the capped
+    update floors (`config.TINY_FAIR_OVERRIDES`). Returns (trainer, train metrics)."""
     from peft import get_peft_model
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
     from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 
-    train_s, train_y = np.asarray(ds["train"]["sensitive"]), np.asarray(ds["train"]["labels"])
-    masked = {"full": train_s, "partial": partial_mask(train_s, train_y, seed),
-              "unlabeled": np.full_like(train_s, -1)}[setting]
-    train = ds["train"].remove_columns("sensitive").add_column("sensitive", masked.tolist()).with_format("torch")
-    model = get_peft_model(copy.deepcopy(erm), FairLoraConfig(task_type=task_type))
-    args = FairTrainingArguments(**run_args(out, seed, cfg["fair_epochs"], cfg["batch"], cfg["eval_batch"]))  # no FairNet knob: defaults
-    trainer = quiet(FairTrainer(model, args, train_dataset=train, eval_dataset=ds["validation"],
-                                 data_collator=collate))
-    train_metrics = trainer.train().metrics
-    logits, risk, gate = trainer.predict(ds["test"]).predictions[:3]
+    model = get_peft_model(copy.deepcopy(erm), FairLoraConfig(**fair_config))
+    args = FairTrainingArguments(**run_args(out, seed, epochs, batch, eval_batch), **plumbing)
+    trainer = quiet(FairTrainer(model, args, train_dataset=train, eval_dataset=eval_dataset, data_collator=collate))
+    return trainer, trainer.train().metrics
+
+
+def _gates(predictions, n: int) -> tuple:
+    """(logits, risk, gate) of `trainer.predict(...).predictions`, one risk and gate per row."""
+    logits, risk, gate = predictions[:3]
+    return (np.asarray(logits), np.asarray(risk, np.float64).reshape(n, -1)[:, 0],
+            np.asarray(gate).reshape(n, -1)[:, 0] > 0)
+
+
+def _train_summary(trainer, train_metrics: dict) -> dict:
+    return dict(detector_auc=finite(train_metrics.get("train_detector_auc")),
+                probe_auc=finite(train_metrics.get("train_probe_auc")),
+                train_metrics={k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
+
+
+def run_fairnet_defaults(ctx: Context, name: str) -> dict:
+    """One FairNet-at-defaults row of the quality suite: `train_at_defaults` in the row's setting, then the test
+    metrics of the model the trainer hands back (its own gate and τ), the gate rates, the τ sweep and (full) the
+    oracle row with the test group label as the gate."""
+    setting, cfg = FAIRNET_DEFAULTS[name], ctx.cfg
+    train, val, test = (ctx.split(k) for k in ("train", "validation", "test"))
+    train_s, val_s = setting_groups({"train": train.labels, "validation": val.labels},
+                                    {"train": train.sensitive, "validation": val.sensitive}, setting, ctx.seed,
+                                    cfg["label_fraction"])
+    store = InputStore.concat([train.store, val.store, test.store])  # one collator for every split's row index
+    collate = Collator(store, ("sensitive", "fairnet_row"))
+    out = os.path.join(ctx.tmp, name.replace(" ", "_"))
+    try:
+        trainer, metrics = train_at_defaults(ctx.erm_model, hf_dataset(train, sensitive=train_s),
+                                             hf_dataset(val, sensitive=val_s, offset=len(train)),
+                                             ctx.bundle.fair_config, out, ctx.seed, cfg["fair_epochs"],
+                                             cfg["batch_size"], cfg["eval_batch_size"], collate,
+                                             remove_unused_columns=False, **cfg.get("fair_overrides", {}))
+    except ValueError as err:  # the trainer refused (e.g. no anchors): the user keeps the ERM model
+        log(f"  {name}: FairTrainer raised, reporting ERM's predictions: {err}")
+        return test_result(ctx, ctx.erm["test"]["logits"].argmax(-1), trainer_error=str(err), tau=1.0,
+                           label_setting=setting, train_labelled_rows=int((train_s >= 0).sum()),
+                           detector_tpr=0.0, detector_fpr=0.0, gate_rate=0.0)
+    model = trainer.model
+    logits, risk, gate = _gates(trainer.predict(hf_dataset(test, offset=len(train) + len(val))).predictions,
+                                len(test))
+    s = test.sensitive
+    res = test_result(ctx, logits.argmax(-1), tau=float(model.peft_config[model.active_adapter].threshold),
+                      label_setting=trainer.label_setting, train_labelled_rows=int((train_s >= 0).sum()),
+                      detector_tpr=float(gate[s == 1].mean()), detector_fpr=float(gate[s == 0].mean()),
+                      gate_rate=float(gate.mean()), **_train_summary(trainer, metrics))
+    bs = cfg["eval_batch_size"]
+    on, off = predict(model, test.store, bs, gate="on"), predict(model, test.store, bs, gate="off")
+    res["sweep"] = sweep_rows(off["logits"], on["logits"], on["risk"], test.labels, s, TAU_GRID)
+    if setting == "full":  # the paper's train+test block: the test group label is the gate
+        oracle = np.where(s == 1, on["logits"].argmax(-1), off["logits"].argmax(-1))
+        res["oracle_gate"] = test_result(ctx, oracle, detector_tpr=1.0, detector_fpr=0.0)
+    del trainer
+    return res
+
+
+def fairnet_defaults(erm, erm_pred, ds, setting: str, task_type, cfg: dict, seed: int, out: str, collate,
+                     n_boot: int) -> dict:
+    """FairNet at DEFAULT FairTrainingArguments on a copy of the ERM model; test metrics, gate, AUCs, pseudo-labels.
+    When the trainer raises a ValueError (e.g. no anchor rows), the row is ERM's test predictions (what the user
+    keeps) with the error under `trainer_error`."""
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+    train_s = np.asarray(ds["train"]["sensitive"])
+    seen = setting_view(ds, setting, seed, cfg.get("label_fraction", LABEL_FRACTION))
     y, s = (np.asarray(ds["test"][k]) for k in ("labels", "sensitive"))
+    try:
+        trainer, train_metrics = train_at_defaults(erm, seen["train"], seen["validation"], dict(task_type=task_type),
+                                                   out, seed, cfg["fair_epochs"], cfg["batch"], cfg["eval_batch"],
+                                                   collate, **cfg.get("fair_overrides", {}))
+    except ValueError as err:  # the trainer refused (e.g. no anchors): the user keeps the ERM model
+        dlog(f"  {setting}: FairTrainer raised, reporting ERM's predictions: {err}")
+        res = bootstrap_scores(y, erm_pred, s, n_boot, seed)
+        res.update(trainer_error=str(err), gate_rate_s0=0.0, gate_rate_s1=0.0, train_metrics={})
+        return res
+    logits, risk, gate = _gates(trainer.predict(ds["test"]).predictions, len(y))
     res = bootstrap_scores(y, logits.argmax(-1), s, n_boot, seed)
-    gate = np.asarray(gate).reshape(len(y), -1)[:, 0] > 0
-    risk = np.asarray(risk, np.float64).reshape(len(y), -1)[:, 0]
     res.update(gate_rate_s0=float(gate[s == 0].mean()), gate_rate_s1=float(gate[s == 1].mean()),
-               test_risk_auc=float(roc_auc_score(s, risk)),
-               detector_auc=finite(train_metrics.get("train_detector_auc")),
-               probe_auc=finite(train_metrics.get("train_probe_auc")),
-               train_metrics={k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
+               test_risk_auc=float(roc_auc_score(s, risk)), **_train_summary(trainer, train_metrics))
     pseudo = trainer.pseudo_labels
     if setting == "unlabeled" and pseudo is not None:  # the pseudo-labeler against the true group (report only)
         pseudo = np.asarray(pseudo).reshape(-1)
         res.update(pseudo_precision=float(precision_score(train_s, pseudo, zero_division=0)),
                    pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)),
                    pseudo_details=dict(trainer.pseudo_label_details))
-        res["selector"] = _selector(trainer, ds, collate)  # issue 11 item 2: ρ of the label-free selectors
+        res["selector"] = _selector(trainer, ds, collate)  # ρ of the label-free selectors with the true val WGA
     return res
 
 

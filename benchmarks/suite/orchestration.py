@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from .common import logger
-from .config import DEFAULTS_PRESETS, METHODS, ORACLE_ROW, TASKS
-from .data import build_task, build_text, build_vision, task_loader
-from .fairnet import fairnet_defaults, run_fairnet
+from .config import DEFAULTS_PRESETS, FAIRNET_DEFAULTS, GRID_ORACLE_ROW, METHODS, ORACLE_ROW, TASKS, floor_row
+from .data import build_hidden, build_task, build_text, build_vision, task_loader
+from .fairnet import fairnet_defaults, run_fairnet, run_fairnet_defaults
 from .methods import RUNNERS, Context, bootstrap_scores, train_erm
 from .report import save_json
 from .report_defaults import summarise_task
@@ -139,8 +139,8 @@ def quality_sequential(args, report: dict, json_path: str, t_start: float) -> No
 
 
 def _log_method(dataset: str, seed: int, method: str, res: dict, seconds: float) -> None:
-    extra = f" tau={res['tau']:.1f} TPR={res['detector_tpr']:.3f} FPR={res['detector_fpr']:.3f}" if "tau" in res else ""
-    log(f"{dataset} seed {seed} {method:<29} ACC={res['accuracy']:.4f} WGA={res['worst_group_accuracy']:.4f} "
+    extra = f" tau={res['tau']:.3g} TPR={res['detector_tpr']:.3f} FPR={res['detector_fpr']:.3f}" if "tau" in res else ""
+    log(f"{dataset} seed {seed} {method:<36} ACC={res['accuracy']:.4f} WGA={res['worst_group_accuracy']:.4f} "
         f"EOD={res['equalized_odds_difference']:.4f}{extra} ({seconds:.0f}s)")
 
 
@@ -150,7 +150,8 @@ def quality_seed(dataset: str, seed: int, args, slot: dict) -> dict:
 
     cfg = args.config[dataset]
     t0 = time.time()
-    bundle = build_text(cfg, seed, args.minilm) if dataset == "text" else build_vision(cfg, seed)
+    bundle = (build_text(cfg, seed, args.minilm) if dataset == "text" else build_vision(cfg, seed)
+              if dataset == "vision" else build_hidden(cfg, seed))
     sizes = {k: len(v) for k, v in bundle.splits.items()}
     log(f"{dataset} seed {seed}: data ready in {time.time() - t0:.0f}s {sizes}")
     tmp = tempfile.mkdtemp(prefix=f"quality-{dataset}-{seed}-", dir=args.tmp_root)
@@ -161,12 +162,18 @@ def quality_seed(dataset: str, seed: int, args, slot: dict) -> dict:
         for method in [m for m in METHODS if m in args.method_list]:
             t = time.time()
             T.set_seed(seed)
-            res = RUNNERS[method](ctx) if method in RUNNERS else run_fairnet(ctx, method)
-            if "oracle_gate" in res:
-                results[ORACLE_ROW] = res.pop("oracle_gate")
+            res = (RUNNERS[method](ctx) if method in RUNNERS else run_fairnet_defaults(ctx, method)
+                   if method in FAIRNET_DEFAULTS else run_fairnet(ctx, method))
+            oracle, floor = res.pop("oracle_gate", None), res.pop("floor", None)
             results[method] = res
+            if oracle is not None:
+                results[ORACLE_ROW if method in FAIRNET_DEFAULTS else GRID_ORACLE_ROW] = oracle
+            if floor is not None:
+                results[floor_row(method)] = floor
             timings[method] = round(time.time() - t, 1)
             _log_method(dataset, seed, method, res, timings[method])
+            if floor is not None:
+                _log_method(dataset, seed, floor_row(method), floor, 0)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +220,8 @@ def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: s
            "timings_s": {"data+erm": time.time() - t0}}
     for setting in settings:
         t0 = time.time()
-        res = fairnet_defaults(erm, ds, setting, task_type, cfg, seed, os.path.join(tmp, setting), collate, n_boot)
+        res = fairnet_defaults(erm, erm_pred, ds, setting, task_type, cfg, seed, os.path.join(tmp, setting), collate,
+                               n_boot)
         run["settings"][setting], run["timings_s"][setting] = res, time.time() - t0
         dlog(f"{task} seed {seed} {setting}: ACC {res['accuracy']['point']:.3f} WGA "
              f"{res['worst_group_accuracy']['point']:.3f} (ERM {run['erm']['worst_group_accuracy']['point']:.3f}), "

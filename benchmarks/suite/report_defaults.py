@@ -1,7 +1,8 @@
 """Report of the default-settings suite: per task and setting, ERM vs FairNet at default arguments.
 
 Runs → `summarise_task` (seed means with a 95 % t-interval, detector/probe AUCs, gate rates, ERM's worst cells) →
-`goal` (the issue 10/11 targets, only where ERM's worst cell is a minority cell) → `render` (the headline table
+`goal` (the targets, only where ERM's worst cell is a minority cell; "do no harm" on a task whose group is not in
+the input) → `render` (the headline table
 with its command first, then the legend, per-task notes and the per-seed bootstrap CIs). `finish_defaults` writes
 table.md, results.json and the generated block through `report.publish`.
 """
@@ -13,20 +14,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .common import finite
-from .config import ACC_TOL, GOAL_GAIN, METRICS, MIN_CELL, SETTINGS, UNLABELED_GAIN
+from .common import t_interval
+from .config import ACC_TOL, GOAL_GAIN, METRICS, MIN_CELL, NO_HARM_TASKS, NO_HARM_WGA, SETTINGS, UNLABELED_GAIN
 from .report import DEFAULTS_BLOCK, publish
-
-
-def t_interval(values) -> dict:
-    from scipy import stats
-
-    v = np.asarray([x for x in values if finite(x) is not None], np.float64)
-    mean = float(v.mean()) if len(v) else float("nan")
-    if len(v) < 2:
-        return {"mean": mean, "low": None, "high": None, "n": int(len(v)), "values": v.tolist()}
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(v)), "values": v.tolist()}
 
 
 def summarise_task(task: str, runs: dict) -> dict:
@@ -49,17 +39,22 @@ def summarise_task(task: str, runs: dict) -> dict:
 
 
 def goal(task: str, setting: str, row: dict, full: Optional[dict]) -> dict:
-    """Goal check on seed means; n/a where ERM's worst cell is a majority cell (FairNet only lifts minority cells)."""
+    """Goal check on seed means; n/a where ERM's worst cell is a majority cell (FairNet only lifts minority cells). On a
+    task whose group is not in the input (`NO_HARM_TASKS`) the goal is to do no harm in every setting: WGA ≥ ERM − 1
+    and ACC ≥ ERM − 0.5."""
     wga, acc = row["fairnet_worst_group_accuracy"]["mean"], row["fairnet_accuracy"]["mean"]
     erm_wga, erm_acc = row["erm_worst_group_accuracy"]["mean"], row["erm_accuracy"]["mean"]
-    if setting == "partial":
+    if task in NO_HARM_TASKS:
+        target = erm_wga - NO_HARM_WGA
+        what = f"ERM − {100 * NO_HARM_WGA:.0f} (no harm: the group is not in the input)"
+    elif setting == "partial":
         if full is None:
             return {"applies": False, "text": "n/a (needs the full setting)"}
         target, what = full["fairnet_worst_group_accuracy"]["mean"] - 0.03, "Full − 3"
     else:
         gain = UNLABELED_GAIN.get(task, GOAL_GAIN[setting]) if setting == "unlabeled" else GOAL_GAIN[setting]
         target, what = erm_wga + gain, f"ERM + {100 * gain:.0f}"
-    if not row["erm_worst_is_minority"]:
+    if not row["erm_worst_is_minority"] and task not in NO_HARM_TASKS:
         return {"applies": False, "text": "n/a: ERM's worst cell is a majority cell, which FairNet by design leaves as "
                                           "ERM has it"}
     ok_w, ok_a = wga >= target - 1e-12, acc >= erm_acc - ACC_TOL - 1e-12
@@ -94,10 +89,12 @@ LEGEND = ("Test-split percentages: mean over seeds [95 % t-interval over seeds; 
           "and logging set); ERM = plain `Trainer`, fixed epochs. WGA = min over label × group cells; EOD = "
           "½(|ΔTPR| + |ΔFPR|); det./probe AUC = `train_detector_auc` / `train_probe_auc`; gate = test rows with the "
           "LoRA on, per group, at the adapter's τ (0.5; unlabeled: the τ chosen after training); pseudo-label P / R = precision / recall of the unlabeled setting's "
-          "pseudo-labels against the true train groups (reported, never used). Goals: full WGA ≥ ERM + 5 (issue 10), "
-          "partial WGA ≥ Full − 3, unlabeled WGA ≥ ERM + 5 (Adult + 3) (issue 11), all with ACC ≥ ERM − 0.5; they "
-          "apply only where ERM's worst cell is a minority (s=1) cell in most seeds: FairNet by design only lifts "
-          "minority cells.")
+          "pseudo-labels against the true train groups (reported, never used). Partial and unlabeled: the group labels "
+          "`fairnet_peft.data.hide_group_labels` leaves (partial: a seeded 10 % of the train rows; validation without "
+          "group labels in both). Goals: full WGA ≥ ERM + 5, partial WGA ≥ Full − 3, unlabeled WGA ≥ ERM + 5 (Adult "
+          "+ 3), all with ACC ≥ ERM − 0.5; they apply only where ERM's worst cell is a minority (s=1) cell in most "
+          "seeds: FairNet by design only lifts minority cells. hidden (the group is not in the input): do no harm, "
+          "WGA ≥ ERM − 1 and ACC ≥ ERM − 0.5 in every setting.")
 
 
 def _headline_row(task: str, st: str, row: dict) -> str:
@@ -142,6 +139,10 @@ def _guard_and_labeler_note(runs: dict) -> str:
     notes = []
     for st in SETTINGS:
         res = [r["settings"][st] for r in runs.values() if st in r["settings"]]
+        errors = [x["trainer_error"] for x in res if x.get("trainer_error")]
+        if errors:
+            notes.append(f"{st}: FairTrainer raised in {len(errors)} of {len(res)} seeds, the row keeps ERM's "
+                         f"predictions there (first error: {errors[0]})")
         guarded = [x["train_metrics"] for x in res if "train_guard_raised" in x.get("train_metrics", {})]
         if guarded:
             raised = [f"{m['train_guard_threshold']:.3g}" for m in guarded if m["train_guard_raised"]]

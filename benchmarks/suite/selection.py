@@ -1,14 +1,15 @@
 """Model selection on validation, never on test: the candidates a method offers and the rule that keeps one.
 
 `Selector` keeps the best (epoch[, grid point, τ]) candidate under the validation ACC floor (ERM's val ACC − 0.5
-points) and snapshots only that candidate's trainable parameters (`snapshot` / `restore`). `tau_candidates` gives
-FairNet's τ candidates from the validation risks (label-free); `setting_grid` gives the FairNet hyper-parameter
-points one label setting trains.
+points) and snapshots only that candidate's trainable parameters (`snapshot` / `restore`); `floor_selector` is the
+rule of the baselines' "ACC floor" rows (val WGA among the candidates that meet the floor; none does: the most
+accurate). `tau_candidates` gives FairNet's τ candidates from the validation risks (label-free); `setting_grid` gives
+the FairNet hyper-parameter points one label setting trains.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -56,27 +57,56 @@ def restore(model: nn.Module, state: dict) -> None:
 
 class Selector:
     """Keeps the best candidate by (meets the val-ACC floor, `metric`, val ACC); the floor is `reference_acc` (ERM's
-    val ACC) − ACC_TOLERANCE (0.5 points). No reference: no floor."""
+    val ACC) − ACC_TOLERANCE (0.5 points). No reference: no floor. Among candidates that all miss the floor the
+    `fallback` decides: "metric" (the best `metric`, then ACC) or "accuracy" (the most accurate, then `metric`).
+    Ties keep the earlier candidate."""
 
-    def __init__(self, metric: str, reference_acc: Optional[float] = None):
-        self.metric = metric
+    def __init__(self, metric: str, reference_acc: Optional[float] = None, fallback: str = "metric"):
+        if fallback not in ("metric", "accuracy"):
+            raise ValueError(f"Selector fallback must be 'metric' or 'accuracy', got {fallback!r}")
+        self.metric, self.fallback = metric, fallback
         self.floor = None if reference_acc is None else reference_acc - ACC_TOLERANCE
         self.best: Optional[dict] = None
-        self.state: Optional[dict] = None
+        self.state = None
         self.history: list[dict] = []
 
+    def meets_floor(self, c: dict) -> bool:
+        return True if self.floor is None else c["accuracy"] >= self.floor - 1e-9
+
     def key(self, c: dict) -> tuple:
-        ok = True if self.floor is None else c["accuracy"] >= self.floor - 1e-9
+        ok = self.meets_floor(c)
+        if not ok and self.fallback == "accuracy":
+            return (ok, c["accuracy"], c[self.metric])
         return (ok, c[self.metric], c["accuracy"])
 
-    def offer(self, cand: dict, state_fn: Callable[[], dict]) -> None:
+    def offer(self, cand: dict, state_fn: Callable[[], Any]) -> None:
         self.history.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in cand.items()})
         if self.best is None or self.key(cand) > self.key(self.best):
             self.best, self.state = cand, state_fn()
 
+    @property
+    def floor_met(self) -> Optional[bool]:
+        return None if self.best is None else self.meets_floor(self.best)
+
+
+def floor_selector(reference_acc: Optional[float]) -> Selector:
+    """The rule of a baseline's "ACC floor" row: the best validation WGA among the candidates whose validation ACC is
+    at least `reference_acc` (ERM's) − 0.5 points; when none is, the most accurate candidate (`floor_met` False)."""
+    return Selector("worst_group_accuracy", reference_acc, fallback="accuracy")
+
+
+def pick_under_floor(candidates: list[dict], reference_acc: Optional[float]) -> int:
+    """Index of the candidate `floor_selector(reference_acc)` keeps (for candidates scored all at once)."""
+    sel = floor_selector(reference_acc)
+    for i, cand in enumerate(candidates):
+        sel.offer(cand, lambda i=i: i)
+    if sel.state is None:
+        raise ValueError("pick_under_floor: no candidates")
+    return int(sel.state)
+
 
 def selector_ranks(val_scores, val_pseudo_groups: np.ndarray, test_scores) -> dict:
-    """Issue 11 item 2: across the τ candidates of `tau_candidates` (label-free), Spearman's ρ between each label-free
+    """Across the τ candidates of `tau_candidates` (label-free), Spearman's ρ between each label-free
     selector on validation and the true validation WGA, and the test WGA of the τ each selector picks.
 
     Selectors: `pseudo` = worst accuracy over (class × pseudo-group) cells, the pseudo-groups of the validation rows

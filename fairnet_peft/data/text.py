@@ -3,7 +3,8 @@
 ``load_adult_text`` and ``load_bug_professions_text`` read the real rows shipped next to this file (sources in
 ``ADULT_SOURCE.md`` / ``BUG_SOURCE.md``), split and subsample them (seeded, stratified on label x group with
 ``sampling.stratified_subsample``) and return ``text``/``labels``/``sensitive``. ``make_synthetic_text`` builds an
-already-tokenised spurious-correlation task for fast tests. Each returns a train/validation/test ``DatasetDict``.
+already-tokenised spurious-correlation task for fast tests (``group_in_input=False``: a variant whose group is
+not in the input). Each returns a train/validation/test ``DatasetDict``.
 """
 
 from __future__ import annotations
@@ -163,6 +164,14 @@ SYNTH_DESCRIPTION = (
     "core_agreement in both groups) and noise fillers (ids >= 8), then padding (id 0)."
 )
 
+SYNTH_HIDDEN_DESCRIPTION = (
+    "Synthetic pre-tokenised task whose group is NOT in the input (group_in_input=False). Row = [CLS]=1 then, in "
+    "random order, a spurious token (4/5) and a core token (6/7), each uniform and independent, and noise fillers "
+    "(ids >= 8), then padding (id 0); no group marker. The group is drawn independently of every token. labels: the "
+    "spurious token's value in the majority; the core token's value (flipped with probability 1 - core_agreement) "
+    "in the minority."
+)
+
 
 def make_synthetic_text(
     seed: int = 0,
@@ -175,6 +184,7 @@ def make_synthetic_text(
     *,
     eval_minority_fraction: float = 0.3,
     core_agreement: float = 0.85,
+    group_in_input: bool = True,
 ) -> DatasetDict:
     """Tiny synthetic spurious-correlation task, already tokenised (for fast tests).
 
@@ -191,6 +201,15 @@ def make_synthetic_text(
     ``eval_minority_fraction`` (default 0.3) so worst-group accuracy can be measured. Briefly
     trained ERM leans on the spurious token (90 % train accuracy) and fails on the minority.
 
+    With ``group_in_input=False`` the group cannot be read from the input, by construction: the
+    tokens (a spurious and a core token, each uniform and independent, and the fillers; no group
+    marker) are drawn from their own random stream, and the group from another, so a row's tokens
+    are the same whatever ``minority_fraction`` is. The majority's label is the spurious token's
+    value, the minority's the core token's (flipped with probability ``1 - core_agreement``).
+    ERM learns the majority's rule and gets about half of the minority right, and no model that
+    only sees the input can do better on both groups at once: the task checks that a correction
+    which cannot see the group does no harm.
+
     Columns: ``input_ids`` and ``attention_mask`` (int lists of length ``seq_len``), ``labels``,
     ``sensitive``. Usable by a ``BertForSequenceClassification`` with ``vocab_size=vocab_size``.
     """
@@ -206,7 +225,30 @@ def make_synthetic_text(
         "sensitive": Value("int64"),
     })
 
+    def build_hidden(split_id: int, n: int, frac: float, split: str) -> Dataset:
+        rng_x = np.random.default_rng([seed, split_id, 1])  # the tokens: never sees the group
+        rng_s = np.random.default_rng([seed, split_id, 2])  # the group and the minority's label noise
+        spur, core = rng_x.integers(0, 2, size=n), rng_x.integers(0, 2, size=n)
+        n_fill = rng_x.integers(1, max_fill + 1, size=n)
+        ids = np.zeros((n, seq_len), np.int64)
+        mask = np.zeros((n, seq_len), np.int64)
+        for i in range(n):
+            content = np.concatenate([[SYNTH_TOKENS["spurious"][spur[i]], SYNTH_TOKENS["core"][core[i]]],
+                                      rng_x.integers(SYNTH_TOKENS["filler_start"], vocab_size, size=n_fill[i])])
+            row = np.concatenate([[SYNTH_TOKENS["cls"]], rng_x.permutation(content)])
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        sens = np.zeros(n, np.int64)
+        sens[rng_s.permutation(n)[: int(round(n * frac))]] = 1
+        minority_label = np.where(rng_s.random(n) < core_agreement, core, 1 - core)
+        labels = np.where(sens == 0, spur, minority_label).astype(np.int64)
+        mapping = {"input_ids": ids, "attention_mask": mask, "labels": labels, "sensitive": sens}
+        return Dataset.from_dict(mapping, features=features,
+                                 info=_info(SYNTH_HIDDEN_DESCRIPTION + f" Split: {split}.", features))
+
     def build(split_id: int, n: int, frac: float, split: str) -> Dataset:
+        if not group_in_input:
+            return build_hidden(split_id, n, frac, split)
         rng = np.random.default_rng([seed, split_id])
         n_min = int(round(n * frac))
         sens = np.zeros(n, np.int64)
