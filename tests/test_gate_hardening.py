@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 import weakref
 
 import pytest
@@ -153,9 +154,11 @@ def test_custom_torch_checkpoint_recomputes_with_the_pass_gate():
 
 # ---------------------------------------------------------------------------- 2. no pinned batch tensors
 def _reachable_tensors(state: GateState) -> list[torch.Tensor]:
-    """Tensors reachable from the gate state, not counting the detector module, configs and hook handles."""
+    """Tensors reachable from the gate state (the calling thread's part included), not counting the detector module,
+    configs and hook handles."""
     seen, out = set(), []
     todo = [v for k, v in vars(state).items() if k not in ("detector", "configs", "read_handles", "root_handles")]
+    assert any(isinstance(v, threading.local) for v in todo)  # the per-thread passes and records are walked too
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
@@ -167,6 +170,8 @@ def _reachable_tensors(state: GateState) -> list[torch.Tensor]:
             todo.extend(obj.values())
         elif isinstance(obj, (list, tuple, set)):
             todo.extend(obj)
+        elif isinstance(obj, threading.local):
+            todo.extend(vars(obj).values())
         elif dataclasses.is_dataclass(obj):
             todo.extend(getattr(obj, f.name) for f in dataclasses.fields(obj))
     return out

@@ -17,6 +17,19 @@ model (no gate, never the last pass's). Non-reentrant activation checkpointing r
 after the pass closed: the checkpoint functions are wrapped so that each recomputation replays the gates its block
 saw in the forward (torch's `context_fn`). `nn.DataParallel` replicas are refused (use torchrun/accelerate).
 
+Concurrency: every forward owns its gates. The live passes and the last published records are held per thread
+(`_ThreadGates`, a `threading.local`), and `force_gate` overrides per context (`contextvars`, an immutable mapping),
+so calls from several threads, or asyncio code running the model in executors, never see each other's gates; no lock
+is taken in a forward. `gate_record(model)` returns the calling thread's last completed pass. A `force_gate` block
+applies to the forwards of its own thread or asyncio task, and to `asyncio.to_thread` calls made inside it (they copy
+the context); not to `loop.run_in_executor` calls or other threads. A checkpoint recomputation (possibly in an
+autograd worker thread) replays the view its block pushed, not the forward thread's state.
+
+torch.compile: under `torch.compiler.is_compiling()` the gate stays a device tensor (no `nonzero`, no `.item()`) and
+the layers add a masked update (layer.py); the per-thread stacks are only mutated, never rebound, so the compiled
+code keeps one set of guards for every thread. Reading a `force_gate` override needs a graph break, taken only while
+some `force_gate` block is open (`GateState.forcing`).
+
 Batch contract (`_batch_tensor`): B is dim 0 of the first positional tensor argument, else of the first of the
 keywords input_ids, inputs_embeds, pixel_values, input_values, input_features, x, X, else of any other tensor
 keyword; no tensor → the pass has no gate. `fair_gate` must have B entries. The `attention_mask` keyword (or the
@@ -30,9 +43,12 @@ the batch in dim 0 and raises otherwise.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
+import threading
+import types
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -47,25 +63,39 @@ GateInput = Union[torch.Tensor, dict]
 
 @dataclass
 class GateRecord:
-    """The gate of one adapter for the last forward pass.
+    """The gate of one adapter for one forward pass.
 
     Attributes:
         gate: (B,) bool, True where the adapter's update was applied.
         risk: (B,) float risk scores p_s(x) from the detector, or None if the detector did not run.
         source: "detector", "fair_gate", "forced" or "mixed" (fair_gate with some rows left to the detector).
+        uniform: True / False when every row is known to be on / off without reading the gate (forced gates), else
+            None. `idx`, `n_on` and `rate` read the gate (one device→host sync, cached), so a compiled forward never
+            asks for them.
     """
 
     gate: torch.Tensor
     risk: Optional[torch.Tensor] = None
     source: str = "detector"
-    idx: torch.Tensor = field(default=None, repr=False)
-    n_on: int = 0
+    uniform: Optional[bool] = None
+    _idx: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def build(cls, gate: torch.Tensor, risk=None, source="detector") -> "GateRecord":
-        gate = gate.bool()
-        idx = gate.nonzero().squeeze(1)
-        return cls(gate=gate, risk=risk, source=source, idx=idx, n_on=int(idx.numel()))
+    def build(cls, gate: torch.Tensor, risk=None, source="detector", uniform: Optional[bool] = None) -> "GateRecord":
+        return cls(gate=gate.bool(), risk=risk, source=source, uniform=uniform)
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """(n_on,) indices of the gated rows (computed once: `nonzero` waits for the device)."""
+        if self._idx is None:
+            self._idx = self.gate.nonzero().squeeze(1)
+        return self._idx
+
+    @property
+    def n_on(self) -> int:
+        if self.uniform is not None:
+            return self.batch_size if self.uniform else 0
+        return int(self.idx.numel())
 
     @property
     def batch_size(self) -> int:
@@ -101,17 +131,38 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+class _ThreadGates(threading.local):
+    """One thread's gates: its live passes (innermost last) and a box holding its last published records. Both are
+    created per thread by `__init__` and only mutated afterwards (compiled code guards on them, see the docstring)."""
+
+    def __init__(self):
+        self.passes: list[_Pass] = []
+        # {"records": {adapter: GateRecord}}: this thread's last completed root pass. The key is always there, so
+        # compiled code that writes it sees the same dict layout in every thread (no recompilation per thread)
+        self.published: dict = {"records": {}}
+
+
+_NO_FORCE: Mapping = types.MappingProxyType({})
+# GateState -> immutable {adapter or "*": bool}: the `force_gate` blocks open in the current context
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("fairlora_force_gate", default=_NO_FORCE)
+
+
 class GateState:
-    """Shared per-model gate state. Plain Python object: not a module, never saved."""
+    """Per-model gate state. Plain Python object: not a module, never saved. Shared by the hooks and layers of one
+    model; everything a forward writes lives in the calling thread's `_ThreadGates`."""
 
     def __init__(self, detector: nn.Module):
         self.detector = detector
         self.configs: dict = {}  # adapter -> FairLoraConfig (same objects as model.peft_config)
-        self.forced: dict = {}  # adapter or "*" -> bool, set by `force_gate`
-        self.records: dict[str, GateRecord] = {}  # published by the last completed root pass, for gate_record
-        self.passes: list[_Pass] = []  # live passes, innermost last; empty between forwards
         self.read_handles: dict = {}
         self.root_handles: list = []
+        self._local = _ThreadGates()
+        # the last records published by any thread: only for recomputations by checkpoint functions FairLoRA could not
+        # wrap, which on a GPU run in an autograd worker thread that has no records of its own (see `record`)
+        self._last_records: dict = {}
+        self.forcing = False  # some force_gate block is open (in any thread); read by compiled code instead of _FORCED
+        self._force_blocks = 0
+        self._force_lock = threading.Lock()  # force_gate entry/exit only, never in a forward
 
     # ------------------------------------------------------------------ helpers
     def active_adapters(self) -> list[str]:
@@ -119,25 +170,43 @@ class GateState:
             return []
         return [a for a in self.detector.active_adapters if a in self.configs]
 
-    def _forced_value(self, adapter: str) -> Optional[bool]:
-        return self.forced.get(adapter, self.forced.get("*"))
+    @property
+    def passes(self) -> list[_Pass]:
+        """The calling thread's live passes, innermost last; empty between forwards."""
+        return self._local.passes
+
+    @property
+    def records(self) -> dict:
+        """The calling thread's last published records ({} before its first completed pass)."""
+        return self._local.published["records"]
 
     @property
     def live(self) -> Optional[_Pass]:
-        return self.passes[-1] if self.passes else None
+        passes = self._local.passes
+        return passes[-1] if passes else None
+
+    def forced(self) -> Optional[dict]:
+        """{adapter or "*": bool} of the force_gate blocks open in the calling context; None when there is none."""
+        if torch.compiler.is_compiling():
+            # ContextVar.get does not trace: read it outside the graph, and only while some block is open somewhere
+            return _forced_outside_graph(self) if self.forcing else None
+        return _forced_in_context(self)
 
     def record(self, adapter: str, rows: int) -> Optional[GateRecord]:
         """The gate a LoRA layer whose input has `rows` rows must apply now; None means off (base behaviour).
 
-        Inside a live root pass: that pass's gate (None while the detector has not run yet, which marks the adapter
-        for backtracking). Outside one (a direct call of an inner module): None, except during backward, where a
-        recomputation by a checkpoint function that FairLoRA did not wrap gets the last pass's gate if its batch size
-        matches.
+        Inside a live root pass of the calling thread: that pass's gate (None while the detector has not run yet,
+        which marks the adapter for backtracking). Outside one (a direct call of an inner module): None, except during
+        backward, where a recomputation by a checkpoint function that FairLoRA did not wrap gets the last pass's gate
+        if its batch size matches: this thread's last pass (CPU backward runs in the forward's thread), else, in an
+        autograd worker thread, the model's last published pass (exact when one thread trains the model).
         """
         live = self.live
         if live is None:
-            if _in_backward() and self.records and all(r.batch_size == rows for r in self.records.values()):
-                return self.records.get(adapter)
+            if _in_backward():
+                records = self.records or self._last_records
+                if records and all(r.batch_size == rows for r in records.values()):
+                    return records.get(adapter)
             return None
         rec = live.records.get(adapter)
         if rec is None and not live.replay and adapter in live.pending:
@@ -146,27 +215,32 @@ class GateState:
 
     # ------------------------------------------------------------------ pass start and end
     def open_pass(self) -> _Pass:
-        """Push an empty pass (no gate); `begin_pass` fills it once the batch is known."""
-        if not self.passes:
-            self.records = {}  # a failed forward publishes nothing: gate_record then raises instead of going stale
-        self.passes.append(_Pass(batch_size=0))
-        return self.passes[-1]
+        """Push an empty pass (no gate) on the calling thread's stack; `begin_pass` fills it once the batch is known."""
+        passes = self._local.passes
+        if not passes:
+            self._local.published["records"] = {}  # a failed forward publishes nothing: gate_record raises, not stale
+        passes.append(_Pass(batch_size=0))
+        return passes[-1]
 
     def close_pass(self, publish: bool) -> None:
-        done = self.passes.pop() if self.passes else None
-        if publish and done is not None and not self.passes and not done.replay:
-            self.records = done.records
+        passes = self._local.passes
+        done = passes.pop() if passes else None
+        if publish and done is not None and not passes and not done.replay:
+            self._local.published["records"] = done.records
+            self._last_records = done.records
 
     def begin_pass(self, batch_size: int, device, mask, fair_gate: Optional[GateInput], backtrack=False) -> None:
         adapters = self.active_adapters()
         overrides = _normalise_fair_gate(fair_gate, adapters, batch_size, device)
+        forced_map = self.forced()
         live = self.live
         live.batch_size, live.device, live.mask, live.overrides, live.backtrack = (
             batch_size, device, mask, overrides, backtrack)
         for a in adapters:
-            forced = self._forced_value(a)
+            forced = forced_map.get(a, forced_map.get("*")) if forced_map else None
             if forced is not None:
-                live.records[a] = GateRecord.build(torch.full((batch_size,), forced, device=device), source="forced")
+                live.records[a] = GateRecord.build(torch.full((batch_size,), forced, device=device), source="forced",
+                                                   uniform=forced)
             elif a in overrides and bool((overrides[a] >= 0).all()):
                 live.records[a] = GateRecord.build(overrides[a] == 1, source="fair_gate")
             else:
@@ -174,12 +248,13 @@ class GateState:
 
     @contextlib.contextmanager
     def replaying(self, view: _Pass) -> Iterator[None]:
-        """Make `view` the live pass while a checkpointed block is recomputed during backward."""
-        self.passes.append(view)
+        """Make `view` the live pass of the recomputing thread while a checkpointed block is recomputed in backward."""
+        passes = self._local.passes
+        passes.append(view)
         try:
             yield
         finally:
-            self.passes.remove(view)
+            passes.remove(view)
 
     # ------------------------------------------------------------------ detector
     def detect(self, adapter: str, hidden: torch.Tensor) -> None:
@@ -204,6 +279,15 @@ class GateState:
             source = "mixed"
         live.records[adapter] = GateRecord.build(gate, risk=risk, source=source)
         live.pending.discard(adapter)
+
+
+def _forced_in_context(state: GateState) -> Optional[dict]:
+    """The force_gate overrides of `state` in the calling context (a plain dict: compiled code reads it)."""
+    forced = _FORCED.get().get(state)
+    return dict(forced) if forced else None
+
+
+_forced_outside_graph = torch.compiler.disable(_forced_in_context)  # a graph break: only while a block is open
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:
@@ -410,7 +494,12 @@ def find_gate_state(model: nn.Module) -> GateState:
 
 
 def gate_record(model: nn.Module, adapter_name: Optional[str] = None) -> GateRecord:
-    """Risk scores and gate decisions of the last forward pass for `adapter_name` (default: the first active one).
+    """Risk scores and gate decisions of the calling thread's last completed forward pass of `model` for
+    `adapter_name` (default: the first active one).
+
+    Each thread has its own last pass: read the record in the thread that ran the forward (with asyncio, inside the
+    function given to `asyncio.to_thread` / `run_in_executor`, not in the coroutine). A forward that raised, or one
+    ended by `stop_at_detector`, publishes nothing.
 
     Example:
         >>> out = model(**batch)
@@ -421,12 +510,13 @@ def gate_record(model: nn.Module, adapter_name: Optional[str] = None) -> GateRec
     if adapter_name is None:
         active = state.active_adapters() or list(state.configs)
         adapter_name = active[0] if active else None
-    if adapter_name not in state.records:
+    records = state.records
+    if adapter_name not in records or adapter_name not in state.configs:
         raise ValueError(
-            f"No gate recorded for adapter {adapter_name!r}: run a forward pass first (with the adapter active and "
-            "adapters enabled)."
+            f"No gate recorded for adapter {adapter_name!r} in this thread: run a forward pass first, in the same "
+            "thread (with the adapter active and adapters enabled)."
         )
-    return state.records[adapter_name]
+    return records[adapter_name]
 
 
 @contextlib.contextmanager
@@ -434,15 +524,26 @@ def force_gate(model: nn.Module, on: bool, adapter_names: Optional[Union[str, li
     """Force the gate of every example on (`on=True`) or off (`on=False`) inside the block, for the whole model.
 
     The detector still runs and records its risk scores, so `gate_record(model).risk` is available. Used by the
-    trainer (LoRA forced on for anchors, off for the frozen base features) and by the ablations.
+    trainer (LoRA forced on for anchors, off for the frozen base features) and by the ablations. The block applies to
+    the forwards of the calling thread or asyncio task (and to `asyncio.to_thread` calls made inside it, which copy
+    the context); forwards running in other threads at the same time keep their own gates.
     """
     state = find_gate_state(model)
     keys = ["*"] if adapter_names is None else ([adapter_names] if isinstance(adapter_names, str) else adapter_names)
-    saved = dict(state.forced)
+    outer = _FORCED.get()
+    mine = dict(outer.get(state, _NO_FORCE))
+    mine.update({key: bool(on) for key in keys})
+    token = _FORCED.set(types.MappingProxyType({**outer, state: types.MappingProxyType(mine)}))
+    with state._force_lock:
+        state._force_blocks += 1
+        state.forcing = True
     try:
-        for key in keys:
-            state.forced[key] = bool(on)
         yield
     finally:
-        state.forced = saved
-
+        with state._force_lock:
+            state._force_blocks -= 1
+            state.forcing = state._force_blocks > 0
+        try:
+            _FORCED.reset(token)
+        except ValueError:  # the block was left in another context than it was entered in: restore its value there
+            _FORCED.set(outer)

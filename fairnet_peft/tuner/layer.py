@@ -1,11 +1,13 @@
 """Conditional LoRA layers: y = W x + g(x) · (α / r) · B A x, with a hard per-example gate g(x) ∈ {0, 1}.
 
 The gate covers every token/position of an example (batch row); it comes from the model's `GateState` (gate.py).
-The LoRA math lives in `FairLoraLayer._add_delta` / `lora_delta` only; `forward` picks the rows: no row gated → no
-LoRA compute at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row
-gated → one dense update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and
-added with `index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example). Outside a
-forward of the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
+The LoRA math lives in `FairLoraLayer.lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute
+at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row gated → one dense
+update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and added with
+`index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example). Counting the gated rows
+reads the gate once per pass (a device→host sync). Under torch.compile the gate is not read: the update is computed
+for every row and added through the gate as a 0/1 mask (`_add_masked`), one graph with no sync. Outside a forward of
+the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
 Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
 Merging is refused: the gate depends on the input, so no single merged weight exists.
 """
@@ -65,7 +67,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
     def update_layer(self, adapter_name: str, config) -> None:
         self.r[adapter_name] = config.r
         self.lora_alpha[adapter_name] = config.lora_alpha
-        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.scaling[adapter_name] = config.lora_alpha / config.r * getattr(config, "adapter_strength", 1.0)
         self.fairlora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.fairlora_A[adapter_name], self.fairlora_B[adapter_name] = self._make_pair(config.r)
         self.reset_lora_parameters(adapter_name, config.init_weights)
@@ -108,6 +110,11 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             return result
         return result.index_add_(0, idx, b(hidden), alpha=scale)
 
+    def _add_masked(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str, mask: torch.Tensor) -> torch.Tensor:
+        """result + gate · ΔW x with the gate as a (rows,) 0/1 mask: no gather and no host sync (the compiled path)."""
+        delta = self.lora_delta(x, adapter_name).to(result.dtype)
+        return result + delta * mask.to(result.dtype).view(-1, *([1] * (result.dim() - 1)))
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
@@ -117,14 +124,34 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             if adapter not in self.fairlora_A:
                 continue
             record = state.record(adapter, x.shape[0])
-            if record is None or record.n_on == 0:
+            if record is None:
+                result = self._keep_in_graph(result, adapter)
+                continue
+            uniform = record.uniform
+            if uniform is None and torch.compiler.is_compiling():
+                mask = self._row_mask(record, x.shape[0])
+                if mask is not None:
+                    result = self._add_masked(result, x, adapter, mask)
+                    continue
+            if uniform is None:  # eager: count the gated rows (one sync per pass, cached on the record)
+                n_on = record.n_on
+                uniform = True if n_on == record.batch_size else False if n_on == 0 else None
+            if uniform is False:
                 result = self._keep_in_graph(result, adapter)  # dynamic cost: no gated row, no LoRA compute
-                continue
-            if record.n_on == record.batch_size:  # uniform gate: right for any layout of dim 0 (e.g. B·T tokens)
+            elif uniform:  # every row gated: right for any layout of dim 0 (e.g. B·T tokens)
                 result = self._add_delta(result, x, adapter)
-                continue
-            result = self._add_delta(result, x, adapter, self._gated_rows(record, x.shape[0]).to(x.device))
+            else:
+                result = self._add_delta(result, x, adapter, self._gated_rows(record, x.shape[0]).to(x.device))
         return result
+
+    def _row_mask(self, record, rows: int) -> Optional[torch.Tensor]:
+        """The gate per input row as a (rows,) bool tensor, or None when the layout is not per example (then the
+        caller reads the gate as the eager path does, since only a uniform gate can apply)."""
+        if rows == record.batch_size:
+            return record.gate
+        if self.windowed and rows % record.batch_size == 0:
+            return record.gate.repeat_interleave(rows // record.batch_size)
+        return None
 
     def _gated_rows(self, record, rows: int) -> torch.Tensor:
         """Indices of the input rows of the gated examples: `record.idx`, or in a windowed-attention block (Swin:
@@ -136,8 +163,17 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             offsets = torch.arange(per_example, device=record.idx.device)
             return (record.idx.unsqueeze(1) * per_example + offsets).reshape(-1)
         raise RuntimeError(
-            f"FairLoRA layer got an input with {rows} rows but the gate has {record.batch_size}: this module does not "
-            "keep the batch in dim 0, so it cannot be gated per example. Exclude it from `target_modules`."
+            f"FairLoRA layer ({type(self.get_base_layer()).__name__} {self.in_features}→{self.out_features}) got an "
+            f"input with {rows} rows, but this forward's gate has {record.batch_size} (one per example) and gates "
+            "only some of them, so it cannot tell which rows belong to which example. Possible causes:\n"
+            "  - the module folds the batch into another dim (windowed attention, a custom layer that reshapes its "
+            "input, tokens flattened to (B·T, d)): exclude it from FairLoraConfig.target_modules (or "
+            "exclude_modules); if its rows are example-major (B·k rows, k consecutive rows per example), set "
+            "`windowed = True` on this layer instead;\n"
+            "  - an inner module of the wrapped model is called on another batch while a forward of the wrapped "
+            "model runs in the same thread (a hook or custom forward calling a submodule on other inputs): run that "
+            "call outside the forward, or through the wrapped model.\n"
+            "Forwards running in other threads at the same time do not cause this: each thread has its own gates."
         )
 
     def _keep_in_graph(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
