@@ -61,9 +61,10 @@ FAIR_CASES = [
     ),
     # Conv2d base layer; the detector reads the conv input (B, C, H, W) as H·W tokens of C features.
     ("Conv2d 1 FairLoRA", "Conv2d", FairLoraConfig, {"target_modules": ["conv2d"], "threshold": 0.0}),
-    # GPT-2 style transformers Conv1D base layer (after an embedding, input (B, T, 5)).
+    # GPT-2 style transformers Conv1D base layer (after an embedding, input (B, T, 5)); r=4 because FairLoraConfig
+    # refuses a rank above the module's width (5 inputs, 1 output).
     ("Embedding + transformers Conv1D 1 FairLoRA", "EmbConv1D", FairLoraConfig,
-     {"target_modules": ["conv1d"], "threshold": 0.0}),
+     {"target_modules": ["conv1d"], "r": 4, "threshold": 0.0}),
 ]
 
 # Names the suite imports from packages that may be missing; stubbed only while the suite is imported.
@@ -202,7 +203,7 @@ FAIR_GATED_CASES = [
     ("Gated MLP 4 FairLoRA", "MLP", FairLoraConfig, {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1,
                                                      "detector_module": "lin1", **GATED_DETECTOR}),
     ("Gated Embedding + transformers Conv1D 1 FairLoRA", "EmbConv1D", FairLoraConfig,
-     {"target_modules": ["conv1d"], **GATED_DETECTOR}),
+     {"target_modules": ["conv1d"], "r": 4, **GATED_DETECTOR}),
 ]
 
 

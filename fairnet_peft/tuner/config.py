@@ -2,21 +2,41 @@
 
 A FairLoRA adapter is a LoRA whose low-rank update is switched on per example by a gate. The gate comes from a small
 bias detector that reads the hidden states at `detector_layer` (or from explicit group labels, see `gate.py`).
-This file only holds and validates settings; values that depend on the model (target modules, layer indices,
-sizes) are resolved against the model by `FairLoraModel` and written back into the config before it is saved.
+This file holds and validates settings: the types come from the field annotations (`_check_types`), the ranges from
+`validate`. Values that depend on the model (target modules, layer indices, sizes) are resolved against the model by
+`FairLoraModel` and written back into the config before it is saved. `from_pretrained` also compares the sizes with
+the shapes in the saved weights' header (`checkpoint.py`), before anything is allocated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-DetectorPooling = Literal["attention", "cls", "mean", "last"]
+# The pooling names, defined once: the config's checks and help texts, the detector and representation.py read these.
+TokenPooling = Literal["cls", "mean", "last"]  # (B, T, d) → (B, d): first token, masked mean, last non-padding token
+DetectorPooling = Literal["attention", TokenPooling]
+RepresentationPooling = Literal["auto", "head", TokenPooling]
+_POOLING_NOTES = {"attention": "learned attention pooling, as in the paper", "cls": "first token",
+                  "mean": "masked mean", "last": "last non-padding token, for decoders"}
+
+
+def choices(literal) -> tuple:
+    """The values of a `Literal[...]` alias, e.g. `choices(DetectorPooling)` → ('attention', 'cls', 'mean', 'last')."""
+    return typing.get_args(literal)
+
+
+def choices_text(literal, notes: Optional[dict] = None) -> str:
+    """"'a', 'b' or 'c'" for a Literal alias (each name followed by its note in parentheses, if given)."""
+    names = [repr(c) + (f" ({notes[c]})" if notes and c in notes else "") for c in choices(literal)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _is_int(v) -> bool:
@@ -27,36 +47,47 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _is_names(v) -> bool:
-    return isinstance(v, str) or (isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v))
+# What a value of each annotated type may be, and how an error message names it. `list[X]` accepts a list or a
+# tuple; `set[X]` a set (names whose order does not matter); floats accept ints; bools are never numbers.
+_SCALARS = {
+    int: (_is_int, "an int"),
+    float: (_is_number, "a number (int or float)"),
+    bool: (lambda v: isinstance(v, bool), "True or False"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+_CONTAINERS = {list: ((list, tuple), "a list of {}"), set: ((set, frozenset), "a set of {}")}
+_PLURALS = {int: "ints", float: "numbers", str: "strings", bool: "booleans"}
 
 
-_CHECKS = {
-    "int": _is_int,
-    "number": _is_number,
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "names": _is_names,
-    "name_list": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
-    "ints": lambda v: _is_int(v) or (isinstance(v, (list, tuple, set)) and all(_is_int(x) for x in v)),
-    "int_list": lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) for x in v),
-}
-_KIND_TEXT = {
-    "int": "an int", "number": "a number (int or float)", "bool": "True or False", "str": "a string",
-    "names": "a module name / regex string or a list of names", "name_list": "a list of module names",
-    "ints": "an int or a list of ints", "int_list": "a list of ints",
-}
-# (field, kind, None allowed)
-_TYPED_FIELDS = (
-    ("r", "int", False), ("lora_alpha", "number", False), ("lora_dropout", "number", False),
-    ("target_modules", "names", True), ("exclude_modules", "names", True), ("layers_to_transform", "ints", True),
-    ("layers_pattern", "names", True), ("modules_to_save", "name_list", True), ("bias", "str", False),
-    ("init_weights", "bool", False), ("detector_layer", "int", True), ("detector_module", "str", True),
-    ("detector_input_dim", "int", True), ("detector_pooling", "str", False), ("detector_hidden_sizes", "int_list", False),
-    ("detector_dropout", "number", False), ("threshold", "number", False), ("num_classes", "int", True),
-    ("representation_dim", "int", True), ("representation_pooling", "str", False),
-    ("representation_module", "str", True),
-)
+def _accepts(hint, value) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin is Union:
+        return any(_accepts(arg, value) for arg in args)
+    if origin is Literal:  # the type of its values; membership is a range check (`validate`)
+        return any(_accepts(type(arg), value) for arg in args)
+    if origin in _CONTAINERS:
+        return isinstance(value, _CONTAINERS[origin][0]) and all(_accepts(args[0], v) for v in value)
+    return _SCALARS[hint][0](value)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        kinds = [_describe(arg) for arg in args if arg is not type(None)] + (["None"] if type(None) in args else [])
+        return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    if origin is Literal:
+        return f"{_describe(type(args[0]))} ({choices_text(hint)})"
+    if origin in _CONTAINERS:
+        return _CONTAINERS[origin][1].format(_PLURALS[args[0]])
+    return _SCALARS[hint][1]
+
+
+def _is_numeric(hint) -> bool:
+    """int / float, optional or not: the fields whose numpy scalars are turned into Python numbers."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is Union else [hint]
+    return len(args) == 1 and args[0] in (int, float)
 
 
 @dataclass
@@ -69,11 +100,11 @@ class FairLoraConfig(PeftConfig):
 
     # ---------------------------------------------------------------- LoRA
     r: int = field(default=8, metadata={"help": "LoRA rank r (> 0). ΔW = (lora_alpha / r) · B A."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator α; the update is scaled by α / r."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator α; the update is scaled by α / r."})
     lora_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1). Only active in training mode."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: Optional[Union[list[str], set[str], str]] = field(
         default=None,
         metadata={
             "help": (
@@ -84,10 +115,10 @@ class FairLoraConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: Optional[Union[list[str], set[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: Optional[Union[list[int], set[int], int]] = field(
         default=None,
         metadata={
             "help": (
@@ -109,7 +140,9 @@ class FairLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Base modules (besides the adapter) to train and save, e.g. a new classifier head."},
     )
-    bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'fairlora_only'."})
+    bias: Literal["none", "all", "fairlora_only"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'fairlora_only'."}
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -143,12 +176,11 @@ class FairLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Feature size of the detector input. Default: the model's hidden size or the module's."},
     )
-    detector_pooling: str = field(
+    detector_pooling: DetectorPooling = field(
         default="attention",
         metadata={
             "help": (
-                "How the detector pools tokens/positions: 'attention' (learned attention pooling, as in the paper), "
-                "'cls' (first token), 'mean' (masked mean) or 'last' (last non-padding token, for decoders). Text "
+                f"How the detector pools tokens/positions: {choices_text(DetectorPooling, _POOLING_NOTES)}. Text "
                 "pooling respects the attention mask."
             )
         },
@@ -170,20 +202,31 @@ class FairLoraConfig(PeftConfig):
     # ---------------------------------------------------------------- prototypes / representation
     num_classes: Optional[int] = field(
         default=None,
-        metadata={"help": "Number of task classes K >= 2 for the (class × group) prototypes. Default: config.num_labels."},
+        metadata={
+            "help": (
+                "Number of task classes K >= 2 for the (class × group) prototypes, at most the model's num_labels. "
+                "Default: config.num_labels (0 for a model without one: the prototype pass sets it from the data)."
+            )
+        },
     )
     representation_dim: Optional[int] = field(
         default=None,
-        metadata={"help": "Size of the final representation used for prototypes. Default: config.hidden_size."},
+        metadata={
+            "help": (
+                "Size of the representation z used for the prototypes. Default: the input width of the classification "
+                "head where z is the head's input, else config.hidden_size (0 when neither is known: the prototype "
+                "pass sets it)."
+            )
+        },
     )
-    representation_pooling: str = field(
+    representation_pooling: RepresentationPooling = field(
         default="auto",
         metadata={
             "help": (
                 "Which representation z(x) builds the prototypes and the triplet loss: 'head' (the tensor the "
                 "classification head receives, pooled the way the head pools it; see representation.py), or the last "
-                "hidden state pooled by 'cls', 'mean' or 'last'. 'auto' = 'head' where the head is found, else the "
-                "last hidden state ('last' for decoder-only classifiers with a `score` head, else 'cls')."
+                f"hidden state pooled by {choices_text(TokenPooling)}. 'auto' = 'head' where the head is found, else "
+                "the last hidden state ('last' for decoder-only classifiers with a `score` head, else 'cls')."
             )
         },
     )
@@ -202,30 +245,37 @@ class FairLoraConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.FAIRLORA
         self._check_types()  # before the normalisation below, which would turn e.g. 1.5 into 1 or "abc" into a crash
-        for name, kind, _ in _TYPED_FIELDS:  # numpy scalars → Python numbers (JSON-serialisable)
+        for name, hint in self._typed_fields().items():  # numpy scalars → Python numbers (JSON-serialisable)
             value = getattr(self, name)
-            if kind in ("int", "number") and value is not None:
+            if _is_numeric(hint) and value is not None:
                 setattr(self, name, int(value) if _is_int(value) else float(value))
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple, set)):
+            if isinstance(value, (list, tuple, set, frozenset)):
                 setattr(self, name, set(value) if name != "modules_to_save" else list(value))
-        if isinstance(self.layers_to_transform, (list, tuple, set)):
+        if isinstance(self.layers_to_transform, (list, tuple, set, frozenset)):
             self.layers_to_transform = sorted(int(i) for i in self.layers_to_transform)
         elif self.layers_to_transform is not None:
             self.layers_to_transform = int(self.layers_to_transform)
         self.detector_hidden_sizes = [int(h) for h in self.detector_hidden_sizes]
         self.validate()
 
+    @classmethod
+    @functools.cache
+    def _typed_fields(cls) -> dict:
+        """{field: annotation} of the fields this class adds to PeftConfig, the annotations resolved to types."""
+        hints = typing.get_type_hints(cls)
+        inherited = {f.name for f in fields(PeftConfig)}
+        return {f.name: hints[f.name] for f in fields(cls) if f.name not in inherited}
+
     def _check_types(self) -> None:
-        """Raise a `TypeError` naming the field for a value of the wrong type (a string where a number belongs, ...)."""
-        for name, kind, optional in _TYPED_FIELDS:
+        """Raise a `TypeError` naming the field for a value of the wrong type (a string where a number belongs, ...).
+        What each field accepts is its annotation (`_accepts`)."""
+        for name, hint in self._typed_fields().items():
             value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if not _CHECKS[kind](value):
-                allowed = _KIND_TEXT[kind] + (" or None" if optional else "")
-                raise TypeError(f"FairLoraConfig.{name}={value!r} has type {type(value).__name__}: expected {allowed}.")
+            if not _accepts(hint, value):
+                raise TypeError(f"FairLoraConfig.{name}={value!r} has type {type(value).__name__}: expected "
+                                f"{_describe(hint)}.")
 
     def validate(self) -> None:
         """Raise a `TypeError`/`ValueError` naming the field and its valid range for every invalid value."""
@@ -234,6 +284,9 @@ class FairLoraConfig(PeftConfig):
         def bad(name, value, valid):
             raise ValueError(f"FairLoraConfig.{name}={value!r} is invalid: {valid}.")
 
+        for name, hint in self._typed_fields().items():  # Literal fields: one of the listed names
+            if typing.get_origin(hint) is Literal and getattr(self, name) not in choices(hint):
+                bad(name, getattr(self, name), f"choose {choices_text(hint)}")
         if self.r <= 0:
             bad("r", self.r, "the LoRA rank must be an integer > 0")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
@@ -244,10 +297,6 @@ class FairLoraConfig(PeftConfig):
             bad("detector_dropout", self.detector_dropout, "must be in [0, 1)")
         if not 0.0 <= float(self.threshold) <= 1.0:
             bad("threshold", self.threshold, "τ must be in [0, 1] (gate on when risk > τ)")
-        if self.detector_pooling not in ("attention", "cls", "mean", "last"):
-            bad("detector_pooling", self.detector_pooling, "choose 'attention', 'cls', 'mean' or 'last'")
-        if self.representation_pooling not in ("auto", "head", "cls", "mean", "last"):
-            bad("representation_pooling", self.representation_pooling, "choose 'auto', 'head', 'cls', 'mean' or 'last'")
         if any(h <= 0 for h in self.detector_hidden_sizes):
             bad("detector_hidden_sizes", self.detector_hidden_sizes, "every hidden size must be > 0")
         if self.detector_layer is not None and self.detector_layer < 0:
@@ -269,8 +318,20 @@ class FairLoraConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not value and name != "exclude_modules":
                 bad(name, value, "name at least one module, or leave it None for the default")
-        if self.bias not in ("none", "all", "fairlora_only"):
-            bad("bias", self.bias, "choose 'none', 'all' or 'fairlora_only'")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's `from_pretrained`, then the sizes checked against the shapes in the header of the
+        `adapter_model.safetensors` saved next to the config (only the header is read): a config whose `r`,
+        `num_classes`, `representation_dim`, `detector_*` sizes disagree with its weights, or weights without the
+        detector or the prototype keys, fail here, before `PeftModel.from_pretrained` allocates the adapter."""
+        from .checkpoint import check_config_against_weights
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, FairLoraConfig):
+            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+            check_config_against_weights(config, pretrained_model_name_or_path, subfolder, hub_kwargs)
+        return config
 
     @property
     def scaling(self) -> float:

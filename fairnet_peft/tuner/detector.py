@@ -11,12 +11,15 @@ whether the base runs in bf16 or under `bf16=True` autocast.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .config import TokenPooling, choices_text
 
 
 class FairTunerLayer(BaseTunerLayer):
@@ -60,7 +63,7 @@ def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor], how: str) ->
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         last = (mask.long() * positions).argmax(dim=1)  # works for left and right padding
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
-    raise ValueError(f"Unknown pooling {how!r}; choose 'cls', 'mean' or 'last'.")
+    raise ValueError(f"Unknown pooling {how!r}; choose {choices_text(TokenPooling)}.")
 
 
 class DetectorNet(nn.Module):
@@ -134,12 +137,27 @@ class DetectorNet(nn.Module):
         return torch.sigmoid(self.logits(hidden, mask))
 
 
+def detector_shapes(input_dim: int, hidden_sizes: list[int], pooling: str) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the `DetectorNet` these settings build, from a copy on the meta device (no memory
+    is allocated, whatever the sizes): what a saved detector must contain, and how big it is."""
+    with torch.device("meta"):
+        net = DetectorNet(input_dim, list(hidden_sizes), 0.0, pooling)
+    return {key: tuple(value.shape) for key, value in net.state_dict().items()}
+
+
+def detector_size(input_dim: int, hidden_sizes: list[int], pooling: str) -> int:
+    """Number of values (parameters) of the `DetectorNet` these settings build, without building it."""
+    return sum(math.prod(shape) for shape in detector_shapes(input_dim, hidden_sizes, pooling).values())
+
+
 class FairBiasDetector(nn.Module, FairTunerLayer):
     """Container of the per-adapter detectors and prototype buffers, attached at `<model>.fair_bias_detector`.
 
     Keys in the adapter checkpoint: `fair_bias_detector.fairlora_detector.<params>`,
     `fair_bias_detector.fairlora_prototypes` ((K, 2, d) per-(class × group) mean representations) and
-    `fair_bias_detector.fairlora_prototype_counts` ((K, 2) row counts; all zero until the prototype stage has run).
+    `fair_bias_detector.fairlora_prototype_counts` ((K, 2) row counts). "No prototypes yet" is all-zero counts, never a
+    missing key: a fresh adapter saves both buffers zero-filled (K = 0 or d = 0 where the model declares neither
+    num_labels nor a representation width) until the prototype pass sets them.
     """
 
     adapter_layer_names = ("fairlora_detector",)

@@ -19,8 +19,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import check_loaded_state_dict
 from .config import FairLoraConfig
-from .detector import FairBiasDetector, FairTunerLayer
+from .detector import FairBiasDetector, FairTunerLayer, detector_size
 from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
                    root_pre_hook)
 from .layer import MERGE_REFUSED, FairLoraLayer, dispatch
@@ -69,6 +70,28 @@ def _adaptable_leaves(model: nn.Module) -> list[str]:
     """Leaf names of the modules FairLoRA can adapt (nn.Linear, Conv1D, nn.Conv2d), in model order, for messages."""
     names = [k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))]
     return list(dict.fromkeys(names))
+
+
+def _check_rank(config: FairLoraConfig, target: nn.Module, key: str) -> None:
+    """`r` may not exceed the larger width of a module it adapts (A is r × in, B is out × r): the update B·A has rank
+    at most min(in, out) anyway, and a larger r only allocates memory. Checked before the module's A and B exist."""
+    base = target.get_base_layer() if isinstance(target, FairTunerLayer) else target
+    if isinstance(base, nn.Conv2d):
+        width_in = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
+        width_out = base.out_channels
+    elif isinstance(base, Conv1D):
+        width_in, width_out = base.weight.shape
+    elif isinstance(base, nn.Linear):
+        width_in, width_out = base.in_features, base.out_features
+    else:
+        return  # not adaptable: `layer.dispatch` says so
+    if config.r > max(width_in, width_out):
+        raise ValueError(
+            f"FairLoraConfig.r={config.r} is larger than the module {key!r} it adapts ({width_in} inputs, "
+            f"{width_out} outputs): the update B·A has rank at most {min(width_in, width_out)}, so a larger r only "
+            f"allocates memory. Use r <= {max(width_in, width_out)} (LoRA ranks are usually 4-64), or leave this "
+            "module out of target_modules."
+        )
 
 
 def _in_windowed_block(model: nn.Module, key: str) -> bool:
@@ -362,6 +385,39 @@ class FairLoraModel(BaseTuner):
                 f"detector_input_dim={width} or leave it None to infer it."
             )
 
+    @staticmethod
+    def _check_sizes(model: nn.Module, config: FairLoraConfig) -> None:
+        """Bounds on the sizes that need the model but no file, checked before the adapter is built (an adapter
+        config from anywhere, e.g. transformers' `load_adapter`, cannot make it allocate gigabytes): `num_classes` at
+        most the model's `num_labels`; the detector and the prototypes no bigger than the base model itself (or
+        2**20 values, for toy models). Runs after `_check_detector_width` (which bounds `detector_input_dim` by the
+        width the detector reads) and before the detector and the prototypes are built; `r` is bounded per module,
+        before its A and B exist, in `_check_rank`."""
+        num_labels = _model_config(model).get("num_labels")
+        if isinstance(num_labels, int) and num_labels >= 2 and config.num_classes > num_labels:
+            raise ValueError(
+                f"FairLoraConfig.num_classes={config.num_classes} is more than the model's num_labels={num_labels}: "
+                f"the prototypes hold one row per class the model predicts, so num_classes must be at most "
+                f"{num_labels}. Leave num_classes None to take num_labels, or load the adapter onto the model it was "
+                "trained with."
+            )
+        limit = max(sum(p.numel() for p in model.parameters()), 2**20)
+        size = detector_size(config.detector_input_dim, config.detector_hidden_sizes, config.detector_pooling)
+        if size > limit:
+            raise ValueError(
+                f"FairLoraConfig.detector_hidden_sizes={config.detector_hidden_sizes} with detector_input_dim="
+                f"{config.detector_input_dim} makes a detector of {size:,} parameters, more than the {limit:,} of the "
+                "model it reads. The detector is a small MLP (default [128, 64]); use smaller hidden sizes."
+            )
+        prototypes = config.num_classes * 2 * ((config.representation_dim or 0) + 1)  # (K, 2, d) + (K, 2) counts
+        if prototypes > limit:
+            raise ValueError(
+                f"FairLoraConfig.num_classes={config.num_classes} with representation_dim={config.representation_dim} "
+                f"makes {prototypes:,} prototype values, more than the {limit:,} parameters of the model. Set "
+                "num_classes to the number of task classes and representation_dim to the width of z (or leave both "
+                "None to take them from the model)."
+            )
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         config: FairLoraConfig = self.peft_config[adapter_name]
@@ -375,6 +431,7 @@ class FairLoraModel(BaseTuner):
         if config.detector_input_dim is None:
             config.detector_input_dim = self._infer_detector_width(model, config)
         self._check_detector_width(model, config)
+        self._check_sizes(model, config)
         if state.detector is None:
             state.detector = FairBiasDetector()
             setattr(model, DETECTOR_ATTR, state.detector)
@@ -393,6 +450,7 @@ class FairLoraModel(BaseTuner):
         )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        _check_rank(config, target, current_key)
         state = self._gate_state(self.model)
         if isinstance(target, FairTunerLayer) and hasattr(target, "fairlora_A"):
             target.update_layer(adapter_name, config)
@@ -458,6 +516,16 @@ class FairLoraModel(BaseTuner):
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
     # ------------------------------------------------------------------ checkpoint keys
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> dict:
+        """PEFT's remapping (checkpoint keys → model keys), then the strict check: every LoRA, detector and
+        prototype tensor of the adapter present and finite (checkpoint.py). Runs inside `set_peft_model_state_dict`,
+        so `PeftModel.from_pretrained`, `load_adapter`, resuming and the trainer's stage reload all pass through it."""
+        remapped = super()._remap_adapter_state_dict_for_load(model=model, config=config, adapter_name=adapter_name,
+                                                             state_dict=state_dict)
+        check_loaded_state_dict(model, adapter_name, remapped, cls._remove_adapter_name_from_key)
+        return remapped
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         marker = f".fairlora_detector.{adapter_name}."

@@ -17,12 +17,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .detector import pool_tokens
 from .backtrack import backtrack_rows
+from .config import RepresentationPooling, TokenPooling, choices, choices_text
+from .detector import pool_tokens
 from .gate import find_gate_state
 
 HEAD_NAMES = ("classifier", "score")
-POOLINGS = ("auto", "head", "cls", "mean", "last")
+POOLINGS = choices(RepresentationPooling)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -57,7 +58,7 @@ def find_head(model: nn.Module, name: Optional[str] = None) -> tuple[str, nn.Mod
     raise ValueError(
         f"{type(base).__name__} has no top-level `classifier` or `score` module, so the classification head's input "
         f"cannot be captured. Set FairLoraConfig.representation_module to the head's dotted name{example}, or set "
-        "FairLoraConfig.representation_pooling to 'cls', 'mean' or 'last' to use the last hidden state."
+        f"FairLoraConfig.representation_pooling to {choices_text(TokenPooling)} to use the last hidden state."
     )
 
 
@@ -68,7 +69,7 @@ def resolve_pooling(config_value: str, model: nn.Module, head_name: Optional[str
     else 'cls'). 'head' is checked here, so a model without a head fails before training starts.
     """
     if config_value not in POOLINGS:
-        raise ValueError(f"representation_pooling={config_value!r} is not valid; choose one of {', '.join(POOLINGS)}.")
+        raise ValueError(f"representation_pooling={config_value!r} is not valid; choose {choices_text(RepresentationPooling)}.")
     if config_value == "auto":
         try:
             find_head(model, head_name)
