@@ -1,20 +1,69 @@
 """Your own data as a FairNet-ready ``DatasetDict``: a local CSV/TSV/JSON(L)/Parquet file, a data or ``save_to_disk``
 directory, or a Hub dataset name.
 
-``load_group_dataset`` reads it (``_read``), picks or carves the train/validation/test splits (``_splits``), encodes
-the label column to class ids and the group column with ``sampling.encode_sensitive``, and subsamples (seeded).
-The result has the kept input columns plus ``labels`` and ``sensitive``, as the shipped loaders do.
+``load_group_dataset`` reads it (``_read``: a path that looks local must exist, and a file must have data rows), picks
+or carves the train/validation/test splits (``_splits``: too few rows to carve is an error naming the minimum), encodes
+the label column to class ids (``_class_encoder``: number-looking labels such as "1" and "1.0" are one class) and the
+group column with ``sampling.encode_sensitive``, and subsamples (seeded). The result has the kept input columns plus
+``labels`` and ``sensitive``, as the shipped loaders do.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import math
 import os
 from typing import Optional, Sequence
 
 from .sampling import encode_sensitive, is_missing, normalize_value
 
 _FILE_KINDS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+_COMPRESSED = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zst": None}
+_OTHER_DATA_EXTENSIONS = ("txt", "arrow", "xlsx", "xls", "pkl", "feather", "zip", "tar")
 _SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+# train_test_split fractions used to carve the missing splits out of train: one missing split, two missing splits
+_CARVE_FRACTIONS = {1: (0.1,), 2: (0.2, 0.5)}
+
+
+def _extension(spec: str) -> tuple[str, Optional[str]]:
+    """(data extension, compression extension or None) of a file name: 'a.csv.gz' → ('csv', 'gz')."""
+    parts = os.path.basename(spec).lower().split(".")
+    if len(parts) > 2 and parts[-1] in _COMPRESSED:
+        return parts[-2], parts[-1]
+    return (parts[-1] if len(parts) > 1 else ""), None
+
+
+def _looks_local(spec: str) -> bool:
+    """A relative or absolute path rather than a Hub dataset id ('name' or 'namespace/name'): it starts with ./ ../
+    / or ~, uses backslashes, has more than one '/', or ends in a data file extension."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
+        return True
+    ext, _ = _extension(spec)
+    return ext in _FILE_KINDS or ext in _OTHER_DATA_EXTENSIONS
+
+
+def _has_data_rows(path: str, ext: str, compression: Optional[str]) -> Optional[bool]:
+    """Whether a data file holds at least one row, read from its first lines (Parquet: its footer); None when it
+    cannot tell (a compression the standard library does not read)."""
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows > 0
+    opener = _COMPRESSED[compression] if compression else open
+    if opener is None:
+        return None
+    needed = 2 if ext in ("csv", "tsv") else 1  # a CSV's first line is its header
+    seen = 0
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            text = line.strip()
+            if text and not (ext in ("json", "jsonl") and text in ("[", "]", "[]")):
+                seen += 1
+                if seen >= needed:
+                    return True
+    return False
 
 
 def _read(spec: str, config: Optional[str]):
@@ -24,16 +73,40 @@ def _read(spec: str, config: Optional[str]):
     if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f)) for f in ("dataset_dict.json", "state.json")):
         return load_from_disk(spec)
     if os.path.isfile(spec):
-        parts = spec.lower().rsplit(".", 2)
-        ext = parts[-1] if parts[-1] not in ("gz", "bz2", "xz", "zst") else parts[-2]
+        ext, compression = _extension(spec)
         if ext not in _FILE_KINDS:
             raise ValueError(f"dataset {spec!r}: unsupported file type; use CSV, TSV, JSON(L) or Parquet.")
+        if os.path.getsize(spec) == 0 or _has_data_rows(spec, ext, compression) is False:
+            what = "is empty (0 bytes)" if os.path.getsize(spec) == 0 else (
+                "has a header but no data rows" if ext in ("csv", "tsv") else "has no data rows")
+            raise ValueError(f"dataset file {spec!r} {what}: load_group_dataset needs rows with a "
+                             "label and a sensitive value. Check that the file was written completely.")
         extra = {"delimiter": "\t"} if ext == "tsv" else {}
         return DatasetDict(load_dataset(_FILE_KINDS[ext], data_files={"train": spec}, **extra))
+    if _looks_local(spec) and not os.path.exists(spec):
+        raise FileNotFoundError(
+            f"dataset {spec!r}: no such file or directory (looked for {os.path.abspath(os.path.expanduser(spec))!r}; "
+            f"the working directory is {os.getcwd()!r}). Fix the path; a Hub dataset is named 'name' or "
+            "'namespace/name', without a file extension."
+        )
     return load_dataset(spec, config) if config else load_dataset(spec)
 
 
-def _splits(raw, seed: int) -> dict:
+def _rows_needed(missing: int) -> int:
+    """The fewest rows from which `datasets.train_test_split` (⌈test_size·n⌉ test rows, ⌊(1 − test_size)·n⌋ train
+    rows) carves `missing` non-empty splits with `_CARVE_FRACTIONS`, leaving train non-empty."""
+    def carves(n: int, fractions) -> bool:
+        if not fractions:
+            return n >= 1
+        test, train = math.ceil(fractions[0] * n), math.floor((1 - fractions[0]) * n)
+        if len(fractions) == 1:
+            return test >= 1 and train >= 1
+        return train >= 1 and carves(test, fractions[1:])
+
+    return next(n for n in range(1, 1000) if carves(n, _CARVE_FRACTIONS[missing]))
+
+
+def _splits(raw, seed: int, spec: str) -> dict:
     """train/validation/test: the existing splits ('valid'/'val'/'dev' count as validation); the missing ones are
     carved out of train (seeded; 80/10/10 or 90/10)."""
     from datasets import DatasetDict
@@ -46,30 +119,45 @@ def _splits(raw, seed: int) -> dict:
             splits[split] = raw[found[0]]
     missing = [s for s in ("validation", "test") if s not in splits]
     if missing:
-        parts = splits["train"].train_test_split(test_size=0.1 * len(missing), seed=seed)
+        n, needed = len(splits["train"]), _rows_needed(len(missing))
+        if n < needed:
+            raise ValueError(
+                f"dataset {spec!r} has {n} row{'s' if n != 1 else ''} and no {' or '.join(missing)} split; carving "
+                f"{' and '.join(missing)} out of it ({' / '.join(['80', '10', '10'] if len(missing) == 2 else ['90', '10'])}"
+                f" %) needs at least {needed} rows. Add rows (FairNet needs both groups of every class in each split, "
+                "so in practice hundreds), or provide the splits yourself: a folder with train/validation/test files, "
+                "or a DatasetDict saved with save_to_disk."
+            )
+        parts = splits["train"].train_test_split(test_size=_CARVE_FRACTIONS[len(missing)][0], seed=seed)
         splits["train"] = parts["train"]
         if len(missing) == 2:
-            rest = parts["test"].train_test_split(test_size=0.5, seed=seed)
+            rest = parts["test"].train_test_split(test_size=_CARVE_FRACTIONS[2][1], seed=seed)
             splits["validation"], splits["test"] = rest["train"], rest["test"]
         else:
             splits[missing[0]] = parts["test"]
     return splits
 
 
+def _class_order(name: str):
+    """Class names sort numerically when they are numbers ('2' before '10'), then as text."""
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
 def _class_encoder(splits: dict, label_column: str):
-    """(class names, value → class id): a ClassLabel's names, else the sorted distinct values (numbers first)."""
+    """(class names, value → class id): a ClassLabel's names, else the sorted distinct values (numbers first).
+
+    Values are compared by `normalize_value`, so number-looking labels are one class however they are written:
+    1, 1.0, "1" and "1.0" are class "1"."""
     from datasets import ClassLabel
 
     feature = splits["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         return list(feature.names), int
     values = {normalize_value(v) for ds in splits.values() for v in ds[label_column] if not is_missing(v)}
-
-    def order(x: str):
-        numeric = x.lstrip("-").isdigit()
-        return (not numeric, int(x) if numeric else 0, x)
-
-    names = sorted(values, key=order)
+    names = sorted(values, key=_class_order)
     index = {v: i for i, v in enumerate(names)}
     return names, lambda v: index[normalize_value(v)]
 
@@ -85,14 +173,20 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
                        seed: int = 0, max_train: Optional[int] = None, max_eval: Optional[int] = None):
     """Load ``path`` as train/validation/test with ``keep_columns`` + ``labels`` + ``sensitive``.
 
-    Rows without a label are dropped. ``labels``: class ids (see the returned class names). ``sensitive``:
-    ``encode_sensitive(column, minority_value)`` (1 minority / 0 majority / -1 unknown). ``max_train`` caps train and
-    ``max_eval`` validation and test (seeded shuffles with seeds ``seed``, ``seed + 1``, ``seed + 2``).
-    Returns ``(DatasetDict, class_names)``.
+    Rows without a label are dropped. ``labels``: class ids (see the returned class names; number-looking labels
+    such as 1, "1" and "1.0" are one class). ``sensitive``: ``encode_sensitive(column, minority_value)`` (1 minority /
+    0 majority / -1 unknown; ``minority_value`` 1, "1", 1.0 and "1.0" all match a cell "1.0"). ``max_train`` caps
+    train and ``max_eval`` validation and test (seeded shuffles with seeds ``seed``, ``seed + 1``, ``seed + 2``).
+    Returns ``(DatasetDict, class_names)``. A local-looking path that does not exist is a ``FileNotFoundError``; an
+    empty file, or too few rows to carve the missing splits, a ``ValueError`` that says how many rows are needed.
     """
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict, Features, Value
 
-    splits = _splits(_read(path, config), seed)
+    clash = sorted({"labels", "sensitive"} & set(keep_columns))
+    if clash:
+        raise ValueError(f"keep_columns={list(keep_columns)} includes {clash}, which load_group_dataset writes itself "
+                         "(the encoded label and group); pass the source columns as label_column / sensitive_column.")
+    splits = _splits(_read(path, config), seed, path)
     for col in list(keep_columns) + [label_column, sensitive_column]:
         if col not in splits["train"].column_names:
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
@@ -103,9 +197,15 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     out = {}
     for split, ds in splits.items():
         ds = ds.filter(lambda row: not is_missing(row[label_column]))
-        labels = [encode(v) for v in ds[label_column]]
-        sensitive = encode_sensitive(ds[sensitive_column], minority_value)
-        ds = ds.remove_columns([c for c in ds.column_names if c not in keep_columns])
-        out[split] = ds.add_column("labels", labels).add_column("sensitive", sensitive)
+        if len(ds) == 0:
+            raise ValueError(f"dataset {path!r}: the {split} split has no row with a label in {label_column!r}; "
+                             "every split needs labelled rows.")
+        columns = {"labels": [encode(v) for v in ds[label_column]],
+                   "sensitive": encode_sensitive(ds[sensitive_column], minority_value)}
+        if keep_columns:  # add_column flattens the filter's indices; the kept columns keep their features
+            ds = ds.select_columns(list(keep_columns))
+            out[split] = ds.add_column("labels", columns["labels"]).add_column("sensitive", columns["sensitive"])
+        else:  # no column to keep: a table with no columns cannot take new ones, so build it from the two
+            out[split] = Dataset.from_dict(columns, features=Features(labels=Value("int64"), sensitive=Value("int64")))
     caps = {"train": (max_train, seed), "validation": (max_eval, seed + 1), "test": (max_eval, seed + 2)}
     return DatasetDict({s: _subsample(ds, *caps[s]) for s, ds in out.items()}), class_names

@@ -9,6 +9,9 @@ partial and unlabeled settings (docs/label-settings.md). Arrays in, arrays (or a
 from __future__ import annotations
 
 import math
+import numbers
+import re
+from decimal import Decimal
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -22,29 +25,44 @@ LABEL_SETTINGS = ("full", "partial", "unlabeled")
 
 
 # ----------------------------------------------------------------------------- raw values
+#: Cell texts that mean "no value" (compared case-insensitively, after stripping spaces): pandas' usual NA spellings
+#: plus '?' (UCI files) and 'unknown'.
+MISSING_TEXTS = frozenset({"", "?", "nan", "none", "null", "na", "n/a", "<na>", "unknown"})
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def is_missing(value: Any) -> bool:
-    """True for None, NaN and the usual spellings of an empty cell ('', '?', 'nan', 'None')."""
+    """True for None, NaN and the usual spellings of an empty cell ('', '?', 'nan', 'None', 'NA', 'unknown', ...)."""
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
         return True
-    return isinstance(value, str) and value.strip() in ("", "?", "nan", "NaN", "None")
+    return isinstance(value, str) and value.strip().lower() in MISSING_TEXTS
 
 
 def normalize_value(value: Any) -> str:
-    """Value as a comparable string: 1, 1.0, True, '1' and ' 1 ' all become '1'."""
+    """Value as a comparable string. Numbers and number-looking strings become the same text: 1, 1.0, True, '1',
+    ' 1 ', '1.0' and '1e0' all become '1', and 0.5 and '0.50' become '0.5'. Other strings are only stripped."""
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    if isinstance(value, numbers.Integral):
         return str(int(value))
-    return str(value).strip()
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return str(int(value)) if value.is_integer() else str(value)
+    text = str(value).strip()
+    if _NUMBER.fullmatch(text):
+        number = Decimal(text)
+        return str(int(number)) if number == number.to_integral_value() else str(float(number))
+    return text
 
 
 def encode_sensitive(values: Sequence[Any], minority_value: Optional[Any] = None) -> list[int]:
     """Map a raw group column to 1 (minority) / 0 (majority) / -1 (unknown: missing values).
 
-    With ``minority_value`` the rows equal to it (compared as normalised strings, so 1 == '1' == 1.0) are the
-    minority and every other present value the majority. Without it the column must already be coded 1 / 0 / -1.
+    With ``minority_value`` the rows equal to it (compared by ``normalize_value``, so 1 == '1' == 1.0 == '1.0') are
+    the minority and every other present value the majority; missing values (``is_missing``: None, NaN, '', 'NA',
+    'unknown', ...) are -1. Without it the column must already be coded 1 / 0 / -1 (numbers or number-looking strings).
     """
     if minority_value is not None:
         target = normalize_value(minority_value)

@@ -134,8 +134,10 @@ def _sensitive(dataset, column: str) -> np.ndarray:
     fix = "use 1 = minority, 0 = majority, -1 = unknown"
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         sample = arr.slice(0, 3).to_pylist()
-        raise ValueError(f"Column {column!r} holds {kind} values (e.g. {sample}), not group ids; {fix} "
-                         f"(map the values first, e.g. dataset.map(lambda r: {{{column!r}: int(r[{column!r}] == 'F')}})).")
+        raise ValueError(f"Column {column!r} holds {kind} values (e.g. {sample}), not group ids; {fix}. Map the values "
+                         f"first: fairnet_peft.data.encode_sensitive(dataset[{column!r}], minority_value=...) gives "
+                         "1 / 0 / -1 (it matches 1, '1' and '1.0' alike), or load the file with "
+                         "fairnet_peft.data.load_group_dataset(..., minority_value=...).")
     if arr.null_count:
         missing = np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False))
         raise ValueError(f"Column {column!r} has missing values (None) in {_rows(missing)}; use -1 for unknown groups.")
@@ -233,8 +235,12 @@ def check_eval_dataset(dataset, sensitive_column: str) -> None:
     for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
         if sensitive_column in getattr(ds, "column_names", []):
             values = set(np.unique(np.asarray(ds[sensitive_column])).tolist())
-            if values - {-1, 0, 1}:
-                raise ValueError(f"eval_dataset column {sensitive_column!r} has values outside {{-1, 0, 1}}.")
+            bad = sorted((v for v in values if isinstance(v, str) or v not in (-1, 0, 1)), key=str)
+            if bad:
+                raise ValueError(
+                    f"eval_dataset column {sensitive_column!r} has values {bad[:_MAX_ROWS_SHOWN]} outside {{-1, 0, 1}} "
+                    "(1 minority, 0 majority, -1 unknown). Code it as the training column is coded, e.g. with "
+                    f"fairnet_peft.data.encode_sensitive(eval_dataset[{sensitive_column!r}], minority_value=...).")
 
 
 def check_selection_metric(metric: Optional[str], uses_sensitive: bool, setting: Optional[str]) -> None:

@@ -1,0 +1,153 @@
+"""Edge cases of your own data (`fairnet_peft.data.files` / `sampling`, and the eval check in
+`training.validation`): `minority_value` matches 1, "1", 1.0 and "1.0" alike; number-looking labels written two ways
+are one class; a layout without kept columns loads; a missing local path is a FileNotFoundError, not a Hub lookup;
+empty and too-small files get errors that say what is wrong and how many rows are needed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset
+
+from fairnet_peft.data import encode_sensitive, load_group_dataset
+from fairnet_peft.training.validation import check_eval_dataset
+
+GROUPS = ["1.0", "0.0", "unknown"]
+
+
+def _write_csv(path, header, rows):
+    path.write_text("\n".join([header] + [",".join(map(str, r)) for r in rows]) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def float_groups(tmp_path):
+    """160 rows whose group column is stored as '1.0' / '0.0' / 'unknown' (as pandas writes a float column with
+    missing values, relabelled); the text says the row's group, so every loaded row can be checked."""
+    rows = [(f"row{i}-{GROUPS[i % 3]}", i % 2, GROUPS[i % 3]) for i in range(160)]
+    return _write_csv(tmp_path / "groups.csv", "text,label,sensitive", rows)
+
+
+@pytest.mark.parametrize("minority_value", [1, "1", 1.0, "1.0"])
+def test_minority_value_matches_a_column_stored_as_floats_or_strings(float_groups, minority_value):
+    ds, _ = load_group_dataset(float_groups, keep_columns=["text"], minority_value=minority_value)
+    expected = {"1.0": 1, "0.0": 0, "unknown": -1}
+    counts = {1: 0, 0: 0, -1: 0}
+    for split in ds.values():
+        for row in split:
+            assert row["sensitive"] == expected[row["text"].split("-")[1]], row
+            counts[row["sensitive"]] += 1
+    assert counts == {1: 54, 0: 53, -1: 53}
+
+
+def test_encode_sensitive_normalises_numbers_and_number_strings():
+    values = [1, 1.0, "1", "1.0", " 1.0 ", "1e0", True, 0, "0.0", "2", "unknown", "NA", None, float("nan")]
+    for minority in (1, "1", 1.0, "1.0"):
+        assert encode_sensitive(values, minority) == [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, -1, -1, -1, -1]
+    assert encode_sensitive(["1.0", "0.0", "-1.0", "unknown"]) == [1, 0, -1, -1]  # already coded, as strings
+
+
+@pytest.mark.parametrize("keep", [(), ("text",)], ids=["no kept column", "text kept"])
+def test_rows_without_a_label_are_dropped_in_every_layout(tmp_path, keep):
+    """Dropping unlabelled rows leaves the split with an indices mapping; adding columns to it must work whether or
+    not any input column is kept (without one, `datasets` used to fail with an IndexError)."""
+    rows = [(f"row{i}", "" if i % 7 == 0 else i % 2, GROUPS[i % 3]) for i in range(160)]
+    path = _write_csv(tmp_path / "gaps.csv", "text,label,sensitive", rows)
+    ds, names = load_group_dataset(path, keep_columns=keep, minority_value=1)
+    assert names == ["0", "1"]
+    assert sum(len(s) for s in ds.values()) == sum(1 for i in range(160) if i % 7)
+    for split in ds.values():
+        assert split.column_names == [*keep, "labels", "sensitive"]
+        if keep:
+            for row in split:
+                i = int(row["text"][3:])
+                assert (row["labels"], row["sensitive"]) == (i % 2, {0: 1, 1: 0, 2: -1}[i % 3])
+        else:
+            assert set(split["labels"]) == {0, 1} and set(split["sensitive"]) == {-1, 0, 1}
+
+
+def test_labels_written_as_1_and_1_0_are_one_class(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    spellings = ["1", "1.0", "0", "0.0", 1, 0.0]
+    path.write_text("".join(json.dumps({"text": f"row{i}", "label": str(spellings[i % 6]), "sensitive": i % 2}) + "\n"
+                            for i in range(120)))
+    ds, names = load_group_dataset(str(path), keep_columns=["text"])
+    assert names == ["0", "1"]
+    for split in ds.values():
+        for row in split:
+            i = int(row["text"][3:])
+            assert row["labels"] == int(float(spellings[i % 6]))
+
+
+@pytest.mark.parametrize("spec", ["missing.csv", "./missing", "../missing", "data/missing.csv", "a/b/c"])
+def test_a_missing_local_path_is_file_not_found_naming_the_working_directory(spec, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"looked {args[0]!r} up on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(FileNotFoundError) as err:
+        load_group_dataset(spec)
+    assert repr(spec) in str(err.value) and os.getcwd() in str(err.value)
+
+
+def test_a_hub_name_still_goes_to_the_hub(monkeypatch):
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda spec, *a, **k: asked.append(spec) or
+                        Dataset.from_dict({"label": [0, 1] * 10, "sensitive": [0, 1, 1, 0] * 5}))
+    ds, names = load_group_dataset("someone/their-data")
+    assert asked == ["someone/their-data"] and names == ["0", "1"]
+
+
+def _parquet(path, rows):
+    pq.write_table(pa.table({"text": pa.array([f"r{i}" for i in range(rows)], pa.string()),
+                             "label": pa.array([i % 2 for i in range(rows)], pa.int64()),
+                             "sensitive": pa.array([i % 2 for i in range(rows)], pa.int64())}), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("empty.csv", "", r"is empty \(0 bytes\)"),
+    ("header.csv", "text,label,sensitive\n", "has a header but no data rows"),
+    ("empty.jsonl", "", r"is empty \(0 bytes\)"),
+    ("blank.jsonl", "\n\n", "has no data rows"),
+    ("array.json", "[]", "has no data rows"),
+    ("empty.parquet", None, "has no data rows"),
+])
+def test_an_empty_file_says_it_is_empty(tmp_path, name, content, what):
+    path = tmp_path / name
+    if content is None:
+        _parquet(path, 0)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=rf"dataset file '.*{name}' {what}"):
+        load_group_dataset(str(path))
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_too_few_rows_to_carve_the_splits_says_how_many_are_needed(tmp_path, kind):
+    path = (_write_csv(tmp_path / "four.csv", "text,label,sensitive", [(f"r{i}", i % 2, i % 2) for i in range(4)])
+            if kind == "csv" else _parquet(tmp_path / "four.parquet", 4))
+    with pytest.raises(ValueError, match=r"has 4 rows and no validation or test split; .* needs at least 6 rows"):
+        load_group_dataset(path)
+    ds, _ = load_group_dataset(_parquet(tmp_path / "six.parquet", 6))  # the minimum carves three non-empty splits
+    assert [len(ds[s]) for s in ("train", "validation", "test")] == [4, 1, 1]
+
+
+def test_a_single_missing_split_needs_two_rows(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    _write_csv(folder / "train.csv", "text,label,sensitive", [("r0", 0, 1)])
+    _write_csv(folder / "test.csv", "text,label,sensitive", [("t0", 0, 1), ("t1", 1, 0)])
+    with pytest.raises(ValueError, match=r"has 1 row and no validation split; .* needs at least 2 rows"):
+        load_group_dataset(str(folder))
+
+
+def test_eval_sensitive_column_error_names_the_values():
+    with pytest.raises(ValueError, match=r"values \['0.0', '1.0'\] outside \{-1, 0, 1\}.*encode_sensitive"):
+        check_eval_dataset(Dataset.from_dict({"sensitive": ["1.0", "0.0"]}), "sensitive")
+    check_eval_dataset(Dataset.from_dict({"sensitive": [1.0, 0.0, -1.0]}), "sensitive")  # floats 1.0 / 0.0 are fine
