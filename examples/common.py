@@ -73,15 +73,22 @@ def log(message: str) -> None:
 
 
 class Stopwatch:
-    """Seconds per step: `lap(name)` records the time since the previous lap; `total()` since the start."""
+    """Seconds per step: `lap(name)` records the time since the previous lap; `total()` since the start. On a CUDA
+    GPU it also records each step's peak allocated GPU memory in GiB (`memory`, this process's)."""
 
     def __init__(self):
         self.start = self.last = time.time()
         self.laps: dict[str, float] = {}
+        self.memory: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
         now = time.time()
         self.laps[name], self.last = now - self.last, now
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats()
 
     def total(self) -> dict[str, float]:
         return {**self.laps, "total": time.time() - self.start}
@@ -162,6 +169,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     run.add_argument("--eval-batch-size", type=int, default=defaults.get("eval_batch_size", 64),
                      help="Per-device evaluation batch size.")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--bf16", action="store_true",
+                     help="bf16 mixed precision (autocast) for the ERM, prediction and FairNet trainers "
+                          "(TrainingArguments.bf16; needs a GPU with bf16 or a CPU). `accelerate launch "
+                          "--mixed_precision bf16` does the same for every trainer without this flag.")
     run.add_argument("--num-threads", type=int, default=defaults.get("num_threads"),
                      help="torch CPU threads per process (default: torch's choice). Small models run faster with 1, "
                           "especially on a shared machine.")
@@ -183,6 +194,9 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
         args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push-to-hub needs --hub-model-id")
+    if args.push_to_hub and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        parser.error("--push-to-hub does not run under FSDP (the push needs the whole adapter on one process): "
+                     "train without it, then upload <output-dir>/adapter, e.g. `hf upload <repo> <output-dir>/adapter`")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error("--label-fraction must be in (0, 1]")
     if args.num_threads is not None:
@@ -209,10 +223,18 @@ def describe_split(ds, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- ERM (cached)
+def mixed_precision(args) -> str:
+    """The precision every trainer of the run uses: "bf16" with --bf16, else accelerate's launch setting ("no")."""
+    return "bf16" if args.bf16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def erm_cache_dir(args, key: dict) -> tuple[str, dict]:
-    """The ERM cache directory and the key that must match for a cached model to be reused."""
+    """The ERM cache directory and the key that must match for a cached model to be reused (fp32 runs keep the key
+    they had before precision was an option; a bf16 ERM is cached apart)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    key = {**key, "world_size": world, "version": ERM_CACHE_VERSION}
+    precision = mixed_precision(args)
+    key = {**key, "world_size": world, "version": ERM_CACHE_VERSION,
+           **({"mixed_precision": precision} if precision != "no" else {})}
     if args.erm_cache:
         return args.erm_cache, key
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -279,10 +301,12 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
 
 # ----------------------------------------------------------------------------- FairNet and evaluation
 def _run_arguments(args) -> dict:
-    """TrainingArguments fields every trainer of the examples shares (batch sizes, seed, devices, no checkpoints)."""
+    """TrainingArguments fields every trainer of the examples shares (batch sizes, seed, devices, precision, no
+    checkpoints). Every trainer of one process must use the same precision: accelerate refuses a second one."""
     return dict(per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
                 eval_strategy="epoch", save_strategy="no", logging_steps=10, report_to="none", seed=args.seed,
-                dataloader_num_workers=0, dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator())
+                dataloader_num_workers=0, dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(),
+                bf16=args.bf16)
 
 
 def fair_training_args(args, **extra):
@@ -301,7 +325,8 @@ def predict_args(args):
 
     return TrainingArguments(output_dir=os.path.join(args.output_dir, "predict"), report_to="none",
                              per_device_eval_batch_size=args.eval_batch_size, dataloader_num_workers=0,
-                             dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(), seed=args.seed)
+                             dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(), seed=args.seed,
+                             bf16=args.bf16)
 
 
 def test_metrics(logits, labels, sensitive, *, risk=None, gate=None, threshold: float = 0.5) -> dict:

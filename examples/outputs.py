@@ -75,24 +75,31 @@ def output_paths(output_dir: str) -> dict:
 
 
 def save_outputs(*, args, model, card: str, fair_test: dict, cells: dict, metrics: dict) -> dict:
-    """Adapter + model card, group-accuracy plot and metrics.json in --output-dir (main process only)."""
+    """Adapter + model card, group-accuracy plot and metrics.json in --output-dir.
+
+    Every process calls it: under FSDP the adapter's shards are gathered (`save_adapter`, a collective) and the main
+    process writes; everything else is written by the main process alone."""
     from fairnet_peft.evaluation.model_card import attach_fairness_report
     from fairnet_peft.evaluation.plots import plot_group_accuracies
+    from fairnet_peft.training.distributed import save_adapter
 
     paths = output_paths(args.output_dir)
-    if not dist_state().is_main_process:
-        return paths
-    os.makedirs(paths["adapter"], exist_ok=True)
-    for scratch in ("predict", "erm_trainer"):  # Trainer output dirs that stay empty (save_strategy="no")
-        path = os.path.join(os.path.abspath(args.output_dir), scratch)
-        if os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
-    # Our card first; save_pretrained then lets PEFT update its metadata, and the attached report adds the
-    # "Fairness evaluation" section (the FairNet test metrics).
-    with open(paths["model_card"], "w", encoding="utf-8") as f:
-        f.write(card)
+    main = dist_state().is_main_process
+    if main:
+        os.makedirs(paths["adapter"], exist_ok=True)
+        for scratch in ("predict", "erm_trainer"):  # Trainer output dirs that stay empty (save_strategy="no")
+            path = os.path.join(os.path.abspath(args.output_dir), scratch)
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        # Our card first; save_pretrained then lets PEFT update its metadata, and the attached report adds the
+        # "Fairness evaluation" section (the FairNet test metrics).
+        with open(paths["model_card"], "w", encoding="utf-8") as f:
+            f.write(card)
     attach_fairness_report(model, fair_test, split="test")
-    model.save_pretrained(paths["adapter"])
+    dist_state().wait_for_everyone()
+    save_adapter(model, paths["adapter"])  # every process: gathers FSDP shards; the main process writes
+    if not main:
+        return paths
     _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
     plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell")
     with open(paths["metrics"], "w") as f:
@@ -140,12 +147,15 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
     return {"adapter_repo": args.hub_model_id, "base_repo": base_id}
 
 
-def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict) -> None:
+def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict,
+                  memory: Optional[dict] = None) -> None:
     log("")
     log(f"{name}: ERM vs FairNet on the test split ({args.setting} setting)")
     log(summary_table(results))
     log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR|; gate rate = P(LoRA on | s).")
     log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if memory:
+        log("peak GPU memory (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     log(f"outputs: {paths.get('adapter')}, {paths.get('plot')}, {paths.get('metrics')}")
     if pushed:
         log(f"pushed: adapter → {pushed['adapter_repo']}, ERM base → {pushed['base_repo']}")
@@ -159,12 +169,12 @@ def _card_details(args, card: dict, *, erm_dir: str, n_train: int, n_test: int, 
 
 
 def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, data, logits: dict, results: dict,
-               card: dict, timings: dict) -> dict:
+               card: dict, timings: dict, memory: Optional[dict] = None) -> dict:
     """Step 6 of the examples: model card, metrics.json, adapter, plot (→ push) and the printed table.
 
     `data` is the DatasetDict trained and tested on; `erm` is (ERM directory, ERM training info); `logits` and
     `results` map "ERM"/"FairNet" to the test logits and test metrics; `card` holds title, loader, details and
-    class_names."""
+    class_names; `memory` is the peak GPU memory (GiB) per step, empty without a GPU."""
     erm_dir, erm_info = erm
     test = data["test"]
     fair_test, tau = results["FairNet"], float(model.peft_config[model.active_adapter].threshold)
@@ -176,12 +186,13 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
                "erm": results["ERM"], "fairnet": fair_test, "threshold": tau,
                "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
-               "cells_test": cells, "timings_s": timings, "args": vars(args),
-               "world_size": dist_state().num_processes}
+               "cells_test": cells, "timings_s": timings, "peak_gpu_memory_gib": memory or {}, "args": vars(args),
+               "mixed_precision": trainer.accelerator.mixed_precision, "world_size": dist_state().num_processes,
+               "distributed_type": str(dist_state().distributed_type).rsplit(".", 1)[-1]}
     paths = save_outputs(args=args, model=model, card=text, fair_test=fair_test, cells=cells, metrics=metrics)
     pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
         if args.push_to_hub else {}
-    print_summary(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed)
+    print_summary(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed, memory=memory)
     dist_state().wait_for_everyone()
     return {"erm": results["ERM"], "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,
             "label_setting": trainer.label_setting}

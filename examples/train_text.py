@@ -157,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         data=data, logits={"ERM": erm_logits, "FairNet": logits}, results={"ERM": erm_test, "FairNet": fair_test},
         card=dict(title="FairNet (FairLoRA) adapter for text classification",
                   loader="AutoPeftModelForSequenceClassification", details=details, class_names=class_names),
-        timings=clock.total())
+        timings=clock.total(), memory=clock.memory)
 
 
 if __name__ == "__main__":

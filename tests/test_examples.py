@@ -152,6 +152,32 @@ def test_demo_preset_keeps_fairnet_knobs_at_the_library_defaults():
     assert fair.margin == 0.7 and fair.class_balanced_anchors is False
 
 
+def test_bf16_reaches_every_trainer_and_gets_its_own_erm_cache(monkeypatch, capsys):
+    """--bf16 (or `accelerate launch --mixed_precision bf16`) sets every trainer of the run to bf16 (accelerate refuses
+    a second precision in one process) and caches the bf16 ERM model apart; an fp32 run keeps its old cache key."""
+    text = _load("train_text")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    fp32 = text.common.parse_with_preset(text.build_parser(), ["--demo"], text.DEMO)
+    bf16 = text.common.parse_with_preset(text.build_parser(), ["--demo", "--bf16"], text.DEMO)
+    assert (fp32.bf16, bf16.bf16) == (False, True)
+    key = {"kind": "text", "seed": 0}
+    dir32, key32 = text.common.erm_cache_dir(fp32, key)
+    dir16, key16 = text.common.erm_cache_dir(bf16, key)
+    assert key32 == {"kind": "text", "seed": 0, "world_size": 1, "version": text.common.ERM_CACHE_VERSION}
+    assert key16 == {**key32, "mixed_precision": "bf16"} and dir16 != dir32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert text.common.erm_cache_dir(fp32, key) == (dir16, key16)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    for make in (text.common.fair_training_args, text.common.predict_args):
+        assert make(bf16).bf16 and make(bf16).mixed_precision == "bf16", make.__name__
+        assert not make(fp32).bf16 and make(fp32).mixed_precision == "no", make.__name__
+    # under FSDP the push is refused up front (the adapter is sharded), not after the training
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SystemExit):
+        text.common.parse_with_preset(text.build_parser(), ["--push-to-hub", "--hub-model-id", "me/x"], text.DEMO)
+    assert "--push-to-hub does not run under FSDP" in capsys.readouterr().err
+
+
 def test_examples_use_the_package_data_helpers():
     """Label hiding, group encoding and custom-data loading live once, in fairnet_peft.data."""
     for name in ("train_text", "train_vision"):
@@ -204,6 +230,19 @@ def _torchrun_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def test_both_examples_run_in_bf16(tmp_path, tiny_text_model):
+    """--bf16 runs the ERM, prediction and FairNet trainers under bf16 autocast (torch's CPU autocast here) and the
+    outputs are complete; the FairTrainer's own accelerator reports bf16. Without a GPU no memory figure is made up."""
+    for script, extra in (("train_text.py", ["--model", tiny_text_model, "--erm-lr", "1e-3"]), ("train_vision.py", [])):
+        out = tmp_path / script.replace(".py", "")
+        stdout = _run([sys.executable, os.path.join(EXAMPLES, script), *extra, *TINY, "--bf16", "--output-dir",
+                       str(out), "--erm-cache", str(tmp_path / f"erm-{script}")], tmp_path)
+        metrics = _check_outputs(out, stdout, n_test=100)
+        assert metrics["mixed_precision"] == "bf16" and metrics["args"]["bf16"] is True, script
+        assert metrics["peak_gpu_memory_gib"] == {} and "peak GPU memory" not in stdout
+        assert json.loads((tmp_path / f"erm-{script}" / "erm_key.json").read_text())["mixed_precision"] == "bf16"
 
 
 @pytest.mark.skipif(not _torchrun_available(), reason="torch.distributed.run is not available")
