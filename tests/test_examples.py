@@ -137,9 +137,10 @@ def test_demo_preset_keeps_fairnet_knobs_at_the_library_defaults():
     assert args.epochs == 3  # an explicit option wins over the preset
     # `make demo` sets sizes and epochs only: every FairNet knob is the library default
     assert set(text.DEMO) <= {"max_train", "max_eval", "max_val", "erm_epochs", "epochs", "output_dir"}
-    assert (args.lr, args.detector_lr, args.task_loss_weight, args.class_balanced_anchors, args.margin) == (None,) * 5
+    assert (args.lr, args.detector_lr, args.task_loss_weight, args.anchor_weighting, args.margin) == (None,) * 5
     fair = text.common.fair_training_args(args)
-    assert fair.learning_rate == 1e-3 and fair.class_balanced_anchors and fair.detector_learning_rate == 1e-3
+    assert fair.learning_rate == 1e-3 and fair.detector_learning_rate == 1e-3
+    assert fair.anchor_weighting == "class_balanced"
     # every FairNet option maps to a FairTrainingArguments field, and setting it reaches the trainer's arguments
     import dataclasses
 
@@ -147,9 +148,9 @@ def test_demo_preset_keeps_fairnet_knobs_at_the_library_defaults():
 
     fields = {f.name for f in dataclasses.fields(FairTrainingArguments)}
     assert {field for _, field, _, _ in text.common.FAIR_KNOBS} <= fields
-    args = text.common.parse_with_preset(text.build_parser(), ["--margin", "0.7", "--no-class-balanced-anchors"], {})
+    args = text.common.parse_with_preset(text.build_parser(), ["--margin", "0.7", "--anchor-weighting", "none"], {})
     fair = text.common.fair_training_args(args)
-    assert fair.margin == 0.7 and fair.class_balanced_anchors is False
+    assert fair.margin == 0.7 and fair.anchor_weighting == "none"
 
 
 def test_bf16_reaches_every_trainer_and_gets_its_own_erm_cache(monkeypatch, capsys):
