@@ -164,6 +164,17 @@ class GateState:
         self._force_blocks = 0
         self._force_lock = threading.Lock()  # force_gate entry/exit only, never in a forward
 
+    def __getstate__(self) -> dict:
+        """What `copy.deepcopy(model)` copies: the detector, configs and hook handles; a copy starts with no live pass,
+        no published record and no force_gate block (the thread-local part and the lock cannot be copied)."""
+        skip = ("_local", "_last_records", "forcing", "_force_blocks", "_force_lock")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local, self._last_records = _ThreadGates(), {}
+        self.forcing, self._force_blocks, self._force_lock = False, 0, threading.Lock()
+
     # ------------------------------------------------------------------ helpers
     def active_adapters(self) -> list[str]:
         if self.detector is None or self.detector.disable_adapters:
