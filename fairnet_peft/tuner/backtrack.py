@@ -2,7 +2,10 @@
 root post-hook (gate.py) reruns the rows that turned out gated, with their gates given up front (`fair_gate`), and
 merges them into the pass's output; the loss is recomputed for classification heads.
 
-`ctx` is gate.py's live `_Pass` (batch size, device, records, the adapters that ran before the detector).
+`ctx` is gate.py's live `_Pass` of the calling thread (batch size, device, records, the adapters that ran before the
+detector); the rerun is a nested pass on the same thread. Picking the rows reads the gate on the host (`nonzero`),
+so under torch.compile a backtracking model takes graph breaks here; the default layers (from the detector's block
+on) never backtrack.
 """
 
 from __future__ import annotations
