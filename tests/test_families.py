@@ -14,6 +14,7 @@ from peft import PeftModel, get_peft_model
 
 import fairnet_peft  # noqa: F401  (registers FairLoRA)
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, force_gate, gate_record
+from fairnet_peft.tuner.detector import as_tokens
 from fairnet_peft.tuner.representation import capture_head_input, find_head
 
 T.logging.set_verbosity_error()
@@ -147,14 +148,17 @@ def hand_frame_mask(n_frames: int, batch: dict) -> torch.Tensor:
 def test_detector_pools_over_the_positions_of_its_block(kind):
     model, batch = fair(kind, detector_pooling="mean"), inputs(kind)
     net = model.base_model.model.fair_bias_detector.fairlora_detector["default"]
-    seen = {}
-    hooks = [net.in_norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("tokens", a[0])),
-             net.risk_mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("pooled", a[0]))]
+    seen, logits = {}, net.logits
+
+    def spy(hidden, mask=None):  # the detector's input positions and its logits, as the forward computes them
+        seen["tokens"], seen["logits"] = as_tokens(hidden), logits(hidden, mask)
+        return seen["logits"]
+
+    net.logits = spy
     try:
         out = model(**batch, output_hidden_states=True)
     finally:
-        for h in hooks:
-            h.remove()
+        del net.logits
     tokens = hand_tokens(kind, out.hidden_states)
     torch.testing.assert_close(seen["tokens"], tokens)
     normed = net.in_norm(tokens)
@@ -167,7 +171,7 @@ def test_detector_pools_over_the_positions_of_its_block(kind):
         # Swin: 4×4 merged patches; ConvNeXt: 8×8 positions; DeiT: [CLS], [DIST] and 16 patches; others [CLS] + 16
         assert tokens.shape[1] == {"swin": 16, "convnext": 64, "deit": 18}.get(kind, 17)
         expected = normed.mean(1)
-    torch.testing.assert_close(seen["pooled"], expected)
+    torch.testing.assert_close(seen["logits"], net.risk_mlp(expected).squeeze(-1))
 
 
 # ---------------------------------------------------------------------------- z is the head's input

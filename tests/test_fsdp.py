@@ -323,9 +323,6 @@ def test_text_example_under_accelerate_fsdp_matches_two_process_ddp(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs DetectorNet.logits to upcast FSDP's bf16 weights without calling the "
-                   "module again (torch.func.functional_call re-enters FSDP's hooks: segfault in the detector stage's "
-                   "backward); remove this marker with that fix in fairnet_peft/tuner/detector.py")
 def test_text_example_under_accelerate_fsdp_in_bf16(tmp_path):
     """The FSDP config as shipped (mixed_precision: bf16): accelerate's FSDP2 mixed precision gathers bf16 copies of
     every weight, the detector's too, and FairTrainer's stages change which parameters train; the run finishes with

@@ -15,6 +15,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -103,37 +104,40 @@ class DetectorNet(nn.Module):
 
     def logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) fp32 logits, always computed in fp32: autocast is off inside, bf16/fp16 hidden states are upcast, and
-        half-precision detector weights (a model cast after wrapping) are upcast for the computation only."""
+        half-precision detector weights (a model cast after wrapping, or the bf16 copies FSDP mixed precision gathers)
+        are upcast for the computation only. Functional ops on upcast views of the weights, not a second call of this
+        module (`functional_call` would run FSDP's forward hooks twice and crash the sharded backward)."""
+        dtype = torch.promote_types(self.in_norm.weight.dtype, torch.float32)
+
+        def cast(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if p is None else p.to(dtype)
+
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            if self.in_norm.weight.dtype in (torch.float16, torch.bfloat16):
-                params = {name: p.float() for name, p in self.named_parameters()}
-                return torch.func.functional_call(self, params, (hidden, mask), {"raw_logits": True})
-            return self._logits(hidden, mask)
+            tokens = as_tokens(hidden).to(dtype)
+            if tokens.shape[-1] != self.in_norm.normalized_shape[0]:
+                raise ValueError(
+                    f"FairLoraConfig.detector_input_dim={self.in_norm.normalized_shape[0]} does not match the width "
+                    f"{tokens.shape[-1]} of the hidden state the detector reads (shape {tuple(hidden.shape)}). Set "
+                    f"detector_input_dim={tokens.shape[-1]} or leave it None to infer it from the model."
+                )
+            mask = align_mask(mask, tokens)
+            norm = self.in_norm
+            tokens = F.layer_norm(tokens, norm.normalized_shape, cast(norm.weight), cast(norm.bias), norm.eps)
+            if self.pooling == "attention":
+                energy = torch.tanh(F.linear(tokens, cast(self.pool_proj.weight), cast(self.pool_proj.bias)))
+                scores = F.linear(energy, cast(self.pool_energy.weight)).squeeze(-1)
+                if mask is not None:
+                    scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
+                alpha = torch.softmax(scores, dim=1).unsqueeze(-1)
+                x = (alpha * tokens).sum(dim=1)
+            else:
+                x = pool_tokens(tokens, mask, self.pooling)
+            for layer in self.risk_mlp:
+                x = F.linear(x, cast(layer.weight), cast(layer.bias)) if isinstance(layer, nn.Linear) else layer(x)
+            return x.squeeze(-1)
 
-    def _logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        tokens = as_tokens(hidden).to(self.in_norm.weight.dtype)
-        if tokens.shape[-1] != self.in_norm.normalized_shape[0]:
-            raise ValueError(
-                f"FairLoraConfig.detector_input_dim={self.in_norm.normalized_shape[0]} does not match the width "
-                f"{tokens.shape[-1]} of the hidden state the detector reads (shape {tuple(hidden.shape)}). Set "
-                f"detector_input_dim={tokens.shape[-1]} or leave it None to infer it from the model."
-            )
-        mask = align_mask(mask, tokens)
-        tokens = self.in_norm(tokens)
-        if self.pooling == "attention":
-            scores = self.pool_energy(torch.tanh(self.pool_proj(tokens))).squeeze(-1)
-            if mask is not None:
-                scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
-            alpha = torch.softmax(scores, dim=1).unsqueeze(-1)
-            pooled = (alpha * tokens).sum(dim=1)
-        else:
-            pooled = pool_tokens(tokens, mask, self.pooling)
-        return self.risk_mlp(pooled).squeeze(-1)
-
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, raw_logits: bool = False):
-        """The risk score sigmoid(logit), (B,) fp32. `raw_logits=True` is internal (`logits` with upcast weights)."""
-        if raw_logits:
-            return self._logits(hidden, mask)
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The risk score sigmoid(logit), (B,) fp32."""
         return torch.sigmoid(self.logits(hidden, mask))
 
 
