@@ -67,13 +67,16 @@ def test_stop_at_detector_says_when_no_forward_reached_the_detector():
 def _spy(trainer, monkeypatch):
     """Record every pass (features or risk only) and every head call, with the stage it happened in."""
     passes, head_calls = [], []
-    run_pass = trainer._run_pass
+    import fairnet_peft.training.passes as passes_module
 
-    def spied(dataset, *, features):
-        passes.append((trainer.stage, features, len(dataset)))
-        return run_pass(dataset, features=features)
+    run = passes_module.gated_pass
 
-    monkeypatch.setattr(trainer, "_run_pass", spied)
+    def spied(model, batches, modes, **kwargs):
+        out = run(model, batches, modes, **kwargs)
+        passes.append((trainer.stage, kwargs.get("forward") is not None, len(out["row"]), tuple(modes)))
+        return out
+
+    monkeypatch.setattr(passes_module, "gated_pass", spied)
     _count_calls(trainer.model.get_base_model().classifier, head_calls, lambda: trainer.stage)
     return passes, head_calls
 
@@ -92,13 +95,13 @@ def test_detector_stage_stops_at_its_layer_and_base_features_are_computed_once(s
     passes, head_calls = _spy(trainer, monkeypatch)
     trainer.train()
     n = len(train)
-    assert [p for p in passes if p[1]] == [(None, True, n)]  # one pass computes z/logits/features, before the stage
+    assert [p[:3] for p in passes if p[1]] == [(None, True, n)]  # one pass computes z/logits/features, before the stage
     holdout = [p for p in passes if p[0] == "detector"]
-    assert holdout and all(not features for _, features, _ in holdout)  # held-out loss: risk-only passes
+    assert holdout and all(not p[1] and p[3] == ("risk",) for p in holdout)  # held-out loss: risk-only passes
     assert "detector" not in head_calls  # no detector-stage step or pass ran the model up to its head
     assert head_calls.count("lora") == 3  # the three LoRA steps ran whole forwards
     cached = trainer.frozen_pass()  # after train() the cache is gone: a whole pass again, same numbers
-    whole = trainer._run_pass(trainer.train_dataset, features=True)
+    whole = trainer.passes.features(trainer.train_dataset)
     for key in ("risk", *FEATURES):
         np.testing.assert_allclose(cached[key], whole[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(trainer.frozen_pass(full=False)["risk"], whole["risk"], rtol=1e-5, atol=1e-6)

@@ -69,6 +69,8 @@ BAD = {
                          lambda g: True, lambda g: math.nan],
     "threshold": [lambda g: f"{g.random():.2f}", lambda g: math.nan, lambda g: 1.0 + g.uniform(0.01, 5),
                   lambda g: -g.uniform(0.01, 5), lambda g: None, lambda g: True],
+    "adapter_strength": [lambda g: f"{g.random():.2f}", lambda g: math.nan, lambda g: 1.0 + g.uniform(0.01, 5),
+                         lambda g: -g.uniform(0.01, 5), lambda g: None, lambda g: True],
     "num_classes": [lambda g: 1, lambda g: -g.randint(1, 9), lambda g: 2.0, lambda g: "2", lambda g: True],
     "representation_dim": [lambda g: -g.randint(1, 64), lambda g: 15.5, lambda g: "16"],
     "representation_pooling": [lambda g: None, lambda g: g.choice(["max", "pooler", _word(g)]), lambda g: 0],

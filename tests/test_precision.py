@@ -161,7 +161,8 @@ def _check_trained(trainer, result, data, tmp_path):
     assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["eval_worst_group_accuracy"])
     _, risk, gate = trainer.predict(data["validation"]).predictions
     assert np.isfinite(risk).all() and ((risk >= 0) & (risk <= 1)).all()
-    assert np.array_equal(gate, (risk > TAU).astype(gate.dtype))
+    tau = trainer.adapter_config.threshold  # as chosen after training (selection.py)
+    assert np.array_equal(gate, (risk > tau).astype(gate.dtype))
 
 
 def test_fair_trainer_with_bf16_autocast_trains_and_evaluates(small_data, tmp_path):

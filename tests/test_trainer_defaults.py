@@ -44,7 +44,7 @@ def defaults(tmp_path, **kw):
 # ---------------------------------------------------------------------------- defaults that correct
 def test_defaults_raise_worst_group_accuracy_and_report_detector_vs_probe(data, erm_dir, tmp_path):
     args = defaults(tmp_path)
-    assert args.learning_rate == 1e-3 and args.class_balanced_anchors and args.detector_learning_rate == 1e-3
+    assert args.learning_rate == 1e-3 and args.anchor_weighting == "class_balanced" and args.detector_learning_rate == 1e-3
     erm_acc, erm_wga = scores(T.BertForSequenceClassification.from_pretrained(erm_dir), data["test"])
     model = fresh(erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"])

@@ -1,4 +1,4 @@
-"""FairTrainer under 2-process torchrun (gloo, CPU) equals a 1-process run; interrupted runs resume in the right stage."""
+"""FairTrainer under 2-process torchrun (gloo, CPU) equals a 1-process run (resuming: tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def test_two_process_statistics_equal_one_process(tmp_path, setting):
     assert one["pseudo"] == two["pseudo"]
     for key, value in one["detector_stats"].items():
         assert value == pytest.approx(two["detector_stats"][key]), key
-    # the accuracy guard ran on the eval rows gathered from both ranks: the base model's accuracy is the same number
-    assert one["guard"]["train_guard_accuracy_off"] == pytest.approx(two["guard"]["train_guard_accuracy_off"])
-    assert two["guard"]["train_guard_accuracy_guarded"] >= two["guard"]["train_guard_accuracy_off"] - 1e-9
+    # the selection ran on the eval rows gathered from both ranks: the base model's accuracy is the same number
+    assert one["selection"]["train_selection_accuracy_off"] == pytest.approx(two["selection"]["train_selection_accuracy_off"])
+    assert two["selection"]["train_selection_accuracy"] >= two["selection"]["train_selection_accuracy_off"] - 1e-9
     # DDP averaged the LoRA gradients: both ranks end the LoRA stage with the same, trained adapter
     rank0, rank1 = (json.loads((tmp_path / f"two.json.rank{r}").read_text()) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
@@ -96,60 +96,3 @@ def test_default_gain_survives_two_processes(tmp_path):
     assert one["wga"] >= erm_wga + 0.3 and two["wga"] >= erm_wga + 0.3
     assert abs(one["wga"] - two["wga"]) <= 0.1  # one worst-cell row is 1.1 points; 0.1 ≈ 2 binomial SEs
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.03
-
-
-# ---------------------------------------------------------------------------- resume
-class Interrupt(T.TrainerCallback):
-    """Stop the run (as a crash would) right after the checkpoint of `step` in the given stage."""
-
-    def __init__(self, trainer_ref, stage, step):
-        self.trainer_ref, self.stage, self.step = trainer_ref, stage, step
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.trainer_ref[0]._stage == self.stage and state.global_step == self.step:
-            raise KeyboardInterrupt(f"simulated crash in the {self.stage} stage at step {self.step}")
-
-
-def _setup(out_dir):
-    data = make_synthetic_text(seed=0, n_train=256, n_val=32, n_test=32)
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS", detector_dropout=0.0))
-    args = FairTrainingArguments(str(out_dir), report_to=[], disable_tqdm=True, save_strategy="steps", save_steps=4,
-                                 detector_epochs=2, detector_learning_rate=1e-2, num_train_epochs=2, learning_rate=1e-2,
-                                 per_device_train_batch_size=32, seed=0, logging_steps=4)
-    return model, args, data["train"]
-
-
-def _adapter(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "fairlora_" in k}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    model, args, train = _setup(tmp_path_factory.mktemp("straight"))
-    FairTrainer(model=model, args=args, train_dataset=train).train()
-    return _adapter(model)
-
-
-@pytest.mark.parametrize("stage, step", [("detector", 4), ("lora", 4)])
-def test_resume_continues_in_the_right_stage_and_matches(uninterrupted, tmp_path, stage, step):
-    out = tmp_path / "run"
-    model, args, train = _setup(out)
-    ref = [None]
-    trainer = FairTrainer(model=model, args=args, train_dataset=train)
-    ref[0] = trainer
-    trainer.add_callback(Interrupt(ref, stage, step))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    finished_detector = os.path.exists(out / "fairnet-detector-stage" / "final" / "fairnet_state.json")
-    assert finished_detector == (stage == "lora")
-
-    model, args, train = _setup(out)  # a fresh process would rebuild everything from scratch
-    trainer = FairTrainer(model=model, args=args, train_dataset=train)
-    trainer.train(resume_from_checkpoint=True)
-    resumed = _adapter(model)
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -82,13 +82,14 @@ def _is_peft_model(model) -> bool:
 
 
 def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
-                           adapter_name: Optional[str] = None) -> None:
+                           adapter_name: Optional[str] = None, selection: Optional[Mapping[str, Any]] = None) -> None:
     """Keep `metrics` (measured on `split`) on `model`, so `save_pretrained`/`push_to_hub` put them in the card.
 
     `model` is a `PeftModel`; `adapter_name` defaults to its active adapter. `metrics` is a `make_compute_metrics`
     / `Trainer.evaluate` dict (`eval_`/`test_`/`{split}_` prefixes are fine, non-metric entries are ignored). A new
     report for the same adapter replaces the old one. The table is rendered now, so bad input fails here and not
     at save time. The report lives on this model instance only: it is not saved in adapter_config.json.
+    `selection` (FairTrainer's `run_state.selection`) adds how τ and the strength were chosen, and the frontier.
     """
     if not _is_peft_model(model):
         raise TypeError(
@@ -102,7 +103,8 @@ def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
     clean = clean_metrics(metrics)
     render_fairness_table(clean, split=split)  # validates split and that some known metric is present
     _hook_instance(model)
-    model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split}
+    model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split,
+                                                               "selection": dict(selection or {})}
 
 
 def fairness_report(model, adapter_name: Optional[str] = None) -> Optional[dict]:
@@ -128,7 +130,8 @@ def _attached_sections(model) -> dict[str, str]:
     reports = model.__dict__.get(REPORT_ATTR) or {}
     return {
         name: render_fairness_section(report["metrics"], split=report["split"], adapter_name=name,
-                                      threshold=_threshold_from_model(model, name))
+                                      threshold=_threshold_from_model(model, name),
+                                      selection=report.get("selection"))
         for name, report in reports.items()
         if name in model.peft_config
     }

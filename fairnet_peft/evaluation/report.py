@@ -110,9 +110,34 @@ def _about(adapter_name: str, threshold: Optional[float]) -> str:
     return about + "; metrics computed with `fairnet_peft.metrics`."
 
 
+def render_selection(selection: Mapping[str, Any]) -> list[str]:
+    """Markdown lines saying how τ and the strength α were chosen after training, and the searched frontier."""
+    if not selection or not selection.get("selected"):
+        return []
+    tau, alpha = float(selection["threshold"]), float(selection.get("strength", 1.0))
+    where = f"{selection.get('rows', '?')} {selection.get('on', 'held-out rows')}"
+    if tau >= 1.0:
+        lines = [f"**The adapter is off** (τ = 1; chosen on {where}): {selection.get('reason', 'no candidate beat it')}."]
+    else:
+        lines = [f"Correction chosen after training on {where}: τ = {tau:.4g}, strength α = {alpha:g} "
+                 f"(accuracy {100 * selection['accuracy']:.1f} % against {100 * selection['accuracy_off']:.1f} % with "
+                 f"the adapter off; worst-group accuracy {100 * selection['worst_group_accuracy']:.1f} % against "
+                 f"{100 * selection['worst_group_accuracy_off']:.1f} %)."]
+    frontier = selection.get("frontier") or []
+    if frontier:
+        lines += ["", "Searched frontier (held-out rows; no other candidate has both higher ACC and higher WGA):", "",
+                  "| τ | α | ACC | WGA | EOD | gated |", "|---:|---:|---:|---:|---:|---:|"]
+        for row in frontier:
+            lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row['accuracy'])} | "
+                         f"{_cell(row['worst_group_accuracy'])} | {_cell(row['equalized_odds_difference'])} | "
+                         f"{_cell(row['gate_rate'])} |")
+    return lines
+
+
 def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",
-                            threshold: Optional[float] = None) -> str:
-    """The model card's Markdown section (with its markers): a heading, the adapter and τ, and the table."""
+                            threshold: Optional[float] = None, selection: Optional[Mapping[str, Any]] = None) -> str:
+    """The model card's Markdown section (with its markers): a heading, the adapter and τ, the table and, after a
+    FairTrainer run, how the correction was chosen (`selection`)."""
     clean = clean_metrics(metrics)
     table = render_fairness_table(clean, split=split)
     start, end = section_markers(adapter_name)
@@ -122,4 +147,6 @@ def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_n
         lines += ["", f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
                       f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same "
                       "frozen features (the mean-pooled detector input)."]
+    extra = render_selection(selection or {})
+    lines += [""] + extra if extra else []
     return "\n".join(lines + [end]) + "\n"

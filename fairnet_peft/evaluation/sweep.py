@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..metrics import evaluate_predictions, gated_logits, predicted_labels
-from ..tuner.gate import find_gate_state, force_gate, gate_record
+from ..tuner.gate import find_gate_state
+from .gated import gated_pass
 
 __all__ = ["SweepScores", "collect_sweep_scores", "gate_rate_thresholds", "sweep_predictions", "sweep_metrics",
            "threshold_sweep"]
@@ -138,11 +139,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
-def _logits(output: Any) -> torch.Tensor:
-    logits = output["logits"] if hasattr(output, "keys") else (output[0] if isinstance(output, tuple) else output)
-    return logits.detach().float()
-
-
 # ---------------------------------------------------------------------- the two passes
 def collect_sweep_scores(
     model: nn.Module,
@@ -181,30 +177,13 @@ def collect_sweep_scores(
         dataset.with_format("torch", columns=inputs), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
     )
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    passes: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-    risks: list[torch.Tensor] = []
-    try:
-        with torch.no_grad():
-            for on in (False, True):
-                with force_gate(model, on, adapter_names=[adapter_name]):
-                    for batch in loader:
-                        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                 for k, v in batch.items() if k in inputs}
-                        passes[on].append(_logits(model(**batch)).cpu())
-                        if not on:
-                            record = gate_record(model, adapter_name)
-                            if record.risk is None:
-                                raise RuntimeError(
-                                    "threshold_sweep: the detector did not run (no risk scores); check that the "
-                                    "detector's read module is on the forward path of the model."
-                                )
-                            risks.append(record.risk.detach().reshape(-1).cpu())
-    finally:
-        model.train(was_training)
-    logits_off, logits_on = (torch.cat(passes[k]).numpy() for k in (False, True))
-    risk = torch.cat(risks)
+    batches = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in inputs}
+               for batch in loader)
+    out = gated_pass(model, batches, ("off", "on"), adapter_name=adapter_name)
+    if "risk" not in out:
+        raise RuntimeError("threshold_sweep: the detector did not run (no risk scores); check that the detector's "
+                           "read module is on the forward path of the model.")
+    logits_off, logits_on, risk = out["logits_off"], out["logits_on"], out["risk_native"]
     if not len(risk) == len(logits_off) == len(labels):
         raise RuntimeError(f"threshold_sweep: got {len(logits_off)} outputs for {len(labels)} rows")
     return SweepScores(logits_off, logits_on, risk.float().numpy(), labels, sensitive, risk_native=risk)

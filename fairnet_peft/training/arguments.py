@@ -132,13 +132,14 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
-    class_balanced_anchors: bool = field(
-        default=True,
+    anchor_weighting: str = field(
+        default="class_balanced",
         metadata={
             "help": (
-                "Weight anchors (triplet and task terms) by inverse class frequency among the training anchors. "
-                "Default True: a minority that is mostly one class otherwise teaches the LoRA 'predict that class "
-                "for the minority' (docs/method.md)."
+                "Per-class weights of the anchors' loss terms (triplet and task): 'class_balanced' (inverse class "
+                "frequency among the anchors: every class weighs the same), 'majority_prior' (the anchors' class mix "
+                "re-weighted to the majority group's, so the minority is pulled toward the majority's behaviour, not "
+                "to balanced accuracy) or 'none'. See docs/method.md for the measurement behind the default."
             )
         },
     )
@@ -200,29 +201,52 @@ class FairTrainingArguments(TrainingArguments):
     pseudo_clusters: int = field(
         default=2, metadata={"help": "Clusters per class for pseudo_labeler 'gmm' / 'kmeans' (smallest = minority)."}
     )
-    max_accuracy_drop: Union[float, str] = field(
-        default="auto",
-        metadata={
-            "help": (
-                "Accuracy floor (guard.py): after training, no τ is kept at which the adapter loses more than this "
-                "fraction of eval-set accuracy against the adapter off (with threshold_selection 'none': τ is raised "
-                "until it does not, up to 1 = off); the saved config keeps the τ used. Uses class labels only. 'auto' (default) = 0.005 in the unlabeled setting "
-                "and no guard where group labels exist; a number applies in every setting; 'none' disables it. Needs "
-                "an eval_dataset; skipped when gate_threshold fixes τ."
-            )
-        },
-    )
+    # ------------------------------------------------------------------ selection after training
     threshold_selection: str = field(
         default="auto",
         metadata={
             "help": (
-                "How τ is chosen after training on the eval set (guard.py): 'pseudo_group' = the candidate with the "
-                "best worst accuracy over (class × pseudo-group) cells of the eval rows, among those the accuracy "
-                "floor (max_accuracy_drop) admits (unlabeled setting only); 'none' = keep FairLoraConfig.threshold "
-                "unless the floor forbids it. 'auto' (default) = 'pseudo_group' in the unlabeled setting, 'none' "
-                "elsewhere. The saved config keeps the chosen τ."
+                "What is chosen after training on held-out rows (selection.py): 'auto' (default) = the gate threshold "
+                "τ and the adapter strength α (the LoRA update scaled by α on gated rows) with the best worst-group "
+                "accuracy within max_accuracy_drop and max_eod_increase; 'threshold' = τ only (α kept); 'none' = keep "
+                "the configured τ and α when they stay within those limits, else switch the adapter off. Held-out rows: "
+                "eval_dataset (class labels needed) or, without one, the detector's held-out training rows (which "
+                "the LoRA stage then does not train on). Groups: the true ones (full), known labels else the "
+                "detector's estimate (partial), the pseudo-groups (unlabeled). The saved config keeps the choice."
             )
         },
+    )
+    max_accuracy_drop: Union[float, str] = field(
+        default=0.005,
+        metadata={
+            "help": (
+                "Accuracy floor of the selection: no (τ, α) is kept at which the adapter loses more than this fraction "
+                "of held-out accuracy against the adapter off (0.005 = half a point; 'none' = no floor)."
+            )
+        },
+    )
+    max_eod_increase: Union[float, str] = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "EOD ceiling of the selection: no (τ, α) is kept whose equalized-odds difference (mean convention) on "
+                "the held-out rows exceeds the adapter-off one by more than this (the correction must not overshoot "
+                "past the majority; 'none' = no ceiling)."
+            )
+        },
+    )
+    min_detector_auc: float = field(
+        default=0.65,
+        metadata={
+            "help": (
+                "Do no harm: when the detector's ROC-AUC on its held-out rows is below this, it cannot tell who to "
+                "correct, and the adapter is switched off (τ = 1) with a warning, whatever the selection would pick."
+            )
+        },
+    )
+    force_adapter: bool = field(
+        default=False,
+        metadata={"help": "Keep the adapter even when the detector cannot find the group (see min_detector_auc)."},
     )
     # ------------------------------------------------------------------ model selection
     eval_sensitive_labels: str = field(
@@ -245,7 +269,8 @@ class FairTrainingArguments(TrainingArguments):
             "prototype_rows": ("correct", "all"),
             "pseudo_labeler": PSEUDO_LABELERS,
             "eval_sensitive_labels": ("auto", "use", "ignore"),
-            "threshold_selection": ("auto", "pseudo_group", "none"),
+            "threshold_selection": ("auto", "threshold", "none"),
+            "anchor_weighting": ("class_balanced", "majority_prior", "none"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -264,13 +289,17 @@ class FairTrainingArguments(TrainingArguments):
                                                     and 0.0 <= self.anchor_threshold < 1.0):
             raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold!r}: 'auto' or a number in "
                              "[0, 1).")
-        if isinstance(self.max_accuracy_drop, str) and self.max_accuracy_drop not in ("auto", "none"):
-            with contextlib.suppress(ValueError):  # "0.01" from a command line
-                self.max_accuracy_drop = float(self.max_accuracy_drop)
-        if self.max_accuracy_drop not in ("auto", "none", None) and not (
-                isinstance(self.max_accuracy_drop, (int, float)) and 0.0 <= self.max_accuracy_drop <= 1.0):
-            raise ValueError(f"FairTrainingArguments.max_accuracy_drop={self.max_accuracy_drop!r}: 'auto', 'none' or a "
-                             "fraction in [0, 1] (0.005 = half an accuracy point).")
+        for name, top in (("max_accuracy_drop", 1.0), ("max_eod_increase", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "none":
+                with contextlib.suppress(ValueError):  # "0.01" from a command line
+                    value = float(value)
+                setattr(self, name, value)
+            if value not in ("none", None) and not (isinstance(value, (int, float)) and 0.0 <= value <= top):
+                raise ValueError(f"FairTrainingArguments.{name}={value!r}: 'none' or a fraction in [0, {top:g}] "
+                                 "(0.005 = half a point).")
+        if not 0.0 <= self.min_detector_auc <= 1.0:
+            raise ValueError(f"FairTrainingArguments.min_detector_auc={self.min_detector_auc!r}: must be in [0, 1].")
         for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name != "detector_patience" else 1):
                 raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: must be a non-negative integer"
@@ -292,6 +321,19 @@ class FairTrainingArguments(TrainingArguments):
                 "FairTrainingArguments: reentrant activation checkpointing is not supported (the per-example gate "
                 "is reused inside checkpointed blocks). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
+
+
+    def resolved_max_accuracy_drop(self) -> Optional[float]:
+        return None if self.max_accuracy_drop in ("none", None) else float(self.max_accuracy_drop)
+
+    def resolved_max_eod_increase(self) -> Optional[float]:
+        return None if self.max_eod_increase in ("none", None) else float(self.max_eod_increase)
+
+    def pseudo_labeler_knobs(self) -> dict:
+        """The knobs `pseudo_labeler` takes (pseudo_labels.pseudo_label), from these arguments."""
+        lof = dict(n_neighbors=self.lof_n_neighbors, contamination=self.lof_contamination)
+        clusters = dict(n_clusters=self.pseudo_clusters)
+        return {"lof": lof, "gmm": clusters, "kmeans": clusters, "auto": {**lof, **clusters}}.get(self.pseudo_labeler, {})
 
 
 def stage_arguments(args: TrainingArguments, **overrides) -> TrainingArguments:

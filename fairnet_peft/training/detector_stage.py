@@ -9,6 +9,7 @@ statistics (ROC-AUC, the logistic probe), imported lazily.
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import numpy as np
 from transformers import TrainerCallback
@@ -73,26 +74,47 @@ class DetectorEarlyStopping(TrainerCallback):
     """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
     evaluations without improvement, but not before `min_updates` (a fresh detector can sit on a plateau near 0.5 for
     a few hundred updates before it finds the group). Every process computes the same gathered loss, so all stop
-    together."""
+    together. The counters live in `state` (an `EarlyStoppingState` of the run state, saved with every checkpoint);
+    the best weights are saved beside it (`save_snapshot` / `restore_snapshot`), so a resumed stage stops where the
+    uninterrupted one does."""
 
-    def __init__(self, trainer, every: int, patience: int, min_updates: int):
-        self.trainer, self.every, self.patience, self.min_updates = trainer, max(int(every), 1), patience, min_updates
-        self.best_loss, self.best_state, self.bad, self.evaluations = float("inf"), None, 0, 0
+    def __init__(self, trainer, state, every: int, patience: int, min_updates: int):
+        self.trainer, self.state = trainer, state
+        self.every, self.patience, self.min_updates = max(int(every), 1), patience, min_updates
+        self.best_state: Optional[dict] = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every and state.global_step < state.max_steps:
             return control
-        loss = self.trainer.holdout_loss()
-        self.evaluations += 1
-        if self.best_state is None or loss < self.best_loss - max(1e-3, 0.01 * self.best_loss):  # not noise at ~0
-            self.best_loss, self.bad = loss, 0
+        loss, stopping = self.trainer.holdout_loss(), self.state
+        stopping.evaluations += 1
+        if not stopping.has_best or loss < stopping.best_loss - max(1e-3, 0.01 * stopping.best_loss):  # not noise
+            stopping.best_loss, stopping.bad, stopping.has_best = loss, 0, True
             net = self.trainer.detector_network()
             self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
-            self.bad += 1
-            if self.bad >= self.patience and state.global_step >= self.min_updates:
+            stopping.bad += 1
+            if stopping.bad >= self.patience and state.global_step >= self.min_updates:
+                stopping.stopped = True
                 control.should_training_stop = True
         return control
+
+    def save_snapshot(self, path: str) -> None:
+        if self.best_state is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()}, path)
+
+    def restore_snapshot(self, path: str) -> None:
+        """The best weights saved with the checkpoint being resumed (none when no evaluation had run)."""
+        import os
+
+        if self.state.has_best:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"The checkpoint has early-stopping state but no {os.path.basename(path)}.")
+            from safetensors.torch import load_file
+
+            self.best_state = load_file(path)
 
     def restore_best(self) -> None:
         if self.best_state is not None:

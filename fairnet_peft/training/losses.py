@@ -29,15 +29,15 @@ def _fp32(*tensors: torch.Tensor):
 
 
 def class_balanced_bce(risk: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
-    """Eq. 1 on the rows whose target is 0 or 1 (rows with −1 are ignored); 0 with a grad path if none remain."""
+    """Eq. 1 on the rows whose target is 0 or 1 (rows with −1 are ignored); 0 with a grad path if none remain.
+    Masked, not indexed: no data-dependent shape, so no host sync in a training step."""
     (risk,), no_autocast = _fp32(risk)
-    known = target >= 0
-    if not bool(known.any()):
-        return risk.sum() * 0.0
     with no_autocast:
-        p = risk[known].clamp(1e-6, 1 - 1e-6)
-        s = target[known].to(p.dtype)
-        return -(pos_weight * s * torch.log(p) + (1 - s) * torch.log(1 - p)).mean()
+        known = (target >= 0).to(risk.dtype)
+        p = risk.clamp(1e-6, 1 - 1e-6)
+        s = target.clamp_min(0).to(p.dtype)
+        per_row = -(pos_weight * s * torch.log(p) + (1 - s) * torch.log(1 - p))
+        return (per_row * known).sum() / known.sum().clamp_min(1.0)
 
 
 def pairwise_distance(z: torch.Tensor, protos: torch.Tensor, distance: str) -> torch.Tensor:
@@ -65,8 +65,9 @@ def prototype_triplet_loss(
     negative_strategy: str = "nearest",
     weights: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, float]:
-    """Eq. 2. Returns (loss, fraction of anchors whose hinge is active).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2. Returns (loss, fraction of anchors whose hinge is active, a detached 0-dim tensor: reading it is left
+    to the caller, so a training step makes no host sync).
 
     Args:
         z: (A, d) anchor representations computed with the LoRA on.
@@ -79,7 +80,7 @@ def prototype_triplet_loss(
     if n_classes < 2:
         raise ValueError("The triplet loss needs at least two classes (a negative prototype of another class).")
     if z.shape[0] == 0:
-        return z.sum() * 0.0, 0.0
+        return z.sum() * 0.0, z.new_zeros(())
     dist = pairwise_distance(z, majority_prototypes, distance)  # (A, K), fp32
     pos = dist.gather(1, labels.view(-1, 1)).squeeze(1)
     other = torch.ones_like(dist, dtype=torch.bool).scatter_(1, labels.view(-1, 1), False)
@@ -95,7 +96,7 @@ def prototype_triplet_loss(
         hinge = F.relu(pos - neg + margin)
     else:
         raise ValueError(f"negative_strategy={negative_strategy!r}: choose 'nearest', 'all' or 'random'.")
-    active = float((hinge.detach() > 0).float().mean()) if hinge.numel() else 0.0
+    active = (hinge.detach() > 0).float().mean()
     if weights is not None:
         w = weights.to(hinge.dtype)
         return (hinge * w).sum() / w.sum().clamp_min(1e-12), active

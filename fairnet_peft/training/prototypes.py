@@ -5,7 +5,7 @@
 majority prototype averages only the majority rows that the frozen model classifies correctly: with a weak or
 imbalanced ERM model the plain mean of a class can sit on the wrong side of the head's decision boundary, and
 anchors pulled there stay misclassified (docs/method.md §7). `anchor_weights` gives the inverse-class-frequency
-weights of the anchors (`class_balanced_anchors`). FairTrainer calls both and stores the result in the adapter.
+weights of the anchors (`anchor_weighting`). FairTrainer calls both and stores the result in the adapter.
 """
 
 from __future__ import annotations
@@ -40,9 +40,27 @@ def compute_prototypes(z: np.ndarray, labels: np.ndarray, group: np.ndarray, n_c
     return protos.astype(np.float32), counts.astype(np.float32)
 
 
-def anchor_weights(labels: np.ndarray, group: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-class weight of the anchors (ŝ = 1): N_anchors / (K_present × N_anchors of the class); 0 for absent classes,
-    so the classes present among the anchors weigh equally in the LoRA loss."""
-    freq = np.bincount(np.asarray(labels)[np.asarray(group) == 1], minlength=n_classes).astype(np.float64)
-    present = max(int((freq > 0).sum()), 1)
-    return np.where(freq > 0, freq.sum() / np.maximum(freq, 1) / present, 0.0).astype(np.float32)
+def anchor_weights(labels: np.ndarray, group: np.ndarray, n_classes: int, how: str = "class_balanced") -> np.ndarray:
+    """Per-class weight of the anchors (ŝ = 1) in the LoRA loss, normalised so the anchors' mean weight is 1; 0 for
+    classes with no anchor.
+
+    - "class_balanced": N_anchors / (K_present × N_anchors(k)): every class present among the anchors weighs the same,
+      so the loss pulls the minority toward balanced accuracy over classes;
+    - "majority_prior": P(y = k | ŝ = 0) / P(y = k | ŝ = 1): the anchors' class mix re-weighted to the majority
+      group's, so the minority is pulled toward the majority's behaviour (its class prior), not past it;
+    - "none": 1 for every class."""
+    labels, group = np.asarray(labels), np.asarray(group)
+    anchors = np.bincount(labels[group == 1], minlength=n_classes).astype(np.float64)
+    present = anchors > 0
+    if how == "none":
+        weights = present.astype(np.float64)
+    elif how == "class_balanced":
+        weights = np.where(present, 1.0 / np.maximum(anchors, 1), 0.0)
+    elif how == "majority_prior":
+        majority = np.bincount(labels[group == 0], minlength=n_classes).astype(np.float64)
+        prior = majority / max(majority.sum(), 1.0)
+        weights = np.where(present, prior / np.maximum(anchors / anchors.sum(), 1e-12), 0.0)
+    else:
+        raise ValueError(f"anchor_weighting={how!r}: choose 'class_balanced', 'majority_prior' or 'none'.")
+    mean = (weights * anchors).sum() / max(anchors.sum(), 1.0)
+    return (weights / mean if mean > 0 else weights).astype(np.float32)

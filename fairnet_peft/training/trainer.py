@@ -1,36 +1,36 @@
 """`FairTrainer`: FairNet's staged training as a drop-in `transformers.Trainer`.
 
-`train()` runs, on a PeftModel whose base is already task-trained (ERM):
-  0. (unlabeled setting only) a frozen-feature pass and a pseudo-labeler (`pseudo_labeler`, pseudo_labels.py) marks
-     the minority;
+`train()` runs, on a PeftModel whose base is already task-trained (ERM), with the base frozen and its dropout off:
+  0. the run state (`FairRunState`, state.py) is created, or read back from the checkpoint being resumed; in the
+     unlabeled setting a frozen-feature pass and a pseudo-labeler (`pseudo_labeler`) mark the minority;
   1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1) on the
-     (pseudo-)labelled rows, minus a held-out slice (`detector_holdout_fraction`) whose loss stops the stage early
-     and whose best detector is kept;
-  2. prototype pass: frozen base, LoRA off, eval mode: the risk score, the mean-pooled detector input and the final
-     representation z of every training row → per-row groups ŝ (`anchor_source`, `anchor_threshold`), detector
-     TPR/FPR at τ, held-out detector AUC against a scikit-learn logistic probe on the same features, and the
-     (class × group) prototypes, stored as buffers in the adapter;
-  3. LoRA stage: `Trainer`'s loop runs over the anchor rows (ŝ = 1) only and trains only the LoRA, gate forced on,
-     with the triplet loss against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates that does
-     not depend on the number of processes (`lora_min_updates`).
-Rows are tracked by a `fairnet_row` index column, so statistics are exact under shuffling and under DDP
-(`gather_for_metrics` drops the padding duplicates). Stage 1-2 results are saved under
-`<output_dir>/fairnet-detector-stage/final`, which is how `train(resume_from_checkpoint=...)` knows the stage.
+     (pseudo-)labelled rows minus a held-out slice, whose loss stops the stage early (the best detector is kept);
+  2. prototype pass (passes.py): risk, the detector input and the head's input z of every training row → anchors ŝ,
+     detector statistics (TPR/FPR, held-out AUC against a logistic probe) and the (class × group) prototypes,
+     stored in the adapter;
+  3. LoRA stage: `Trainer`'s loop over the anchor rows trains only the LoRA, gate forced on, with the triplet loss
+     against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates independent of the process count;
+  4. selection (selection.py): on held-out rows, the gate threshold τ and the adapter strength α with the best
+     worst-group accuracy under an accuracy floor and an EOD ceiling, or the adapter off when the detector cannot
+     see the group; the choice is written into the adapter's config, so the saved adapter carries it.
 
-Who owns what: this class owns the stages (`stage`, the per-stage copy of the arguments made by
-`stage_arguments`, never by writing into the user's `args`), the losses and evaluation; the passes over the
-training rows live in passes.py (a mixin), the detector stage's pure helpers in detector_stage.py, and the adapter's
-state is changed only through the tuner's public methods (`trainable_parameters`, `set_prototypes`).
-The public stage API for benchmarks and tests: `stage`, `prepare_detector_stage()`, `prepare_lora_stage()`,
-`frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `lora_updates()`.
+Who owns what: this class owns the stages, the losses, evaluation and resuming; `self.run_state` holds everything the
+run computes; `self.passes` (a `RowPasses`) runs the eval-mode passes. The adapter changes only through the tuner's
+methods (`set_prototypes`, `set_adapter_strength`, `set_threshold`, `trainable_parameters`). Rows are tracked by a
+`fairnet_row` index column, so statistics are exact under shuffling and DDP (`gather_for_metrics` drops the padding
+duplicates). Resuming: every checkpoint carries the run state and the run's fingerprint; a finished stage is saved in
+`<output_dir>/fairnet-detector-stage/final` and never rerun; checkpoints of another run are never resumed from.
+Public stage API for benchmarks and tests: `stage`, `prepare_detector_stage()`, `prepare_lora_stage()`,
+`frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `lora_updates()`, `logged_terms()`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
+import re
 import warnings
 from collections import defaultdict
 from typing import Optional
@@ -40,29 +40,32 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
 from transformers.training_args import ParallelMode
 
 from ..tuner.early_exit import stop_at_detector
 from ..tuner.gate import find_gate_state, force_gate, gate_record
 from ..tuner.representation import capture_head_input, resolve_pooling
 from .arguments import FairTrainingArguments, stage_arguments
-from .detector_stage import DetectorEarlyStopping
-from .distributed import check_fsdp_active, save_adapter
-from .guard import apply_accuracy_guard
+from .detector_stage import DetectorEarlyStopping, warn_if_detector_failed
+from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_unit
 from .losses import class_balanced_bce, prototype_triplet_loss
-from .passes import ROW_COLUMN, TrainingPasses
-from .validation import (check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric,
-                         check_threshold_selection, validate_train_dataset)
+from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
+from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
+from .selection import OFF, STRENGTHS, detector_blind, select_correction
+from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
+from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
 STAGE_DIR = "fairnet-detector-stage"
+FINAL = "final"
 
 
-class FairTrainer(TrainingPasses, Trainer):
-    """Runs FairNet's detector → prototype → contrastive-LoRA stages. Same constructor as `Trainer`, plus
-    `adapter_name` (default: the active adapter). `trainer.label_setting` is "full", "partial" or "unlabeled"."""
+class FairTrainer(Trainer):
+    """Runs FairNet's detector → prototype → contrastive-LoRA stages, then selects the correction. Same constructor
+    as `Trainer`, plus `adapter_name` (default: the active adapter). `trainer.label_setting` is "full", "partial" or
+    "unlabeled"; `trainer.run_state` is what the run computed."""
 
     loss_is_scaled_for_ga = False  # every loss term is a per-batch mean: Trainer divides by the accumulation steps
 
@@ -80,23 +83,27 @@ class FairTrainer(TrainingPasses, Trainer):
                 "FairLoraConfig(task_type=...)), where erm_model is your already task-trained classifier."
             )
         self.adapter_name = adapter_name or model.active_adapter
-        self.label_setting: Optional[str] = None
-        self._sensitive: Optional[np.ndarray] = None
+        self.run_state = FairRunState()
         if train_dataset is not None:
             train_dataset = self._validate_train_dataset(train_dataset, args, model)
         if eval_dataset is not None:
             check_eval_dataset(eval_dataset, args.sensitive_column)
-        self._eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
+        self.eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
         if compute_metrics is None:
             from ..metrics import make_compute_metrics
 
             tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
-            compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self._eval_uses_sensitive)
+            compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self.eval_uses_sensitive)
         compute_metrics = self._with_pseudo_group_metric(compute_metrics)
-        check_selection_metric(args.metric_for_best_model, self._eval_uses_sensitive, self.label_setting)
-        check_threshold_selection(args.threshold_selection, self.label_setting)
+        check_selection_metric(args.metric_for_best_model, self.eval_uses_sensitive, self.label_setting)
+        if getattr(args, "torch_compile", False):
+            raise ValueError(
+                "FairTrainer does not train a torch.compile'd model (TrainingArguments.torch_compile=True): its stages "
+                "end forwards early at the detector and switch the gate per stage, which compiled training graphs "
+                "cannot follow, so nothing would be compiled. Train uncompiled, then compile the trained model for "
+                "inference: model = torch.compile(model) (the default gated path compiles with no graph break).")
         if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
             raise ValueError(
                 f"FairTrainer does not support nn.DataParallel ({args.n_gpu} GPUs in one process): its replicas would "
@@ -109,17 +116,19 @@ class FairTrainer(TrainingPasses, Trainer):
             args = stage_arguments(args, ddp_find_unused_parameters=False)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          compute_metrics=compute_metrics, **kwargs)
-        self._stage = "eval"
-        self._group_hat: Optional[torch.Tensor] = None
-        self._pos_weight = 1.0
-        self._fair_logs: dict[str, list[float]] = defaultdict(list)
+        self._stage: Optional[str] = None
+        self._stage_tensors: dict = {}
+        self._terms: dict[str, list] = defaultdict(list)  # loss terms as tensors, averaged when `log` runs
         self.skipped_batches = 0
-        self.detector_stats: dict[str, float] = {}
-        self._stage_log_history: list[dict] = []
+        self.passes = RowPasses(self)
+        self.pseudo_labeler = None
+        self._pseudo_group_cache: dict = {}
+        self._eval_pseudo_groups: Optional[np.ndarray] = None
         self._all_rows = self.train_dataset
-        self.pseudo_labeler, self.pseudo_label_details = None, {}
-        self._feature_cache: Optional[dict] = None  # base features, only inside caching_features() (passes.py)
+        self._stopper: Optional[DetectorEarlyStopping] = None
+        self.add_callback(_RunStateCheckpoint(self))
         check_fsdp_active(self.args, self.accelerator)  # a dropped FSDP request would train N unsharded copies
+        wrap_detector_as_fsdp_unit(self.accelerator, self.model)
 
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args, model):
@@ -130,12 +139,62 @@ class FairTrainer(TrainingPasses, Trainer):
             dataset, sensitive_column=args.sensitive_column, num_labels=getattr(config, "num_labels", None),
             vocab_size=getattr(text, "vocab_size", None) if "input_ids" in dataset.column_names else None)
         check_pseudo_labeler_rows(setting, labels, args.pseudo_labeler, args.lof_n_neighbors)
-        self.label_setting, self._sensitive, self._labels = setting, sensitive, labels
-        if ROW_COLUMN in dataset.column_names:
-            dataset = dataset.remove_columns(ROW_COLUMN)
-        return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+        run = self.run_state
+        run.label_setting, run.given_groups, run.class_labels = setting, sensitive, labels
+        return _with_row_column(dataset)
 
-    # ------------------------------------------------------------------ columns
+    # ------------------------------------------------------------------ what users and benchmarks read
+    @property
+    def label_setting(self) -> Optional[str]:
+        return self.run_state.label_setting
+
+    @property
+    def detector_stats(self) -> dict:
+        return self.run_state.detector_stats
+
+    @property
+    def pseudo_labels(self) -> Optional[np.ndarray]:
+        """The unlabeled setting's pseudo-labels of the training rows (1 = presumed minority), after `train()`."""
+        return self.run_state.groups if self.label_setting == "unlabeled" else None
+
+    @property
+    def pseudo_label_details(self) -> dict:
+        return self.run_state.pseudo_label_details
+
+    @property
+    def stage(self) -> Optional[str]:
+        """The stage being trained: "detector", "lora", or None (not training: evaluation, prediction)."""
+        return self._stage
+
+    @property
+    def adapter_config(self):
+        return self.model.peft_config[self.adapter_name]
+
+    @property
+    def _detector(self):
+        return find_gate_state(self.model).detector
+
+    @property
+    def _tuner(self):
+        return self.model.base_model
+
+    def detector_network(self) -> torch.nn.Module:
+        """The bias detector network of this trainer's adapter."""
+        return self._detector.fairlora_detector[self.adapter_name]
+
+    def anchor_threshold(self) -> float:
+        """`anchor_threshold` with 'auto' resolved (passes.anchor_threshold)."""
+        return anchor_threshold(self.args.anchor_threshold, self.run_state.pos_weight)
+
+    def anchor_rows(self) -> np.ndarray:
+        """Indices of the training rows the LoRA stage trains on (ŝ = 1), after the prototype pass."""
+        return np.flatnonzero(self.run_state.anchors == 1)
+
+    def logged_terms(self) -> dict[str, int]:
+        """How many values of each loss term wait for the next `log` (e.g. {"contrastive_loss": 3})."""
+        return {k: len(v) for k, v in self._terms.items()}
+
+    # ------------------------------------------------------------------ columns, batches, forwards
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         for extra in (self.args.sensitive_column, ROW_COLUMN):
@@ -145,34 +204,38 @@ class FairTrainer(TrainingPasses, Trainer):
     def _pop_extras(self, inputs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return inputs.pop(self.args.sensitive_column, None), inputs.pop(ROW_COLUMN, None)
 
-    # ------------------------------------------------------------------ helpers
-    @property
-    def _detector(self):
-        return find_gate_state(self.model).detector
+    def eval_batches(self, dataset):
+        """(model inputs, {"row", "label"}) for every batch of `dataset` (which has the `fairnet_row` column), every
+        row once, on the model's device: the batches of the eval-mode passes."""
+        saved = self.args
+        self.args = every_row(saved)
+        try:
+            loader = self.get_eval_dataloader(dataset)
+        finally:
+            self.args = saved
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            _, rows = self._pop_extras(batch)
+            labels = batch.pop("labels")
+            yield batch, {"row": rows, "label": labels}
 
-    @property
-    def _config(self):
-        return self.model.peft_config[self.adapter_name]
-
-    def _forward_with_z(self, model, batch: dict):
+    def forward_with_representation(self, model, batch: dict):
         """Forward `batch`; return (outputs, z), z being the representation that prototypes and anchors share: by
         default the classification head's input (representation.py), else the pooled last hidden state."""
-        cfg = self._config
+        cfg = self.adapter_config
         head = getattr(cfg, "representation_module", None)
         how = resolve_pooling(cfg.representation_pooling, self.model, head)
         with capture_head_input(model, batch, pooling=how, head_name=head) as cap:
             outputs = model(**batch, output_hidden_states=cap.needs_hidden_states)
         return outputs, cap.representation(outputs)
 
-    @property
-    def _tuner(self):
-        return self.model.base_model
+    def frozen_pass(self, dataset=None, *, full: bool = True) -> dict[str, np.ndarray]:
+        """One eval-mode pass, LoRA off, over `dataset` (default: the training rows): row index, label and risk of
+        every row and, with `full`, its z, logits and mean-pooled detector input, in row order."""
+        dataset = self._all_rows if dataset is None else dataset
+        return self.passes.features(dataset) if full else self.passes.risk(dataset)
 
-    @property
-    def stage(self) -> Optional[str]:
-        """The stage being trained: "detector", "lora", or None (not training: evaluation, prediction)."""
-        return None if self._stage == "eval" else self._stage
-
+    # ------------------------------------------------------------------ trainability and logging
     def _set_trainable(self, what: str) -> None:
         """Freeze everything, then unfreeze the detector ('detector') or the adapter's LoRA ('lora')."""
         for p in self.model.parameters():
@@ -199,14 +262,16 @@ class FairTrainer(TrainingPasses, Trainer):
             for module, p in saved.items():
                 module.p = p
 
-    def _log_terms(self, **terms: float) -> None:
+    def _log_terms(self, **terms) -> None:
+        """Keep loss terms as detached tensors: they become numbers only when `log` runs (no host sync per step)."""
         for key, value in terms.items():
-            self._fair_logs[key].append(float(value))
+            self._terms[key].append(value.detach() if torch.is_tensor(value) else torch.tensor(float(value)))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._fair_logs:
-            logs = {**logs, **{k: float(np.mean(v)) for k, v in self._fair_logs.items()}}
-            self._fair_logs.clear()
+        if self._terms:
+            means = {k: torch.stack([v.float().to(vals[0].device) for v in vals]).mean() for k, vals in self._terms.items()}
+            logs = {**logs, **{k: float(v) for k, v in means.items()}}
+            self._terms.clear()
         if self._stage == "lora":
             logs["skipped_batches"] = self.skipped_batches
         super().log(logs, *args, **kwargs)
@@ -234,10 +299,17 @@ class FairTrainer(TrainingPasses, Trainer):
             with force_gate(model, False):
                 model(**inputs)
             risk = gate_record(model, self.adapter_name).risk
-        target = self._detector_target.to(risk.device)[rows.to(risk.device)]
-        loss = class_balanced_bce(risk, target, self._pos_weight)
-        self._log_terms(detector_loss=loss.item())
+        target = self._stage_tensor("detector_target", risk.device)[rows.to(risk.device)]
+        loss = class_balanced_bce(risk, target, self.run_state.pos_weight)
+        self._log_terms(detector_loss=loss)
         return loss
+
+    def _stage_tensor(self, name: str, device) -> torch.Tensor:
+        """A run-state array as a tensor on `device`, copied once per stage (not once per step)."""
+        key = (name, str(device))
+        if key not in self._stage_tensors:
+            self._stage_tensors[key] = torch.as_tensor(getattr(self.run_state, name)).to(device)
+        return self._stage_tensors[key]
 
     def _skip_batch(self, model, inputs) -> torch.Tensor:
         """Too few anchors: count the batch and return a zero loss that still ran a forward (DDP needs one)."""
@@ -247,32 +319,26 @@ class FairTrainer(TrainingPasses, Trainer):
             return model(**first).logits.sum() * 0.0
 
     def _lora_loss(self, model, inputs, rows):
-        args = self.args
-        group = self._group_hat.to(rows.device)[rows]
-        anchors = (group == 1).nonzero().squeeze(1)
-        if anchors.numel() < args.min_anchors_per_batch:
+        """The LoRA stage's loss on the batch's anchors (the batch holds only anchor rows, from `anchor_rows()`)."""
+        args, run = self.args, self.run_state
+        if rows.shape[0] < args.min_anchors_per_batch:
             return self._skip_batch(model, inputs)
-        batch = rows.shape[0]
-        sub = {k: v.index_select(0, anchors.to(v.device)) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
-               for k, v in inputs.items()}
-        labels = sub.pop("labels")
+        labels = inputs.pop("labels")
         with force_gate(model, True, self.adapter_name):
-            outputs, z = self._forward_with_z(model, sub)
-        weights = self._anchor_weights.to(labels.device)[labels] if args.class_balanced_anchors else None
+            outputs, z = self.forward_with_representation(model, inputs)
+        weights = self._stage_tensor("anchor_weights", labels.device)[labels]
         task = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
-        task = (task * weights).sum() / weights.sum().clamp_min(1e-12) if weights is not None else task.mean()
+        task = (task * weights).sum() / weights.sum().clamp_min(1e-12)
         if args.lora_objective == "task":
-            self._log_terms(task_loss=task.item(), anchors_per_batch=anchors.numel())
+            self._log_terms(task_loss=task)
             return task
         majority = self._detector.fairlora_prototypes[self.adapter_name][:, 0, :]
         contrastive, active = prototype_triplet_loss(
             z.float(), labels, majority, margin=args.margin, distance=args.distance,
             negative_strategy=args.negative_strategy, weights=weights,
         )
-        loss = args.contrastive_weight * contrastive + args.task_loss_weight * task
-        self._log_terms(contrastive_loss=contrastive.item(), task_loss=task.item(), hinge_active=active,
-                        anchors_per_batch=anchors.numel())
-        return loss
+        self._log_terms(contrastive_loss=contrastive, task_loss=task, hinge_active=active)
+        return args.contrastive_weight * contrastive + args.task_loss_weight * task
 
     # ------------------------------------------------------------------ evaluation: risk, gate and groups reach compute_metrics
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -290,7 +356,7 @@ class FairTrainer(TrainingPasses, Trainer):
             detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
                         if k in self.detector_stats}
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
-                                   adapter_name=self.adapter_name)
+                                   adapter_name=self.adapter_name, selection=self.run_state.selection or None)
         return metrics
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -307,9 +373,107 @@ class FairTrainer(TrainingPasses, Trainer):
         preds = (outputs.logits.detach(), risk.detach().float(), record.gate.long())
         if labels is None:
             return loss, preds, None
-        if sensitive is not None and self._eval_uses_sensitive:
+        if sensitive is not None and self.eval_uses_sensitive:
             return loss, preds, (labels, sensitive)
         return loss, preds, labels
+
+    def _with_pseudo_group_metric(self, compute_metrics):
+        """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
+        pseudo-groups for the eval rows: worst accuracy over (class × pseudo-group) cells."""
+        if compute_metrics is None:
+            return None
+
+        def wrapped(eval_pred):
+            metrics = compute_metrics(eval_pred)
+            groups = self._eval_pseudo_groups
+            preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+            labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
+            if groups is not None and labels is not None and len(groups) == len(labels):
+                metrics["pseudo_worst_group_accuracy"] = pseudo_group_worst_accuracy(
+                    np.asarray(preds).argmax(-1), np.asarray(labels), groups)
+            return metrics
+
+        return wrapped
+
+    def eval_pseudo_groups(self, dataset) -> np.ndarray:
+        """Unlabeled setting, after `train()`: the fitted pseudo-labeler's marks for `dataset`'s rows, from the
+        frozen model's features (LoRA off), in row order. Cached per dataset fingerprint."""
+        if self.pseudo_labels is None:
+            raise ValueError("eval_pseudo_groups needs the pseudo-labeler fitted by train() in the unlabeled setting.")
+        key = getattr(dataset, "_fingerprint", id(dataset))
+        if key not in self._pseudo_group_cache:  # every process runs the pass (it gathers); the main one marks
+            feats = self.frozen_pass(_with_row_column(dataset))
+            marks = np.zeros(len(dataset), dtype=np.int64)
+            if self.accelerator.is_main_process:
+                labeler = self._pseudo_labeler()
+                marks = np.asarray(labeler.predict(np.concatenate([feats["z"], feats["feat"]], axis=1),
+                                                   feats["label"], feats["logits"]), dtype=np.int64)
+            self._pseudo_group_cache[key] = self._broadcast(marks)
+        return self._pseudo_group_cache[key]
+
+    # ------------------------------------------------------------------ the setting's groups
+    def _fit_pseudo_labels(self, features: dict) -> np.ndarray:
+        """Fit `args.pseudo_labeler` (pseudo_labels.py) on the main process and broadcast the marks. The fitted
+        labeler stays on the trainer (`self.pseudo_labeler`) to mark validation rows the same way."""
+        args, marks = self.args, np.zeros(len(features["z"]), dtype=np.int64)
+        if self.accelerator.is_main_process:
+            result = pseudo_label(
+                args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
+                labels=features["label"], logits=features["logits"], seed=args.seed, **args.pseudo_labeler_knobs())
+            marks, self.pseudo_labeler = result.labels, result.labeler
+            self.run_state.pseudo_label_details = {
+                "method": result.method, **{k: v for k, v in result.details.items() if _plain(v)}}
+        return self._broadcast(marks)
+
+    def _pseudo_labeler(self):
+        """The fitted pseudo-labeler; after a resume it is fitted again on the same features (it is seeded, so it
+        marks the training rows as the interrupted run did)."""
+        if self.pseudo_labeler is None:
+            with self.passes.caching():
+                self._fit_pseudo_labels(self.frozen_pass())
+        return self.pseudo_labeler
+
+    def _broadcast(self, marks: np.ndarray) -> np.ndarray:
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
+        return marks
+
+    def _refuse_whole_class_minority(self, marks: np.ndarray) -> None:
+        labels = self.run_state.class_labels
+        whole = [int(k) for k in np.unique(labels) if (marks[labels == k] == 1).all()]
+        if whole:
+            raise ValueError(
+                f"The pseudo-labeler ({self.pseudo_label_details.get('method', self.args.pseudo_labeler)}) marked "
+                f"every row of classes {whole} as minority, so no majority prototype exists for them (an error set "
+                "is a whole class when the frozen model never predicts it: is the model task-trained?). Train the "
+                "base model first, or choose FairTrainingArguments.pseudo_labeler='lof'/'gmm'/'kmeans'.")
+
+    def _set_detector_targets(self) -> None:
+        """The setting's groups (true, or pseudo-labels in the unlabeled setting) and the detector stage's inputs."""
+        args, run = self.args, self.run_state
+        features = None
+        if run.label_setting == "unlabeled":
+            features = self.frozen_pass()
+            run.groups = self._fit_pseudo_labels(features)
+            self._refuse_whole_class_minority(run.groups)
+        else:
+            run.groups = run.given_groups
+        if run.label_setting == "partial" and args.partial_label_propagation:
+            features = self.frozen_pass()
+        for key, value in detector_targets(run, setting=run.label_setting, seed=args.seed, features=features,
+                                           holdout_fraction=args.detector_holdout_fraction,
+                                           propagate=args.partial_label_propagation).items():
+            setattr(run, key, value)
+
+    def holdout_loss(self) -> float:
+        """Class-balanced BCE (Eq. 1) of the current detector on the held-out rows (a pass stopped at the detector)."""
+        run = self.run_state
+        rows = np.flatnonzero(run.holdout)  # drawn from rows with a (pseudo-)label: their target is their group
+        feats = self.passes.risk(self._all_rows.select(rows))
+        risk = torch.as_tensor(feats["risk"], dtype=torch.float64)
+        return float(class_balanced_bce(risk, torch.as_tensor(run.groups[feats["row"]]), run.pos_weight))
 
     # ------------------------------------------------------------------ stages
     def _stage_dir(self) -> str:
@@ -318,9 +482,11 @@ class FairTrainer(TrainingPasses, Trainer):
     @contextlib.contextmanager
     def _stage_run(self, dataset, **overrides):
         """Run one `Trainer` stage on `dataset` with a copy of the arguments (`stage_arguments`), so the user's
-        `args` object is never written to; the trainer's own arguments and dataset are put back afterwards."""
+        `args` object is never written to; the trainer's own arguments and dataset are put back afterwards. Each
+        stage starts from the run's seed, so a stage started after a resume draws what it would have drawn."""
         args, full = self.args, self.train_dataset
         self.optimizer, self.lr_scheduler = None, None
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         try:
             self.args = stage_arguments(args, **overrides)
             self.train_dataset = dataset
@@ -333,70 +499,66 @@ class FairTrainer(TrainingPasses, Trainer):
         args = self.args
         return max(math.ceil(rows / (args.per_device_train_batch_size * processes * args.gradient_accumulation_steps)), 1)
 
+    def _enter(self, stage: Optional[str]) -> None:
+        """Make `stage` ("detector", "lora" or None) the trained one: its parameters trainable, a fresh optimizer."""
+        self._stage = stage
+        self._stage_tensors = {}
+        self._set_trainable(stage or "none")
+        self.optimizer, self.lr_scheduler = None, None
+        if stage == "lora":
+            self.skipped_batches = 0
+
     def _run_detector_stage(self, resume: Optional[str]) -> None:
-        args = self.args
-        rows = np.flatnonzero(self._detector_target.numpy() >= 0)  # labelled rows minus the held-out slice
+        args, run = self.args, self.run_state
+        rows = np.flatnonzero(run.detector_target >= 0)  # labelled rows minus the held-out slice
         per_epoch = self._updates_per_epoch(len(rows), max(args.world_size, 1))
         max_steps = max(2 * args.detector_min_updates, math.ceil(args.detector_epochs * per_epoch))
-        stopper = DetectorEarlyStopping(self, every=min(per_epoch, 50), patience=args.detector_patience,
-                                        min_updates=args.detector_min_updates)
-        self._enter_detector_stage()
-        if self._holdout.any():
-            self.add_callback(stopper)
+        self._stopper = DetectorEarlyStopping(self, run.early_stopping, every=min(per_epoch, 50),
+                                              patience=args.detector_patience, min_updates=args.detector_min_updates)
+        if resume is not None:
+            self._stopper.restore_snapshot(os.path.join(resume, EARLY_STOPPING_WEIGHTS))
+        self._enter("detector")
+        if run.holdout.any():
+            self.add_callback(self._stopper)
         try:
-            with self._stage_run(self._all_rows.select(rows), max_steps=max_steps,
-                                 learning_rate=args.detector_learning_rate, eval_strategy="no",
-                                 load_best_model_at_end=False, output_dir=self._stage_dir(), warmup_steps=0):
-                super().train(resume_from_checkpoint=resume)
+            if not run.early_stopping.stopped:  # a resumed stage that had stopped early has nothing left to train
+                with self._stage_run(self._all_rows.select(rows), max_steps=max_steps,
+                                     learning_rate=args.detector_learning_rate, eval_strategy="no",
+                                     load_best_model_at_end=False, output_dir=self._stage_dir(), warmup_steps=0):
+                    super().train(resume_from_checkpoint=resume)
+                run.detector_updates = int(self.state.global_step)
         finally:
-            if stopper in self.callback_handler.callbacks:
-                self.remove_callback(stopper)
-        stopper.restore_best()
-        self._detector_updates = int(self.state.global_step)
-        self._stage = "eval"
-        self._set_trainable("none")
+            if self._stopper in self.callback_handler.callbacks:
+                self.remove_callback(self._stopper)
+        self._stopper.restore_best()
+        self._stopper = None
+        self._enter(None)
 
-    def _save_stage(self) -> None:
-        final = os.path.join(self._stage_dir(), "final")
-        save_adapter(self.model, final, self.adapter_name)  # every rank: FSDP gathers the shards, rank 0 writes
-        if self.accelerator.is_main_process:
-            state = {"label_setting": self.label_setting, "pos_weight": self._pos_weight,
-                     "group_hat": self._group_hat.tolist(), "detector_stats": self.detector_stats,
-                     "anchor_weights": self._anchor_weights.tolist(),
-                     "num_classes": self._config.num_classes, "representation_dim": self._config.representation_dim}
-            with open(os.path.join(final, "fairnet_state.json"), "w") as f:
-                json.dump(state, f)
-        self.accelerator.wait_for_everyone()
+    def _run_prototype_pass(self) -> None:
+        """Stage 3 (passes.prototype_pass); the prototypes go into the adapter, the rest into the run state."""
+        args, run, config = self.args, self.run_state, self.adapter_config
+        exclude = run.holdout if self._selects_on_holdout() else None
+        feats = self.frozen_pass()
+        out = prototype_pass(run, feats, args=args, threshold=float(config.threshold),
+                             num_classes=config.num_classes, exclude=exclude)
+        self._detector.set_prototypes(self.adapter_name, torch.as_tensor(out["prototypes"]),
+                                      torch.as_tensor(out["counts"]))
+        config.num_classes, config.representation_dim = out["num_classes"], out["representation_dim"]
+        for key in ("anchors", "detector_stats", "anchor_weights", "num_classes", "representation_dim"):
+            setattr(run, key, out[key])
+        if args.force_adapter or not np.isfinite(run.detector_stats.get("detector_auc", math.nan)):
+            known = run.groups >= 0  # otherwise a blind detector switches the adapter off, with its own warning
+            warn_if_detector_failed(run.detector_stats, feats["risk"][known], run.groups[known])
+        self.log({f"prototype_stage_{k}": v for k, v in run.detector_stats.items()})
 
-    def _load_stage(self) -> bool:
-        final = os.path.join(self._stage_dir(), "final")
-        marker = os.path.join(final, "fairnet_state.json")
-        if not os.path.exists(marker):
-            return False
-        with open(marker) as f:
-            state = json.load(f)
-        k, d = state["num_classes"], state["representation_dim"]
-        self._detector.set_prototypes(self.adapter_name, torch.zeros(k, 2, d), torch.zeros(k, 2))  # shapes to load into
-        weights = load_file(os.path.join(final, "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
-        self._config.num_classes, self._config.representation_dim = k, d
-        self._pos_weight, self.detector_stats = state["pos_weight"], state["detector_stats"]
-        self._group_hat = torch.as_tensor(state["group_hat"])
-        self._anchor_weights = torch.as_tensor(state["anchor_weights"], dtype=torch.float32)
-        return True
-
-    def _enter_lora_stage(self) -> None:
-        """Stage 3 set-up (after the prototype pass): the LoRA loss, only this adapter's LoRA A/B trainable, and no
-        optimizer/scheduler yet, so `Trainer` builds them for the LoRA parameters."""
-        self._stage = "lora"
-        self._set_trainable("lora")
-        self.optimizer, self.lr_scheduler = None, None
-        self.skipped_batches = 0
-
-    def _enter_detector_stage(self) -> None:
-        self._stage = "detector"
-        self._set_trainable("detector")
-        self.optimizer, self.lr_scheduler = None, None
+    def lora_updates(self) -> int:
+        """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × anchors /
+        (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates."""
+        args = self.args
+        if args.max_steps > 0:
+            return int(args.max_steps)
+        per_epoch = self._updates_per_epoch(len(self.anchor_rows()), 1)
+        return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
 
     def prepare_detector_stage(self):
         """Context manager: the detector stage set up as `train()` does it (detector targets from the setting's
@@ -412,76 +574,246 @@ class FairTrainer(TrainingPasses, Trainer):
     @contextlib.contextmanager
     def _prepared_stage(self, stage: str):
         self._all_rows = self.train_dataset
-        with self._frozen_base_without_dropout(), self.caching_features():
+        with self._frozen_base_without_dropout(), self.passes.caching():
             self._set_detector_targets()
             if stage == "lora":
-                self._prototype_pass()
-                self._enter_lora_stage()
-            else:
-                self._enter_detector_stage()
+                self._run_prototype_pass()
+            self._enter(stage)
             try:
                 yield self
             finally:
-                self._stage = "eval"
-                self._set_trainable("none")
+                self._enter(None)
 
-    def lora_updates(self) -> int:
-        """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × anchors /
-        (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates."""
-        args = self.args
-        if args.max_steps > 0:
-            return int(args.max_steps)
-        per_epoch = self._updates_per_epoch(len(self.anchor_rows()), 1)
-        return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
-
+    # ------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.train_dataset is None:
             raise ValueError("FairTrainer.train() needs a train_dataset with a sensitive column.")
-        args = self.args
+        args, config = self.args, self.adapter_config
         if args.gate_threshold is not None:
-            self._config.threshold = args.gate_threshold
-        with self._frozen_base_without_dropout(), self.caching_features():
-            return self._train_stages(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _train_stages(self, resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs):
-        args = self.args
+            config.threshold = args.gate_threshold
         self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-            if resume_from_checkpoint is None and os.path.isdir(self._stage_dir()):
-                resume_from_checkpoint = get_last_checkpoint(self._stage_dir())
-        in_detector_stage = bool(resume_from_checkpoint) and os.path.abspath(str(resume_from_checkpoint)).startswith(
-            os.path.abspath(self._stage_dir()) + os.sep)
-        if not (resume_from_checkpoint and not in_detector_stage and self._load_stage()):
-            if resume_from_checkpoint and not in_detector_stage:
-                warnings.warn("No finished detector stage found; running the detector and prototype stages first.")
-            self._set_detector_targets()
-            self._run_detector_stage(resume_from_checkpoint if in_detector_stage else None)
-            self._prototype_pass()
-            self._save_stage()
-            self._stage_log_history = [{**entry, "stage": "detector"} for entry in self.state.log_history]
-            resume_from_checkpoint = None if in_detector_stage else resume_from_checkpoint
-        self._enter_lora_stage()
+        self.run_state.fingerprint = run_fingerprint(args, config, self.train_dataset)
+        point = self._resume_point(resume_from_checkpoint)
+        with self._frozen_base_without_dropout(), self.passes.caching():
+            return self._train_stages(point, trial, ignore_keys_for_eval, **kwargs)
+
+    def _train_stages(self, point: dict, trial, ignore_keys_for_eval, **kwargs):
+        args, run = self.args, self.run_state
+        log_history: list[dict] = []
+        if point["final"] is not None:
+            self._load_final(point["final"])
+        else:
+            if point["detector"] is not None:
+                self._load_run_state(point["detector"])
+            else:
+                self._set_detector_targets()
+            run.stage = "detector"
+            self._run_detector_stage(point["detector"])
+            log_history = [{**entry, "stage": "detector"} for entry in self.state.log_history]
+            run.stage = "prototypes"
+            self._save_final()
+        if run.stage == "prototypes":
+            self._run_prototype_pass()
+            run.stage = "lora"
+            self._save_final()
         anchors = self.anchor_rows()
         if len(anchors) < args.min_anchors_per_batch:
             raise ValueError(
                 f"Only {len(anchors)} anchor rows (ŝ = 1) for the LoRA stage: nothing to correct. Check the sensitive "
                 "column (1 = minority), anchor_source/anchor_threshold, or the pseudo-labeler in the unlabeled setting."
             )
+        self._enter("lora")
         try:
             with self._stage_run(self._all_rows.select(anchors), max_steps=self.lora_updates()):
-                result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                result = super().train(resume_from_checkpoint=point["lora"], trial=trial,
                                        ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
-            self._stage = "eval"
+            self._enter(None)
+        run.stage = "selection"
         # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
-        self.state.log_history = self._stage_log_history + self.state.log_history
-        result.metrics.update({f"train_{k}": v for k, v in self.detector_stats.items()})
+        self.state.log_history = log_history + self.state.log_history
+        result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
-        result.metrics.update(apply_accuracy_guard(self))
+        result.metrics.update(self._select_correction())
+        run.stage = "done"
         self._warn_if_no_op(result.metrics)
         return result
+
+    # ------------------------------------------------------------------ selection after training
+    def _selects_on_holdout(self) -> bool:
+        """Without a usable eval set (one with class labels), the correction is selected on the held-out training
+        rows, which the LoRA stage then does not train on."""
+        return self._selection_eval_set() is None and self.run_state.holdout is not None and bool(
+            self.run_state.holdout.any())
+
+    def _selection_eval_set(self):
+        dataset = self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or "labels" not in getattr(dataset, "column_names", []) or len(dataset) == 0:
+            return None
+        return dataset
+
+    def _selection_rows(self) -> tuple:
+        """(dataset with `fairnet_row`, groups per row, description) the correction is selected on."""
+        args, run = self.args, self.run_state
+        eval_set = self._selection_eval_set()
+        if eval_set is None:
+            rows = np.flatnonzero(run.holdout)
+            return self._all_rows.select(rows), run.groups[rows], "held-out training rows"
+        dataset = _with_row_column(eval_set)
+        groups = np.full(len(dataset), -1, dtype=np.int64)
+        if run.label_setting == "unlabeled":
+            return dataset, self.eval_pseudo_groups(eval_set), "eval rows (pseudo-groups)"
+        if args.sensitive_column in dataset.column_names and self.eval_uses_sensitive:
+            groups = np.asarray(dataset[args.sensitive_column], dtype=np.int64)
+        if (groups < 0).any():  # unknown groups: the detector's estimate, as for the anchors
+            risk = self.passes.risk(dataset)["risk"]
+            groups = np.where(groups >= 0, groups, (risk > self.anchor_threshold()).astype(np.int64))
+        return dataset, groups, "eval rows"
+
+    def _select_correction(self) -> dict:
+        """Stage 4 (module docstring): choose τ and the adapter strength, write them into the adapter's config,
+        return the `train_selection_*` metrics."""
+        args, run, config = self.args, self.run_state, self.adapter_config
+        off_reason = None if args.force_adapter else detector_blind(run.detector_stats, args.min_detector_auc)
+        max_drop, max_eod = args.resolved_max_accuracy_drop(), args.resolved_max_eod_increase()
+        if off_reason is None and (args.gate_threshold is not None or (
+                args.threshold_selection == "none" and max_drop is None and max_eod is None)):
+            run.selection = {"threshold": float(config.threshold), "strength": float(config.adapter_strength),
+                             "selected": False}
+            return {}
+        if self._selection_eval_set() is None and not self._selects_on_holdout():
+            warnings.warn(
+                "No eval_dataset and too few training rows per group to hold any out (detector_holdout_fraction), "
+                "so τ and the adapter strength stay as configured and nothing checks the adapter's accuracy cost. "
+                "Pass an eval_dataset (class labels suffice).", UserWarning, stacklevel=3)
+            return {}
+        dataset, groups, where = self._selection_rows()
+        if off_reason is not None:
+            info = {"threshold": OFF, "strength": float(config.adapter_strength), "reason": off_reason}
+            warnings.warn(
+                f"FairNet switched the adapter off (τ = 1): {off_reason}. The model behaves as the base model. Check "
+                "the sensitive column and FairLoraConfig.detector_layer, give group labels, or set "
+                "FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.", UserWarning, stacklevel=3)
+        else:
+            info = self._search(dataset, groups, max_drop, max_eod)
+            if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
+                info["strength"] = float(config.adapter_strength)
+                info["reason"] = ("no threshold and strength beat the adapter off on the held-out rows within the "
+                                  "accuracy floor and the EOD ceiling")
+        self._tuner.set_threshold(self.adapter_name, info["threshold"])
+        self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
+        run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
+        metrics = {f"train_selection_{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))}
+        metrics["train_selection_adapter_off"] = float(info["threshold"] >= OFF)
+        metrics["train_selection_rows"] = float(len(dataset))
+        if "frontier" in info:
+            metrics["train_selection_frontier"] = info["frontier"]
+        if "reason" in info:
+            metrics["train_selection_reason"] = info["reason"]
+        return metrics
+
+    def _search(self, dataset, groups, max_drop, max_eod) -> dict:
+        args, config = self.args, self.adapter_config
+        strengths = {"auto": STRENGTHS, "threshold": (float(config.adapter_strength),),
+                     "none": (float(config.adapter_strength),)}[args.threshold_selection]
+        out = self.passes.outputs(dataset, ("off",))
+        logits_on, saved = {}, float(config.adapter_strength)
+        try:
+            for alpha in strengths:
+                self._tuner.set_adapter_strength(self.adapter_name, alpha)
+                logits_on[alpha] = self.passes.outputs(dataset, ("on",))["logits_on"]
+        finally:
+            self._tuner.set_adapter_strength(self.adapter_name, saved)
+        fixed = args.threshold_selection == "none"  # the configured (τ, α) if admissible, else off
+        return select_correction(out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
+                                 configured_tau=float(config.threshold), max_accuracy_drop=max_drop,
+                                 max_eod_increase=max_eod, taus=(float(config.threshold),) if fixed else None,
+                                 keep_if_admissible=fixed)
+
+    # ------------------------------------------------------------------ resuming and checkpoints
+    def _checkpoints(self, folder: str) -> list[str]:
+        """`checkpoint-N` folders of this run (their run state has this run's fingerprint), newest first."""
+        if not os.path.isdir(folder):
+            return []
+        found = []
+        for name in os.listdir(folder):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            path = os.path.join(folder, name)
+            if match and self._belongs_to_run(path):
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def _belongs_to_run(self, folder: str) -> bool:
+        state = FairRunState.load(folder)
+        return state is not None and state.fingerprint == self.run_state.fingerprint
+
+    def _resume_point(self, resume) -> dict:
+        """Where `train()` starts: {"final": finished detector stage folder or None, "detector": detector-stage
+        checkpoint or None, "lora": LoRA-stage checkpoint or None}. Only this run's checkpoints count."""
+        point = {"final": None, "detector": None, "lora": None}
+        if not resume:
+            return point
+        final = os.path.join(self._stage_dir(), FINAL)
+        if resume is True:
+            lora, detector = self._checkpoints(self.args.output_dir), self._checkpoints(self._stage_dir())
+            others = [p for p in (final,) if FairRunState.load(p) is not None and not self._belongs_to_run(p)]
+            if others:
+                warnings.warn(f"{others[0]} was written by another run (other settings or data); it is ignored.",
+                              UserWarning, stacklevel=4)
+            point["final"] = final if self._belongs_to_run(final) else None
+            point["lora"] = lora[0] if lora and point["final"] else None
+            point["detector"] = detector[0] if detector and not point["final"] else None
+            if not any(point.values()):
+                warnings.warn(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint of this "
+                              "run; training from the start.", UserWarning, stacklevel=4)
+            return point
+        path = os.path.abspath(str(resume))
+        if not self._belongs_to_run(path):
+            state = FairRunState.load(path)
+            raise ValueError(
+                f"Cannot resume from {resume}: "
+                + ("it is not a FairTrainer checkpoint (no run state in it)." if state is None else
+                   f"it was written by another run (fingerprint {state.fingerprint}, this run {self.run_state.fingerprint}:"
+                   " other training arguments, adapter config or training data).")
+                + " Resume with the settings that wrote it, call train() without resume_from_checkpoint to start "
+                  "afresh, or use another output_dir.")
+        in_stage = path.startswith(os.path.abspath(self._stage_dir()) + os.sep)
+        point["detector" if in_stage else "lora"] = path
+        if not in_stage:
+            if not self._belongs_to_run(final):
+                raise ValueError(f"Cannot resume the LoRA stage from {resume}: the finished detector stage "
+                                 f"({final}) of this run is missing.")
+            point["final"] = final
+        return point
+
+    def _load_run_state(self, folder: str) -> None:
+        saved = FairRunState.load(folder)
+        given, labels = self.run_state.given_groups, self.run_state.class_labels
+        if not (np.array_equal(saved.given_groups, given) and np.array_equal(saved.class_labels, labels)):
+            raise ValueError(f"The run state in {folder} does not match the training data's labels or groups.")
+        for field in dataclasses.fields(saved):  # in place: every holder of the run state sees the loaded one
+            setattr(self.run_state, field.name, getattr(saved, field.name))
+
+    def _save_final(self) -> None:
+        final = os.path.join(self._stage_dir(), FINAL)
+        save_adapter(self.model, final, self.adapter_name)  # every rank: FSDP gathers the shards, rank 0 writes
+        if self.accelerator.is_main_process:
+            self.run_state.save(final)
+        self.accelerator.wait_for_everyone()
+
+    def _load_final(self, final: str) -> None:
+        self._load_run_state(final)
+        run = self.run_state
+        if run.num_classes is not None:  # shapes to load into
+            self._detector.set_prototypes(self.adapter_name, torch.zeros(run.num_classes, 2, run.representation_dim),
+                                          torch.zeros(run.num_classes, 2))
+            config = self.adapter_config
+            config.num_classes, config.representation_dim = run.num_classes, run.representation_dim
+        weights = load_file(os.path.join(final, "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
 
     # ------------------------------------------------------------------ diagnostics
     def lora_relative_update(self) -> float:
@@ -489,6 +821,8 @@ class FairTrainer(TrainingPasses, Trainer):
         return self._tuner.lora_relative_update(self.adapter_name)
 
     def _warn_if_no_op(self, metrics: dict) -> None:
+        if metrics.get("train_selection_adapter_off"):
+            return  # the selection said why, in its own warning or metrics
         rate, update = metrics.get("train_gate_rate_s1", float("nan")), metrics["train_lora_relative_update"]
         if np.isfinite(rate) and rate < 0.1:
             warnings.warn(
@@ -501,3 +835,34 @@ class FairTrainer(TrainingPasses, Trainer):
                 f"The LoRA barely moved (relative update {update:.1e}): the adapter is close to a no-op. Raise "
                 "FairTrainingArguments.learning_rate or lora_min_updates, or check that the anchors are not skipped "
                 "(train_skipped_batches).", UserWarning, stacklevel=3)
+
+
+class _RunStateCheckpoint(TrainerCallback):
+    """Writes the run state (and the detector's early-stopping snapshot) into every checkpoint the stages save."""
+
+    def __init__(self, trainer: FairTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.stage is None or not trainer.accelerator.is_main_process:
+            return control
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if trainer.stage == "detector":
+            trainer.run_state.detector_updates = int(state.global_step)
+            if trainer._stopper is not None:
+                trainer._stopper.save_snapshot(os.path.join(folder, EARLY_STOPPING_WEIGHTS))
+        trainer.run_state.save(folder)  # last: a checkpoint without it is not resumed from
+        return control
+
+
+def _with_row_column(dataset):
+    """`dataset` with the `fairnet_row` column (0..n-1), replacing one it has."""
+    if ROW_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(ROW_COLUMN)
+    return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+
+
+def _plain(value) -> bool:
+    """A detail worth keeping in the run state: a scalar, or a dict of scalars (e.g. auto's per-labeler scores)."""
+    return np.isscalar(value) or (isinstance(value, dict) and all(np.isscalar(v) for v in value.values()))

@@ -201,6 +201,16 @@ class FairLoraConfig(PeftConfig):
             )
         },
     )
+    adapter_strength: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Strength α in [0, 1] of the correction on gated rows: the update is α · (lora_alpha / r) · B A, so "
+                "α = 0 is the base model and α = 1 the trained LoRA. FairTrainer chooses it (with τ) after training "
+                "on held-out rows (FairTrainingArguments.threshold_selection)."
+            )
+        },
+    )
     # ---------------------------------------------------------------- prototypes / representation
     num_classes: Optional[int] = field(
         default=None,
@@ -299,6 +309,8 @@ class FairLoraConfig(PeftConfig):
             bad("detector_dropout", self.detector_dropout, "must be in [0, 1)")
         if not 0.0 <= float(self.threshold) <= 1.0:
             bad("threshold", self.threshold, "τ must be in [0, 1] (gate on when risk > τ)")
+        if not 0.0 <= float(self.adapter_strength) <= 1.0:
+            bad("adapter_strength", self.adapter_strength, "α must be in [0, 1] (0 = base model, 1 = the trained LoRA)")
         if any(h <= 0 for h in self.detector_hidden_sizes):
             bad("detector_hidden_sizes", self.detector_hidden_sizes, "every hidden size must be > 0")
         if self.detector_layer is not None and self.detector_layer < 0:

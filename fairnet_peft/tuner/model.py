@@ -473,6 +473,22 @@ class FairLoraModel(BaseTuner):
             state.records.pop(adapter_name, None)
 
     # ------------------------------------------------------------------ what a trainer reads and trains
+    def set_threshold(self, adapter_name: str, threshold: float) -> None:
+        """Set the gate threshold τ of `adapter_name` (its config, which `save_pretrained` writes)."""
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold={threshold!r}: τ must be in [0, 1].")
+        self.peft_config[adapter_name].threshold = float(threshold)
+
+    def set_adapter_strength(self, adapter_name: str, strength: float) -> None:
+        """Set the correction strength α of `adapter_name`: its config and the scaling α · lora_alpha / r of every
+        FairLoRA layer. Changes the model for every caller: not for use while other threads run it."""
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"adapter_strength={strength!r}: must be in [0, 1].")
+        config = self.peft_config[adapter_name]
+        config.adapter_strength = float(strength)
+        for layer in self.lora_layers(adapter_name):
+            layer.scaling[adapter_name] = config.lora_alpha / config.r * float(strength)
+
     def lora_layers(self, adapter_name: str) -> list[FairLoraLayer]:
         """The adapted layers that hold a LoRA for `adapter_name`."""
         return [m for m in self.model.modules() if isinstance(m, FairLoraLayer) and adapter_name in m.fairlora_A]

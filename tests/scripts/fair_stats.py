@@ -31,7 +31,8 @@ def main(out_path: str, setting: str) -> None:
         detector_learning_rate=0.0, num_train_epochs=1, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=16,
         per_device_eval_batch_size=16, seed=0, use_cpu=True,
         pseudo_labeler="lof",  # the model is untrained: its error set is a whole class, which `auto` would fall back to
-        max_accuracy_drop=0.0,  # the accuracy guard in every setting: its predict passes gather 50 rows over ranks
+        max_accuracy_drop=0.0,  # the selection's accuracy floor: its passes gather the 50 eval rows over ranks
+        force_adapter=True,  # the untrained detector would switch the adapter off before any selection pass
     )
     trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=data["validation"])
     metrics = trainer.train().metrics
@@ -44,10 +45,11 @@ def main(out_path: str, setting: str) -> None:
         "detector_stats": trainer.detector_stats,
         "anchor_rows": trainer.anchor_rows().tolist(),
         "pseudo": np.asarray(trainer.pseudo_labels if trainer.pseudo_labels is not None else []).tolist(),
-        "guard": {k: v for k, v in metrics.items() if k.startswith("train_guard_")},
+        "selection": {k: v for k, v in metrics.items() if k.startswith("train_selection_") and isinstance(v, float)},
     }
     lora = {k: v.tolist() for k, v in model.state_dict().items() if "fairlora_B" in k}
-    lora["threshold"] = [model.peft_config["default"].threshold]  # every rank took the guard's decision
+    config = model.peft_config["default"]
+    lora["threshold"] = [config.threshold, config.adapter_strength]  # every rank took the selection's decision
     with open(f"{out_path}.rank{trainer.accelerator.process_index}", "w") as f:
         json.dump(lora, f)  # every rank: the LoRA after the LoRA stage must be identical across ranks
     if trainer.accelerator.is_main_process:

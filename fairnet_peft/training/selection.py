@@ -1,0 +1,136 @@
+"""After training: how strongly, and for whom, the adapter acts. Arrays in, a decision out.
+
+`select_correction` searches the gate threshold τ and the adapter strength α (the LoRA update scaled by α on gated
+rows; α = 0 or τ = 1 is the adapter off) on held-out rows, from one pass with the gate off and one pass with the
+gate forced on per strength (a row's output depends only on its own gate, so every τ follows from those passes):
+
+    maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group
+    subject to ACC(τ, α) ≥ ACC(off) − max_accuracy_drop
+               EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
+
+Ties go to the higher accuracy, then the weaker correction (smaller α, then larger τ), so "off" wins whenever nothing
+beats it. The groups are the setting's (trainer.py decides): the true groups (full), known labels else the detector's
+estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a
+detector whose held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever
+few held-out rows would say.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..metrics import accuracy, equalized_odds_difference, worst_group_accuracy
+from ..evaluation.sweep import gate_rate_thresholds
+
+OFF = 1.0  # risk ≤ 1 and the gate is `risk > τ`: τ = 1 is the adapter off
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(0, 10))
+GATE_RATES = tuple(round(0.05 * i, 2) for i in range(1, 20))
+STRENGTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def tau_candidates(risk, configured: float) -> list[float]:
+    """The 0.1 grid from 0, the τ gating 5 … 95 % of the rows, the configured τ and 1 (off)."""
+    qs = [q for q in gate_rate_thresholds(np.asarray(risk, dtype=np.float64), GATE_RATES) if 0.0 <= q < OFF]
+    return sorted(set(TAU_GRID) | set(qs) | {float(configured), OFF})
+
+
+def _gate(risk, tau: float) -> np.ndarray:
+    """`risk > τ` as the model computes it: in the detector's own dtype when `risk` is a tensor."""
+    if isinstance(risk, torch.Tensor):
+        return (risk > float(tau)).cpu().numpy()
+    return np.asarray(risk) > float(tau)
+
+
+def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
+    known = groups >= 0
+    acc = accuracy(labels, pred)
+    if not known.any() or len(np.unique(groups[known])) < 2:
+        return acc, math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty cells are skipped; that is expected on small held-out sets
+        wga = worst_group_accuracy(labels[known], pred[known], sensitive_features=groups[known])
+        eod = equalized_odds_difference(labels[known], pred[known], sensitive_features=groups[known])
+    return acc, wga, eod
+
+
+def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, groups, *, configured_tau: float,
+                      max_accuracy_drop: Optional[float], max_eod_increase: Optional[float],
+                      strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
+                      keep_if_admissible: bool = False) -> dict:
+    """Choose (τ, α) as the module docstring says.
+
+    `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
+    search (default: every key), `taus` the thresholds (default: `tau_candidates`). `keep_if_admissible`: no search,
+    the one candidate (τ, α) is kept when admissible, else the adapter goes off. Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
+    "equalized_odds_difference", "gate_rate", "accuracy_off", "worst_group_accuracy_off",
+    "equalized_odds_difference_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first,
+    the admissible candidates no other admissible one beats on both ACC and WGA."""
+    labels = np.asarray(labels)
+    groups = np.asarray(groups) if groups is not None else np.full(len(labels), -1)
+    pred_off = np.asarray(logits_off).argmax(-1)
+    acc_off, wga_off, eod_off = _scores(pred_off, labels, groups)
+    floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
+    ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
+    off = {"threshold": OFF, "strength": 0.0, "accuracy": acc_off, "worst_group_accuracy": wga_off,
+           "equalized_odds_difference": eod_off, "gate_rate": 0.0}
+    rows = [off]
+    if taus is None:
+        taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau)
+    for alpha in sorted(strengths if strengths is not None else logits_on):
+        pred_on = np.asarray(logits_on[alpha]).argmax(-1)
+        for tau in taus:
+            if tau >= OFF:
+                continue
+            gate = _gate(risk, tau)
+            acc, wga, eod = _scores(np.where(gate, pred_on, pred_off), labels, groups)
+            rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
+                         "worst_group_accuracy": wga, "equalized_odds_difference": eod,
+                         "gate_rate": float(gate.mean())})
+    admissible = [r for r in rows if r is off or (r["accuracy"] >= floor and not (
+        math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling))]
+
+    def key(r):
+        wga = r["worst_group_accuracy"]
+        return (wga if math.isfinite(wga) else -math.inf, r["accuracy"], -r["strength"], r["threshold"])
+
+    best = max(admissible, key=key)
+    if keep_if_admissible:
+        best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
+    return {**best, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
+            "equalized_odds_difference_off": eod_off, "candidates": len(rows), "admissible": len(admissible),
+            "frontier": pareto_frontier(admissible)}
+
+
+def pareto_frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both accuracy and worst-group accuracy, by accuracy descending."""
+    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"])))
+    frontier, best_wga = [], -math.inf
+    for row in ordered:
+        wga = _finite(row["worst_group_accuracy"])
+        if wga > best_wga or not frontier:
+            frontier.append({k: row[k] for k in ("threshold", "strength", "accuracy", "worst_group_accuracy",
+                                                 "equalized_odds_difference", "gate_rate")})
+            best_wga = wga
+    return frontier
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def detector_blind(detector_stats: dict, min_detector_auc: float) -> Optional[str]:
+    """The reason to switch the adapter off when the detector cannot find the group, or None.
+
+    The held-out detector AUC (rows the detector never trained on) below `min_detector_auc` means its risk barely
+    orders minority above majority: whatever τ, the gate fires on about as many majority rows as minority rows."""
+    auc = detector_stats.get("detector_auc", math.nan)
+    if isinstance(auc, (int, float)) and math.isfinite(auc) and auc < min_detector_auc:
+        probe = detector_stats.get("probe_auc", math.nan)
+        return (f"the bias detector cannot find the group: held-out AUC {auc:.3f} < min_detector_auc "
+                f"{min_detector_auc:g} (a logistic probe on the same features reaches {probe:.3f})")
+    return None

@@ -1,0 +1,147 @@
+"""Resuming FairTrainer equals the uninterrupted run at every point, and one output folder never mixes two runs.
+
+The matrix crashes a run (a callback raises, as a killed process would stop) at every stage boundary and inside
+each stage, then a fresh trainer (as a new process would build it) resumes with `resume_from_checkpoint=True`; the
+adapter (LoRA, detector, prototypes), τ, the strength and the train metrics must equal the uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from peft import get_peft_model
+
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
+from fairnet_peft.data import make_synthetic_text
+
+T.logging.set_verbosity_error()
+
+
+class Crash(Exception):
+    """What the test callbacks raise: a crash at a chosen point."""
+
+
+class CrashAt(T.TrainerCallback):
+    """Raise at `event` ("save", "step", "train_end") when the trainer is in `stage` at `step` (any step: None)."""
+
+    def __init__(self, holder, stage, event, step=None):
+        self.holder, self.stage, self.event, self.step = holder, stage, event, step
+
+    def _maybe(self, event, state):
+        trainer = self.holder[0]
+        if event == self.event and trainer.stage == self.stage and self.step in (None, state.global_step):
+            raise Crash(f"crash at {self.stage} {event} step {state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        self._maybe("save", state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe("step", state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._maybe("train_end", state)
+
+
+def _run(out_dir, callbacks=(), resume=None, **overrides):
+    data = make_synthetic_text(seed=0, n_train=192, n_val=48, n_test=8)
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS"))
+    settings = dict(report_to=[], disable_tqdm=True, save_strategy="steps", save_steps=3, detector_epochs=20,
+                    detector_learning_rate=1e-2, detector_min_updates=0, detector_patience=1, num_train_epochs=2,
+                    lora_min_updates=10, learning_rate=1e-2, per_device_train_batch_size=32, seed=0, logging_steps=3,
+                    use_cpu=True, dataloader_num_workers=0, force_adapter=True, max_accuracy_drop="none")
+    settings.update(overrides)
+    holder = [None]
+    trainer = FairTrainer(model=model, args=FairTrainingArguments(str(out_dir), **settings),
+                          train_dataset=data["train"], eval_dataset=data["validation"])
+    holder[0] = trainer
+    for make in callbacks:
+        trainer.add_callback(make(holder))
+    metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    return trainer, metrics
+
+
+def _adapter(trainer):
+    state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "fairlora_" in k}
+    config = trainer.model.peft_config["default"]
+    return state, (config.threshold, config.adapter_strength)
+
+
+def _numbers(metrics):
+    return {k: v for k, v in metrics.items() if isinstance(v, float) and k.startswith("train_")
+            and k not in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    trainer, metrics = _run(tmp_path_factory.mktemp("straight"))
+    stopping = trainer.run_state.early_stopping
+    # the detector stage does stop early in this setup, well before its budget of 20 epochs (6 updates each)
+    assert stopping.stopped and stopping.evaluations >= 3 and trainer.run_state.detector_updates < 60
+    return _adapter(trainer), _numbers(metrics), trainer.run_state.detector_updates
+
+
+CRASHES = {
+    # inside the detector stage, after its first early-stopping checks, at a checkpoint
+    "detector, mid-stage": lambda h: CrashAt(h, "detector", "save", 9),
+    # the detector stage has ended (early stop), nothing of the prototype pass saved yet
+    "detector, end": lambda h: CrashAt(h, "detector", "train_end"),
+    # the finished detector stage saved; the LoRA stage crashes before its first checkpoint
+    "lora, before first checkpoint": lambda h: CrashAt(h, "lora", "step", 2),
+    # the LoRA stage crashes after a checkpoint
+    "lora, after a checkpoint": lambda h: CrashAt(h, "lora", "save", 6),
+    # the LoRA stage has ended; the selection after it has not run
+    "lora, end": lambda h: CrashAt(h, "lora", "train_end"),
+}
+
+
+@pytest.mark.parametrize("where", list(CRASHES))
+def test_resume_equals_the_uninterrupted_run(uninterrupted, tmp_path, where):
+    (reference, config), numbers, detector_updates = uninterrupted
+    with pytest.raises(Crash):
+        _run(tmp_path, callbacks=[CRASHES[where]])
+    trainer, metrics = _run(tmp_path, resume=True)
+    resumed, resumed_config = _adapter(trainer)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed_config == config
+    assert trainer.run_state.detector_updates == detector_updates  # the detector stage did not run longer
+    got = _numbers(metrics)
+    assert got.keys() == numbers.keys()
+    for key, value in numbers.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def test_a_finished_detector_stage_is_never_rerun(tmp_path, monkeypatch):
+    with pytest.raises(Crash):
+        _run(tmp_path, callbacks=[lambda h: CrashAt(h, "lora", "step", 2)])
+    calls = []
+    monkeypatch.setattr(FairTrainer, "_run_detector_stage", lambda self, resume: calls.append(resume))
+    _run(tmp_path, resume=True)
+    assert calls == []
+
+
+def test_another_runs_checkpoints_are_never_resumed_from(tmp_path):
+    """Run 1 (another learning rate) finished in the folder; run 2 crashes early; resuming run 2 must not hand back
+    run 1's adapter but equal run 2 uninterrupted. An explicit path to run 1's checkpoint is refused."""
+    _run(tmp_path, learning_rate=3e-2)
+    first = sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))
+    assert first
+    with pytest.raises(Crash):
+        _run(tmp_path, callbacks=[lambda h: CrashAt(h, "detector", "save", 3)])
+    with pytest.warns(UserWarning, match="another run"):
+        trainer, _ = _run(tmp_path, resume=True)
+    straight, _ = _run(tmp_path / "straight")
+    resumed, reference = _adapter(trainer)[0], _adapter(straight)[0]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="written by another run"):
+        _run(tmp_path / "other", resume=str(tmp_path / first[-1]))
+    with pytest.raises(ValueError, match="not a FairTrainer checkpoint"):
+        os.makedirs(tmp_path / "plain" / "checkpoint-1")
+        _run(tmp_path / "plain", resume=str(tmp_path / "plain" / "checkpoint-1"))

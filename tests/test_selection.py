@@ -1,0 +1,264 @@
+"""The correction chosen after training (fairnet_peft/training/selection.py and FairTrainer's stage 4): τ and the
+adapter strength α with the best worst-group accuracy within the accuracy floor and the EOD ceiling, on held-out
+rows, in every setting; the adapter off when the detector cannot see the group; the choice saved in the config.
+
+Unit tests build the passes by hand; the end-to-end tests train on the synthetic task (full, partial and unlabeled,
+with and without an eval set), once with an adapter a callback breaks after the LoRA stage, and once on a task whose
+group is not in the input (the detector is blind: the adapter must go off)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from peft import PeftModel, get_peft_model
+
+from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
+from fairnet_peft import metrics as M
+from fairnet_peft.data import make_synthetic_text
+from fairnet_peft.training.prototypes import anchor_weights
+from fairnet_peft.training.selection import OFF, detector_blind, pareto_frontier, select_correction, tau_candidates
+
+T.logging.set_verbosity_error()
+QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
+#: end-to-end runs check the mechanics, not the size of a gain: shorter stages than the library's floors
+SHORT = dict(num_train_epochs=1, per_device_train_batch_size=32, detector_min_updates=60,
+             detector_epochs=4, **QUIET)
+EYE = np.eye(2, dtype=np.float32)
+
+
+def _case():
+    """20 rows, two classes, groups: 0 majority (rows 0-15), 1 minority (16-19). Off: the minority's class-1 rows are
+    wrong (WGA 0). On at strength 1: they are right, but two majority rows (risk 0.3) break; on at 0.5: the minority
+    is right and nothing breaks (what a weaker correction often does)."""
+    y = np.array([0] * 8 + [1] * 8 + [0, 0, 1, 1])
+    g = np.array([0] * 16 + [1] * 4)
+    off = y.copy()
+    off[18:] = 0
+    on1, on_half = y.copy(), y.copy()
+    on1[[0, 1]] = 1
+    risk = np.array([0.3, 0.3] + [0.1] * 14 + [0.9] * 4, dtype=np.float32)
+    return y, g, EYE[off], {0.5: EYE[on_half], 1.0: EYE[on1]}, risk
+
+
+def test_selection_prefers_the_strength_that_fixes_the_minority_without_breaking_the_majority():
+    y, g, off, on, risk = _case()
+    out = select_correction(off, on, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=0.01)
+    assert out["worst_group_accuracy_off"] == 0.0 and out["worst_group_accuracy"] == 1.0
+    assert out["accuracy"] == 1.0 and out["threshold"] < OFF
+    # ties on WGA and ACC go to the weaker correction: α = 0.5 and the largest τ that still gates the minority
+    assert out["strength"] == 0.5 and 0.3 <= out["threshold"] < 0.9
+    assert out["frontier"][0]["accuracy"] == 1.0
+
+
+def test_accuracy_floor_and_eod_ceiling_bound_the_choice():
+    y, g, off, on, risk = _case()
+    only_full = {1.0: on[1.0]}
+    # at α = 1, τ < 0.3 breaks two majority rows (ACC −10 points): the floor rules it out, τ in [0.3, 0.9) is kept
+    out = select_correction(off, only_full, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005,
+                            max_eod_increase=None)
+    assert out["threshold"] >= 0.3 and out["accuracy"] == 1.0
+    # overshoot: majority TPR 0.75; the correction lifts the minority's TPR from 0.5 to 1 (WGA 0.5 → 0.75, ACC up)
+    # but also flips a minority class-0 row: EOD 0.125 → 0.25, which the ceiling refuses
+    y = np.array([0] * 8 + [1] * 8 + [0] * 4 + [1] * 4)
+    g = np.array([0] * 16 + [1] * 8)
+    off = y.copy()
+    off[[8, 9, 20, 21]] = 1 - y[[8, 9, 20, 21]]
+    over = y.copy()
+    over[[8, 9, 16]] = 1 - y[[8, 9, 16]]
+    risk = np.array([0.1] * 16 + [0.9] * 8, dtype=np.float32)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=None)
+    unbounded = select_correction(EYE[off], {1.0: EYE[over]}, risk, y, g, max_eod_increase=None, **kw)
+    assert unbounded["threshold"] < OFF and unbounded["worst_group_accuracy"] == 0.75
+    assert unbounded["equalized_odds_difference"] == pytest.approx(0.25)
+    bounded = select_correction(EYE[off], {1.0: EYE[over]}, risk, y, g, max_eod_increase=0.01, **kw)
+    assert bounded["threshold"] == OFF and bounded["equalized_odds_difference_off"] == pytest.approx(0.125)
+
+
+def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
+    y, g, off, _, risk = _case()
+    harmful = EYE[1 - y]
+    out = select_correction(off, {1.0: harmful}, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005,
+                            max_eod_increase=0.01)
+    assert out["threshold"] == OFF
+    kept = select_correction(off, {1.0: EYE[y]}, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005,
+                             max_eod_increase=0.01, taus=(0.5,), keep_if_admissible=True)
+    assert kept["threshold"] == 0.5 and kept["strength"] == 1.0
+    refused = select_correction(off, {1.0: harmful}, risk, y, g, configured_tau=0.0, max_accuracy_drop=0.005,
+                                max_eod_increase=0.01, taus=(0.0,), keep_if_admissible=True)
+    assert refused["threshold"] == OFF
+
+
+def test_gates_are_compared_in_the_detectors_dtype():
+    y, g, off, on, _ = _case()
+    risk = torch.tensor([0.3, 0.3] + [0.1] * 14 + [0.9] * 4, dtype=torch.bfloat16)
+    out = select_correction(off, on, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=0.01)
+    gate = (risk > out["threshold"]).numpy()
+    assert out["gate_rate"] == pytest.approx(gate.mean())
+
+
+def test_tau_candidates_and_frontier():
+    risk = np.linspace(0, 1, 101)
+    taus = tau_candidates(risk, 0.37)
+    assert 0.0 in taus and 0.37 in taus and OFF in taus and taus == sorted(taus)
+    rows = [dict(threshold=t, strength=1.0, accuracy=a, worst_group_accuracy=w, equalized_odds_difference=0.0,
+                 gate_rate=0.0) for t, a, w in [(0.1, 0.9, 0.5), (0.2, 0.8, 0.6), (0.3, 0.85, 0.4), (0.4, 0.7, 0.6)]]
+    assert [(r["accuracy"], r["worst_group_accuracy"]) for r in pareto_frontier(rows)] == [(0.9, 0.5), (0.8, 0.6)]
+
+
+def test_detector_blind_names_the_auc():
+    assert detector_blind({"detector_auc": 0.58, "probe_auc": 0.63}, 0.65).startswith("the bias detector cannot")
+    assert detector_blind({"detector_auc": 0.9}, 0.65) is None
+    assert detector_blind({"detector_auc": float("nan")}, 0.65) is None  # no held-out rows: nothing to judge
+
+
+def test_anchor_weightings():
+    y = np.array([0] * 80 + [1] * 20 + [0] * 10 + [1] * 10)
+    g = np.array([0] * 100 + [1] * 20)
+    np.testing.assert_allclose(anchor_weights(y, g, 2, "class_balanced"), [1.0, 1.0])
+    # the anchors are 50/50, the majority 80/20: re-weighted to the majority's mix, mean anchor weight 1
+    np.testing.assert_allclose(anchor_weights(y, g, 2, "majority_prior"), [1.6, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(anchor_weights(y, g, 2, "none"), [1.0, 1.0])
+    with pytest.raises(ValueError, match="anchor_weighting"):
+        anchor_weights(y, g, 2, "inverse")
+
+
+@pytest.mark.parametrize("name, value", [("max_accuracy_drop", -0.1), ("max_accuracy_drop", "half"),
+                                         ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
+                                         ("min_detector_auc", 1.5), ("anchor_weighting", "inverse")])
+def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        FairTrainingArguments(str(tmp_path), **{name: value}, **QUIET)
+    assert FairTrainingArguments(str(tmp_path), max_accuracy_drop="0.01", **QUIET).max_accuracy_drop == 0.01
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _fresh(erm_dir):
+    return get_peft_model(T.BertForSequenceClassification.from_pretrained(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+
+
+def _predict(model, split) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(split["input_ids"]),
+                     attention_mask=torch.tensor(split["attention_mask"])).logits.argmax(-1).numpy()
+
+
+def _hide(split, keep=None):
+    s = np.asarray(split["sensitive"])
+    masked = np.full_like(s, -1) if keep is None else np.where(keep, s, -1)
+    return split.remove_columns("sensitive").add_column("sensitive", masked.tolist())
+
+
+@pytest.mark.parametrize("setting", ["full", "partial", "unlabeled"])
+def test_selection_end_to_end_in_every_setting(setting, synthetic_data, synthetic_erm_dir, tmp_path):
+    """The reported ACC and WGA are what the final model gives on the eval rows with the setting's groups; the floor
+    holds; the saved config carries τ and α; the card names the choice."""
+    data = synthetic_data
+    train = data["train"]
+    if setting == "partial":
+        train = _hide(train, keep=np.random.default_rng(0).random(len(train)) < 0.3)
+    elif setting == "unlabeled":
+        train = _hide(train)
+    val = data["validation"] if setting == "full" else data["validation"].remove_columns("sensitive")
+    args = FairTrainingArguments(str(tmp_path), **SHORT)
+    model = _fresh(synthetic_erm_dir)
+    trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    metrics = trainer.train().metrics
+    y = np.array(val["labels"])
+    off = _predict(T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir), val)
+    assert metrics["train_selection_accuracy_off"] == pytest.approx(M.accuracy(y, off))
+    pred = _predict(model, val)
+    assert M.accuracy(y, pred) == pytest.approx(metrics["train_selection_accuracy"])
+    assert metrics["train_selection_accuracy"] >= metrics["train_selection_accuracy_off"] - 0.005 - 1e-9
+    groups = {"full": np.array(val["sensitive"]) if setting == "full" else None,
+              "unlabeled": trainer.eval_pseudo_groups(val) if setting == "unlabeled" else None}.get(setting)
+    if groups is not None:
+        assert M.worst_group_accuracy(y, pred, sensitive_features=groups) == pytest.approx(
+            metrics["train_selection_worst_group_accuracy"])
+    if setting == "full":  # the synthetic group is visible: the correction must help, as it does at these sizes
+        assert metrics["train_selection_worst_group_accuracy"] > metrics["train_selection_worst_group_accuracy_off"]
+    config = model.peft_config["default"]
+    assert config.threshold == metrics["train_selection_threshold"]
+    assert config.adapter_strength == metrics["train_selection_strength"]
+    assert metrics["train_selection_frontier"] and isinstance(metrics["train_selection_frontier"], list)
+    trainer.evaluate()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["threshold"] == config.threshold and saved["adapter_strength"] == config.adapter_strength
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert ("Correction chosen after training" in card) or ("The adapter is off" in card)
+    loaded = PeftModel.from_pretrained(T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir),
+                                       str(tmp_path / "adapter"))
+    np.testing.assert_array_equal(_predict(loaded, val), pred)  # the saved adapter reproduces the chosen model
+
+
+def test_without_an_eval_set_the_held_out_training_rows_select_and_are_not_trained_on(
+        synthetic_data, synthetic_erm_dir, tmp_path):
+    args = FairTrainingArguments(str(tmp_path), **SHORT)
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"])
+    metrics = trainer.train().metrics
+    holdout = np.flatnonzero(trainer.run_state.holdout)
+    assert metrics["train_selection_rows"] == len(holdout) > 0
+    assert not set(holdout) & set(trainer.anchor_rows().tolist())
+    assert trainer.run_state.selection["on"] == "held-out training rows"
+
+
+class _BreakTheAdapter(T.TrainerCallback):
+    """After the LoRA stage: a LoRA that scrambles every row it touches (large random B) and a detector that gives
+    every row risk 1 (+50 on its last bias), so any τ < 1 gates every row and costs far more than the floor."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        if not any("fairlora_B" in n and p.detach().abs().sum() > 0 for n, p in params.items()):
+            return  # the detector stage (B still 0)
+        with torch.no_grad():
+            for name, param in params.items():
+                if "fairlora_B" in name:
+                    param.normal_(0.0, 5.0, generator=torch.Generator().manual_seed(0))
+            last_bias = [n for n in params if "risk_mlp" in n and n.endswith(".bias")][-1]
+            params[last_bias].add_(50.0)
+
+
+def test_a_harmful_adapter_is_switched_off_and_the_saved_model_is_the_base(synthetic_data, synthetic_erm_dir,
+                                                                            tmp_path):
+    data = synthetic_data
+    args = FairTrainingArguments(str(tmp_path), **SHORT)
+    model = _fresh(synthetic_erm_dir)
+    trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+                          callbacks=[_BreakTheAdapter()])
+    metrics = trainer.train().metrics
+    assert metrics["train_selection_adapter_off"] == 1.0 and model.peft_config["default"].threshold == OFF
+    assert "no threshold and strength beat the adapter off" in metrics["train_selection_reason"]
+    erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
+    np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
+
+
+def test_a_blind_detector_switches_the_adapter_off_unless_forced(synthetic_erm_dir, tmp_path):
+    """The group drawn independently of the input: the detector cannot find it, so the default turns the adapter
+    off, says so, and gives back the base model; force_adapter=True keeps it."""
+    data = make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=300, group_in_input=False)
+    args = FairTrainingArguments(str(tmp_path), **SHORT)
+    model = _fresh(synthetic_erm_dir)
+    trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
+    with pytest.warns(UserWarning, match="switched the adapter off"):
+        metrics = trainer.train().metrics
+    assert metrics["train_detector_auc"] < 0.65
+    assert metrics["train_selection_adapter_off"] == 1.0 and "cannot find the group" in metrics["train_selection_reason"]
+    erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
+    np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
+    forced = FairTrainingArguments(str(tmp_path / "forced"), force_adapter=True, **SHORT)
+    metrics = FairTrainer(model=_fresh(synthetic_erm_dir), args=forced, train_dataset=data["train"],
+                          eval_dataset=data["validation"]).train().metrics
+    assert "cannot find the group" not in str(metrics.get("train_selection_reason", ""))
+
+
+def test_torch_compile_training_is_refused_with_the_reason(tmp_path):
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="compile the trained model for inference"):
+        FairTrainer(model=model, args=FairTrainingArguments(str(tmp_path), torch_compile=True, **QUIET))
