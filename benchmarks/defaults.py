@@ -15,6 +15,7 @@ t-interval and per-seed bootstrap CIs; the detector vs probe AUC, the test gate 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,6 +34,17 @@ from suite.report import header, stamp_end  # noqa: E402
 from suite.report_defaults import finish_defaults, merge_reports  # noqa: E402
 
 log = logger("defaults")
+
+
+def _key_value(item: str, parser) -> tuple:
+    """"KEY=VALUE" → (KEY, VALUE as JSON if it parses, else the string)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        parser.error(f"--fair-arg {item!r}: use KEY=VALUE, e.g. --fair-arg anchor_weighting=majority_prior")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def parse_args(argv):
@@ -55,6 +67,12 @@ def parse_args(argv):
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples per CI (default 1000; 100 --tiny)")
     p.add_argument("--jobs", type=int, default=1, help="tasks in this many parallel child processes")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per process")
+    p.add_argument("--fair-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="ablation only: set this FairTrainingArguments field in every FairNet run (repeatable; the "
+                        "report then no longer shows the library defaults, and its header says so)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:JSON",
+                   help="ablation: also run FairNet with these FairTrainingArguments on the same ERM model, e.g. "
+                        "'majority:{\"anchor_weighting\": \"majority_prior\"}' (repeatable); a table compares them")
     a = p.parse_args(argv)
     a.preset = "tiny" if a.tiny else "quick" if a.quick else "standard"
     a.seeds = a.seeds or (1 if a.tiny else 3)
@@ -66,6 +84,14 @@ def parse_args(argv):
     if bad := [t for t in a.task_list if t not in PRESETS[a.preset]]:
         p.error(f"--tasks {bad}: no {a.preset} sizes; the {a.preset} preset has {list(PRESETS[a.preset])}")
     a.n_boot = a.n_boot or (100 if a.tiny else 1000)
+    a.fair_args = dict(_key_value(item, p) for item in a.fair_arg)
+    a.variants = {}
+    for item in a.variant:
+        name, sep, spec = item.partition(":")
+        try:
+            a.variants[name] = json.loads(spec)
+        except ValueError:
+            p.error(f"--variant {item!r}: use NAME:JSON, e.g. 'none:{{\"anchor_weighting\": \"none\"}}'")
     a.out = a.out or os.path.join(REPO_ROOT, "runs", f"defaults-{a.preset}")
     a.doc = a.doc or ("none" if a.tiny else DOC_PATH)
     return a
@@ -85,7 +111,8 @@ def main(argv: Optional[list] = None) -> dict:
     t_start = time.time()
     with torch_threads(a.threads):
         report = header("defaults.py", argv, a.preset)
-        report.update(seeds=a.seed_list, settings=a.setting_list, n_boot=a.n_boot, tasks={})
+        report.update(seeds=a.seed_list, settings=a.setting_list, n_boot=a.n_boot, tasks={}, fair_args=a.fair_args,
+                      variants=a.variants)
         run_defaults(os.path.abspath(__file__), argv, a, report)
     stamp_end(report, t_start)
     return finish_defaults(report, a.out, a.doc, log)

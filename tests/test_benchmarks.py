@@ -135,9 +135,9 @@ def test_write_block_keeps_other_sections(tmp_path):
 
 
 def test_quality_grid_and_tau_candidates():
-    grid = [{"class_balanced_anchors": True}, {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}]
+    grid = [{"anchor_weighting": "class_balanced"}, {"anchor_weighting": "class_balanced", "pseudo_labeler": "error_set"}]
     # pseudo_labeler only changes the unlabeled setting: other settings train the point once
-    assert selection.setting_grid(grid, "full") == [{"class_balanced_anchors": True}]
+    assert selection.setting_grid(grid, "full") == [{"anchor_weighting": "class_balanced"}]
     assert selection.setting_grid(grid, "unlabeled") == grid
     with pytest.raises(ValueError, match="not in"):
         selection.setting_grid([{"lr": 1.0}], "full")

@@ -79,9 +79,9 @@ _COMMON = dict(batch_size=32, eval_batch_size=128, warmup_ratio=0.1, weight_deca
                dro_adjustment=0.0, fair_grid=None)
 # FairNet hyper-parameter grid, searched inside every run on validation with each variant's own selection rule
 # (a point with pseudo_labeler only differs in the unlabeled setting: the others train it once, see _setting_grid)
-ERROR_SET = {"class_balanced_anchors": True, "pseudo_labeler": "error_set"}
-TEXT_GRID = [{"class_balanced_anchors": True}, ERROR_SET]
-VISION_GRID = [{}, {"class_balanced_anchors": True}, {"fair_lr": 3e-3, "class_balanced_anchors": True}, ERROR_SET]
+ERROR_SET = {"anchor_weighting": "class_balanced", "pseudo_labeler": "error_set"}
+TEXT_GRID = [{"anchor_weighting": "class_balanced"}, ERROR_SET]
+VISION_GRID = [{}, {"anchor_weighting": "class_balanced"}, {"fair_lr": 3e-3, "anchor_weighting": "class_balanced"}, ERROR_SET]
 # hidden: make_synthetic_text(group_in_input=False), the group drawn independently of the tokens, tiny BERT
 _HIDDEN = dict(_COMMON, hidden=32, layers=4, heads=2, intermediate=64, weight_decay=0.0, dro_eta=0.1, jtt_T=1,
                jtt_lambda=5.0, detector_epochs=1, detector_lr=1e-3)
@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 for _cfg in PRESETS["tiny"].values():
     _cfg.update(label_fraction=0.5, fair_overrides=dict(TINY_FAIR_OVERRIDES))
 
-FAIR_GRID_KEYS = ("fair_lr", "fair_epochs", "margin", "task_loss_weight", "class_balanced_anchors", "detector_epochs",
+FAIR_GRID_KEYS = ("fair_lr", "fair_epochs", "margin", "task_loss_weight", "anchor_weighting", "detector_epochs",
                   "detector_lr", "lof_contamination", "negative_strategy", "distance", "pseudo_labeler")
 
 # ------------------------------------------------------------------------------------------------ default settings

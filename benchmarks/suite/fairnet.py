@@ -42,7 +42,7 @@ def _fair_args(ctx: Context, name: str, cfg: dict, grid_index: int):
                  task_loss_weight=cfg["task_loss_weight"], lora_objective=spec["objective"],
                  pseudo_labeler=cfg.get("pseudo_labeler", "lof"),
                  lof_contamination=cfg["lof_contamination"], lof_n_neighbors=cfg["lof_n_neighbors"],
-                 class_balanced_anchors=bool(cfg.get("class_balanced_anchors", False)),
+                 anchor_weighting=cfg.get("anchor_weighting", "none"),
                  gate_threshold=0.0 if spec["tau"] == 0.0 else None, weight_decay=0.0,
                  # this benchmark's protocol picks (epoch, τ) on validation: keep its stages epoch-sized, with
                  # no update floors and no detector early stopping (defaults.py measures the library defaults)

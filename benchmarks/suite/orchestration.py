@@ -226,12 +226,24 @@ def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: s
         dlog(f"{task} seed {seed} {setting}: ACC {res['accuracy']['point']:.3f} WGA "
              f"{res['worst_group_accuracy']['point']:.3f} (ERM {run['erm']['worst_group_accuracy']['point']:.3f}), "
              f"{run['timings_s'][setting]:.0f} s")
+    for name, overrides in cfg.get("variants", {}).items():  # ablation variants on the same ERM model
+        variant_cfg = {**cfg, "fair_overrides": {**cfg.get("fair_overrides", {}), **overrides}}
+        for setting in settings:
+            res = fairnet_defaults(erm, erm_pred, ds, setting, task_type, variant_cfg, seed,
+                                   os.path.join(tmp, f"{setting}-{name}"), collate, n_boot)
+            run.setdefault("variants", {}).setdefault(name, {})[setting] = res
+            dlog(f"{task} seed {seed} {setting} [{name}]: ACC {res['accuracy']['point']:.3f} WGA "
+                 f"{res['worst_group_accuracy']['point']:.3f}")
     return run
 
 
 def defaults_task(task: str, cfg: dict, a) -> dict:
     """Every seed of one task: {'config', 'runs', 'summary'}, or {'skipped': why} when its loader is missing."""
     runs = {}
+    if getattr(a, "fair_args", None):  # an ablation: these FairTrainingArguments on top of the defaults
+        cfg = {**cfg, "fair_overrides": {**cfg.get("fair_overrides", {}), **a.fair_args}}
+    if getattr(a, "variants", None):  # ablation variants, each beside the defaults on the same ERM model
+        cfg = {**cfg, "variants": a.variants}
     for seed in a.seed_list:
         run = defaults_seed(task, cfg, seed, a.setting_list, a.n_boot, os.path.join(a.out, "tmp", task))
         if run is None:

@@ -134,7 +134,7 @@ def _task_note(task: str, block: dict) -> str:
 
 
 def _guard_and_labeler_note(runs: dict) -> str:
-    """Per setting: in how many seeds the accuracy guard raised τ (and to what), auto's pseudo-labeler choice and the
+    """Per setting: the correction selected after training per seed (τ and strength, or off), auto's pseudo-labeler choice and the
     label-free selectors' rank correlation with the true validation WGA."""
     notes = []
     for st in SETTINGS:
@@ -143,11 +143,11 @@ def _guard_and_labeler_note(runs: dict) -> str:
         if errors:
             notes.append(f"{st}: FairTrainer raised in {len(errors)} of {len(res)} seeds, the row keeps ERM's "
                          f"predictions there (first error: {errors[0]})")
-        guarded = [x["train_metrics"] for x in res if "train_guard_raised" in x.get("train_metrics", {})]
-        if guarded:
-            raised = [f"{m['train_guard_threshold']:.3g}" for m in guarded if m["train_guard_raised"]]
-            notes.append(f"{st}: accuracy guard raised τ in {len(raised)} of {len(guarded)} seeds"
-                         + (f" (to {', '.join(raised)}; 1 = adapter off)" if raised else ""))
+        chosen_tau = [x["train_metrics"] for x in res if "train_selection_threshold" in x.get("train_metrics", {})]
+        if chosen_tau:
+            picks = [f"τ {m['train_selection_threshold']:.3g} α {m.get('train_selection_strength', 1.0):g}"
+                     if m["train_selection_threshold"] < 1 else "off" for m in chosen_tau]
+            notes.append(f"{st}: correction selected per seed: {', '.join(picks)}")
         chosen = [x["pseudo_details"]["method"] for x in res if x.get("pseudo_details")]
         if chosen:
             notes.append(f"{st}: pseudo-labeler chosen per seed {', '.join(chosen)}")
@@ -165,6 +165,35 @@ def _guard_and_labeler_note(runs: dict) -> str:
     return (" " + "; ".join(notes) + ".") if notes else ""
 
 
+def variants_table(report: dict) -> list[str]:
+    """Ablation variants (--variant) beside the defaults, per task and setting: test ACC / WGA / EOD, mean over seeds
+    [95 % t-interval]."""
+    names = list(report.get("variants") or {})
+    if not names:
+        return []
+    lines = ["Ablation variants on the same ERM models (test %, mean over seeds [95 % t-interval]; "
+             + "; ".join(f"`{n}` = {report['variants'][n]}" for n in names) + "):", "",
+             "| task | setting | variant | ACC | WGA | EOD |", "|---|---|---|---:|---:|---:|"]
+    for task, block in report["tasks"].items():
+        runs = list(block.get("runs", {}).values())
+        for st in SETTINGS:
+            for name in ["defaults", *names]:
+                rows = [r["settings"][st] if name == "defaults" else r.get("variants", {}).get(name, {}).get(st)
+                        for r in runs if st in r["settings"]]
+                rows = [x for x in rows if x]
+                if not rows:
+                    continue
+                cells = [_ci(t_interval([x[k]["point"] for x in rows])) for k in METRICS]
+                lines.append(f"| {task} | {st} | {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ci(stat: dict) -> str:
+    mean, low, high = (100 * stat.get(k, float("nan")) if stat.get(k) is not None else float("nan")
+                       for k in ("mean", "low", "high"))
+    return f"{mean:.1f}" + ("" if math.isnan(low) else f" [{low:.1f}, {high:.1f}]")
+
+
 def render(report: dict) -> str:
     """The headline table (with the command) first, then the legend, per-task notes and per-seed bootstrap CIs."""
     head, seeds = list(HEADLINE), list(PER_SEED)
@@ -176,6 +205,7 @@ def render(report: dict) -> str:
         f"Command: `{report['command']}`", *(["", "Merging the runs of:", *sources] if sources else []), "", *head, "",
         f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min, seeds "
         f"{report['seeds']}. " + LEGEND, "", *[_task_note(t, b) for t, b in report["tasks"].items()], "",
+        *variants_table(report),
         f"Per seed, percentile bootstrap CIs over test rows ({report['n_boot']} resamples, "
         "`fairnet_peft.metrics.bootstrap_ci`):", "", *seeds]) + "\n"
 
