@@ -161,11 +161,12 @@ def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict,
         log(f"pushed: adapter → {pushed['adapter_repo']}, ERM base → {pushed['base_repo']}")
 
 
-def _card_details(args, card: dict, *, erm_dir: str, n_train: int, n_test: int, tau: float) -> dict:
+def _card_details(args, card: dict, *, erm_dir: str, n_train: int, n_test: int, tau: float, strength: float) -> dict:
     setting = args.setting + (f" ({args.label_fraction:g} of the train rows labelled)" if args.setting == "partial"
                               else "")
     return {**card["details"], "classes": ", ".join(map(str, card["class_names"])), "label setting": setting,
-            "ERM base model": erm_dir, "train / test rows": f"{n_train} / {n_test}", "gate threshold τ": f"{tau:g}"}
+            "ERM base model": erm_dir, "train / test rows": f"{n_train} / {n_test}", "gate threshold τ": f"{tau:g}",
+            "adapter strength α": f"{strength:g}"}
 
 
 def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, data, logits: dict, results: dict,
@@ -177,14 +178,16 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     class_names; `memory` is the peak GPU memory (GiB) per step, empty without a GPU."""
     erm_dir, erm_info = erm
     test = data["test"]
-    fair_test, tau = results["FairNet"], float(model.peft_config[model.active_adapter].threshold)
+    config = model.peft_config[model.active_adapter]
+    fair_test, tau, strength = results["FairNet"], float(config.threshold), float(config.adapter_strength)
     cells = {name: common.cell_accuracies(pred, test["labels"], test["sensitive"]) for name, pred in logits.items()}
     paths = output_paths(args.output_dir)
-    details = _card_details(args, card, erm_dir=erm_dir, n_train=len(data["train"]), n_test=len(test), tau=tau)
+    details = _card_details(args, card, erm_dir=erm_dir, n_train=len(data["train"]), n_test=len(test), tau=tau,
+                            strength=strength)
     text = model_card(title=card["title"], base_model=erm_dir, loader=card["loader"], results=results,
                       details=details, repo_or_dir=paths["adapter"])
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
-               "erm": results["ERM"], "fairnet": fair_test, "threshold": tau,
+               "erm": results["ERM"], "fairnet": fair_test, "threshold": tau, "adapter_strength": strength,
                "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
                "cells_test": cells, "timings_s": timings, "peak_gpu_memory_gib": memory or {}, "args": vars(args),
                "mixed_precision": trainer.accelerator.mixed_precision, "world_size": dist_state().num_processes,

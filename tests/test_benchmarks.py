@@ -118,7 +118,7 @@ def test_quality_report_from_rebuilds_the_same_table_without_training(tiny_repor
 def test_write_block_keeps_other_sections(tmp_path):
     block = report.QUALITY_BLOCK
     doc = tmp_path / "b.md"
-    doc.write_text("# Benchmarks\n\n## Inference overhead\n\nnumbers\n\n## Quality (issue 6)\n\nhand text\n\n"
+    doc.write_text("# Benchmarks\n\n## Inference overhead\n\nnumbers\n\n## Quality suite\n\nhand text\n\n"
                    "## Later\n\nkeep\n")
     report.write_block(str(doc), block, "table v1")
     report.write_block(str(doc), block, "table v2")

@@ -255,7 +255,7 @@ def test_checkpoint_recompute_in_another_thread_replays_the_forwards_gates():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert 0 < int(gate_record(model).gate.sum()) < 6
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     loss = _run_in_thread(lambda: model(**batch, labels=labels).loss)
     loss.backward()  # this thread has no pass and no record of its own
     assert any("fairlora_B" in n for n in plain)

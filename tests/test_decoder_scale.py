@@ -27,7 +27,7 @@ def _llama(dtype=torch.bfloat16) -> T.LlamaForSequenceClassification:
                         num_key_value_heads=2, intermediate_size=64, pad_token_id=PAD, num_labels=2,
                         attention_dropout=0.0)
     model = T.LlamaForSequenceClassification(cfg).to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -115,11 +115,11 @@ def test_fair_trainer_trains_and_the_adapter_reloads_with_equal_logits(tmp_path,
         str(tmp_path / "run"), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
         bf16=bf16_autocast, detector_epochs=1, detector_min_updates=2, detector_learning_rate=1e-2,
         lora_min_updates=2, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=32,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     trainer = FairTrainer(model=model, args=args, train_dataset=train)
     result = trainer.train()
     assert np.isfinite(result.training_loss) and trainer.lora_relative_update() > 0
-    assert model.get_base_model().is_gradient_checkpointing
+    assert model.get_base_model().is_activation_checkpointing
     protos = model.base_model.model.fair_bias_detector.fairlora_prototypes["default"]
     assert protos.dtype == torch.float32 and torch.isfinite(protos).all() and protos.abs().sum() > 0
     model.save_pretrained(str(tmp_path / "adapter"))

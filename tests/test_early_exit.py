@@ -1,4 +1,4 @@
-"""Issue 14: the detector stage stops the forward at the detector's layer, and the frozen base features (z, logits,
+"""The detector stage stops the forward at the detector's layer, and the frozen base features (z, logits,
 pooled detector input) are computed once per `train()`; the results are the same as with whole forwards."""
 
 from __future__ import annotations

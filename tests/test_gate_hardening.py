@@ -1,4 +1,4 @@
-"""Gate hardening (issue 12): no stale gates, checkpoint replay, no pinned batch tensors, DataParallel refused,
+"""Gate hardening: no stale gates, checkpoint replay, no pinned batch tensors, DataParallel refused,
 detector device moves, a differentiable loss with no gated row, integer-only fair_gate, and the batch contract."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_checkpoint_recompute_replays_the_mixed_detector_gate(layers):
     plain = _grads(model, batch, labels)
     gate = gate_record(model).gate
     assert 0 < int(gate.sum()) < 6
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ckpt = _grads(model, batch, labels)
     assert torch.equal(gate_record(model).gate, gate)
     assert plain.keys() == ckpt.keys() and any("fairlora_B" in k for k in plain)
@@ -112,7 +112,7 @@ def test_checkpoint_recompute_replays_the_mixed_detector_gate(layers):
 
 def test_checkpointing_with_torchs_reentrant_default_is_refused():
     model = wrap().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"preserve_rng_state": True})  # reentrant
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"preserve_rng_state": True})  # reentrant
     with pytest.raises(ValueError, match="non-reentrant activation checkpointing"):
         model(**tiny_batch("bert"))
     assert find_gate_state(model).passes == []

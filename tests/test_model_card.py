@@ -61,7 +61,7 @@ def pristine_peft():
 
 
 def test_import_patches_nothing_in_peft_and_a_report_hooks_only_its_model(tmp_path):
-    """Issue 13: importing fairnet_peft leaves PeftModel's methods as they are; attaching a report changes one model."""
+    """Importing fairnet_peft leaves PeftModel's methods as they are; attaching a report changes one model."""
     import subprocess
     import sys
 

@@ -423,7 +423,7 @@ def test_non_reentrant_checkpointing_gives_same_lora_grads(name, config_kwargs):
         model = get_peft_model(TinyLlamaWrapper.from_pretrained(LLAMA_ID), FairLoraConfig(**config_kwargs))
         model.train()  # checkpointing is only active in training mode; Llama has no dropout by default
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         loss = model(**_llama_inputs()).logits.pow(2).mean()
         loss.backward()

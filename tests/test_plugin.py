@@ -288,12 +288,12 @@ def test_non_reentrant_checkpointing_gives_same_grads_and_reentrant_is_refused()
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     plain = _lora_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ckpt = _lora_grads(model, batch)
     assert plain.keys() == ckpt.keys() and any("fairlora_A" in k for k in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], rtol=1e-5, atol=1e-7)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="non-reentrant activation checkpointing"):
         _lora_grads(model, batch)
 

@@ -7,6 +7,7 @@ adapter (LoRA, detector, prototypes), τ, the strength and the train metrics mus
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -132,6 +133,8 @@ def test_another_runs_checkpoints_are_never_resumed_from(tmp_path):
     _run(tmp_path, learning_rate=3e-2)
     first = sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))
     assert first
+    saved = tmp_path / "run1" / first[-1]  # a copy: run 2 writes checkpoints of the same names into the folder
+    shutil.copytree(tmp_path / first[-1], saved)
     with pytest.raises(Crash):
         _run(tmp_path, callbacks=[lambda h: CrashAt(h, "detector", "save", 3)])
     with pytest.warns(UserWarning, match="another run"):
@@ -141,7 +144,7 @@ def test_another_runs_checkpoints_are_never_resumed_from(tmp_path):
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
     with pytest.raises(ValueError, match="written by another run"):
-        _run(tmp_path / "other", resume=str(tmp_path / first[-1]))
+        _run(tmp_path / "other", resume=str(saved))
     with pytest.raises(ValueError, match="not a FairTrainer checkpoint"):
         os.makedirs(tmp_path / "plain" / "checkpoint-1")
         _run(tmp_path / "plain", resume=str(tmp_path / "plain" / "checkpoint-1"))

@@ -150,7 +150,7 @@ def test_selection_on_group_labels_is_refused_without_them(data, tmp_path):
 
 def test_reentrant_checkpointing_is_refused_in_arguments(tmp_path):
     with pytest.raises(ValueError, match="reentrant"):
-        fair_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+        fair_args(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
 
 
 def test_trainer_needs_a_fairlora_model(tmp_path):

@@ -38,12 +38,12 @@ class DocBlock:
     end: str
 
 
-def _markers(script: str) -> tuple:
+def block_markers(script: str) -> tuple:
     return f"<!-- {script}:begin (generated: do not edit by hand) -->", f"<!-- {script}:end -->"
 
 
-QUALITY_BLOCK = DocBlock("## Quality (issue 6)", *_markers("quality.py"))
-DEFAULTS_BLOCK = DocBlock("## Default-settings suite (issue 10)", *_markers("defaults.py"))
+QUALITY_BLOCK = DocBlock("## Quality suite", *block_markers("quality.py"))
+DEFAULTS_BLOCK = DocBlock("## Default-settings suite", *block_markers("defaults.py"))
 
 
 def write_block(path: str, block: DocBlock, body: str) -> None:

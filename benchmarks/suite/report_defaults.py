@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .common import t_interval
-from .config import ACC_TOL, GOAL_GAIN, METRICS, MIN_CELL, NO_HARM_TASKS, NO_HARM_WGA, SETTINGS, UNLABELED_GAIN
+from .config import (ACC_TOL, DETECTOR_FINDS, EOD_TOL, GOAL_GAIN, METRICS, MIN_CELL, NO_HARM_TASKS, NO_HARM_WGA,
+                     SETTINGS)
 from .report import DEFAULTS_BLOCK, publish
 
 
@@ -39,28 +40,27 @@ def summarise_task(task: str, runs: dict) -> dict:
 
 
 def goal(task: str, setting: str, row: dict, full: Optional[dict]) -> dict:
-    """Goal check on seed means; n/a where ERM's worst cell is a majority cell (FairNet only lifts minority cells). On a
-    task whose group is not in the input (`NO_HARM_TASKS`) the goal is to do no harm in every setting: WGA ≥ ERM − 1
-    and ACC ≥ ERM − 0.5."""
+    """The no-loss goals on seed means, in every setting: ACC ≥ ERM − 0.5 and EOD ≤ ERM's EOD + 1 point. The WGA goal:
+    on a task whose group is not in the input (`NO_HARM_TASKS`) WGA ≥ ERM − 1 (do no harm); in the full setting
+    WGA ≥ ERM + 5 where ERM's worst cell is a minority cell and the detector finds the group (held-out AUC ≥
+    `DETECTOR_FINDS`); elsewhere no WGA target (the WGA is reported, and must not fall: see the row)."""
     wga, acc = row["fairnet_worst_group_accuracy"]["mean"], row["fairnet_accuracy"]["mean"]
+    eod, erm_eod = row["fairnet_equalized_odds_difference"]["mean"], row["erm_equalized_odds_difference"]["mean"]
     erm_wga, erm_acc = row["erm_worst_group_accuracy"]["mean"], row["erm_accuracy"]["mean"]
+    ok_a = acc >= erm_acc - ACC_TOL - 1e-12
+    ok_e = not math.isfinite(eod) or eod <= erm_eod + EOD_TOL + 1e-12
+    parts = [f"ACC ≥ ERM − 0.5: {'met' if ok_a else 'NOT met'}", f"EOD ≤ ERM + 1: {'met' if ok_e else 'NOT met'}"]
+    finds = (row.get("detector_auc") or {}).get("mean")
+    target = None
     if task in NO_HARM_TASKS:
-        target = erm_wga - NO_HARM_WGA
-        what = f"ERM − {100 * NO_HARM_WGA:.0f} (no harm: the group is not in the input)"
-    elif setting == "partial":
-        if full is None:
-            return {"applies": False, "text": "n/a (needs the full setting)"}
-        target, what = full["fairnet_worst_group_accuracy"]["mean"] - 0.03, "Full − 3"
-    else:
-        gain = UNLABELED_GAIN.get(task, GOAL_GAIN[setting]) if setting == "unlabeled" else GOAL_GAIN[setting]
-        target, what = erm_wga + gain, f"ERM + {100 * gain:.0f}"
-    if not row["erm_worst_is_minority"] and task not in NO_HARM_TASKS:
-        return {"applies": False, "text": "n/a: ERM's worst cell is a majority cell, which FairNet by design leaves as "
-                                          "ERM has it"}
-    ok_w, ok_a = wga >= target - 1e-12, acc >= erm_acc - ACC_TOL - 1e-12
-    return {"applies": True, "wga_target": target, "wga_met": ok_w, "acc_met": ok_a, "met": ok_w and ok_a,
-            "text": f"WGA ≥ {what} ({100 * target:.1f}): {'met' if ok_w else 'NOT met'}; ACC ≥ ERM − 0.5 "
-                    f"({100 * (erm_acc - ACC_TOL):.1f}): {'met' if ok_a else 'NOT met'}"}
+        target, what = erm_wga - NO_HARM_WGA, "ERM − 1 (the group is not in the input)"
+    elif setting == "full" and row["erm_worst_is_minority"] and finds is not None and finds >= DETECTOR_FINDS:
+        target, what = erm_wga + GOAL_GAIN["full"], f"ERM + {100 * GOAL_GAIN['full']:.0f}"
+    ok_w = True if target is None else wga >= target - 1e-12
+    if target is not None:
+        parts.insert(0, f"WGA ≥ {what} ({100 * target:.1f}): {'met' if ok_w else 'NOT met'}")
+    return {"applies": True, "wga_target": target, "wga_met": ok_w, "acc_met": ok_a, "eod_met": ok_e,
+            "met": ok_w and ok_a and ok_e, "text": "; ".join(parts)}
 
 
 def _pct(st: Optional[dict], scale: float = 100.0) -> str:
@@ -88,13 +88,13 @@ LEGEND = ("Test-split percentages: mean over seeds [95 % t-interval over seeds; 
           "FairNet = `FairTrainer` with default `FairTrainingArguments` (only output dir, epochs, batch sizes, seed "
           "and logging set); ERM = plain `Trainer`, fixed epochs. WGA = min over label × group cells; EOD = "
           "½(|ΔTPR| + |ΔFPR|); det./probe AUC = `train_detector_auc` / `train_probe_auc`; gate = test rows with the "
-          "LoRA on, per group, at the adapter's τ (0.5; unlabeled: the τ chosen after training); pseudo-label P / R = precision / recall of the unlabeled setting's "
+          "LoRA on, per group, at the τ and strength the trainer selected after training (in every setting); "
+          "pseudo-label P / R = precision / recall of the unlabeled setting's "
           "pseudo-labels against the true train groups (reported, never used). Partial and unlabeled: the group labels "
           "`fairnet_peft.data.hide_group_labels` leaves (partial: a seeded 10 % of the train rows; validation without "
-          "group labels in both). Goals: full WGA ≥ ERM + 5, partial WGA ≥ Full − 3, unlabeled WGA ≥ ERM + 5 (Adult "
-          "+ 3), all with ACC ≥ ERM − 0.5; they apply only where ERM's worst cell is a minority (s=1) cell in most "
-          "seeds: FairNet by design only lifts minority cells. hidden (the group is not in the input): do no harm, "
-          "WGA ≥ ERM − 1 and ACC ≥ ERM − 0.5 in every setting.")
+          "group labels in both). Goals (no loss), in every setting: ACC ≥ ERM − 0.5 and EOD ≤ ERM + 1; full WGA ≥ "
+          "ERM + 5 where ERM's worst cell is a minority (s=1) cell in most seeds and the detector finds the group "
+          "(held-out AUC ≥ 0.65); hidden (the group is not in the input): WGA ≥ ERM − 1.")
 
 
 def _headline_row(task: str, st: str, row: dict) -> str:

@@ -319,7 +319,7 @@ class FairTrainingArguments(TrainingArguments):
         if kwargs.get("use_reentrant"):
             raise ValueError(
                 "FairTrainingArguments: reentrant activation checkpointing is not supported (the per-example gate "
-                "is reused inside checkpointed blocks). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
+                "is reused inside checkpointed blocks). Use activation_checkpointing_kwargs={'use_reentrant': False}."
             )
 
 

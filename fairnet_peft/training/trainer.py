@@ -94,8 +94,10 @@ class FairTrainer(Trainer):
         if compute_metrics is None:
             from ..metrics import make_compute_metrics
 
-            tau = args.gate_threshold if args.gate_threshold is not None else model.peft_config[self.adapter_name].threshold
-            compute_metrics = make_compute_metrics(threshold=float(tau), use_sensitive=self.eval_uses_sensitive)
+            def compute_metrics(eval_pred):  # at the adapter's τ when the metrics are computed (selection changes it)
+                fixed = self.args.gate_threshold
+                tau = float(fixed if fixed is not None else self.model.peft_config[self.adapter_name].threshold)
+                return make_compute_metrics(threshold=tau, use_sensitive=self.eval_uses_sensitive)(eval_pred)
         compute_metrics = self._with_pseudo_group_metric(compute_metrics)
         check_selection_metric(args.metric_for_best_model, self.eval_uses_sensitive, self.label_setting)
         if getattr(args, "torch_compile", False):
@@ -821,10 +823,8 @@ class FairTrainer(Trainer):
         return self._tuner.lora_relative_update(self.adapter_name)
 
     def _warn_if_no_op(self, metrics: dict) -> None:
-        if metrics.get("train_selection_adapter_off"):
-            return  # the selection said why, in its own warning or metrics
         rate, update = metrics.get("train_gate_rate_s1", float("nan")), metrics["train_lora_relative_update"]
-        if np.isfinite(rate) and rate < 0.1:
+        if np.isfinite(rate) and rate < 0.1 and not metrics.get("train_selection_adapter_off"):
             warnings.warn(
                 f"FairNet's gate is on for only {100 * rate:.1f} % of the minority's training rows, so the adapter "
                 "will rarely change a prediction. Look at the detector (train_detector_auc, detector_learning_rate, "

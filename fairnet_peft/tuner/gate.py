@@ -415,8 +415,8 @@ def _prepare_checkpointing(model: nn.Module, state: GateState) -> None:
             raise ValueError(
                 "FairLoRA needs non-reentrant activation checkpointing: the per-example gate is computed once per "
                 "forward and reused inside later checkpointed blocks, which reentrant checkpointing cannot replay. "
-                "Call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
-                "(the transformers default) or set TrainingArguments(gradient_checkpointing_kwargs="
+                "Call model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False}) "
+                "(the transformers default) or set TrainingArguments(activation_checkpointing_kwargs="
                 "{'use_reentrant': False})."
             )
         if (not isinstance(func, _GateCheckpoint) or func.state is not state) and _accepts_context_fn(inner):
