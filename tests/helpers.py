@@ -87,3 +87,25 @@ def install_fake_hub(monkeypatch, root: str) -> FakeHubApi:
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: api.create_commit(*a, **k))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *a, **k: api.upload_folder(*a, **k))
     return api
+
+
+class CustomCheckpointed(torch.nn.Module):
+    """A custom model that calls torch's checkpoint itself (not through transformers): its recomputation, during
+    backward, finds the gate through the pass the block saw or the last published one."""
+
+    def __init__(self, use_checkpoint: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)
+        self.use_checkpoint = use_checkpoint
+
+    def _block(self, h):
+        return torch.tanh(self.mid(h)) * h
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        if self.use_checkpoint:
+            h = torch.utils.checkpoint.checkpoint(self._block, h, use_reentrant=False)
+        else:
+            h = self._block(h)
+        return self.out(h)

@@ -22,7 +22,7 @@ from torch import nn
 from fairnet_peft import FairLoraConfig, force_gate, gate_record
 from fairnet_peft.tuner.early_exit import stop_at_detector
 
-from .helpers import tiny_batch, tiny_model
+from .helpers import CustomCheckpointed, tiny_batch, tiny_model
 
 MODES = {
     "no_grad": torch.no_grad,
@@ -263,30 +263,11 @@ def test_checkpoint_recompute_in_another_thread_replays_the_forwards_gates():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-7)
 
 
-class _Checkpointed(nn.Module):
-    """Calls torch's checkpoint itself: its recomputation finds the gate through the last published pass."""
-
-    def __init__(self, use_checkpoint: bool):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp, self.mid, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
-        self.use_checkpoint = use_checkpoint
-
-    def _block(self, h):
-        return torch.tanh(self.mid(h)) * h
-
-    def forward(self, x):
-        h = torch.relu(self.inp(x))
-        h = torch.utils.checkpoint.checkpoint(self._block, h, use_reentrant=False) if self.use_checkpoint \
-            else self._block(h)
-        return self.out(h)
-
-
 def test_custom_checkpoint_recompute_in_another_thread_uses_the_forwards_gate():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     grads = []
     for use_checkpoint in (False, True):
-        model = get_peft_model(_Checkpointed(use_checkpoint), FairLoraConfig(target_modules=["mid"],
+        model = get_peft_model(CustomCheckpointed(use_checkpoint), FairLoraConfig(target_modules=["mid"],
                                                                              init_weights=False)).train()
         out = _run_in_thread(lambda: model(x, fair_gate=torch.tensor([1, 0, 1, 0])))
         out.pow(2).sum().backward()

@@ -18,7 +18,7 @@ from fairnet_peft import FairLoraConfig, force_gate, gate_record
 from fairnet_peft.tuner.detector import DetectorNet
 from fairnet_peft.tuner.gate import GateRecord, GateState, find_gate_state
 
-from .helpers import tiny_batch, tiny_model
+from .helpers import CustomCheckpointed, tiny_batch, tiny_model
 
 
 def wrap(kind="bert", **kw):
@@ -118,31 +118,10 @@ def test_checkpointing_with_torchs_reentrant_default_is_refused():
     assert find_gate_state(model).passes == []
 
 
-class _Checkpointed(nn.Module):
-    """A custom model that calls torch's checkpoint itself (not through transformers)."""
-
-    def __init__(self, use_checkpoint: bool):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp, self.mid, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
-        self.use_checkpoint = use_checkpoint
-
-    def _block(self, h):
-        return torch.tanh(self.mid(h)) * h
-
-    def forward(self, x):
-        h = torch.relu(self.inp(x))
-        if self.use_checkpoint:
-            h = torch.utils.checkpoint.checkpoint(self._block, h, use_reentrant=False)
-        else:
-            h = self._block(h)
-        return self.out(h)
-
-
 def test_custom_torch_checkpoint_recomputes_with_the_pass_gate():
     grads = []
     for use_checkpoint in (False, True):
-        model = get_peft_model(_Checkpointed(use_checkpoint), FairLoraConfig(target_modules=["mid"],
+        model = get_peft_model(CustomCheckpointed(use_checkpoint), FairLoraConfig(target_modules=["mid"],
                                                                              init_weights=False)).train()
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
         model(x, fair_gate=torch.tensor([1, 0, 1, 0])).pow(2).sum().backward()

@@ -9,7 +9,6 @@ group is not in the input (the detector is blind: the adapter must go off)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from peft import get_peft_model
 
-from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft.data import make_synthetic_text
 
 T.logging.set_verbosity_error()

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
 from transformers.training_args import ParallelMode

@@ -253,11 +253,3 @@ def check_selection_metric(metric: Optional[str], uses_sensitive: bool, setting:
             f"metric_for_best_model={metric!r} needs the eval set's sensitive labels, which the {setting} "
             "setting must not use for selection (that would leak labels the setting lacks). Use 'accuracy' or "
             "'worst_class_accuracy', or set eval_sensitive_labels='use' if your validation split really has them.")
-
-
-def check_threshold_selection(selection: str, setting: Optional[str]) -> None:
-    """`threshold_selection='pseudo_group'` reads pseudo-groups, which only the unlabeled setting fits."""
-    if selection == "pseudo_group" and setting not in (None, "unlabeled"):
-        raise ValueError(
-            f"threshold_selection='pseudo_group' needs the unlabeled setting's pseudo-labeler, but the training data "
-            f"is in the {setting} setting (it has group labels). Use threshold_selection='auto' or 'none'.")
