@@ -20,7 +20,8 @@ from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import OFF, detector_blind, pareto_frontier, select_correction, tau_candidates
+from fairnet_peft.training.selection import (OFF, detector_blind, paired_change, pareto_frontier, select_correction,
+                                             tau_candidates)
 
 T.logging.set_verbosity_error()
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
@@ -78,6 +79,34 @@ def test_accuracy_floor_and_eod_ceiling_bound_the_choice():
     assert bounded["threshold"] == OFF and bounded["equalized_odds_difference_off"] == pytest.approx(0.125)
 
 
+def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
+    """A correction that flips 40 of 200 held-out rows, 19 to right and 21 to wrong (−1 point, SE ≈ 3.2 points):
+    inside a 1.5-point floor by its point estimate, outside once one standard error is kept as a margin. A targeted
+    correction (2 rows to right, none to wrong) passes either way."""
+    y = np.zeros(200, dtype=int)
+    y[:100] = 1
+    g = np.array([0] * 160 + [1] * 40)
+    off = y.copy()
+    off[160:170] = 1 - y[160:170]  # ERM's errors: 10 minority rows (WGA_off < 1) and 9 majority rows
+    off[0:9] = 1 - y[0:9]
+    noisy = off.copy()
+    flip_right, flip_wrong = np.arange(160, 170).tolist() + np.arange(0, 9).tolist(), np.arange(20, 41)
+    noisy[flip_right] = y[flip_right]
+    noisy[flip_wrong] = 1 - y[flip_wrong]
+    assert (noisy == y).sum() - (off == y).sum() == -2  # 19 fixed, 21 broken
+    change, se = paired_change(noisy, off, y)
+    assert change == pytest.approx(-0.01) and 0.03 < se < 0.035
+    risk = np.full(200, 0.9, dtype=np.float32)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.015, max_eod_increase=None, taus=(0.5,))
+    point = select_correction(EYE[off], {1.0: EYE[noisy]}, risk, y, g, floor_standard_errors=0.0, **kw)
+    margin = select_correction(EYE[off], {1.0: EYE[noisy]}, risk, y, g, floor_standard_errors=1.0, **kw)
+    assert point["threshold"] == 0.5 and margin["threshold"] == OFF
+    targeted = off.copy()
+    targeted[[160, 161]] = y[[160, 161]]
+    kept = select_correction(EYE[off], {1.0: EYE[targeted]}, risk, y, g, floor_standard_errors=1.0, **kw)
+    assert kept["threshold"] == 0.5
+
+
 def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
     y, g, off, _, risk = _case()
     harmful = EYE[1 - y]
@@ -127,6 +156,7 @@ def test_anchor_weightings():
 
 
 @pytest.mark.parametrize("name, value", [("max_accuracy_drop", -0.1), ("max_accuracy_drop", "half"),
+                                         ("floor_standard_errors", -1.0),
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
                                          ("min_detector_auc", 1.5), ("anchor_weighting", "inverse")])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):

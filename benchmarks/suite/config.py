@@ -137,6 +137,14 @@ FAIR_GRID_KEYS = ("fair_lr", "fair_epochs", "margin", "task_loss_weight", "ancho
 SETTINGS = ("full", "partial", "unlabeled")
 METRICS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference")
 LABEL_FRACTION, MIN_CELL = 0.1, 200
+# The selection after training redone on the same trained model under other rules (FairTrainer.reselect): how much
+# each default rule of the selection does. Reported beside the defaults; never used to pick a test number.
+SELECTION_VARIANTS = {
+    "floor at the point estimate": {"floor_standard_errors": 0.0},
+    "no EOD ceiling": {"max_eod_increase": "none"},
+    "τ only (α = 1)": {"threshold_selection": "threshold"},
+    "no floor, no ceiling": {"max_accuracy_drop": "none", "max_eod_increase": "none"},
+}
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).
 GOAL_GAIN = {"full": 0.05}

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .common import epoch_callback, finite, logger, quiet, run_args
-from .config import FAIR_GRID_KEYS, FAIR_VARIANTS, FAIRNET_DEFAULTS, LABEL_FRACTION, TAU_GRID
+from .config import SELECTION_VARIANTS, FAIR_GRID_KEYS, FAIR_VARIANTS, FAIRNET_DEFAULTS, LABEL_FRACTION, TAU_GRID
 from .data import Collator, InputStore, hf_dataset, setting_groups, setting_view
 from .methods import (Context, bootstrap_scores, evaluate_candidate, gated_predictions, predict, sweep_rows,
                       test_result, training_args)
@@ -265,7 +265,25 @@ def fairnet_defaults(erm, erm_pred, ds, setting: str, task_type, cfg: dict, seed
                    pseudo_recall=float(recall_score(train_s, pseudo, zero_division=0)),
                    pseudo_details=dict(trainer.pseudo_label_details))
         res["selector"] = _selector(trainer, ds, collate)  # ρ of the label-free selectors with the true val WGA
+    res["selection_variants"] = _selection_variants(trainer, ds["test"], y, s, n_boot, seed)
     return res
+
+
+def _selection_variants(trainer, test, y, s, n_boot: int, seed: int) -> dict:
+    """The same trained model with the selection after training redone under other rules (`SELECTION_VARIANTS`,
+    `FairTrainer.reselect`: no retraining, the held-out passes are reused): test scores and the chosen τ and α of
+    each. The trainer's own choice is restored at the end."""
+    if trainer.run_state.stage != "done" or not trainer.run_state.selection.get("selected"):
+        return {}
+    out = {}
+    for name, overrides in SELECTION_VARIANTS.items():
+        trainer.reselect(**overrides)
+        logits = np.asarray(trainer.predict(test).predictions[0])
+        config = trainer.adapter_config
+        out[name] = {**bootstrap_scores(y, logits.argmax(-1), s, n_boot, seed), "threshold": float(config.threshold),
+                     "strength": float(config.adapter_strength)}
+    trainer.reselect()
+    return out
 
 
 def _selector(trainer, ds, collate) -> dict:

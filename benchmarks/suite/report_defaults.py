@@ -166,26 +166,35 @@ def _guard_and_labeler_note(runs: dict) -> str:
 
 
 def variants_table(report: dict) -> list[str]:
-    """Ablation variants (--variant) beside the defaults, per task and setting: test ACC / WGA / EOD, mean over seeds
-    [95 % t-interval]."""
+    """Ablations beside the defaults, per task and setting: training variants (--variant, same ERM models) and the
+    selection redone under other rules on the same trained model (`SELECTION_VARIANTS`); test ACC / WGA / EOD, mean
+    over seeds [95 % t-interval]."""
     names = list(report.get("variants") or {})
-    if not names:
-        return []
-    lines = ["Ablation variants on the same ERM models (test %, mean over seeds [95 % t-interval]; "
-             + "; ".join(f"`{n}` = {report['variants'][n]}" for n in names) + "):", "",
-             "| task | setting | variant | ACC | WGA | EOD |", "|---|---|---|---:|---:|---:|"]
+    lines = ["Ablations on the same ERM models (test %, mean over seeds [95 % t-interval]; training variants: "
+             + ("; ".join(f"`{n}` = {report['variants'][n]}" for n in names) or "none")
+             + "; selection variants: the selection after training redone on the same trained model, "
+               "`FairTrainer.reselect`):", "",
+             "| task | setting | variant | ACC | WGA | EOD | Δ ACC vs ERM (min seed) |", "|---|---|---|---:|---:|---:|---:|"]
+    count = len(lines)
     for task, block in report["tasks"].items():
         runs = list(block.get("runs", {}).values())
         for st in SETTINGS:
-            for name in ["defaults", *names]:
-                rows = [r["settings"][st] if name == "defaults" else r.get("variants", {}).get(name, {}).get(st)
-                        for r in runs if st in r["settings"]]
-                rows = [x for x in rows if x]
-                if not rows:
+            have = [r for r in runs if st in r["settings"]]
+            if not have:
+                continue
+            selection = sorted({k for r in have for k in r["settings"][st].get("selection_variants", {})})
+            rows = [("defaults", [r["settings"][st] for r in have])]
+            rows += [(f"train: {n}", [r.get("variants", {}).get(n, {}).get(st) for r in have]) for n in names]
+            rows += [(f"select: {n}", [r["settings"][st].get("selection_variants", {}).get(n) for r in have])
+                     for n in selection]
+            for name, results in rows:
+                pairs = [(r, x) for r, x in zip(have, results) if x]
+                if not pairs:
                     continue
-                cells = [_ci(t_interval([x[k]["point"] for x in rows])) for k in METRICS]
-                lines.append(f"| {task} | {st} | {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
+                cells = [_ci(t_interval([x[k]["point"] for _, x in pairs])) for k in METRICS]
+                worst = min(x["accuracy"]["point"] - r["erm"]["accuracy"]["point"] for r, x in pairs)
+                lines.append(f"| {task} | {st} | {name} | " + " | ".join(cells) + f" | {100 * worst:+.1f} |")
+    return lines + [""] if len(lines) > count else []
 
 
 def _ci(stat: dict) -> str:

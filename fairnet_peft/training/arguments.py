@@ -225,6 +225,18 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    floor_standard_errors: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Margin of the accuracy floor, in standard errors of the paired accuracy difference (adapter vs off) "
+                "on the held-out rows: a (τ, α) is kept only when its accuracy change minus this many standard errors "
+                "is above −max_accuracy_drop. 1 = the one-standard-error rule; 0 = the point estimate alone. A "
+                "correction that flips many held-out predictions must show a larger gain to pass, so small held-out "
+                "sets do not let a costly correction through by chance."
+            )
+        },
+    )
     max_eod_increase: Union[float, str] = field(
         default=0.01,
         metadata={
@@ -298,6 +310,9 @@ class FairTrainingArguments(TrainingArguments):
             if value not in ("none", None) and not (isinstance(value, (int, float)) and 0.0 <= value <= top):
                 raise ValueError(f"FairTrainingArguments.{name}={value!r}: 'none' or a fraction in [0, {top:g}] "
                                  "(0.005 = half a point).")
+        if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
+            raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
+                             "in [0, 5] (1 = the one-standard-error rule, 0 = the point estimate).")
         if not 0.0 <= self.min_detector_auc <= 1.0:
             raise ValueError(f"FairTrainingArguments.min_detector_auc={self.min_detector_auc!r}: must be in [0, 1].")
         for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):

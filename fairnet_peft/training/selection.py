@@ -5,7 +5,7 @@ rows; α = 0 or τ = 1 is the adapter off) on held-out rows, from one pass with 
 gate forced on per strength (a row's output depends only on its own gate, so every τ follows from those passes):
 
     maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group
-    subject to ACC(τ, α) ≥ ACC(off) − max_accuracy_drop
+    subject to ACC(τ, α) − z·SE ≥ ACC(off) − max_accuracy_drop   (SE: of the paired change, `paired_change`)
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
 
 Ties go to the higher accuracy, then the weaker correction (smaller α, then larger τ), so "off" wins whenever nothing
@@ -61,12 +61,13 @@ def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[f
 def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, groups, *, configured_tau: float,
                       max_accuracy_drop: Optional[float], max_eod_increase: Optional[float],
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
-                      keep_if_admissible: bool = False) -> dict:
+                      keep_if_admissible: bool = False, floor_standard_errors: float = 0.0) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
     search (default: every key), `taus` the thresholds (default: `tau_candidates`). `keep_if_admissible`: no search,
-    the one candidate (τ, α) is kept when admissible, else the adapter goes off. Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
+    the one candidate (τ, α) is kept when admissible, else the adapter goes off. `floor_standard_errors` (z): the
+    floor holds for the accuracy change minus z standard errors of the paired difference (`paired_change`). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
     "equalized_odds_difference", "gate_rate", "accuracy_off", "worst_group_accuracy_off",
     "equalized_odds_difference_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first,
     the admissible candidates no other admissible one beats on both ACC and WGA."""
@@ -79,6 +80,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     off = {"threshold": OFF, "strength": 0.0, "accuracy": acc_off, "worst_group_accuracy": wga_off,
            "equalized_odds_difference": eod_off, "gate_rate": 0.0}
     rows = [off]
+    z = float(floor_standard_errors)
     if taus is None:
         taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau)
     for alpha in sorted(strengths if strengths is not None else logits_on):
@@ -87,11 +89,13 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             if tau >= OFF:
                 continue
             gate = _gate(risk, tau)
-            acc, wga, eod = _scores(np.where(gate, pred_on, pred_off), labels, groups)
+            pred = np.where(gate, pred_on, pred_off)
+            acc, wga, eod = _scores(pred, labels, groups)
+            change, se = paired_change(pred, pred_off, labels)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
-                         "gate_rate": float(gate.mean())})
-    admissible = [r for r in rows if r is off or (r["accuracy"] >= floor and not (
+                         "gate_rate": float(gate.mean()), "accuracy_bound": acc_off + change - z * se})
+    admissible = [r for r in rows if r is off or (r["accuracy_bound"] >= floor and not (
         math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling))]
 
     def key(r):
@@ -104,6 +108,15 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     return {**best, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
             "equalized_odds_difference_off": eod_off, "candidates": len(rows), "admissible": len(admissible),
             "frontier": pareto_frontier(admissible)}
+
+
+def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy change against the adapter off, its standard error) on the same rows: the mean of the per-row
+    difference d = [pred right] − [off right] ∈ {−1, 0, 1}, and std(d) / √n. Rows the correction does not change add
+    nothing to either, so a targeted correction is measured as precisely as its few changed rows allow."""
+    d = (pred == labels).astype(np.float64) - (pred_off == labels).astype(np.float64)
+    n = max(len(d), 1)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 def pareto_frontier(rows: list[dict]) -> list[dict]:

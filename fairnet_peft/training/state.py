@@ -64,6 +64,7 @@ class FairRunState:
         detector_updates: optimizer updates the detector stage made.
         num_classes, representation_dim: the prototypes' shape, set by the prototype pass.
         selection: the correction chosen after training (selection.py): τ, strength, the reason and the frontier.
+        configured: the adapter's τ and strength before the selection (what it starts from, also in `reselect`).
     """
 
     fingerprint: str = ""
@@ -84,6 +85,7 @@ class FairRunState:
     num_classes: Optional[int] = None
     representation_dim: Optional[int] = None
     selection: dict = field(default_factory=dict)
+    configured: dict = field(default_factory=lambda: {"threshold": 0.5, "strength": 1.0})
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:

@@ -126,6 +126,7 @@ class FairTrainer(Trainer):
         self.pseudo_labeler = None
         self._pseudo_group_cache: dict = {}
         self._eval_pseudo_groups: Optional[np.ndarray] = None
+        self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
         self.add_callback(_RunStateCheckpoint(self))
@@ -594,7 +595,13 @@ class FairTrainer(Trainer):
         if args.gate_threshold is not None:
             config.threshold = args.gate_threshold
         self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
-        self.run_state.fingerprint = run_fingerprint(args, config, self.train_dataset)
+        given = self.run_state  # a new run state per train(): only what the data validation found carries over
+        self.run_state = FairRunState(label_setting=given.label_setting, class_labels=given.class_labels,
+                                      given_groups=given.given_groups,
+                                      fingerprint=run_fingerprint(args, config, self.train_dataset),
+                                      configured={"threshold": float(config.threshold),
+                                                  "strength": float(config.adapter_strength)})
+        self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
         point = self._resume_point(resume_from_checkpoint)
         with self._frozen_base_without_dropout(), self.passes.caching():
             return self._train_stages(point, trial, ignore_keys_for_eval, **kwargs)
@@ -675,10 +682,26 @@ class FairTrainer(Trainer):
             groups = np.where(groups >= 0, groups, (risk > self.anchor_threshold()).astype(np.int64))
         return dataset, groups, "eval rows"
 
+    def reselect(self, **overrides) -> dict:
+        """Choose τ and the strength again after `train()`, with these `FairTrainingArguments` fields changed (e.g.
+        `max_accuracy_drop=0.01`, `threshold_selection="threshold"`), without training again: the passes over the
+        held-out rows are reused. The choice is written into the adapter's config; returns the `train_selection_*`
+        metrics. The trainer's own arguments are not changed."""
+        if self.run_state.stage not in ("selection", "done"):
+            raise ValueError("reselect() needs a finished train(): the LoRA stage has not run yet.")
+        saved = self.args
+        try:
+            self.args = stage_arguments(saved, **overrides)
+            return self._select_correction()
+        finally:
+            self.args = saved
+
     def _select_correction(self) -> dict:
         """Stage 4 (module docstring): choose τ and the adapter strength, write them into the adapter's config,
-        return the `train_selection_*` metrics."""
+        return the `train_selection_*` metrics. Starts from the τ and strength configured before training."""
         args, run, config = self.args, self.run_state, self.adapter_config
+        self._tuner.set_threshold(self.adapter_name, run.configured["threshold"])
+        self._tuner.set_adapter_strength(self.adapter_name, run.configured["strength"])
         off_reason = None if args.force_adapter else detector_blind(run.detector_stats, args.min_detector_auc)
         max_drop, max_eod = args.resolved_max_accuracy_drop(), args.resolved_max_eod_increase()
         if off_reason is None and (args.gate_threshold is not None or (
@@ -721,19 +744,23 @@ class FairTrainer(Trainer):
         args, config = self.args, self.adapter_config
         strengths = {"auto": STRENGTHS, "threshold": (float(config.adapter_strength),),
                      "none": (float(config.adapter_strength),)}[args.threshold_selection]
-        out = self.passes.outputs(dataset, ("off",))
-        logits_on, saved = {}, float(config.adapter_strength)
+        key = getattr(dataset, "_fingerprint", None)
+        if self._selection_passes.get("key") != key:  # the passes over these rows, kept for reselect()
+            self._selection_passes = {"key": key, "off": self.passes.outputs(dataset, ("off",)), "on": {}}
+        out, logits_on, saved = self._selection_passes["off"], self._selection_passes["on"], float(config.adapter_strength)
         try:
             for alpha in strengths:
-                self._tuner.set_adapter_strength(self.adapter_name, alpha)
-                logits_on[alpha] = self.passes.outputs(dataset, ("on",))["logits_on"]
+                if alpha not in logits_on:
+                    self._tuner.set_adapter_strength(self.adapter_name, alpha)
+                    logits_on[alpha] = self.passes.outputs(dataset, ("on",))["logits_on"]
         finally:
             self._tuner.set_adapter_strength(self.adapter_name, saved)
         fixed = args.threshold_selection == "none"  # the configured (τ, α) if admissible, else off
-        return select_correction(out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
-                                 configured_tau=float(config.threshold), max_accuracy_drop=max_drop,
-                                 max_eod_increase=max_eod, taus=(float(config.threshold),) if fixed else None,
-                                 keep_if_admissible=fixed)
+        return select_correction(out["logits_off"], {a: logits_on[a] for a in strengths}, out["risk_native"],
+                                 out["label"], groups, configured_tau=float(config.threshold),
+                                 max_accuracy_drop=max_drop, max_eod_increase=max_eod,
+                                 floor_standard_errors=args.floor_standard_errors,
+                                 taus=(float(config.threshold),) if fixed else None, keep_if_admissible=fixed)
 
     # ------------------------------------------------------------------ resuming and checkpoints
     def _checkpoints(self, folder: str) -> list[str]:
