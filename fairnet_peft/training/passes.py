@@ -40,7 +40,11 @@ class RowPasses:
 
     @contextlib.contextmanager
     def caching(self):
-        """Inside the block, the base features of a dataset are computed by its first full pass only."""
+        """Inside the block, the base features of a dataset are computed by its first full pass only (a nested block
+        shares the outer one's cache)."""
+        if self._cache is not None:
+            yield
+            return
         self._cache = {}
         try:
             yield
