@@ -75,7 +75,7 @@ def lora_weights(model, adapter: str) -> dict:
 @pytest.mark.slow
 def test_one_adapter_per_attribute_each_raises_its_wga_and_both_keep_both_gains(tmp_path):
     train = make_two_attribute_task(0, 1200, 0.05)
-    test = make_two_attribute_task(2, 900, 0.2)
+    test = make_two_attribute_task(2, 3000, 0.2)
 
     torch.manual_seed(0)
     erm = T.BertForSequenceClassification(T.BertConfig(

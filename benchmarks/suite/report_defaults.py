@@ -130,10 +130,10 @@ def _task_note(task: str, block: dict) -> str:
             + ", ".join(f"{k}={cfg[k]}" for k in ("erm_epochs", "erm_lr", "scheduler", "batch"))
             + f"; FairNet num_train_epochs={cfg['fair_epochs']}; mean time per seed: {times}."
             + (f" Smallest test cell: {smallest} rows (< {MIN_CELL}): see its bootstrap CI per seed."
-               if smallest < MIN_CELL else "") + _guard_and_labeler_note(runs))
+               if smallest < MIN_CELL else "") + _selection_and_labeler_note(runs))
 
 
-def _guard_and_labeler_note(runs: dict) -> str:
+def _selection_and_labeler_note(runs: dict) -> str:
     """Per setting: the correction selected after training per seed (τ and strength, or off), auto's pseudo-labeler choice and the
     label-free selectors' rank correlation with the true validation WGA."""
     notes = []
