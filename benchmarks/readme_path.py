@@ -28,8 +28,12 @@ BLOCK = DocBlock("## README path", *block_markers("readme_path.py"))
 KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference")
 
 
-def run_seed(seed: int, out: str, extra: list) -> dict:
+def run_seed(seed: int, out: str, extra: list, reuse: bool = False) -> dict:
+    """One example run (its own process); with `reuse`, a seed whose metrics.json a finished run left is read back."""
     folder = os.path.join(out, f"seed{seed}")
+    if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
     command = [sys.executable, os.path.join(REPO_ROOT, "examples", "train_text.py"), "--seed", str(seed),
                "--output-dir", folder, *extra]
     subprocess.run(command, check=True, cwd=REPO_ROOT)
@@ -67,12 +71,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "readme-path"))
     p.add_argument("--doc", default=DOC_PATH, help="Markdown file for the generated block ('none' = no)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back the seeds a finished run left in --out (metrics.json) instead of training again")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to the example")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     started = time.time()
     report = header("readme_path.py", argv if argv is not None else sys.argv[1:], "readme")
-    report["runs"] = {seed: run_seed(int(seed), a.out, a.extra) for seed in a.seeds.split(",")}
+    report["runs"] = {seed: run_seed(int(seed), a.out, a.extra, a.reuse) for seed in a.seeds.split(",")}
     stamp_end(report, started)
     publish(a.out, render(report), report, a.doc, BLOCK, print)
     return report
