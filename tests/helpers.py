@@ -1,15 +1,46 @@
-"""Shared test helpers: tiny seeded HF models built from configs, and a local fake of the Hub upload API."""
+"""Shared test helpers: tiny seeded HF models built from configs, a local fake of the Hub upload API, and the
+trainer's small-data diagnostics (warnings a tiny run is expected to raise)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import types
+import warnings
 
 import torch
 import transformers as T
 
 T.logging.set_verbosity_error()
+
+#: FairTrainer's diagnostics that tiny test runs trigger by design (a few dozen rows, a handful of updates). Each is
+#: asserted where a test makes it happen on purpose: test_selection.py (no eval set and too few rows, a blind
+#: detector, a gate that rarely fires, the adapter switched off) and test_trainer_defaults.py (the LoRA barely moved).
+TINY_RUN_DIAGNOSTICS = (
+    "No eval_dataset and too few training rows per group",
+    "The bias detector could not learn to find the minority",
+    "FairNet's gate is on for only",
+    "The LoRA barely moved",
+)
+TINY_RUN_FILTERS = [f"ignore:{re.escape(m)}:UserWarning" for m in TINY_RUN_DIAGNOSTICS]
+
+
+@contextlib.contextmanager
+def expect_warnings(*required: str, allow: tuple = ()):
+    """Record the block's warnings: each regex in `required` must match one of them; those matching `allow` are
+    dropped; every other warning is emitted again, so it still reaches the test summary."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    messages = [str(w.message) for w in caught]
+    for pattern in required:
+        assert any(re.search(pattern, m) for m in messages), f"no warning matched {pattern!r}; got {messages}"
+    for w in caught:
+        if not any(re.search(p, str(w.message)) for p in (*required, *allow)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
 
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
 

@@ -31,6 +31,12 @@ if BENCH not in sys.path:
 
 from suite import baselines, config, orchestration, report, selection  # noqa: E402
 
+from .helpers import TINY_RUN_FILTERS  # noqa: E402
+
+# tiny sizes trigger FairTrainer's small-data diagnostics by design (asserted in test_selection.py and
+# test_trainer_defaults.py); here they are expected, not news
+pytestmark = [pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS]
+
 
 def _load(name: str):
     module_name = f"fairnet_bench_{name}"

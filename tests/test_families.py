@@ -17,6 +17,12 @@ from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, for
 from fairnet_peft.tuner.detector import as_tokens
 from fairnet_peft.tuner.representation import capture_head_input, find_head
 
+from .helpers import TINY_RUN_FILTERS  # noqa: E402
+
+# tiny sizes trigger FairTrainer's small-data diagnostics by design (asserted in test_selection.py and
+# test_trainer_defaults.py); here they are expected, not news
+pytestmark = [pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS]
+
 T.logging.set_verbosity_error()
 FAMILIES = ["swin", "convnext", "deit", "dinov2", "clip", "wav2vec2"]
 VIT_SMALL = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)

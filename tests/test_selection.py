@@ -23,6 +23,8 @@ from fairnet_peft.training.prototypes import anchor_weights
 from fairnet_peft.training.selection import (OFF, detector_blind, paired_change, pareto_frontier, select_correction,
                                              tau_candidates)
 
+from .helpers import expect_warnings
+
 T.logging.set_verbosity_error()
 QUIET = dict(report_to=[], save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True)
 #: end-to-end runs check the mechanics, not the size of a gain: shorter stages than the library's floors
@@ -237,6 +239,22 @@ def test_without_an_eval_set_the_held_out_training_rows_select_and_are_not_train
     assert trainer.run_state.selection["on"] == "held-out training rows"
 
 
+def test_without_an_eval_set_and_too_few_rows_to_hold_out_the_configured_correction_stays_and_says_so(
+        synthetic_data, synthetic_erm_dir, tmp_path):
+    train = synthetic_data["train"]
+    minority = [i for i, s in enumerate(train["sensitive"]) if s == 1][:12]  # < 15: no held-out slice possible
+    small = train.select([i for i, s in enumerate(train["sensitive"]) if s == 0][:300] + minority)
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=FairTrainingArguments(str(tmp_path), **SHORT),
+                          train_dataset=small)
+    with expect_warnings("No eval_dataset and too few training rows per group", allow=(
+            "gate is on for only", "could not learn to find the minority", "LoRA barely moved")):
+        metrics = trainer.train().metrics
+    assert trainer.run_state.holdout is None or not trainer.run_state.holdout.any()
+    assert not any(k.startswith("train_selection_") for k in metrics)
+    config = trainer.model.peft_config["default"]
+    assert (config.threshold, config.adapter_strength) == (0.5, 1.0)  # as configured
+
+
 class _BreakTheAdapter(T.TrainerCallback):
     """After the LoRA stage: a LoRA that scrambles every row it touches (large random B) and a detector that gives
     every row risk 1 (+50 on its last bias), so any τ < 1 gates every row and costs far more than the floor."""
@@ -274,15 +292,17 @@ def test_a_blind_detector_switches_the_adapter_off_unless_forced(synthetic_erm_d
     args = FairTrainingArguments(str(tmp_path), **SHORT)
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
-    with pytest.warns(UserWarning, match="switched the adapter off"):
+    with expect_warnings("switched the adapter off", allow=("could not learn to find the minority",
+                                                           "gate is on for only")):
         metrics = trainer.train().metrics
     assert metrics["train_detector_auc"] < 0.65
     assert metrics["train_selection_adapter_off"] == 1.0 and "cannot find the group" in metrics["train_selection_reason"]
     erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
     np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
     forced = FairTrainingArguments(str(tmp_path / "forced"), force_adapter=True, **SHORT)
-    metrics = FairTrainer(model=_fresh(synthetic_erm_dir), args=forced, train_dataset=data["train"],
-                          eval_dataset=data["validation"]).train().metrics
+    with expect_warnings("could not learn to find the minority", "gate is on for only"):
+        metrics = FairTrainer(model=_fresh(synthetic_erm_dir), args=forced, train_dataset=data["train"],
+                              eval_dataset=data["validation"]).train().metrics
     assert "cannot find the group" not in str(metrics.get("train_selection_reason", ""))
 
 
