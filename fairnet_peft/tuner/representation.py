@@ -241,6 +241,9 @@ def capture_head_input(model: nn.Module, batch: Optional[dict] = None, *, poolin
     `head_name` is FairLoraConfig.representation_module (default: `classifier` or `score`). In train mode the head
     of BERT / DistilBERT reads dropout(features); `head_dropout=False` switches the base model's top-level dropout
     off for this forward (the prototypes, built in eval mode, never see it).
+
+    A training-time helper: the hook it registers on the head sees every forward of `model` while the block is open,
+    so do not run the model from other threads inside it (serving needs no capture; the gate state is per thread).
     """
     batch = batch or {}
     ids = input_ids if input_ids is not None else batch.get("input_ids")
