@@ -61,7 +61,7 @@ def render(report: dict) -> str:
     for seed, r in runs.items():
         moves = [f"{100 * r['erm'][k]:.1f} → {100 * r['fairnet'][k]:.1f}" for k in KEYS]
         reason = r.get("fairnet_train", {}).get("train_selection_reason", "")
-        lines.append(f"| {seed} | " + " | ".join(moves) + f" | {r['threshold']:.3g} | "
+        lines.append(f"| {seed} | " + " | ".join(moves) + f" | {r['threshold']:.6g} | "
                      f"{r.get('adapter_strength', 1.0):g} | {reason} |")
     return "\n".join(lines) + "\n"
 

@@ -24,6 +24,10 @@ if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from suite import config, data, report, report_defaults  # noqa: E402
+from .helpers import TINY_RUN_FILTERS  # noqa: E402
+
+# tiny sizes trigger FairTrainer's small-data diagnostics by design (asserted in test_selection.py)
+pytestmark = [pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS]
 
 
 def _load():

@@ -17,7 +17,11 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # every test runs an example script end to end
+from .helpers import TINY_RUN_FILTERS
+
+# every test runs an example script end to end, at tiny sizes that trigger FairTrainer's small-data diagnostics by
+# design (asserted in test_selection.py and test_trainer_defaults.py)
+pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

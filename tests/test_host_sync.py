@@ -14,6 +14,10 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft.data import make_synthetic_text
+from .helpers import TINY_RUN_FILTERS  # noqa: E402
+
+# tiny sizes trigger FairTrainer's small-data diagnostics by design (asserted in test_selection.py)
+pytestmark = [pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS]
 
 SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero")
 

@@ -145,7 +145,7 @@ def _selection_and_labeler_note(runs: dict) -> str:
                          f"predictions there (first error: {errors[0]})")
         chosen_tau = [x["train_metrics"] for x in res if "train_selection_threshold" in x.get("train_metrics", {})]
         if chosen_tau:
-            picks = [f"τ {m['train_selection_threshold']:.3g} α {m.get('train_selection_strength', 1.0):g}"
+            picks = [f"τ {m['train_selection_threshold']:.6g} α {m.get('train_selection_strength', 1.0):g}"
                      if m["train_selection_threshold"] < 1 else "off" for m in chosen_tau]
             notes.append(f"{st}: correction selected per seed: {', '.join(picks)}")
         chosen = [x["pseudo_details"]["method"] for x in res if x.get("pseudo_details")]

@@ -23,7 +23,7 @@ T.logging.set_verbosity_error()
 def main(erm_dir: str, out_path: str) -> None:
     data = make_synthetic_text(seed=0, n_train=1200, n_val=50, n_test=600)
     model = get_peft_model(T.BertForSequenceClassification.from_pretrained(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
-    args = FairTrainingArguments("/tmp/fair_gain_unused", num_train_epochs=3, per_device_train_batch_size=32,
+    args = FairTrainingArguments(out_path + ".run", num_train_epochs=3, per_device_train_batch_size=32,
                                  report_to=[], save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True)
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"])
     metrics = trainer.train().metrics
@@ -36,7 +36,9 @@ def main(erm_dir: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump({"world_size": trainer.accelerator.num_processes, "lora_updates": trainer.state.global_step,
                        "accuracy": M.accuracy(y, pred), "wga": M.worst_group_accuracy(y, pred, sensitive_features=s),
-                       "detector_auc": metrics["train_detector_auc"]}, f)
+                       "detector_auc": metrics["train_detector_auc"],
+                       "selection": {k: v for k, v in metrics.items() if k.startswith("train_selection_")
+                                     and not isinstance(v, (list, dict))}}, f)
 
 
 if __name__ == "__main__":
