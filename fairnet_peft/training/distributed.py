@@ -84,9 +84,10 @@ def wrap_detector_as_fsdp_unit(accelerator, model: nn.Module) -> None:
         blocks: list[str] = []
     elif policy is transformer_auto_wrap_policy:
         blocks = plugin.transformer_cls_names_to_wrap
-        if blocks is None:  # accelerate's default: the model's _no_split_modules that this model instantiates
+        if blocks is None:  # accelerate's default: the _no_split_modules this model instantiates (a set in some
+            # transformers versions, so sorted: the same order under every hash seed)
             present = {type(m).__name__ for m in model.modules()}
-            blocks = [n for n in (getattr(model, "_no_split_modules", None) or []) if n in present]
+            blocks = sorted(n for n in (getattr(model, "_no_split_modules", None) or []) if n in present)
     else:
         raise ValueError(
             f"FairTrainer under FSDP needs fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or NO_WRAP), not {policy!r}: "
