@@ -57,6 +57,23 @@ def test_selection_prefers_the_strength_that_fixes_the_minority_without_breaking
     assert out["frontier"][0]["accuracy"] == 1.0
 
 
+def test_the_gate_never_opens_where_the_detector_places_the_row_with_the_majority():
+    """A majority cell (class 1, risk 0.1) is the worst off; the LoRA forced on fixes it. Only τ < 0.1 reaches those
+    rows: allowed with min_threshold 0 (the old, unbounded search), not with the default bound 0.5."""
+    y = np.array([0] * 10 + [1] * 10 + [0, 0, 1, 1])
+    g = np.array([0] * 20 + [1] * 4)
+    off, on = y.copy(), y.copy()
+    off[[10, 11, 12]] = 0  # the majority's class-1 cell: 7 of 10 right
+    risk = np.array([0.05] * 10 + [0.1] * 10 + [0.95] * 4, dtype=np.float32)
+    kw = dict(configured_tau=0.9, max_accuracy_drop=0.005, max_eod_increase=None)
+    unbounded = select_correction(EYE[off], {1.0: EYE[on]}, risk, y, g, min_threshold=0.0, **kw)
+    assert unbounded["threshold"] < 0.1 and unbounded["worst_group_accuracy"] == 1.0
+    bounded = select_correction(EYE[off], {1.0: EYE[on]}, risk, y, g, min_threshold=0.5, **kw)
+    assert bounded["threshold"] >= 0.5 and bounded["worst_group_accuracy"] == pytest.approx(0.7)
+    taus = tau_candidates(risk, 0.3, lowest=0.5)
+    assert min(taus) == 0.3 and all(t >= 0.5 for t in taus if t != 0.3) and taus[-1] == OFF  # configured τ stays
+
+
 def test_accuracy_floor_and_eod_ceiling_bound_the_choice():
     y, g, off, on, risk = _case()
     only_full = {1.0: on[1.0]}
@@ -158,7 +175,7 @@ def test_anchor_weightings():
 
 
 @pytest.mark.parametrize("name, value", [("max_accuracy_drop", -0.1), ("max_accuracy_drop", "half"),
-                                         ("floor_standard_errors", -1.0),
+                                         ("floor_standard_errors", -1.0), ("min_selected_threshold", 1.5),
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
                                          ("min_detector_auc", 1.5), ("anchor_weighting", "inverse")])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):

@@ -199,3 +199,40 @@ def test_prepare_lora_stage_sets_up_the_contrastive_stage(data, tmp_path):
         assert in_optimizer == {id(p) for n, p in model.named_parameters() if n in trainable}
         assert (model.get_base_model().fair_bias_detector.fairlora_prototype_counts["default"][:, 0] > 0).all()
     assert trainer.stage is None and not any(p.requires_grad for p in model.parameters())
+
+
+def _trained_adapter(data, erm_dir, tmp_path, rng_before: int, seed: int = 0) -> dict:
+    torch.manual_seed(rng_before)  # what the global RNG did before get_peft_model must not matter
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, lora_min_updates=5, detector_min_updates=5,
+                     seed=seed)
+    FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"]).train()
+    return {k: v.clone() for k, v in model.state_dict().items() if "fairlora" in k}
+
+
+def test_a_run_is_reproducible_from_its_seed_alone(data, erm_dir, tmp_path):
+    """get_peft_model draws the adapter's weights before Trainer sets the seed; FairTrainer draws a fresh adapter's
+    weights again from args.seed, so two runs with one seed give the same adapter, and another seed another one."""
+    first = _trained_adapter(data, erm_dir, tmp_path / "a", rng_before=1)
+    second = _trained_adapter(data, erm_dir, tmp_path / "b", rng_before=2)
+    assert first.keys() == second.keys() and any("fairlora_detector" in k for k in first)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+    other = _trained_adapter(data, erm_dir, tmp_path / "c", rng_before=1, seed=1)
+    assert any(not torch.equal(first[k], other[k]) for k in first if "fairlora_A" in k)
+
+
+def test_a_trained_adapter_is_not_drawn_again_when_training_continues(data, erm_dir, tmp_path):
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    tuner = model.base_model
+    assert tuner.is_fresh("default")
+    layer = tuner.lora_layers("default")[0]
+    with torch.no_grad():
+        layer.fairlora_B["default"].weight.fill_(0.5)  # someone's LoRA weights: not a fresh adapter any more
+    assert not tuner.is_fresh("default")
+    kept = layer.fairlora_A["default"].weight.clone()
+    args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, lora_min_updates=1, detector_min_updates=2,
+                     learning_rate=0.0)
+    FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"]).train()
+    torch.testing.assert_close(layer.fairlora_A["default"].weight, kept, rtol=0, atol=0)
+    assert not tuner.is_fresh("default")  # the prototypes are set now

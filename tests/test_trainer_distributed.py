@@ -69,15 +69,11 @@ def _erm_model(path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open: the two-process run is not reproducible run to run. With identical inputs its test WGA was "
-    "0.87, 0.86, 0.86, 0.84, 0.87, 0.52 and 0.00 over seven runs (the one-process run: 0.87 every time), and the "
-    "selection picked the same τ and α in the runs that recorded it, so the LoRA stage itself differs between runs "
-    "under torchrun. "
-    "The JSON in the assertion message carries the selection for the next look."))
 def test_default_gain_survives_two_processes(tmp_path):
     """Defaults only (epochs and batch size set): the 2-process run makes the same number of LoRA updates as the
-    1-process run and keeps its worst-group gain within noise (600 test rows; the worst cell has 90)."""
+    1-process run and keeps its worst-group gain within noise (600 test rows; the worst cell has 90). Once flaky (WGA
+    0.00-0.87 over seven runs): get_peft_model drew the adapter from an unseeded RNG, and this toy's LoRA stage at 3
+    epochs sat on a loss plateau whose end depended on that draw; see scripts/fair_gain.py."""
     data = make_synthetic_text(seed=0, n_train=1200, n_val=50, n_test=600)
     erm_dir = _erm_model(tmp_path, data)
     single, double = tmp_path / "one.json", tmp_path / "two.json"
@@ -98,5 +94,7 @@ def test_default_gain_survives_two_processes(tmp_path):
     erm_wga = min((pred[(y == a) & (s == b)] == a).mean() for a in (0, 1) for b in (0, 1))
     print(f"ERM WGA {erm_wga:.3f}; 1 process {one}; 2 processes {two}")
     assert one["wga"] >= erm_wga + 0.3 and two["wga"] >= erm_wga + 0.3
-    assert abs(one["wga"] - two["wga"]) <= 0.1  # one worst-cell row is 1.1 points; 0.1 ≈ 2 binomial SEs
+    # within noise: the 1-process run alone ranges 0.844-0.956 over seeds 0-2 (2 processes: 0.844-0.956), so 0.15;
+    # one worst-cell row is 1.1 points. Both runs are reproducible: the adapter is drawn from args.seed.
+    assert abs(one["wga"] - two["wga"]) <= 0.15
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.03

@@ -247,6 +247,17 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    min_selected_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Lowest gate threshold τ the selection may choose (the configured τ is always a candidate). The "
+                "detector is trained class-balanced, so risk 0.5 is where a row looks as much like the minority as "
+                "like the majority: below it the gate would switch the LoRA on for rows the detector places with the "
+                "majority, which the LoRA never trained on. 0 = search every τ."
+            )
+        },
+    )
     min_detector_auc: float = field(
         default=0.65,
         metadata={
@@ -313,6 +324,9 @@ class FairTrainingArguments(TrainingArguments):
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
                              "in [0, 5] (1 = the one-standard-error rule, 0 = the point estimate).")
+        if not (isinstance(self.min_selected_threshold, (int, float)) and 0.0 <= self.min_selected_threshold <= 1.0):
+            raise ValueError(f"FairTrainingArguments.min_selected_threshold={self.min_selected_threshold!r}: a number "
+                             "in [0, 1] (0 = search every τ).")
         if not 0.0 <= self.min_detector_auc <= 1.0:
             raise ValueError(f"FairTrainingArguments.min_detector_auc={self.min_detector_auc!r}: must be in [0, 1].")
         for name in ("lora_min_updates", "detector_min_updates", "detector_patience"):

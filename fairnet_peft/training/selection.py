@@ -4,7 +4,7 @@
 rows; α = 0 or τ = 1 is the adapter off) on held-out rows, from one pass with the gate off and one pass with the
 gate forced on per strength (a row's output depends only on its own gate, so every τ follows from those passes):
 
-    maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group
+    maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group, τ ≥ min_threshold
     subject to ACC(τ, α) − z·SE ≥ ACC(off) − max_accuracy_drop   (SE: of the paired change, `paired_change`)
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
 
@@ -33,10 +33,10 @@ GATE_RATES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 
 
-def tau_candidates(risk, configured: float) -> list[float]:
-    """The 0.1 grid from 0, the τ gating 5 … 95 % of the rows, the configured τ and 1 (off)."""
+def tau_candidates(risk, configured: float, lowest: float = 0.0) -> list[float]:
+    """The 0.1 grid, the τ gating 5 … 95 % of the rows, from `lowest` on; the configured τ and 1 (off)."""
     qs = [q for q in gate_rate_thresholds(np.asarray(risk, dtype=np.float64), GATE_RATES) if 0.0 <= q < OFF]
-    return sorted(set(TAU_GRID) | set(qs) | {float(configured), OFF})
+    return sorted({t for t in set(TAU_GRID) | set(qs) if t >= lowest} | {float(configured), OFF})
 
 
 def _gate(risk, tau: float) -> np.ndarray:
@@ -61,11 +61,13 @@ def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[f
 def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, groups, *, configured_tau: float,
                       max_accuracy_drop: Optional[float], max_eod_increase: Optional[float],
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
-                      keep_if_admissible: bool = False, floor_standard_errors: float = 0.0) -> dict:
+                      keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
+                      min_threshold: float = 0.0) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
-    search (default: every key), `taus` the thresholds (default: `tau_candidates`). `keep_if_admissible`: no search,
+    search (default: every key), `taus` the thresholds (default: `tau_candidates` from `min_threshold` on).
+    `keep_if_admissible`: no search,
     the one candidate (τ, α) is kept when admissible, else the adapter goes off. `floor_standard_errors` (z): the
     floor holds for the accuracy change minus z standard errors of the paired difference (`paired_change`). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
     "equalized_odds_difference", "gate_rate", "accuracy_off", "worst_group_accuracy_off",
@@ -82,7 +84,8 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     rows = [off]
     z = float(floor_standard_errors)
     if taus is None:
-        taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau)
+        taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau,
+                              min_threshold)
     for alpha in sorted(strengths if strengths is not None else logits_on):
         pred_on = np.asarray(logits_on[alpha]).argmax(-1)
         for tau in taus:

@@ -1,6 +1,7 @@
 """`FairTrainer`: FairNet's staged training as a drop-in `transformers.Trainer`.
 
-`train()` runs, on a PeftModel whose base is already task-trained (ERM), with the base frozen and its dropout off:
+`train()` runs, on a PeftModel whose base is already task-trained (ERM), with the base frozen and its dropout off
+(a fresh adapter's weights are first drawn again from `args.seed`, so a run is reproducible from its seed alone):
   0. the run state (`FairRunState`, state.py) is created, or read back from the checkpoint being resumed; in the
      unlabeled setting a frozen-feature pass and a pseudo-labeler (`pseudo_labeler`) mark the minority;
   1. detector stage: `Trainer`'s own loop trains only the detector with the class-balanced BCE (Eq. 1) on the
@@ -603,6 +604,9 @@ class FairTrainer(Trainer):
                                                   "strength": float(config.adapter_strength)})
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
         point = self._resume_point(resume_from_checkpoint)
+        if not any(point.values()) and self._tuner.is_fresh(self.adapter_name):
+            # get_peft_model drew the adapter's weights before Trainer set the seed: draw them from args.seed
+            self._tuner.reinitialize(self.adapter_name, args.seed)
         with self._frozen_base_without_dropout(), self.passes.caching():
             return self._train_stages(point, trial, ignore_keys_for_eval, **kwargs)
 
@@ -760,6 +764,7 @@ class FairTrainer(Trainer):
                                  out["label"], groups, configured_tau=float(config.threshold),
                                  max_accuracy_drop=max_drop, max_eod_increase=max_eod,
                                  floor_standard_errors=args.floor_standard_errors,
+                                 min_threshold=args.min_selected_threshold,
                                  taus=(float(config.threshold),) if fixed else None, keep_if_admissible=fixed)
 
     # ------------------------------------------------------------------ resuming and checkpoints

@@ -27,6 +27,19 @@ class FairTunerLayer(BaseTunerLayer):
     """Marker base class of every FairLoRA tuner layer (the LoRA layers and the detector container)."""
 
 
+def init_(weight: torch.Tensor, init, generator: Optional[torch.Generator] = None, **kwargs) -> None:
+    """`init(weight, **kwargs)` in place; with a CPU `generator`, drawn in fp32 on the CPU and copied, so the values
+    do not depend on the weight's device or dtype. Meta weights are left alone."""
+    if weight.is_meta:
+        return
+    if generator is None:
+        init(weight, **kwargs)
+        return
+    draw = torch.empty(weight.shape, dtype=torch.float32)
+    init(draw, generator=generator, **kwargs)
+    weight.copy_(draw)
+
+
 def as_tokens(hidden: torch.Tensor) -> torch.Tensor:
     """View a hidden tensor as tokens (B, T, d): (B, d) → (B, 1, d); (B, C, H, W) → (B, H·W, C)."""
     if hidden.dim() == 2:
@@ -94,13 +107,15 @@ class DetectorNet(nn.Module):
         self.risk_mlp = nn.Sequential(*layers)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fresh weights; from `generator` (a CPU one) when given, else from the global RNG."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                init_(module.weight, nn.init.xavier_uniform_, generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.risk_mlp[-1].weight, gain=0.1)
+        init_(self.risk_mlp[-1].weight, nn.init.xavier_uniform_, generator, gain=0.1)
 
     def logits(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) fp32 logits, always computed in fp32: autocast is off inside, bf16/fp16 hidden states are upcast, and

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .detector import FairTunerLayer
+from .detector import FairTunerLayer, init_
 from .gate import STATE_ATTR
 
 MERGE_REFUSED = (
@@ -74,15 +74,19 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def reset_lora_parameters(self, adapter_name: str, init_weights: bool) -> None:
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_weights: bool,
+                              generator: Optional[torch.Generator] = None) -> None:
+        """A from Kaiming-uniform, B zero (B Kaiming-uniform too when `init_weights` is False); from `generator`
+        (a CPU one) when given, else from the global RNG."""
         a, b = self.fairlora_A[adapter_name], self.fairlora_B[adapter_name]
         if a.weight.device.type == "meta":
             return
-        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        init_(a.weight, nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(b.weight)
         else:
-            nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+            init_(b.weight, nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
 
     # ------------------------------------------------------------------ math (the one place)
     def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

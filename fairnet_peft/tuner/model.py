@@ -489,6 +489,24 @@ class FairLoraModel(BaseTuner):
         for layer in self.lora_layers(adapter_name):
             layer.scaling[adapter_name] = config.lora_alpha / config.r * float(strength)
 
+    def reinitialize(self, adapter_name: str, seed: int) -> None:
+        """Draw the initial weights of `adapter_name` (its detector and every LoRA pair) again, from a generator of
+        their own seeded with `seed`: the same seed gives the same adapter whatever the global RNG did before."""
+        generator = torch.Generator().manual_seed(int(seed))
+        self._gate_state(self.model).detector.fairlora_detector[adapter_name].reset_parameters(generator)
+        init_weights = self.peft_config[adapter_name].init_weights
+        for layer in self.lora_layers(adapter_name):
+            layer.reset_lora_parameters(adapter_name, init_weights, generator)
+
+    def is_fresh(self, adapter_name: str) -> bool:
+        """True while `adapter_name` has never been trained: no prototypes yet and (with the zero-B init) every
+        LoRA B still zero."""
+        detector = self._gate_state(self.model).detector
+        if bool(detector.fairlora_prototype_counts[adapter_name].any()):
+            return False
+        return not self.peft_config[adapter_name].init_weights or not any(
+            bool(layer.fairlora_B[adapter_name].weight.any()) for layer in self.lora_layers(adapter_name))
+
     def lora_layers(self, adapter_name: str) -> list[FairLoraLayer]:
         """The adapted layers that hold a LoRA for `adapter_name`."""
         return [m for m in self.model.modules() if isinstance(m, FairLoraLayer) and adapter_name in m.fairlora_A]
