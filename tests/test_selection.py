@@ -213,7 +213,9 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     elif setting == "unlabeled":
         train = _hide(train)
     val = data["validation"] if setting == "full" else data["validation"].remove_columns("sensitive")
-    args = FairTrainingArguments(str(tmp_path), **SHORT)
+    # 400 LoRA updates, not the 200 minimum: this toy's LoRA loss leaves its plateau only after 100-190 updates and,
+    # for some initial draws, later (tests/scripts/fair_gain.py)
+    args = FairTrainingArguments(str(tmp_path), **{**SHORT, "lora_min_updates": 400})
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     metrics = trainer.train().metrics
@@ -317,7 +319,7 @@ def test_a_blind_detector_switches_the_adapter_off_unless_forced(synthetic_erm_d
     erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
     np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
     forced = FairTrainingArguments(str(tmp_path / "forced"), force_adapter=True, **SHORT)
-    with expect_warnings("could not learn to find the minority", "gate is on for only"):
+    with expect_warnings("could not learn to find the minority", allow=("gate is on for only",)):
         metrics = FairTrainer(model=_fresh(synthetic_erm_dir), args=forced, train_dataset=data["train"],
                               eval_dataset=data["validation"]).train().metrics
     assert "cannot find the group" not in str(metrics.get("train_selection_reason", ""))

@@ -145,6 +145,8 @@ SELECTION_VARIANTS = {
     "τ only (α = 1)": {"threshold_selection": "threshold"},
     "no floor, no ceiling": {"max_accuracy_drop": "none", "max_eod_increase": "none"},
     "any τ (no 0.5 bound)": {"min_selected_threshold": 0.0},
+    "floor at 2 SE": {"floor_standard_errors": 2.0},
+    "any τ, floor at 2 SE": {"min_selected_threshold": 0.0, "floor_standard_errors": 2.0},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).

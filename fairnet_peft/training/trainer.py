@@ -604,8 +604,9 @@ class FairTrainer(Trainer):
                                                   "strength": float(config.adapter_strength)})
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
         point = self._resume_point(resume_from_checkpoint)
-        if not any(point.values()) and self._tuner.is_fresh(self.adapter_name):
-            # get_peft_model drew the adapter's weights before Trainer set the seed: draw them from args.seed
+        if self._tuner.is_fresh(self.adapter_name):
+            # get_peft_model drew the adapter's weights before Trainer set the seed: draw them from args.seed (a
+            # resumed run draws them too, then loads what its checkpoint holds over them)
             self._tuner.reinitialize(self.adapter_name, args.seed)
         with self._frozen_base_without_dropout(), self.passes.caching():
             return self._train_stages(point, trial, ignore_keys_for_eval, **kwargs)
