@@ -122,8 +122,9 @@ def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
     assert point["threshold"] == 0.5 and margin["threshold"] == OFF
     targeted = off.copy()
     targeted[[160, 161]] = y[[160, 161]]
-    kept = select_correction(EYE[off], {1.0: EYE[targeted]}, risk, y, g, floor_standard_errors=1.0, **kw)
-    assert kept["threshold"] == 0.5
+    for z in (1.0, 2.0):  # the default margin (2) too: few changed rows, a small standard error
+        kept = select_correction(EYE[off], {1.0: EYE[targeted]}, risk, y, g, floor_standard_errors=z, **kw)
+        assert kept["threshold"] == 0.5
 
 
 def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():

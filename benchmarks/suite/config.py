@@ -141,12 +141,11 @@ LABEL_FRACTION, MIN_CELL = 0.1, 200
 # each default rule of the selection does. Reported beside the defaults; never used to pick a test number.
 SELECTION_VARIANTS = {
     "floor at the point estimate": {"floor_standard_errors": 0.0},
+    "floor at 1 SE": {"floor_standard_errors": 1.0},
+    "τ ≥ 0.5": {"min_selected_threshold": 0.5},
     "no EOD ceiling": {"max_eod_increase": "none"},
     "τ only (α = 1)": {"threshold_selection": "threshold"},
     "no floor, no ceiling": {"max_accuracy_drop": "none", "max_eod_increase": "none"},
-    "any τ (no 0.5 bound)": {"min_selected_threshold": 0.0},
-    "floor at 2 SE": {"floor_standard_errors": 2.0},
-    "any τ, floor at 2 SE": {"min_selected_threshold": 0.0, "floor_standard_errors": 2.0},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).

@@ -226,14 +226,15 @@ class FairTrainingArguments(TrainingArguments):
         },
     )
     floor_standard_errors: float = field(
-        default=1.0,
+        default=2.0,
         metadata={
             "help": (
                 "Margin of the accuracy floor, in standard errors of the paired accuracy difference (adapter vs off) "
                 "on the held-out rows: a (τ, α) is kept only when its accuracy change minus this many standard errors "
-                "is above −max_accuracy_drop. 1 = the one-standard-error rule; 0 = the point estimate alone. A "
-                "correction that flips many held-out predictions must show a larger gain to pass, so small held-out "
-                "sets do not let a costly correction through by chance."
+                "is above −max_accuracy_drop; 0 = the point estimate alone. A correction that flips many held-out "
+                "predictions must show a larger gain to pass, so small held-out sets do not let a costly correction "
+                "through by chance. 2, not 1: the selection keeps the best of some 400 (τ, α) candidates, and the "
+                "best of many passes a one-error margin by luck more often than one candidate would."
             )
         },
     )
@@ -248,13 +249,14 @@ class FairTrainingArguments(TrainingArguments):
         },
     )
     min_selected_threshold: float = field(
-        default=0.5,
+        default=0.0,
         metadata={
             "help": (
-                "Lowest gate threshold τ the selection may choose (the configured τ is always a candidate). The "
-                "detector is trained class-balanced, so risk 0.5 is where a row looks as much like the minority as "
-                "like the majority: below it the gate would switch the LoRA on for rows the detector places with the "
-                "majority, which the LoRA never trained on. 0 = search every τ."
+                "Lowest gate threshold τ the selection may choose (the configured τ is always a candidate; 0 = "
+                "every τ). The detector is trained class-balanced, so with labels risk 0.5 is where a row looks as "
+                "much like the minority as like the majority: 0.5 keeps the LoRA off rows the detector places with "
+                "the majority. Not the default: a detector trained on few or pseudo labels, or a weak one, puts "
+                "minority rows below 0.5, and the bound then blocks real corrections (docs/method.md §7)."
             )
         },
     )
@@ -323,7 +325,7 @@ class FairTrainingArguments(TrainingArguments):
                                  "(0.005 = half a point).")
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
-                             "in [0, 5] (1 = the one-standard-error rule, 0 = the point estimate).")
+                             "in [0, 5] (2 = the default margin, 0 = the point estimate).")
         if not (isinstance(self.min_selected_threshold, (int, float)) and 0.0 <= self.min_selected_threshold <= 1.0):
             raise ValueError(f"FairTrainingArguments.min_selected_threshold={self.min_selected_threshold!r}: a number "
                              "in [0, 1] (0 = search every τ).")
