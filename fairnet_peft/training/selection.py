@@ -67,9 +67,9 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
     search (default: every key), `taus` the thresholds (default: `tau_candidates` from `min_threshold` on).
-    `keep_if_admissible`: no search,
-    the one candidate (τ, α) is kept when admissible, else the adapter goes off. `floor_standard_errors` (z): the
-    floor holds for the accuracy change minus z standard errors of the paired difference (`paired_change`). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
+    `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
+    `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
+    difference (`paired_change`). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
     "equalized_odds_difference", "gate_rate", "accuracy_off", "worst_group_accuracy_off",
     "equalized_odds_difference_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first,
     the admissible candidates no other admissible one beats on both ACC and WGA."""

@@ -80,7 +80,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         """A from Kaiming-uniform, B zero (B Kaiming-uniform too when `init_weights` is False); from `generator`
         (a CPU one) when given, else from the global RNG."""
         a, b = self.fairlora_A[adapter_name], self.fairlora_B[adapter_name]
-        if a.weight.device.type == "meta":
+        if a.weight.device.type == "meta":  # low_cpu_mem_usage: loaded later with assign=True
             return
         init_(a.weight, nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
         if init_weights:
