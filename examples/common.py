@@ -253,6 +253,18 @@ def cached_erm(cache_dir: str, key: dict) -> bool:
     return True
 
 
+PICKLED = ("training_args.bin",)  # what Trainer.save_model writes besides safetensors/JSON: torch.save(args), a pickle
+
+
+def _drop_pickles(folder: str) -> None:
+    """The ERM folder is a model users push and load: safetensors and JSON only (what it was trained with is in
+    erm_key.json)."""
+    for name in PICKLED:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_ds, eval_ds,
                       save_extra: Callable[[str], None], trainer_kwargs: dict) -> tuple[str, dict]:
     """Train the ERM classifier with `transformers.Trainer` unless `key` matches the cache.
@@ -289,6 +301,7 @@ def train_or_load_erm(*, args, key: dict, build_model: Callable[[], Any], train_
     state.wait_for_everyone()
     trainer.save_model(cache_dir)  # every rank calls it (it may gather); only the main process writes
     if state.is_main_process:
+        _drop_pickles(cache_dir)
         save_extra(cache_dir)
         with open(os.path.join(cache_dir, "erm_info.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 import common
-from common import dist_state, log
+from common import PICKLED, dist_state, log
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_card.md")
 SUMMARY_COLUMNS = (("ACC", "accuracy"), ("WGA", "worst_group_accuracy"), ("EOD", "equalized_odds_difference"),
@@ -108,10 +108,10 @@ def save_outputs(*, args, model, card: str, fair_test: dict, cells: dict, metric
 
 
 def _push_base_model(api, erm_dir: str, base_id: str, scratch: str) -> None:
-    """Upload the ERM model (without the cache's own key files) to `base_id`."""
+    """Upload the ERM model (without the cache's own key files, nor a pickle an older cache may hold) to `base_id`."""
     api.create_repo(base_id, exist_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    shutil.copytree(erm_dir, scratch, ignore=shutil.ignore_patterns("erm_key.json", "erm_info.json"))
+    shutil.copytree(erm_dir, scratch, ignore=shutil.ignore_patterns("erm_key.json", "erm_info.json", *PICKLED))
     api.upload_folder(repo_id=base_id, folder_path=scratch, commit_message="ERM base model for a FairLoRA adapter")
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -335,6 +335,8 @@ def test_text_example_push_to_hub_uses_model_push_to_hub(tmp_path, tiny_text_mod
         assert (repo / name).is_file(), name
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (base_repo / name).is_file(), name
+    for folder in (repo, base_repo, tmp_path / "erm"):  # safetensors and JSON only: no pickled TrainingArguments
+        assert not [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")], folder
     assert json.loads((repo / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/fair-text-erm"
     card = (repo / "README.md").read_text()
     assert "Fairness metrics on the **test** split" in card and "base_model: me/fair-text-erm" in card
