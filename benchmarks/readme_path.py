@@ -2,7 +2,7 @@
 text, 10,000 train rows, MiniLM, full labels), once per seed, then ERM vs FairNet on the test split with a 95 %
 t-interval over seeds. Each seed is one process running the example unchanged; its metrics.json is read back.
 
-    .venv/bin/python benchmarks/readme_path.py --seeds 0,1,2               # CPU: roughly 30-40 min per seed
+    .venv/bin/python benchmarks/readme_path.py --seeds 0,1,2               # CPU: ~10 min per seed, ERM cached
     .venv/bin/python benchmarks/readme_path.py --seeds 0,1,2 --extra --bf16 # the same with an example flag
 
 The generated block goes into docs/benchmarks.md (`--doc none` to skip) and table.md / results.json into --out.
