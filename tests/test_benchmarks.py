@@ -180,6 +180,15 @@ def test_competitiveness_checks_on_hand_made_numbers():
     tg = report.targets(summary)
     assert not tg["not_dominated"]["met"] and tg["not_dominated"]["by"] == ["DFR"]
     assert not tg["floor_wga"]["met"] and tg["floor_wga"]["above"] == [fl("AFR")]  # 62 > 60; 55 is not
+    assert tg["floor_wga"]["beyond_budget"] == []
+    beyond = dict(summary, **{fl("GroupDRO"): _summary({"x": (0.79, 0.90)})["x"]})  # no candidate met the floor
+    tg2 = report.targets(beyond)
+    assert tg2["floor_wga"]["above"] == [fl("AFR")] and tg2["floor_wga"]["beyond_budget"] == [fl("GroupDRO")]
+    assert "not compared: GroupDRO (ACC floor) 79.0 ACC" in tg2["floor_wga"]["text"]
+    below = dict(beyond, **{fl("AFR"): _summary({"x": (0.70, 0.90)})["x"]})  # no floor row at the budget at all
+    tg3 = report.targets(below)
+    assert tg3["floor_wga"]["applies"] is False and tg3["floor_wga"]["met"] is None
+    assert tg3["floor_wga"]["text"].startswith("FairNet-Full vs the ACC-floor rows: n/a (no baseline stays")
     assert tg["unlabeled_vs_afr"]["applies"] is False  # AFR's ACC 70 < ERM − 0.5: the check does not apply
     assert tg["oracle_share"]["met"] is False  # gain 20 < 0.8 × 30
     summary["AFR"] = _summary({"AFR": (0.799, 0.44)})["AFR"]

@@ -153,7 +153,8 @@ def dominated_by(summary: dict, rows: list, exclude: tuple = (ORACLE_ROW, GRID_O
 
 def targets(summary: dict, dataset: str = "") -> dict:
     """The competitiveness checks on seed means (each with 'met' and a 'text'; 'applies' False when it cannot be
-    judged): FairNet-Full dominated by no baseline row; FairNet-Full's WGA at least every ACC-floor row's;
+    judged): FairNet-Full dominated by no baseline row; FairNet-Full's WGA at least every ACC-floor row's that stays at
+    the accuracy budget (seed-mean ACC ≥ ERM − 0.5; the others are named in `beyond_budget`);
     FairNet-Unlabeled's WGA at least AFR's, at ACC ≥ ERM − 0.5, where AFR stays within that accuracy; FairNet-Full
     reaching ORACLE_SHARE of the oracle gate's WGA gain over ERM. On a task whose group is not in the input: every
     FairNet setting does no harm (WGA ≥ ERM − 1, ACC ≥ ERM − 0.5)."""
@@ -173,11 +174,22 @@ def targets(summary: dict, dataset: str = "") -> dict:
                                     "met" if not dom else f"NOT met (dominated by {', '.join(dom)})")}
     floors = [floor_row(b) for b in FLOOR_BASELINES if floor_row(b) in summary]
     if full in summary and floors:
-        above = [r for r in floors if wga(r) > wga(full) + 1e-12]
-        out["floor_wga"] = {"met": not above, "above": above,
-                            "text": f"FairNet-Full WGA {100 * wga(full):.1f} ≥ every ACC-floor row's: " + (
-                                "met" if not above else "NOT met (" + ", ".join(
-                                    f"{r} {100 * wga(r):.1f}" for r in above) + ")")}
+        # the same accuracy budget: a floor row whose validation floor no candidate met ends below ERM − 0.5 on test
+        # and is not at that budget (as for AFR below); it is named, not compared
+        budget = acc(erm) - ACC_TOLERANCE if erm in summary else -math.inf
+        beyond = [r for r in floors if acc(r) < budget - 1e-12]
+        above = [r for r in floors if r not in beyond and wga(r) > wga(full) + 1e-12]
+        note = "" if not beyond else "; beyond the budget (ACC < ERM − 0.5), not compared: " + ", ".join(
+            f"{r} {100 * acc(r):.1f} ACC" for r in beyond)
+        if len(beyond) == len(floors):
+            out["floor_wga"] = {"applies": False, "met": None, "above": [], "beyond_budget": beyond,
+                                "text": "FairNet-Full vs the ACC-floor rows: n/a (no baseline stays at the accuracy "
+                                        "budget" + note[note.index(":"):] + ")"}
+        else:
+            out["floor_wga"] = {"met": not above, "above": above, "beyond_budget": beyond,
+                                "text": f"FairNet-Full WGA {100 * wga(full):.1f} ≥ every ACC-floor row's: " + (
+                                    "met" if not above else "NOT met (" + ", ".join(
+                                        f"{r} {100 * wga(r):.1f}" for r in above) + ")") + note}
     if unl in summary and "AFR" in summary and erm in summary:
         floor = acc(erm) - ACC_TOLERANCE
         if acc("AFR") < floor - 1e-12:
