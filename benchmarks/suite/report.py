@@ -174,8 +174,8 @@ def targets(summary: dict, dataset: str = "") -> dict:
                                     "met" if not dom else f"NOT met (dominated by {', '.join(dom)})")}
     floors = [floor_row(b) for b in FLOOR_BASELINES if floor_row(b) in summary]
     if full in summary and floors:
-        # the same accuracy budget: a floor row whose validation floor no candidate met ends below ERM − 0.5 on test
-        # and is not at that budget (as for AFR below); it is named, not compared
+        # the same accuracy budget: a floor row whose seed-mean ACC ends below ERM − 0.5 (its candidates missed the
+        # validation floor) is not at that budget, as for AFR below; it is named, not compared
         budget = acc(erm) - ACC_TOLERANCE if erm in summary else -math.inf
         beyond = [r for r in floors if acc(r) < budget - 1e-12]
         above = [r for r in floors if r not in beyond and wga(r) > wga(full) + 1e-12]
