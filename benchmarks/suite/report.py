@@ -179,13 +179,13 @@ def targets(summary: dict, dataset: str = "") -> dict:
         budget = acc(erm) - ACC_TOLERANCE if erm in summary else -math.inf
         beyond = [r for r in floors if acc(r) < budget - 1e-12]
         above = [r for r in floors if r not in beyond and wga(r) > wga(full) + 1e-12]
-        note = "" if not beyond else "; beyond the budget (ACC < ERM − 0.5), not compared: " + ", ".join(
-            f"{r} {100 * acc(r):.1f} ACC" for r in beyond)
+        named = ", ".join(f"{r} {100 * acc(r):.1f} ACC" for r in beyond)
         if len(beyond) == len(floors):
             out["floor_wga"] = {"applies": False, "met": None, "above": [], "beyond_budget": beyond,
                                 "text": "FairNet-Full vs the ACC-floor rows: n/a (no baseline stays at the accuracy "
-                                        "budget" + note[note.index(":"):] + ")"}
+                                        f"budget: {named})"}
         else:
+            note = f"; beyond the budget (ACC < ERM − 0.5), not compared: {named}" if beyond else ""
             out["floor_wga"] = {"met": not above, "above": above, "beyond_budget": beyond,
                                 "text": f"FairNet-Full WGA {100 * wga(full):.1f} ≥ every ACC-floor row's: " + (
                                     "met" if not above else "NOT met (" + ", ".join(
