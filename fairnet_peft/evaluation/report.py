@@ -126,11 +126,11 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
     frontier = selection.get("frontier") or []
     if frontier:
         lines += ["", "Searched frontier (held-out rows; no other candidate has both higher ACC and higher WGA):", "",
-                  "| τ | α | ACC | WGA | EOD | gated |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| τ | α | ACC | WGA | EOD | gated | majority gated |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for row in frontier:
             lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row['accuracy'])} | "
                          f"{_cell(row['worst_group_accuracy'])} | {_cell(row['equalized_odds_difference'])} | "
-                         f"{_cell(row['gate_rate'])} |")
+                         f"{_cell(row['gate_rate'])} | {_cell(row.get('majority_gate_rate', math.nan))} |")
     return lines
 
 

@@ -248,6 +248,18 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    max_majority_gate_rate: Union[float, str] = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Largest share of the held-out majority rows (group 0 of the selection's groups) on which the chosen "
+                "gate may fire ('none' = no bound). FairNet corrects the rows its detector marks; a gate on most of "
+                "the majority makes the adapter a global change of the model (a threshold shift), which the few "
+                "held-out rows of a cell cannot vouch for. A bound on how many majority rows are gated, not on the "
+                "risk value, so it needs no calibrated detector (docs/method.md §7)."
+            )
+        },
+    )
     min_selected_threshold: float = field(
         default=0.0,
         metadata={
@@ -314,15 +326,15 @@ class FairTrainingArguments(TrainingArguments):
                                                     and 0.0 <= self.anchor_threshold < 1.0):
             raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold!r}: 'auto' or a number in "
                              "[0, 1).")
-        for name, top in (("max_accuracy_drop", 1.0), ("max_eod_increase", 1.0)):
+        for name, hint in (("max_accuracy_drop", "0.005 = half a point"), ("max_eod_increase", "0.01 = one point"),
+                           ("max_majority_gate_rate", "0.5 = half of the majority rows")):
             value = getattr(self, name)
             if isinstance(value, str) and value != "none":
                 with contextlib.suppress(ValueError):  # "0.01" from a command line
                     value = float(value)
                 setattr(self, name, value)
-            if value not in ("none", None) and not (isinstance(value, (int, float)) and 0.0 <= value <= top):
-                raise ValueError(f"FairTrainingArguments.{name}={value!r}: 'none' or a fraction in [0, {top:g}] "
-                                 "(0.005 = half a point).")
+            if value not in ("none", None) and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"FairTrainingArguments.{name}={value!r}: 'none' or a fraction in [0, 1] ({hint}).")
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
                              "in [0, 5] (2 = the default margin, 0 = the point estimate).")
@@ -359,6 +371,9 @@ class FairTrainingArguments(TrainingArguments):
 
     def resolved_max_eod_increase(self) -> Optional[float]:
         return None if self.max_eod_increase in ("none", None) else float(self.max_eod_increase)
+
+    def resolved_max_majority_gate_rate(self) -> Optional[float]:
+        return None if self.max_majority_gate_rate in ("none", None) else float(self.max_majority_gate_rate)
 
     def pseudo_labeler_knobs(self) -> dict:
         """The knobs `pseudo_labeler` takes (pseudo_labels.pseudo_label), from these arguments."""

@@ -7,6 +7,7 @@ gate forced on per strength (a row's output depends only on its own gate, so eve
     maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group, τ ≥ min_threshold
     subject to ACC(τ, α) − z·SE ≥ ACC(off) − max_accuracy_drop   (SE: of the paired change, `paired_change`)
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
+               gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
 
 Ties go to the higher accuracy, then the weaker correction (smaller α, then larger τ), so "off" wins whenever nothing
 beats it. The groups are the setting's (trainer.py decides): the true groups (full), known labels else the detector's
@@ -62,15 +63,16 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       max_accuracy_drop: Optional[float], max_eod_increase: Optional[float],
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
                       keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
-                      min_threshold: float = 0.0) -> dict:
+                      min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
     search (default: every key), `taus` the thresholds (default: `tau_candidates` from `min_threshold` on).
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
-    difference (`paired_change`). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
-    "equalized_odds_difference", "gate_rate", "accuracy_off", "worst_group_accuracy_off",
+    difference (`paired_change`). `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
+    no bound; no group-0 row: nothing to bound). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
+    "equalized_odds_difference", "gate_rate", "majority_gate_rate", "accuracy_off", "worst_group_accuracy_off",
     "equalized_odds_difference_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first,
     the admissible candidates no other admissible one beats on both ACC and WGA."""
     labels = np.asarray(labels)
@@ -79,8 +81,10 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     acc_off, wga_off, eod_off = _scores(pred_off, labels, groups)
     floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
     ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
+    majority = groups == 0
+    widest = math.inf if max_majority_gate_rate is None or not majority.any() else max_majority_gate_rate + 1e-12
     off = {"threshold": OFF, "strength": 0.0, "accuracy": acc_off, "worst_group_accuracy": wga_off,
-           "equalized_odds_difference": eod_off, "gate_rate": 0.0}
+           "equalized_odds_difference": eod_off, "gate_rate": 0.0, "majority_gate_rate": 0.0}
     rows = [off]
     z = float(floor_standard_errors)
     if taus is None:
@@ -97,9 +101,12 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             change, se = paired_change(pred, pred_off, labels)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
-                         "gate_rate": float(gate.mean()), "accuracy_bound": acc_off + change - z * se})
+                         "gate_rate": float(gate.mean()),
+                         "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
+                         "accuracy_bound": acc_off + change - z * se})
     admissible = [r for r in rows if r is off or (r["accuracy_bound"] >= floor and not (
-        math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling))]
+        math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling)
+        and not r["majority_gate_rate"] > widest)]
 
     def key(r):
         wga = r["worst_group_accuracy"]
@@ -130,7 +137,8 @@ def pareto_frontier(rows: list[dict]) -> list[dict]:
         wga = _finite(row["worst_group_accuracy"])
         if wga > best_wga or not frontier:
             frontier.append({k: row[k] for k in ("threshold", "strength", "accuracy", "worst_group_accuracy",
-                                                 "equalized_odds_difference", "gate_rate")})
+                                                 "equalized_odds_difference", "gate_rate", "majority_gate_rate")
+                             if k in row})
             best_wga = wga
     return frontier
 

@@ -732,7 +732,7 @@ class FairTrainer(Trainer):
             if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
                 info["strength"] = float(config.adapter_strength)
                 info["reason"] = ("no threshold and strength beat the adapter off on the held-out rows within the "
-                                  "accuracy floor and the EOD ceiling")
+                                  "accuracy floor, the EOD ceiling and the majority gate bound")
         self._tuner.set_threshold(self.adapter_name, info["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
         run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
@@ -766,6 +766,7 @@ class FairTrainer(Trainer):
                                  max_accuracy_drop=max_drop, max_eod_increase=max_eod,
                                  floor_standard_errors=args.floor_standard_errors,
                                  min_threshold=args.min_selected_threshold,
+                                 max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
                                  taus=(float(config.threshold),) if fixed else None, keep_if_admissible=fixed)
 
     # ------------------------------------------------------------------ resuming and checkpoints
