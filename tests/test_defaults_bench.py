@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from fairnet_peft import metrics as M  # noqa: E402
 from suite import config, data, report, report_defaults  # noqa: E402
 from .helpers import TINY_RUN_FILTERS  # noqa: E402
 
@@ -31,9 +32,13 @@ pytestmark = [pytest.mark.filterwarnings(f) for f in TINY_RUN_FILTERS]
 
 
 def _load():
-    name = "fairnet_bench_defaults"
+    return _load_script("defaults")
+
+
+def _load_script(script: str):
+    name = f"fairnet_bench_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", "defaults.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{script}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -269,3 +274,46 @@ def test_merge_replaces_a_task_run_with_another_model_recipe(tiny, tmp_path):
     digits = merged["tasks"]["digits"]["runs"]["0"]
     assert digits["description"].endswith("pretrained backbone") and digits["erm"]["accuracy"]["point"] == 0.123
     assert merged["tasks"]["synthetic"]["runs"]["0"] == saved["tasks"]["synthetic"]["runs"]["0"]
+
+
+def test_saved_passes_replay_the_runs_own_selection_and_its_variants(tiny):
+    """benchmarks/reselect.py's replay on the saved passes gives the run's τ, α and test scores, for the defaults and
+    for every selection variant the suite computed on the live model with FairTrainer.reselect."""
+    _, out, _ = tiny
+    from suite import replay
+
+    saved = json.loads((out / "results.json").read_text())
+    checked = 0
+    for task, block in saved["tasks"].items():
+        for setting, res in block["runs"]["0"]["settings"].items():
+            path = out / "passes" / f"{task}-s0-{setting}.npz"
+            assert res["passes"] == str(path) and path.exists()
+            data = replay.load(str(path))
+            y, s = data["test_labels"], data["test_sensitive"]
+            rules = {"defaults": ({}, res, res["train_metrics"].get("train_selection_threshold", 1.0)),
+                     **{name: (config.SELECTION_VARIANTS[name], v, v["threshold"])
+                        for name, v in res["selection_variants"].items()}}
+            for name, (overrides, expected, tau) in rules.items():
+                got = replay.replay(data, overrides)
+                assert got["threshold"] == pytest.approx(tau), (task, setting, name)
+                assert np.mean(got["test_pred"] == y) == pytest.approx(expected["accuracy"]["point"]), (task, name)
+                assert M.worst_group_accuracy(y, got["test_pred"], sensitive_features=s) == pytest.approx(
+                    expected["worst_group_accuracy"]["point"]), (task, setting, name)
+                checked += 1
+            np.testing.assert_array_equal(data["test_erm_pred"], data["test_logits_off"].argmax(-1))  # off = ERM
+    assert checked >= 6 * (1 + len(config.SELECTION_VARIANTS)) - 6  # every run, nearly every variant
+
+
+def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
+    _, out, _ = tiny
+    reselect = _load_script("reselect")
+    result = reselect.main([str(out), "--rule", 'strict:{"max_accuracy_drop": 0.0}', "--out", str(out / "rs")])
+    assert set(result) == {(t, st) for t in ("synthetic", "digits", "hidden") for st in ("full", "unlabeled")}
+    for by_rule in result.values():
+        assert set(by_rule) == {"defaults", "strict", *config.SELECTION_VARIANTS}
+        assert all(r["keeps"] <= 1 and r["seeds"] == [0] for r in by_rule.values())
+    assert all(r["off"] == 1 for r in result[("hidden", "full")].values())  # the blind detector: off under every rule
+    text = (out / "rs" / "reselect.md").read_text()
+    assert text.startswith("Command: `python benchmarks/reselect.py") and "| hidden | full | strict |" in text
+    with pytest.raises(SystemExit):
+        reselect.main([str(out / "nothing-here")])

@@ -181,3 +181,19 @@ def test_uninstall_restores_peft(tmp_path):
     model.__dict__["_fairnet_fairness_reports"] = {"default": {"metrics": {"accuracy": 1.0}, "split": "x"}}
     model.save_pretrained(tmp_path)
     assert SECTION_TITLE not in (tmp_path / "README.md").read_text()
+
+
+def test_the_selection_lines_name_the_choice_and_the_frontier_with_its_majority_gate_share():
+    from fairnet_peft.evaluation.report import render_selection
+
+    row = dict(threshold=0.42, strength=0.5, accuracy=0.9, worst_group_accuracy=0.7, equalized_odds_difference=0.05,
+               gate_rate=0.3, majority_gate_rate=0.125)
+    lines = render_selection({"selected": True, "threshold": 0.42, "strength": 0.5, "rows": 200, "on": "eval rows",
+                              "accuracy": 0.9, "accuracy_off": 0.89, "worst_group_accuracy": 0.7,
+                              "worst_group_accuracy_off": 0.5, "frontier": [row, {**row, "majority_gate_rate": None}]})
+    assert lines[0].startswith("Correction chosen after training on 200 eval rows: τ = 0.42, strength α = 0.5")
+    assert "| τ | α | ACC | WGA | EOD | gated | majority gated |" in lines
+    assert "| 0.42 | 0.5 | 0.9000 | 0.7000 | 0.0500 | 0.3000 | 0.1250 |" in lines
+    off = render_selection({"selected": True, "threshold": 1.0, "reason": "nothing passed", "rows": 9})
+    assert off == ["**The adapter is off** (τ = 1; chosen on 9 held-out rows): nothing passed."]
+    assert render_selection({"selected": False, "threshold": 0.5}) == []

@@ -9,6 +9,7 @@ group is not in the input (the detector is blind: the adapter must go off)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -141,6 +142,27 @@ def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
     assert refused["threshold"] == OFF
 
 
+def test_a_gate_on_most_of_the_majority_is_not_admissible_under_the_bound():
+    """A correction that also fixes a majority row by gating every majority row (τ below the majority's risk) has the
+    best WGA, but it is a global change: with the bound the selection keeps the gate on the marked rows."""
+    y, g, _, _, _ = _case()
+    off = y.copy()
+    off[[8, 18, 19]] = 0  # one majority class-1 row and the minority's class-1 rows wrong
+    risk = np.array([0.1] * 16 + [0.9] * 4, dtype=np.float32)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=0.01)
+    free = select_correction(EYE[off], {1.0: EYE[y]}, risk, y, g, **kw)
+    assert free["threshold"] < 0.1 and free["majority_gate_rate"] == 1.0 and free["worst_group_accuracy"] == 1.0
+    bounded = select_correction(EYE[off], {1.0: EYE[y]}, risk, y, g, max_majority_gate_rate=0.5, **kw)
+    assert 0.1 <= bounded["threshold"] < OFF and bounded["majority_gate_rate"] == 0.0
+    assert bounded["worst_group_accuracy"] == pytest.approx(7 / 8)  # the minority fixed, row 8 left as it was
+    assert all(r["majority_gate_rate"] <= 0.5 for r in bounded["frontier"])
+    assert any(r["majority_gate_rate"] == 1.0 for r in free["frontier"])
+    # rows without a known group 0 give nothing to bound: the selection is the unbounded one
+    none_known = select_correction(EYE[off], {1.0: EYE[y]}, risk, y, np.where(g == 0, -1, g),
+                                   max_majority_gate_rate=0.5, **kw)
+    assert math.isnan(none_known["majority_gate_rate"]) or none_known["threshold"] >= OFF
+
+
 def test_gates_are_compared_in_the_detectors_dtype():
     y, g, off, on, _ = _case()
     risk = torch.tensor([0.3, 0.3] + [0.1] * 14 + [0.9] * 4, dtype=torch.bfloat16)
@@ -178,11 +200,13 @@ def test_anchor_weightings():
 @pytest.mark.parametrize("name, value", [("max_accuracy_drop", -0.1), ("max_accuracy_drop", "half"),
                                          ("floor_standard_errors", -1.0), ("min_selected_threshold", 1.5),
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
-                                         ("min_detector_auc", 1.5), ("anchor_weighting", "inverse")])
+                                         ("min_detector_auc", 1.5), ("anchor_weighting", "inverse"),
+                                         ("max_majority_gate_rate", 1.5), ("max_majority_gate_rate", "most")])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):
     with pytest.raises(ValueError, match=name):
         FairTrainingArguments(str(tmp_path), **{name: value}, **QUIET)
     assert FairTrainingArguments(str(tmp_path), max_accuracy_drop="0.01", **QUIET).max_accuracy_drop == 0.01
+    assert FairTrainingArguments(str(tmp_path), max_majority_gate_rate="none", **QUIET).max_majority_gate_rate == "none"
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -233,6 +257,15 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
             metrics["train_selection_worst_group_accuracy"])
     if setting == "full":  # the synthetic group is visible: the correction must help, as it does at these sizes
         assert metrics["train_selection_worst_group_accuracy"] > metrics["train_selection_worst_group_accuracy_off"]
+    if setting == "full":  # reselect() with a bound on the gated share of the majority, then back to the defaults
+        assert 0.0 <= metrics["train_selection_majority_gate_rate"] <= 1.0
+        chosen = trainer.reselect(max_majority_gate_rate=0.0)
+        gate = np.asarray(trainer.predict(val).predictions[2]).reshape(len(val), -1)[:, 0] > 0  # the model's own
+        majority = np.array(val["sensitive"]) == 0
+        assert chosen["train_selection_majority_gate_rate"] == gate[majority].mean() == 0.0
+        assert trainer.args.max_majority_gate_rate == "none"  # reselect() leaves the trainer's arguments alone
+        trainer.reselect()
+        assert model.peft_config["default"].threshold == metrics["train_selection_threshold"]
     config = model.peft_config["default"]
     assert config.threshold == metrics["train_selection_threshold"]
     assert config.adapter_strength == metrics["train_selection_strength"]

@@ -146,7 +146,7 @@ SELECTION_VARIANTS = {
     "no EOD ceiling": {"max_eod_increase": "none"},
     "τ only (α = 1)": {"threshold_selection": "threshold"},
     "no floor, no ceiling": {"max_accuracy_drop": "none", "max_eod_increase": "none"},
-    "no majority gate bound": {"max_majority_gate_rate": "none"},
+    "majority gate ≤ 0.5": {"max_majority_gate_rate": 0.5},
     "majority gate ≤ 0.25": {"max_majority_gate_rate": 0.25},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a

@@ -23,6 +23,7 @@ from .config import SELECTION_VARIANTS, FAIR_GRID_KEYS, FAIR_VARIANTS, FAIRNET_D
 from .data import Collator, InputStore, hf_dataset, setting_groups, setting_view
 from .methods import (Context, bootstrap_scores, evaluate_candidate, gated_predictions, predict, sweep_rows,
                       test_result, training_args)
+from .replay import dump_passes
 from .selection import Selector, restore, setting_grid, snapshot, tau_candidates
 
 log, dlog = logger("quality"), logger("defaults")
@@ -236,8 +237,9 @@ def run_fairnet_defaults(ctx: Context, name: str) -> dict:
 
 
 def fairnet_defaults(erm, erm_pred, ds, setting: str, task_type, cfg: dict, seed: int, out: str, collate,
-                     n_boot: int) -> dict:
-    """FairNet at DEFAULT FairTrainingArguments on a copy of the ERM model; test metrics, gate, AUCs, pseudo-labels.
+                     n_boot: int, passes: Optional[str] = None) -> dict:
+    """FairNet at DEFAULT FairTrainingArguments on a copy of the ERM model; test metrics, gate, AUCs, pseudo-labels;
+    `passes`: the .npz path for the selection's passes (`replay.dump_passes`, under "passes" in the result).
     When the trainer raises a ValueError (e.g. no anchor rows), the row is ERM's test predictions (what the user
     keeps) with the error under `trainer_error`."""
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
@@ -266,6 +268,8 @@ def fairnet_defaults(erm, erm_pred, ds, setting: str, task_type, cfg: dict, seed
                    pseudo_details=dict(trainer.pseudo_label_details))
         res["selector"] = _selector(trainer, ds, collate)  # ρ of the label-free selectors with the true val WGA
     res["selection_variants"] = _selection_variants(trainer, ds["test"], y, s, n_boot, seed)
+    if passes:
+        res["passes"] = dump_passes(trainer, ds["test"], passes, erm_pred)
     return res
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -203,8 +203,10 @@ def run_quality(script: str, argv: list[str], args, report: dict, json_path: str
 
 
 # ------------------------------------------------------------------------------------------------ default settings
-def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: str):
-    """ERM, then FairNet in every setting, on one seed's splits; None when the task's loader does not exist yet."""
+def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: str,
+                  passes_dir: Optional[str] = None):
+    """ERM, then FairNet in every setting, on one seed's splits; None when the task's loader does not exist yet.
+    `passes_dir`: each FairNet model's selection passes go there (`replay.dump_passes`, `<task>-s<seed>-<setting>.npz`)."""
     from fairnet_peft.evaluation.sweep import padding_collate
 
     t0 = time.time()
@@ -220,8 +222,9 @@ def defaults_seed(task: str, cfg: dict, seed: int, settings, n_boot: int, tmp: s
            "timings_s": {"data+erm": time.time() - t0}}
     for setting in settings:
         t0 = time.time()
+        passes = passes_dir and os.path.join(passes_dir, f"{task}-s{seed}-{setting}.npz")
         res = fairnet_defaults(erm, erm_pred, ds, setting, task_type, cfg, seed, os.path.join(tmp, setting), collate,
-                               n_boot)
+                               n_boot, passes=passes)
         run["settings"][setting], run["timings_s"][setting] = res, time.time() - t0
         dlog(f"{task} seed {seed} {setting}: ACC {res['accuracy']['point']:.3f} WGA "
              f"{res['worst_group_accuracy']['point']:.3f} (ERM {run['erm']['worst_group_accuracy']['point']:.3f}), "
@@ -245,7 +248,8 @@ def defaults_task(task: str, cfg: dict, a) -> dict:
     if getattr(a, "variants", None):  # ablation variants, each beside the defaults on the same ERM model
         cfg = {**cfg, "variants": a.variants}
     for seed in a.seed_list:
-        run = defaults_seed(task, cfg, seed, a.setting_list, a.n_boot, os.path.join(a.out, "tmp", task))
+        run = defaults_seed(task, cfg, seed, a.setting_list, a.n_boot, os.path.join(a.out, "tmp", task),
+                            os.path.join(a.out, "passes"))
         if run is None:
             break
         runs[str(seed)] = run

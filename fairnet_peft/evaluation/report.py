@@ -36,6 +36,8 @@ _TABLE_TAIL = [
 
 
 def _cell(v: Any) -> str:
+    if v is None:  # a value JSON could not carry (NaN written as null)
+        return "n/a"
     v = float(v)
     return "n/a" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.4f}")
 

@@ -120,6 +120,29 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             "frontier": pareto_frontier(admissible)}
 
 
+def searched_strengths(args, configured_strength: float) -> tuple:
+    """The strengths α the selection searches under these `FairTrainingArguments`: every one of `STRENGTHS` for
+    threshold_selection 'auto', else the configured one."""
+    return STRENGTHS if args.threshold_selection == "auto" else (float(configured_strength),)
+
+
+def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, labels, groups, *,
+                          configured_tau: float, configured_strength: float) -> dict:
+    """`select_correction` with its limits and search read from `FairTrainingArguments` (threshold_selection, the
+    floor and its margin, the EOD ceiling, the τ and majority-gate bounds): FairTrainer's stage 5 and an offline
+    replay of it on saved passes (benchmarks/reselect.py) both call this. `logits_on` holds at least the strengths
+    `searched_strengths` names. 'none' keeps the configured (τ, α) when admissible, else the adapter goes off."""
+    strengths = searched_strengths(args, configured_strength)
+    fixed = args.threshold_selection == "none"
+    return select_correction(logits_off, {a: logits_on[a] for a in strengths}, risk, labels, groups,
+                             configured_tau=float(configured_tau), max_accuracy_drop=args.resolved_max_accuracy_drop(),
+                             max_eod_increase=args.resolved_max_eod_increase(),
+                             floor_standard_errors=args.floor_standard_errors,
+                             min_threshold=args.min_selected_threshold,
+                             max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
+                             taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed)
+
+
 def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy change against the adapter off, its standard error) on the same rows: the mean of the per-row
     difference d = [pred right] − [off right] ∈ {−1, 0, 1}, and std(d) / √n. Rows the correction does not change add

@@ -55,7 +55,7 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import OFF, STRENGTHS, detector_blind, select_correction
+from .selection import OFF, detector_blind, searched_strengths, select_with_arguments
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
@@ -710,7 +710,8 @@ class FairTrainer(Trainer):
         off_reason = None if args.force_adapter else detector_blind(run.detector_stats, args.min_detector_auc)
         max_drop, max_eod = args.resolved_max_accuracy_drop(), args.resolved_max_eod_increase()
         if off_reason is None and (args.gate_threshold is not None or (
-                args.threshold_selection == "none" and max_drop is None and max_eod is None)):
+                args.threshold_selection == "none" and max_drop is None and max_eod is None
+                and args.resolved_max_majority_gate_rate() is None)):
             run.selection = {"threshold": float(config.threshold), "strength": float(config.adapter_strength),
                              "selected": False}
             return {}
@@ -728,7 +729,7 @@ class FairTrainer(Trainer):
                 "the sensitive column and FairLoraConfig.detector_layer, give group labels, or set "
                 "FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.", UserWarning, stacklevel=3)
         else:
-            info = self._search(dataset, groups, max_drop, max_eod)
+            info = self._search(dataset, groups)
             if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
                 info["strength"] = float(config.adapter_strength)
                 info["reason"] = ("no threshold and strength beat the adapter off on the held-out rows within the "
@@ -745,10 +746,9 @@ class FairTrainer(Trainer):
             metrics["train_selection_reason"] = info["reason"]
         return metrics
 
-    def _search(self, dataset, groups, max_drop, max_eod) -> dict:
+    def _search(self, dataset, groups) -> dict:
         args, config = self.args, self.adapter_config
-        strengths = {"auto": STRENGTHS, "threshold": (float(config.adapter_strength),),
-                     "none": (float(config.adapter_strength),)}[args.threshold_selection]
+        strengths = searched_strengths(args, config.adapter_strength)
         key = getattr(dataset, "_fingerprint", None)
         if self._selection_passes.get("key") != key:  # the passes over these rows, kept for reselect()
             self._selection_passes = {"key": key, "off": self.passes.outputs(dataset, ("off",)), "on": {}}
@@ -760,14 +760,8 @@ class FairTrainer(Trainer):
                     logits_on[alpha] = self.passes.outputs(dataset, ("on",))["logits_on"]
         finally:
             self._tuner.set_adapter_strength(self.adapter_name, saved)
-        fixed = args.threshold_selection == "none"  # the configured (τ, α) if admissible, else off
-        return select_correction(out["logits_off"], {a: logits_on[a] for a in strengths}, out["risk_native"],
-                                 out["label"], groups, configured_tau=float(config.threshold),
-                                 max_accuracy_drop=max_drop, max_eod_increase=max_eod,
-                                 floor_standard_errors=args.floor_standard_errors,
-                                 min_threshold=args.min_selected_threshold,
-                                 max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
-                                 taus=(float(config.threshold),) if fixed else None, keep_if_admissible=fixed)
+        return select_with_arguments(args, out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
+                                     configured_tau=float(config.threshold), configured_strength=saved)
 
     # ------------------------------------------------------------------ resuming and checkpoints
     def _checkpoints(self, folder: str) -> list[str]:

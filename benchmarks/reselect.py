@@ -1,0 +1,130 @@
+"""Selection rules replayed offline on the models a default-settings run trained (no training; seconds).
+
+`benchmarks/defaults.py` saves, for each task × seed × setting, the passes its selection used and the same passes on
+the test rows (`<out>/passes/*.npz`, `suite/replay.py`). This replays the selection after training under the library
+defaults and under each rule given (FairTrainingArguments overrides; by default the suite's `SELECTION_VARIANTS`) and
+prints, per task, setting and rule, the test ACC / WGA / EOD change against ERM (seed means with a 95 % t-interval)
+and how many seeds keep the issue's limits (ACC ≥ ERM − 0.5, EOD ≤ ERM + 1 point).
+
+    .venv/bin/python benchmarks/reselect.py runs/defaults-quick
+    .venv/bin/python benchmarks/reselect.py runs/a runs/b --rule 'eod0:{"max_eod_increase": 0.0}' --only
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from typing import Optional
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+for _p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+
+from fairnet_peft import metrics as M  # noqa: E402
+from suite.common import t_interval  # noqa: E402
+from suite.config import ACC_TOL, EOD_TOL, SELECTION_VARIANTS  # noqa: E402
+from suite.replay import selection_arguments, load, replay  # noqa: E402
+
+DEFAULTS = "defaults"
+NAME = re.compile(r"(?P<task>.+)-s(?P<seed>\d+)-(?P<setting>full|partial|unlabeled)\.npz$")
+
+
+def scores(labels, pred, groups) -> tuple:
+    return (M.accuracy(labels, pred), M.worst_group_accuracy(labels, pred, sensitive_features=groups),
+            M.equalized_odds_difference(labels, pred, sensitive_features=groups))
+
+
+def evaluate(folders, rules: dict) -> dict:
+    """{(task, setting): {rule: {"seeds", "d_acc", "d_wga", "d_eod" (t-intervals of the change vs ERM), "keeps"}}}."""
+    parsed = {name: selection_arguments(overrides) for name, overrides in rules.items()}  # validated once per rule
+    cells: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for folder in folders:
+        paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz")) or glob.glob(os.path.join(folder, "*.npz")))
+        if not paths:
+            raise SystemExit(f"{folder}: no passes (*.npz) found; run benchmarks/defaults.py at this version first")
+        for path in paths:
+            match = NAME.search(os.path.basename(path))
+            if not match:
+                continue
+            data = load(path)
+            y, s = data["test_labels"], data["test_sensitive"]
+            erm = data["test_erm_pred"] if "test_erm_pred" in data else data["test_logits_off"].argmax(-1)
+            base = scores(y, erm, s)
+            for name, args in parsed.items():
+                got = replay(data, args=args)
+                new = scores(y, got["test_pred"], s)
+                row = cells[(match["task"], match["setting"])][name]
+                row["seeds"].append(int(match["seed"]))
+                for key, a, b in zip(("d_acc", "d_wga", "d_eod"), new, base):
+                    row[key].append(a - b)
+                row["tau"].append(got["threshold"])
+    out = {}
+    for cell, by_rule in sorted(cells.items()):
+        out[cell] = {}
+        for name, row in by_rule.items():
+            keeps = sum(a >= -ACC_TOL - 1e-12 and e <= EOD_TOL + 1e-12 for a, e in zip(row["d_acc"], row["d_eod"]))
+            out[cell][name] = {**{k: t_interval(row[k]) for k in ("d_acc", "d_wga", "d_eod")},
+                               "seeds": row["seeds"], "off": sum(t >= 1.0 for t in row["tau"]), "keeps": keeps}
+    return out
+
+
+def _pm(ci: dict) -> str:
+    mean = 100 * ci["mean"]
+    if ci["low"] is None:
+        return f"{mean:+.1f}"
+    return f"{mean:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]"
+
+
+def table(result: dict, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "Test change against ERM, seed mean [95 % t-interval], points; `keeps`: seeds with ACC ≥ ERM − 0.5 and "
+             "EOD ≤ ERM + 1; `off`: seeds where the adapter is off.", "",
+             "| task | setting | rule | ΔACC | ΔWGA | ΔEOD | keeps | off |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (task, setting), by_rule in result.items():
+        for name, row in by_rule.items():
+            n = len(row["seeds"])
+            lines.append(f"| {task} | {setting} | {name} | {_pm(row['d_acc'])} | {_pm(row['d_wga'])} | "
+                         f"{_pm(row['d_eod'])} | {row['keeps']}/{n} | {row['off']}/{n} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", help="output folders of benchmarks/defaults.py (with passes/)")
+    p.add_argument("--rule", action="append", default=[], metavar="NAME:JSON",
+                   help="a selection rule: FairTrainingArguments overrides, e.g. 'bound:{\"max_majority_gate_rate\": "
+                        "0.5}' (repeatable)")
+    p.add_argument("--only", action="store_true", help="only the defaults and the --rule rules, not SELECTION_VARIANTS")
+    p.add_argument("--out", default=None, help="also write the table (Markdown) and the numbers (JSON) here")
+    a = p.parse_args(argv)
+    rules = {DEFAULTS: {}, **({} if a.only else SELECTION_VARIANTS)}
+    for item in a.rule:
+        name, _, spec = item.partition(":")
+        try:
+            rules[name] = json.loads(spec)
+        except ValueError:
+            p.error(f"--rule {item!r}: use NAME:JSON, e.g. 'eod0:{{\"max_eod_increase\": 0.0}}'")
+    result = evaluate(a.folders, rules)
+    command = "python benchmarks/reselect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = table(result, command)
+    print(text)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "reselect.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(a.out, "reselect.json"), "w") as f:
+            json.dump({f"{t}/{s}": v for (t, s), v in result.items()}, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
