@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import sys
 from collections import defaultdict
 from typing import Optional
@@ -114,7 +115,7 @@ def main(argv: Optional[list] = None) -> dict:
         except ValueError:
             p.error(f"--rule {item!r}: use NAME:JSON, e.g. 'eod0:{{\"max_eod_increase\": 0.0}}'")
     result = evaluate(a.folders, rules)
-    command = "python benchmarks/reselect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/reselect.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = table(result, command)
     print(text)
     if a.out:

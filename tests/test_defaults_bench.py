@@ -315,5 +315,6 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
     assert all(r["off"] == 1 for r in result[("hidden", "full")].values())  # the blind detector: off under every rule
     text = (out / "rs" / "reselect.md").read_text()
     assert text.startswith("Command: `python benchmarks/reselect.py") and "| hidden | full | strict |" in text
+    assert "--rule 'strict:{\"max_accuracy_drop\": 0.0}'" in text  # the command as a shell would take it
     with pytest.raises(SystemExit):
         reselect.main([str(out / "nothing-here")])

@@ -732,8 +732,9 @@ class FairTrainer(Trainer):
             info = self._search(dataset, groups)
             if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
                 info["strength"] = float(config.adapter_strength)
+                bound = "" if args.resolved_max_majority_gate_rate() is None else " and the majority gate bound"
                 info["reason"] = ("no threshold and strength beat the adapter off on the held-out rows within the "
-                                  "accuracy floor, the EOD ceiling and the majority gate bound")
+                                  f"accuracy floor and the EOD ceiling{bound}")
         self._tuner.set_threshold(self.adapter_name, info["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
         run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
