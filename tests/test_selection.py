@@ -163,6 +163,30 @@ def test_a_gate_on_most_of_the_majority_is_not_admissible_under_the_bound():
     assert math.isnan(none_known["majority_gate_rate"]) or none_known["threshold"] >= OFF
 
 
+def test_the_arguments_choose_the_search(tmp_path):
+    """select_with_arguments (what FairTrainer and the offline replay call): 'auto' searches every strength, 'threshold'
+    keeps the configured α, 'none' keeps the configured (τ, α) when admissible and else turns the adapter off."""
+    from fairnet_peft.training.selection import STRENGTHS, searched_strengths, select_with_arguments
+
+    y, g, off, on, risk = _case()
+    on = {a: on[1.0] if a > 0.5 else on[0.5] for a in STRENGTHS}
+    # one SE of margin: 20 rows; fixing the minority's two rows passes (+0.10 − 0.07), trading two rows does not
+    args = lambda **kw: FairTrainingArguments(str(tmp_path), floor_standard_errors=1.0, **kw, **QUIET)  # noqa: E731
+    assert searched_strengths(args(), 1.0) == STRENGTHS
+    assert searched_strengths(args(threshold_selection="none"), 0.7) == (0.7,)
+    auto = select_with_arguments(args(), off, on, risk, y, g, configured_tau=0.5, configured_strength=1.0)
+    assert auto["strength"] == 0.25 and auto["accuracy"] == 1.0  # the weakest strength that fixes the minority
+    only_tau = select_with_arguments(args(threshold_selection="threshold"), off, on, risk, y, g, configured_tau=0.5,
+                                     configured_strength=1.0)
+    assert only_tau["strength"] == 1.0 and only_tau["threshold"] >= 0.3  # α kept; τ above the two broken rows' risk
+    kept = select_with_arguments(args(threshold_selection="none"), off, on, risk, y, g, configured_tau=0.5,
+                                 configured_strength=1.0)
+    assert (kept["threshold"], kept["strength"]) == (0.5, 1.0)
+    refused = select_with_arguments(args(threshold_selection="none"), off, on, risk, y, g, configured_tau=0.2,
+                                    configured_strength=1.0)  # also gates the two majority rows α = 1 breaks
+    assert refused["threshold"] == OFF
+
+
 def test_gates_are_compared_in_the_detectors_dtype():
     y, g, off, on, _ = _case()
     risk = torch.tensor([0.3, 0.3] + [0.1] * 14 + [0.9] * 4, dtype=torch.bfloat16)
