@@ -27,8 +27,6 @@ for _p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import numpy as np  # noqa: E402
-
 from fairnet_peft import metrics as M  # noqa: E402
 from suite.common import t_interval  # noqa: E402
 from suite.config import ACC_TOL, EOD_TOL, SELECTION_VARIANTS  # noqa: E402
