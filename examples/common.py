@@ -112,6 +112,9 @@ FAIR_KNOBS = (
      "Per-class weights of the anchors' loss terms (FairTrainingArguments.anchor_weighting, e.g. class_balanced)."),
     ("--anchor-source", "anchor_source", dict(choices=("labels", "detector", "union")),
      "Which training rows are minority anchors (see docs/label-settings.md)."),
+    ("--lora-rows", "lora_rows", dict(choices=("train", "train+eval", "eval")),
+     "Which rows the LoRA stage learns from (FairTrainingArguments.lora_rows; 'train+eval' adds the minority rows of "
+     "part of the validation split, which then does not select)."),
     ("--pseudo-labeler", "pseudo_labeler", {},
      "How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler)."),
 )

@@ -388,3 +388,90 @@ def test_torch_compile_training_is_refused_with_the_reason(tmp_path):
     model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="compile the trained model for inference"):
         FairTrainer(model=model, args=FairTrainingArguments(str(tmp_path), torch_compile=True, **QUIET))
+
+
+# ---------------------------------------------------------------------------- lora_rows: the LoRA learns from eval rows
+@pytest.mark.parametrize("mode", ["train+eval", "eval"])
+def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_other(
+        synthetic_data, synthetic_erm_dir, tmp_path, mode):
+    val = synthetic_data["validation"]
+    args = FairTrainingArguments(str(tmp_path), lora_rows=mode, **SHORT)
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"],
+                          eval_dataset=val)
+    metrics = trainer.train().metrics
+    halves = trainer._eval_halves()
+    lora, select = halves["lora"], halves["select"]
+    assert sorted(np.concatenate([lora, select]).tolist()) == list(range(len(val)))  # a partition of the eval rows
+    assert abs(len(lora) - len(select)) <= 1
+    y, s = np.array(val["labels"]), np.array(val["sensitive"])
+    for half in (lora, select):  # stratified: every (class × group) cell is in both halves, in proportion
+        for k in (0, 1):
+            for g in (0, 1):
+                cell = ((y == k) & (s == g)).sum()
+                assert abs(((y[half] == k) & (s[half] == g)).sum() - cell / 2) <= 1
+    minority_half = int((s[lora] == 1).sum())
+    trained = trainer._lora_dataset()
+    expected = minority_half + (len(trainer.anchor_rows()) if mode == "train+eval" else 0)
+    assert len(trained) == expected
+    assert metrics["train_selection_rows"] == len(select)
+    assert "did not train on" in trainer.run_state.selection["on"]
+    # the eval rows carry the training rows' columns; their row index follows the training rows'
+    assert trained.column_names == trainer._all_rows.column_names
+    assert min(trained["fairnet_row"][-minority_half:]) >= len(synthetic_data["train"])
+    # reselect() selects on the same half
+    assert trainer.reselect(max_accuracy_drop=0.01)["train_selection_rows"] == len(select)
+    # evaluating the eval set the LoRA half-trained on says so; another set does not
+    with pytest.warns(UserWarning, match=f"trained on {len(lora)} of these {len(val)} eval rows"):
+        trainer.evaluate()
+    with expect_warnings() as caught:
+        trainer.evaluate(synthetic_data["test"])
+    assert not any("eval rows (lora_rows" in str(w.message) for w in caught)
+
+
+def test_lora_rows_without_an_eval_set_trains_on_the_training_anchors(synthetic_data, synthetic_erm_dir, tmp_path):
+    args = FairTrainingArguments(str(tmp_path), lora_rows="train+eval", **SHORT)
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"])
+    trainer.train()
+    assert trainer._eval_halves() is None
+    assert len(trainer._lora_dataset()) == len(trainer.anchor_rows())
+    assert trainer.run_state.selection["on"] == "held-out training rows"
+
+
+def test_lora_rows_refuses_unknown_values_and_eval_sets_without_the_model_inputs(
+        synthetic_data, synthetic_erm_dir, tmp_path):
+    with pytest.raises(ValueError, match="lora_rows='both'.*choose one of"):
+        FairTrainingArguments(str(tmp_path), lora_rows="both")
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"lora_eval_fraction=.*must be in \(0, 1\)"):
+            FairTrainingArguments(str(tmp_path), lora_eval_fraction=bad)
+    val = synthetic_data["validation"].remove_columns("attention_mask")
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), train_dataset=synthetic_data["train"], eval_dataset=val,
+                          args=FairTrainingArguments(str(tmp_path), lora_rows="eval", **SHORT))
+    with pytest.raises(ValueError, match=r"eval set lacks the training column\(s\) \['attention_mask'\]"):
+        trainer.train()
+    assert not (tmp_path / "fairnet-detector-stage").exists()  # refused before any stage trained
+
+
+def test_lora_rows_with_no_minority_row_in_the_eval_half(synthetic_data, synthetic_erm_dir, tmp_path):
+    val = synthetic_data["validation"]
+    val = val.remove_columns("sensitive").add_column("sensitive", [0] * len(val))  # no minority among the eval rows
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), train_dataset=synthetic_data["train"], eval_dataset=val,
+                          args=FairTrainingArguments(str(tmp_path / "te"), lora_rows="train+eval", **SHORT))
+    with expect_warnings(allow=(".",)):
+        trainer.train()
+    assert len(trainer._lora_dataset()) == len(trainer.anchor_rows()) > 0  # the training anchors alone
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), train_dataset=synthetic_data["train"], eval_dataset=val,
+                          args=FairTrainingArguments(str(tmp_path / "e"), lora_rows="eval", **SHORT))
+    with pytest.raises(ValueError, match="Only 0 anchor rows .* or lora_rows"):
+        trainer.train()
+
+
+def test_the_run_fingerprint_covers_the_eval_rows_the_lora_may_train_on(synthetic_data, tmp_path):
+    from fairnet_peft.training.state import run_fingerprint
+
+    config, train, val = FairLoraConfig(task_type="SEQ_CLS"), synthetic_data["train"], synthetic_data["validation"]
+    args = FairTrainingArguments(str(tmp_path), lora_rows="train+eval")
+    with_eval = run_fingerprint(args, config, train, val)
+    assert with_eval != run_fingerprint(args, config, train)
+    assert with_eval != run_fingerprint(args, config, train, val.select(range(10)))  # other eval rows: another run
+    assert with_eval == run_fingerprint(args, config, train, val)

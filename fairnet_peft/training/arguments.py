@@ -165,6 +165,22 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    lora_rows: str = field(
+        default="train",
+        metadata={
+            "help": (
+                "Which rows the LoRA stage learns from: 'train' (the training anchors, the paper), 'train+eval' (also "
+                "the minority rows of a seeded, (class × group)-stratified half of the eval set, which the base model "
+                "never fit; the correction is then selected on the other half) or 'eval' (that half's minority rows "
+                "only). Without an eval set with class labels, 'train'."
+            )
+        },
+    )
+    lora_eval_fraction: float = field(
+        default=0.5,
+        metadata={"help": "With lora_rows 'train+eval' / 'eval': the share of the eval rows the LoRA stage may train "
+                          "on (their minority rows); the selection uses the rest."},
+    )
     min_anchors_per_batch: int = field(
         default=2, metadata={"help": "Batches with fewer anchors are skipped (and counted in the logs)."}
     )
@@ -309,10 +325,14 @@ class FairTrainingArguments(TrainingArguments):
             "eval_sensitive_labels": ("auto", "use", "ignore"),
             "threshold_selection": ("auto", "threshold", "none"),
             "anchor_weighting": ("class_balanced", "majority_prior", "none"),
+            "lora_rows": ("train", "train+eval", "eval"),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: choose one of {valid}.")
+        if not 0.0 < self.lora_eval_fraction < 1.0:
+            raise ValueError(f"FairTrainingArguments.lora_eval_fraction={self.lora_eval_fraction}: must be in (0, 1), "
+                             "e.g. 0.5 (half the eval rows train the LoRA, the other half selects).")
         if self.margin < 0:
             raise ValueError(f"FairTrainingArguments.margin={self.margin}: must be >= 0.")
         if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:

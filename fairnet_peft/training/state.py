@@ -158,9 +158,10 @@ _NOT_IN_FINGERPRINT = {
 }
 
 
-def run_fingerprint(args, adapter_config, dataset) -> str:
+def run_fingerprint(args, adapter_config, dataset, eval_dataset=None) -> str:
     """A short hash of what determines a run's result: the training arguments (except where it writes, logs and
-    checkpoints), the adapter's configuration as given, and the training data (its datasets fingerprint and size)."""
+    checkpoints), the adapter's configuration as given, and the training data (its datasets fingerprint and size),
+    with the eval data when the LoRA stage trains on some of its rows (`eval_dataset`)."""
     fields = {}
     for f in dataclasses.fields(args):
         if f.name in _NOT_IN_FINGERPRINT or f.name.startswith("_") or f.name.startswith("hub_"):
@@ -171,6 +172,8 @@ def run_fingerprint(args, adapter_config, dataset) -> str:
                            "revision", "base_model_name_or_path", "inference_mode")}
     data = {"fingerprint": getattr(dataset, "_fingerprint", None), "rows": len(dataset),
             "columns": sorted(getattr(dataset, "column_names", []) or [])}
+    if eval_dataset is not None:
+        data["eval"] = {"fingerprint": getattr(eval_dataset, "_fingerprint", None), "rows": len(eval_dataset)}
     blob = json.dumps({"args": fields, "adapter": config, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

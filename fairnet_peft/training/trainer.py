@@ -46,6 +46,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
 from transformers.training_args import ParallelMode
 
+from ..data.sampling import stratified_subsample
 from ..tuner.early_exit import stop_at_detector
 from ..tuner.gate import find_gate_state, force_gate, gate_record
 from ..tuner.representation import capture_head_input, resolve_pooling
@@ -128,6 +129,7 @@ class FairTrainer(Trainer):
         self._pseudo_group_cache: dict = {}
         self._eval_pseudo_groups: Optional[np.ndarray] = None
         self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
+        self._eval_split: Optional[dict] = None  # lora_rows with the eval set: its LoRA half and selection half
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
         self.add_callback(_RunStateCheckpoint(self))
@@ -350,6 +352,7 @@ class FairTrainer(Trainer):
         the unlabeled setting, with a pseudo-labeler fitted by this trainer, the metrics add the label-free
         `pseudo_worst_group_accuracy` (see docs/label-settings.md)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self._warn_if_lora_trained_on(dataset)
         self._eval_pseudo_groups = None
         if self.pseudo_labels is not None and hasattr(dataset, "add_column") and "labels" in dataset.column_names:
             self._eval_pseudo_groups = self.eval_pseudo_groups(dataset)
@@ -362,6 +365,18 @@ class FairTrainer(Trainer):
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
                                    adapter_name=self.adapter_name, selection=self.run_state.selection or None)
         return metrics
+
+    def _warn_if_lora_trained_on(self, dataset) -> None:
+        """Evaluating the eval set whose half the LoRA stage trained on (`lora_rows`): say the metrics are optimistic."""
+        halves = self._eval_split
+        trained_on = self._selection_eval_set()
+        if halves is None or trained_on is None or self._stage is not None:
+            return
+        if dataset is trained_on or getattr(dataset, "_fingerprint", None) == getattr(trained_on, "_fingerprint", ""):
+            warnings.warn(
+                f"The LoRA stage trained on {len(halves['lora'])} of these {len(trained_on)} eval rows "
+                f"(lora_rows={self.args.lora_rows!r}), so these metrics are optimistic. Report metrics on a test set "
+                "the trainer never saw.", UserWarning, stacklevel=3)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -561,8 +576,36 @@ class FairTrainer(Trainer):
         args = self.args
         if args.max_steps > 0:
             return int(args.max_steps)
-        per_epoch = self._updates_per_epoch(len(self.anchor_rows()), 1)
+        per_epoch = self._updates_per_epoch(len(self._lora_dataset()), 1)
         return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
+
+    def _lora_dataset(self):
+        """The rows the LoRA stage trains on (`lora_rows`): the training anchors, and/or the minority rows of the eval
+        set's LoRA half (`_eval_halves`), with the training rows' columns (`fairnet_row` numbers them after those)."""
+        train = self._all_rows.select(self.anchor_rows())
+        halves = self._eval_halves()
+        if halves is None:
+            return train
+        minority = halves["lora"][halves["groups"][halves["lora"]] == 1]
+        if len(minority) == 0:  # no minority row in the half (and `datasets` cannot add a column to 0 rows)
+            return train if self.args.lora_rows == "train+eval" else train.select([])
+        extra = halves["dataset"].select(minority)
+        extra = extra.remove_columns([c for c in extra.column_names if c not in train.column_names or c == ROW_COLUMN])
+        self._check_eval_columns()
+        extra = extra.add_column(ROW_COLUMN, list(range(len(self._all_rows), len(self._all_rows) + len(extra))))
+        if self.args.sensitive_column not in extra.column_names:
+            extra = extra.add_column(self.args.sensitive_column, [-1] * len(extra))
+        try:
+            extra = extra.cast(train.features)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"lora_rows={self.args.lora_rows!r}: the eval rows' columns do not match the training rows' types "
+                f"({err}). Prepare both sets the same way, or use lora_rows='train'.") from err
+        if self.args.lora_rows == "eval":
+            return extra
+        from datasets import concatenate_datasets
+
+        return concatenate_datasets([train, extra])
 
     def prepare_detector_stage(self):
         """Context manager: the detector stage set up as `train()` does it (detector targets from the setting's
@@ -596,13 +639,17 @@ class FairTrainer(Trainer):
         if args.gate_threshold is not None:
             config.threshold = args.gate_threshold
         self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
+        self._check_eval_columns()  # before any stage trains
         given = self.run_state  # a new run state per train(): only what the data validation found carries over
         self.run_state = FairRunState(label_setting=given.label_setting, class_labels=given.class_labels,
                                       given_groups=given.given_groups,
-                                      fingerprint=run_fingerprint(args, config, self.train_dataset),
+                                      fingerprint=run_fingerprint(
+                                          args, config, self.train_dataset,
+                                          None if args.lora_rows == "train" else self._selection_eval_set()),
                                       configured={"threshold": float(config.threshold),
                                                   "strength": float(config.adapter_strength)})
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
+        self._eval_split = None
         point = self._resume_point(resume_from_checkpoint)
         if self._tuner.is_fresh(self.adapter_name):
             # get_peft_model drew the adapter's weights before Trainer set the seed: draw them from args.seed (a
@@ -630,15 +677,16 @@ class FairTrainer(Trainer):
             self._run_prototype_pass()
             run.stage = "lora"
             self._save_final()
-        anchors = self.anchor_rows()
-        if len(anchors) < args.min_anchors_per_batch:
+        lora_rows = self._lora_dataset()
+        if len(lora_rows) < args.min_anchors_per_batch:
             raise ValueError(
-                f"Only {len(anchors)} anchor rows (ŝ = 1) for the LoRA stage: nothing to correct. Check the sensitive "
-                "column (1 = minority), anchor_source/anchor_threshold, or the pseudo-labeler in the unlabeled setting."
+                f"Only {len(lora_rows)} anchor rows (ŝ = 1) for the LoRA stage: nothing to correct. Check the sensitive "
+                "column (1 = minority), anchor_source/anchor_threshold, the pseudo-labeler in the unlabeled setting, "
+                "or lora_rows."
             )
         self._enter("lora")
         try:
-            with self._stage_run(self._all_rows.select(anchors), max_steps=self.lora_updates()):
+            with self._stage_run(lora_rows, max_steps=self.lora_updates()):
                 result = super().train(resume_from_checkpoint=point["lora"], trial=trial,
                                        ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
@@ -669,8 +717,44 @@ class FairTrainer(Trainer):
             return None
         return dataset
 
+    def _check_eval_columns(self) -> None:
+        """`lora_rows` trains on eval rows: they need every column of the training rows (but the group's)."""
+        eval_set = self._selection_eval_set()
+        if self.args.lora_rows == "train" or eval_set is None:
+            return
+        missing = [c for c in self._all_rows.column_names
+                   if c not in eval_set.column_names and c not in (ROW_COLUMN, self.args.sensitive_column)]
+        if missing:
+            raise ValueError(
+                f"lora_rows={self.args.lora_rows!r} trains on eval rows, but the eval set lacks the training "
+                f"column(s) {missing}. Give the eval set the training set's model inputs, or use lora_rows='train'.")
+
     def _selection_rows(self) -> tuple:
-        """(dataset with `fairnet_row`, groups per row, description) the correction is selected on."""
+        """(dataset with `fairnet_row`, groups per row, description) the correction is selected on: the held-out rows,
+        or with `lora_rows` using the eval set, the eval half the LoRA did not train on."""
+        halves = self._eval_halves()
+        if halves is not None:
+            rows = halves["select"]
+            return (halves["dataset"].select(rows), halves["groups"][rows],
+                    f"{halves['where']}, the half the LoRA stage did not train on")
+        return self._held_out_rows()
+
+    def _eval_halves(self) -> Optional[dict]:
+        """`lora_rows` 'train+eval' / 'eval' with an eval set: a seeded share (`lora_eval_fraction`) of its rows,
+        stratified on (class × the selection's group), for the LoRA stage ("lora") and the rest for the selection
+        ("select"); None otherwise. Drawn once per `train()` (reselect() sees the same halves)."""
+        if self.args.lora_rows == "train" or self._selection_eval_set() is None:
+            return None
+        if self._eval_split is None:
+            dataset, groups, where = self._held_out_rows()
+            labels = np.asarray(dataset["labels"], dtype=np.int64)
+            size = max(int(round(self.args.lora_eval_fraction * len(dataset))), 1)
+            lora = stratified_subsample(labels, np.maximum(groups, 0), size, seed=self.args.seed)
+            select = np.setdiff1d(np.arange(len(dataset)), lora)
+            self._eval_split = {"dataset": dataset, "groups": groups, "where": where, "lora": lora, "select": select}
+        return self._eval_split
+
+    def _held_out_rows(self) -> tuple:
         args, run = self.args, self.run_state
         eval_set = self._selection_eval_set()
         if eval_set is None:
