@@ -59,7 +59,9 @@ from suite.report import finish_quality, header, stamp_end  # noqa: E402
 
 log = logger("quality")
 DATASETS = ("text", "vision", "hidden")
-OPTIONAL_KEYS = ("afr_holdout", "afr_gammas", "afr_lambdas")  # preset keys with a suite-wide default
+# preset keys with a suite-wide default; fair_overrides: FairTrainingArguments set on top of the library defaults
+# (an ablation, e.g. --set 'vision.fair_overrides={"lora_rows": "train"}'; the report's config records it)
+OPTIONAL_KEYS = ("afr_holdout", "afr_gammas", "afr_lambdas", "fair_overrides")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

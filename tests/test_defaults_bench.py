@@ -318,3 +318,36 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
     assert "--rule 'strict:{\"max_accuracy_drop\": 0.0}'" in text  # the command as a shell would take it
     with pytest.raises(SystemExit):
         reselect.main([str(out / "nothing-here")])
+
+
+def _report(erm_acc: dict, fair: dict) -> dict:
+    """A minimal defaults.py results.json: task 't', setting 'full', per seed ERM ACC and FairNet ACC/WGA/EOD."""
+    point = lambda v: {"point": v}  # noqa: E731
+    runs = {seed: {"erm": {"accuracy": point(erm_acc[seed])},
+                   "settings": {"full": {"accuracy": point(a), "worst_group_accuracy": point(w),
+                                         "equalized_odds_difference": point(e)}}}
+            for seed, (a, w, e) in fair.items()}
+    return {"tasks": {"t": {"runs": runs}}}
+
+
+def test_compare_runs_pairs_the_seeds_and_refuses_other_erm_models(tmp_path):
+    compare_runs = _load_script("compare_runs")
+    erm = {"0": 0.80, "1": 0.82, "2": 0.81}
+    a = _report(erm, {"0": (0.80, 0.50, 0.10), "1": (0.82, 0.40, 0.20), "2": (0.81, 0.60, 0.10)})
+    b = _report(erm, {"0": (0.81, 0.60, 0.05), "1": (0.83, 0.52, 0.15), "2": (0.82, 0.68, 0.04)})
+    (row,) = compare_runs.compare(a, b)
+    assert (row["task"], row["setting"], row["seeds"]) == ("t", "full", ["0", "1", "2"])
+    wga = row["worst_group_accuracy"]
+    assert wga["a"] == pytest.approx(50.0) and wga["b"] == pytest.approx(60.0)
+    assert wga["diff"]["values"] == pytest.approx([10.0, 12.0, 8.0])  # paired by seed, in points
+    assert wga["diff"]["low"] < 10.0 < wga["diff"]["high"]
+    for name, report_ in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(report_))
+    text = compare_runs.main([str(tmp_path / "a"), "--vs", str(tmp_path / "b" / "results.json"), "--names", "x,y"])
+    assert "WGA x → y" in text and "| t | full | 3 | 81.0 → 82.0 | +1.0" in text
+    other = _report({**erm, "1": 0.70}, {"0": (0.8, 0.5, 0.1), "1": (0.8, 0.5, 0.1), "2": (0.8, 0.5, 0.1)})
+    with pytest.raises(ValueError, match="t seed 1: the runs' ERM models differ"):
+        compare_runs.compare(a, other)
+    with pytest.raises(SystemExit, match="no results.json"):
+        compare_runs.main([str(tmp_path / "missing"), "--vs", str(tmp_path / "b")])

@@ -268,6 +268,7 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     metrics = trainer.train().metrics
+    val = val.select(trainer.eval_split()["select"])  # the eval rows the selection used (the others trained the LoRA)
     y = np.array(val["labels"])
     off = _predict(T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir), val)
     assert metrics["train_selection_accuracy_off"] == pytest.approx(M.accuracy(y, off))
@@ -294,7 +295,7 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     assert config.threshold == metrics["train_selection_threshold"]
     assert config.adapter_strength == metrics["train_selection_strength"]
     assert metrics["train_selection_frontier"] and isinstance(metrics["train_selection_frontier"], list)
-    trainer.evaluate()
+    trainer.evaluate(val)  # the held-out half: no warning that the LoRA trained on it
     model.save_pretrained(str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["threshold"] == config.threshold and saved["adapter_strength"] == config.adapter_strength
@@ -394,12 +395,12 @@ def test_torch_compile_training_is_refused_with_the_reason(tmp_path):
 @pytest.mark.parametrize("mode", ["train+eval", "eval"])
 def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_other(
         synthetic_data, synthetic_erm_dir, tmp_path, mode):
-    val = synthetic_data["validation"]
+    val = synthetic_data["validation"]  # python format; the training rows numpy: the trained rows read as theirs
     args = FairTrainingArguments(str(tmp_path), lora_rows=mode, **SHORT)
-    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"],
-                          eval_dataset=val)
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args,
+                          train_dataset=synthetic_data["train"].with_format("numpy"), eval_dataset=val)
     metrics = trainer.train().metrics
-    halves = trainer._eval_halves()
+    halves = trainer.eval_split()
     lora, select = halves["lora"], halves["select"]
     assert sorted(np.concatenate([lora, select]).tolist()) == list(range(len(val)))  # a partition of the eval rows
     assert abs(len(lora) - len(select)) <= 1
@@ -412,11 +413,13 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     minority_half = int((s[lora] == 1).sum())
     trained = trainer._lora_dataset()
     expected = minority_half + (len(trainer.anchor_rows()) if mode == "train+eval" else 0)
-    assert len(trained) == expected
+    assert len(trained) == expected == metrics["train_lora_rows"]
+    assert metrics["train_lora_eval_rows"] == minority_half
     assert metrics["train_selection_rows"] == len(select)
     assert "did not train on" in trainer.run_state.selection["on"]
     # the eval rows carry the training rows' columns; their row index follows the training rows'
     assert trained.column_names == trainer._all_rows.column_names
+    assert trained.format["type"] == "numpy" and isinstance(trained[-1]["input_ids"], np.ndarray)
     assert min(trained["fairnet_row"][-minority_half:]) >= len(synthetic_data["train"])
     # reselect() selects on the same half
     assert trainer.reselect(max_accuracy_drop=0.01)["train_selection_rows"] == len(select)
@@ -432,7 +435,7 @@ def test_lora_rows_without_an_eval_set_trains_on_the_training_anchors(synthetic_
     args = FairTrainingArguments(str(tmp_path), lora_rows="train+eval", **SHORT)
     trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=synthetic_data["train"])
     trainer.train()
-    assert trainer._eval_halves() is None
+    assert trainer.eval_split() is None
     assert len(trainer._lora_dataset()) == len(trainer.anchor_rows())
     assert trainer.run_state.selection["on"] == "held-out training rows"
 

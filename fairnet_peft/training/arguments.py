@@ -166,13 +166,14 @@ class FairTrainingArguments(TrainingArguments):
         },
     )
     lora_rows: str = field(
-        default="train",
+        default="train+eval",
         metadata={
             "help": (
-                "Which rows the LoRA stage learns from: 'train' (the training anchors, the paper), 'train+eval' (also "
-                "the minority rows of a seeded, (class × group)-stratified half of the eval set, which the base model "
-                "never fit; the correction is then selected on the other half) or 'eval' (that half's minority rows "
-                "only). Without an eval set with class labels, 'train'."
+                "Which rows the LoRA stage learns from: 'train+eval' (default: the training anchors and the minority "
+                "rows of a seeded, (class × group)-stratified share `lora_eval_fraction` of the eval set, rows the "
+                "base model never fit; the correction is then selected on the rest of the eval set), 'train' (the "
+                "training anchors only, the paper; the whole eval set selects) or 'eval' (that share's minority rows "
+                "only). Without an eval set with class labels, 'train'. See docs/method.md for the measurement."
             )
         },
     )

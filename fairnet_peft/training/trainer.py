@@ -11,9 +11,12 @@
      stored in the adapter;
   3. LoRA stage: `Trainer`'s loop over the anchor rows trains only the LoRA, gate forced on, with the triplet loss
      against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates independent of the process count;
-  4. selection (selection.py): on held-out rows, the gate threshold τ and the adapter strength α with the best
-     worst-group accuracy under an accuracy floor and an EOD ceiling, or the adapter off when the detector cannot
-     see the group; the choice is written into the adapter's config, so the saved adapter carries it.
+     with `lora_rows="train+eval"` (default) the anchors also include the minority rows of a stratified half of the
+     eval set (`_eval_halves`), rows the base model never fit;
+  4. selection (selection.py): on held-out rows (the eval set's other half), the gate threshold τ and the adapter
+     strength α with the best worst-group accuracy under an accuracy floor and an EOD ceiling, or the adapter off
+     when the detector cannot see the group; the choice is written into the adapter's config, so the saved adapter
+     carries it.
 
 Who owns what: this class owns the stages, the losses, evaluation and resuming; `self.run_state` holds everything the
 run computes; `self.passes` (a `RowPasses`) runs the eval-mode passes. The adapter changes only through the tuner's
@@ -22,7 +25,7 @@ methods (`set_prototypes`, `set_adapter_strength`, `set_threshold`, `trainable_p
 duplicates). Resuming: every checkpoint carries the run state and the run's fingerprint; a finished stage is saved in
 `<output_dir>/fairnet-detector-stage/final` and never rerun; checkpoints of another run are never resumed from.
 Public stage API for benchmarks and tests: `stage`, `prepare_detector_stage()`, `prepare_lora_stage()`,
-`frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `lora_updates()`, `logged_terms()`.
+`frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `eval_split()`, `lora_updates()`, `logged_terms()`.
 """
 
 from __future__ import annotations
@@ -195,6 +198,13 @@ class FairTrainer(Trainer):
     def anchor_rows(self) -> np.ndarray:
         """Indices of the training rows the LoRA stage trains on (ŝ = 1), after the prototype pass."""
         return np.flatnonzero(self.run_state.anchors == 1)
+
+    def eval_split(self) -> Optional[dict]:
+        """After `train()` with `lora_rows` using the eval set: {"lora": positions of the eval rows in the share the
+        LoRA stage drew its minority rows from, "select": positions of the rows the selection used}; None when the
+        eval set is not split (`lora_rows="train"`, or no eval set)."""
+        halves = self._eval_split
+        return None if halves is None else {"lora": halves["lora"].copy(), "select": halves["select"].copy()}
 
     def logged_terms(self) -> dict[str, int]:
         """How many values of each loss term wait for the next `log` (e.g. {"contrastive_loss": 3})."""
@@ -601,11 +611,14 @@ class FairTrainer(Trainer):
             raise ValueError(
                 f"lora_rows={self.args.lora_rows!r}: the eval rows' columns do not match the training rows' types "
                 f"({err}). Prepare both sets the same way, or use lora_rows='train'.") from err
-        if self.args.lora_rows == "eval":
-            return extra
-        from datasets import concatenate_datasets
+        if self.args.lora_rows == "train+eval":
+            from datasets import concatenate_datasets
 
-        return concatenate_datasets([train, extra])
+            extra = concatenate_datasets([train, extra])
+        form = train.format  # every row is read as a training row is (its format or transform, e.g. augmentations)
+        extra.set_format(form["type"], columns=form["columns"], output_all_columns=form["output_all_columns"],
+                         **form["format_kwargs"])
+        return extra
 
     def prepare_detector_stage(self):
         """Context manager: the detector stage set up as `train()` does it (detector targets from the setting's
@@ -696,6 +709,9 @@ class FairTrainer(Trainer):
         self.state.log_history = log_history + self.state.log_history
         result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
+        result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
+        result.metrics["train_lora_eval_rows"] = float(
+            len(lora_rows) - (len(self.anchor_rows()) if args.lora_rows != "eval" else 0))
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
         result.metrics.update(self._select_correction())
         run.stage = "done"
