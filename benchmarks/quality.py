@@ -127,6 +127,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             args.config[dataset][name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             args.config[dataset][name] = value
+        if name == "fair_overrides":  # on top of the preset's own (the tiny preset caps the update floors)
+            if not isinstance(args.config[dataset][name], dict):
+                p.error(f"--set {item!r}: fair_overrides takes a dict of FairTrainingArguments fields")
+            args.config[dataset][name] = {**PRESETS[args.preset][dataset].get("fair_overrides", {}),
+                                          **args.config[dataset][name]}
     if args.out is None:
         args.out = (os.path.dirname(os.path.abspath(args.report_from)) if args.report_from
                     else os.path.join(REPO_ROOT, "runs", f"quality-{args.preset}"))

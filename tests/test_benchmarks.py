@@ -169,7 +169,7 @@ def test_dominated_by_on_a_hand_made_table():
     assert dom["FairNet-Full"] == ["DFR"]  # JTT ties on WGA: a tie is not domination
     assert dom["GroupDRO"] == [] and dom["DFR"] == [] and dom["JTT"] == [] and dom[config.ORACLE_ROW] == []
     table = report.render_headline("t", summary)
-    assert "| FairNet-Full | all | all | library defaults | 81.0 | 60.0 | – | DFR |" in table
+    assert "| FairNet-Full | all | all (half trains the LoRA) | library defaults | 81.0 | 60.0 | – | DFR |" in table
 
 
 def test_competitiveness_checks_on_hand_made_numbers():
@@ -474,3 +474,14 @@ def test_gpu_run_dry_run(tmp_path):
     assert {"bf16", "fsdp"} <= set(steps)
     overhead = [p for p in ("overhead.json", "overhead_gpu.json") if (out / p).exists()]
     assert overhead or "overhead skipped" in stdout
+
+
+def test_quality_set_fair_overrides_adds_to_the_presets_own():
+    quality = _load("quality")
+    args = quality.parse_args(["--tiny", "--set", 'vision.fair_overrides={"lora_rows": "train"}'])
+    overrides = args.config["vision"]["fair_overrides"]
+    assert overrides["lora_rows"] == "train"
+    assert config.TINY_FAIR_OVERRIDES.items() <= overrides.items()  # the tiny caps stay
+    assert "fair_overrides" not in args.config["text"] or args.config["text"]["fair_overrides"].get("lora_rows") is None
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--tiny", "--set", "vision.fair_overrides=3"])

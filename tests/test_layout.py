@@ -26,7 +26,7 @@ ALLOWED_ARROWS = {
     "data": {"data"},
     "metrics": {"metrics", "evaluation"},
     "evaluation": {"evaluation", "metrics", "tuner"},
-    "training": {"training", "tuner", "evaluation", "metrics"},
+    "training": {"training", "tuner", "evaluation", "metrics", "data"},  # data.sampling: the eval set's split
 }
 
 

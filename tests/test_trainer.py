@@ -11,6 +11,8 @@ from peft import PeftModel, get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 
+from .helpers import expect_warnings
+
 T.logging.set_verbosity_error()
 
 FAST = dict(report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=5, seed=0, dataloader_num_workers=0)
@@ -87,7 +89,8 @@ def test_partial_and_unlabeled_settings_run_end_to_end(data, erm_dir, tmp_path, 
     assert any(not torch.equal(v, after[k]) for k, v in det_before.items()), "the detector was not trained"
     assert any(not torch.equal(v, after[k]) for k, v in lora_before.items()), "the LoRA was not trained"
     assert trainer.detector_stats["anchors"] > 0
-    metrics = trainer.evaluate()
+    with expect_warnings("LoRA stage trained on .* of these .* eval rows"):  # lora_rows="train+eval"
+        metrics = trainer.evaluate()
     # no sensitive labels may be used for evaluation/selection in these settings
     assert "eval_worst_group_accuracy" not in metrics and "eval_accuracy" in metrics
 
@@ -97,7 +100,8 @@ def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):
     args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, gate_threshold=0.0, lora_objective="task")
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
     trainer.train()
-    metrics = trainer.evaluate()
+    with expect_warnings("LoRA stage trained on .* of these .* eval rows"):  # lora_rows="train+eval"
+        metrics = trainer.evaluate()
     assert metrics["eval_gate_rate_s0"] == 1.0 and metrics["eval_gate_rate_s1"] == 1.0  # w/o detector: always on
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert "task_loss" in logged and "contrastive_loss" not in logged  # w/o contrastive
