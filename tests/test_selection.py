@@ -478,3 +478,13 @@ def test_the_run_fingerprint_covers_the_eval_rows_the_lora_may_train_on(syntheti
     assert with_eval != run_fingerprint(args, config, train)
     assert with_eval != run_fingerprint(args, config, train, val.select(range(10)))  # other eval rows: another run
     assert with_eval == run_fingerprint(args, config, train, val)
+
+
+def test_lora_rows_with_a_single_eval_row_does_not_split_it(synthetic_data, synthetic_erm_dir, tmp_path):
+    val = synthetic_data["validation"].select([0])
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), train_dataset=synthetic_data["train"], eval_dataset=val,
+                          args=FairTrainingArguments(str(tmp_path), **SHORT))
+    with expect_warnings(allow=(".",)):
+        metrics = trainer.train().metrics
+    assert trainer.eval_split() is None and metrics["train_selection_rows"] == 1  # the one row selects
+    assert metrics["train_lora_eval_rows"] == 0 and metrics["train_lora_rows"] == len(trainer.anchor_rows())

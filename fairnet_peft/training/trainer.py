@@ -132,7 +132,7 @@ class FairTrainer(Trainer):
         self._pseudo_group_cache: dict = {}
         self._eval_pseudo_groups: Optional[np.ndarray] = None
         self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
-        self._eval_split: Optional[dict] = None  # lora_rows with the eval set: its LoRA half and selection half
+        self._eval_split: "dict | bool | None" = None  # the eval set's halves (False: unsplit)
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
         self.add_callback(_RunStateCheckpoint(self))
@@ -204,7 +204,7 @@ class FairTrainer(Trainer):
         LoRA stage drew its minority rows from, "select": positions of the rows the selection used}; None when the
         eval set is not split (`lora_rows="train"`, or no eval set)."""
         halves = self._eval_split
-        return None if halves is None else {"lora": halves["lora"].copy(), "select": halves["select"].copy()}
+        return {"lora": halves["lora"].copy(), "select": halves["select"].copy()} if halves else None
 
     def logged_terms(self) -> dict[str, int]:
         """How many values of each loss term wait for the next `log` (e.g. {"contrastive_loss": 3})."""
@@ -380,7 +380,7 @@ class FairTrainer(Trainer):
         """Evaluating the eval set whose half the LoRA stage trained on (`lora_rows`): say the metrics are optimistic."""
         halves = self._eval_split
         trained_on = self._selection_eval_set()
-        if halves is None or trained_on is None or self._stage is not None:
+        if not halves or trained_on is None or self._stage is not None:
             return
         if dataset is trained_on or getattr(dataset, "_fingerprint", None) == getattr(trained_on, "_fingerprint", ""):
             warnings.warn(
@@ -710,8 +710,8 @@ class FairTrainer(Trainer):
         result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
         result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
-        result.metrics["train_lora_eval_rows"] = float(
-            len(lora_rows) - (len(self.anchor_rows()) if args.lora_rows != "eval" else 0))
+        from_train = len(self.anchor_rows()) if args.lora_rows == "train+eval" or self._eval_halves() is None else 0
+        result.metrics["train_lora_eval_rows"] = float(len(lora_rows) - from_train)
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
         result.metrics.update(self._select_correction())
         run.stage = "done"
@@ -763,12 +763,15 @@ class FairTrainer(Trainer):
             return None
         if self._eval_split is None:
             dataset, groups, where = self._held_out_rows()
-            labels = np.asarray(dataset["labels"], dtype=np.int64)
-            size = max(int(round(self.args.lora_eval_fraction * len(dataset))), 1)
-            lora = stratified_subsample(labels, np.maximum(groups, 0), size, seed=self.args.seed)
-            select = np.setdiff1d(np.arange(len(dataset)), lora)
-            self._eval_split = {"dataset": dataset, "groups": groups, "where": where, "lora": lora, "select": select}
-        return self._eval_split
+            self._eval_split = False  # one eval row: nothing to split, it selects
+            if len(dataset) >= 2:  # both shares keep at least one row
+                labels = np.asarray(dataset["labels"], dtype=np.int64)
+                size = min(max(int(round(self.args.lora_eval_fraction * len(dataset))), 1), len(dataset) - 1)
+                lora = stratified_subsample(labels, np.maximum(groups, 0), size, seed=self.args.seed)
+                select = np.setdiff1d(np.arange(len(dataset)), lora)
+                self._eval_split = {"dataset": dataset, "groups": groups, "where": where, "lora": lora,
+                                    "select": select}
+        return self._eval_split or None
 
     def _held_out_rows(self) -> tuple:
         args, run = self.args, self.run_state
