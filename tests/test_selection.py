@@ -415,6 +415,7 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     expected = minority_half + (len(trainer.anchor_rows()) if mode == "train+eval" else 0)
     assert len(trained) == expected == metrics["train_lora_rows"]
     assert metrics["train_lora_eval_rows"] == minority_half
+    assert trainer.lora_updates() == max(args.lora_min_updates, math.ceil(len(trained) / 32))  # 1 epoch, batch 32
     assert metrics["train_selection_rows"] == len(select)
     assert "did not train on" in trainer.run_state.selection["on"]
     # the eval rows carry the training rows' columns; their row index follows the training rows'

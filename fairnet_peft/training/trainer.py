@@ -581,27 +581,24 @@ class FairTrainer(Trainer):
         self.log({f"prototype_stage_{k}": v for k, v in run.detector_stats.items()})
 
     def lora_updates(self) -> int:
-        """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × anchors /
+        """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × LoRA rows /
         (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates."""
         args = self.args
         if args.max_steps > 0:
             return int(args.max_steps)
-        per_epoch = self._updates_per_epoch(len(self._lora_dataset()), 1)
+        rows = len(self._lora_eval_rows()) + (0 if self._eval_only() else len(self.anchor_rows()))
+        per_epoch = self._updates_per_epoch(rows, 1)
         return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
 
     def _lora_dataset(self):
         """The rows the LoRA stage trains on (`lora_rows`): the training anchors, and/or the minority rows of the eval
         set's LoRA half (`_eval_halves`), with the training rows' columns (`fairnet_row` numbers them after those)."""
         train = self._all_rows.select(self.anchor_rows())
-        halves = self._eval_halves()
-        if halves is None:
-            return train
-        minority = halves["lora"][halves["groups"][halves["lora"]] == 1]
-        if len(minority) == 0:  # no minority row in the half (and `datasets` cannot add a column to 0 rows)
-            return train if self.args.lora_rows == "train+eval" else train.select([])
-        extra = halves["dataset"].select(minority)
+        minority = self._lora_eval_rows()
+        if len(minority) == 0:  # none (and `datasets` cannot add a column to 0 rows)
+            return train.select([]) if self._eval_only() else train
+        extra = self._eval_halves()["dataset"].select(minority)
         extra = extra.remove_columns([c for c in extra.column_names if c not in train.column_names or c == ROW_COLUMN])
-        self._check_eval_columns()
         extra = extra.add_column(ROW_COLUMN, list(range(len(self._all_rows), len(self._all_rows) + len(extra))))
         if self.args.sensitive_column not in extra.column_names:
             extra = extra.add_column(self.args.sensitive_column, [-1] * len(extra))
@@ -619,6 +616,17 @@ class FairTrainer(Trainer):
         extra.set_format(form["type"], columns=form["columns"], output_all_columns=form["output_all_columns"],
                          **form["format_kwargs"])
         return extra
+
+    def _lora_eval_rows(self) -> np.ndarray:
+        """Positions (in the eval set) of the minority rows of its LoRA share that the LoRA stage trains on."""
+        halves = self._eval_halves()
+        if halves is None:
+            return np.zeros(0, dtype=np.int64)
+        return halves["lora"][halves["groups"][halves["lora"]] == 1]
+
+    def _eval_only(self) -> bool:
+        """`lora_rows="eval"` with an eval set to split: the training anchors are left out."""
+        return self.args.lora_rows == "eval" and self._eval_halves() is not None
 
     def prepare_detector_stage(self):
         """Context manager: the detector stage set up as `train()` does it (detector targets from the setting's
@@ -710,8 +718,7 @@ class FairTrainer(Trainer):
         result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
         result.metrics["train_skipped_batches"] = self.skipped_batches
         result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
-        from_train = len(self.anchor_rows()) if args.lora_rows == "train+eval" or self._eval_halves() is None else 0
-        result.metrics["train_lora_eval_rows"] = float(len(lora_rows) - from_train)
+        result.metrics["train_lora_eval_rows"] = float(len(self._lora_eval_rows()))
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
         result.metrics.update(self._select_correction())
         run.stage = "done"
