@@ -18,6 +18,7 @@ from typing import Optional, Union
 from transformers import TrainingArguments
 
 from .pseudo_labels import METHODS as PSEUDO_LABELERS
+from .selection import TIE_BREAKS
 
 
 @dataclass
@@ -278,6 +279,18 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    selection_tie_break: str = field(
+        default="worst_group_loss",
+        metadata={
+            "help": (
+                "How the selection breaks a tie on worst-group accuracy and accuracy: 'worst_group_loss' (default) "
+                "prefers the lower worst-group cross-entropy (GroupDRO's objective, from the same held-out logits), "
+                "then the weaker correction; 'weakest' goes straight to the weaker correction, so the adapter stays "
+                "off whenever no candidate beats it on WGA or ACC. Small held-out cells tie often: 5 rows cannot show "
+                "a WGA gain that the loss does show (docs/method.md §7)."
+            )
+        },
+    )
     min_selected_threshold: float = field(
         default=0.0,
         metadata={
@@ -325,6 +338,7 @@ class FairTrainingArguments(TrainingArguments):
             "pseudo_labeler": PSEUDO_LABELERS,
             "eval_sensitive_labels": ("auto", "use", "ignore"),
             "threshold_selection": ("auto", "threshold", "none"),
+            "selection_tie_break": TIE_BREAKS,
             "anchor_weighting": ("class_balanced", "majority_prior", "none"),
             "lora_rows": ("train", "train+eval", "eval"),
         }

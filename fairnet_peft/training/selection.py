@@ -9,8 +9,12 @@ gate forced on per strength (a row's output depends only on its own gate, so eve
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
                gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
 
-Ties go to the higher accuracy, then the weaker correction (smaller α, then larger τ), so "off" wins whenever nothing
-beats it. The groups are the setting's (trainer.py decides): the true groups (full), known labels else the detector's
+Ties go to the higher accuracy, then (tie_break "worst_group_loss", the default) the lower worst-group loss: the
+largest mean cross-entropy over the same cells, GroupDRO's objective, read from the same logits; then the weaker
+correction (smaller α, then larger τ). Held-out cells are small (Adult's women > 50K: 5 rows in 150), so the WGA and
+ACC of many candidates tie with the adapter off even where the correction moves those rows' probabilities toward
+their class; the loss sees that, while the floor and the ceiling still bound what is kept. With tie_break "weakest"
+(the rule before) ties go straight to the weaker correction, so "off" wins every tie. The groups are the setting's (trainer.py decides): the true groups (full), known labels else the detector's
 estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a
 detector whose held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever
 few held-out rows would say.
@@ -47,6 +51,27 @@ def _gate(risk, tau: float) -> np.ndarray:
     return np.asarray(risk) > float(tau)
 
 
+TIE_BREAKS = ("worst_group_loss", "weakest")
+
+
+def _log_likelihood(logits, labels: np.ndarray) -> np.ndarray:
+    """log p(true class) per row from (N, K) logits, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))
+
+
+def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+    """The largest mean cross-entropy over the (class × group) cells with a known group; nan with fewer than two
+    groups (as WGA)."""
+    known = groups >= 0
+    if not known.any() or len(np.unique(groups[known])) < 2:
+        return math.nan
+    cells = labels[known] * (int(groups[known].max()) + 1) + groups[known]
+    ll = log_likelihood[known]
+    return float(max(-ll[cells == c].mean() for c in np.unique(cells)))
+
+
 def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
     known = groups >= 0
     acc = accuracy(labels, pred)
@@ -63,7 +88,8 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       max_accuracy_drop: Optional[float], max_eod_increase: Optional[float],
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
                       keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
-                      min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None) -> dict:
+                      min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None,
+                      tie_break: str = "worst_group_loss") -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
@@ -71,20 +97,26 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
     difference (`paired_change`). `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
-    no bound; no group-0 row: nothing to bound). Returns {"threshold", "strength", "accuracy", "worst_group_accuracy",
-    "equalized_odds_difference", "gate_rate", "majority_gate_rate", "accuracy_off", "worst_group_accuracy_off",
-    "equalized_odds_difference_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first,
-    the admissible candidates no other admissible one beats on both ACC and WGA."""
+    no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. Returns {"threshold",
+    "strength", "accuracy", "worst_group_accuracy", "equalized_odds_difference", "worst_group_loss", "gate_rate",
+    "majority_gate_rate", "accuracy_off", "worst_group_accuracy_off", "equalized_odds_difference_off",
+    "worst_group_loss_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first, the
+    admissible candidates no other admissible one beats on both ACC and WGA."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break={tie_break!r}: use one of {TIE_BREAKS}")
     labels = np.asarray(labels)
     groups = np.asarray(groups) if groups is not None else np.full(len(labels), -1)
     pred_off = np.asarray(logits_off).argmax(-1)
     acc_off, wga_off, eod_off = _scores(pred_off, labels, groups)
+    ll_off = _log_likelihood(logits_off, labels)
+    loss_off = _worst_cell_loss(ll_off, labels, groups)
     floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
     ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
     majority = groups == 0
     widest = math.inf if max_majority_gate_rate is None or not majority.any() else max_majority_gate_rate + 1e-12
     off = {"threshold": OFF, "strength": 0.0, "accuracy": acc_off, "worst_group_accuracy": wga_off,
-           "equalized_odds_difference": eod_off, "gate_rate": 0.0, "majority_gate_rate": 0.0}
+           "equalized_odds_difference": eod_off, "worst_group_loss": loss_off, "gate_rate": 0.0,
+           "majority_gate_rate": 0.0}
     rows = [off]
     z = float(floor_standard_errors)
     if taus is None:
@@ -92,6 +124,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                               min_threshold)
     for alpha in sorted(strengths if strengths is not None else logits_on):
         pred_on = np.asarray(logits_on[alpha]).argmax(-1)
+        ll_on = _log_likelihood(logits_on[alpha], labels)
         for tau in taus:
             if tau >= OFF:
                 continue
@@ -101,6 +134,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             change, se = paired_change(pred, pred_off, labels)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
+                         "worst_group_loss": _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups),
                          "gate_rate": float(gate.mean()),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
                          "accuracy_bound": acc_off + change - z * se})
@@ -109,14 +143,14 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         and not r["majority_gate_rate"] > widest)]
 
     def key(r):
-        wga = r["worst_group_accuracy"]
-        return (wga if math.isfinite(wga) else -math.inf, r["accuracy"], -r["strength"], r["threshold"])
+        fit = _finite(-r["worst_group_loss"]) if tie_break == "worst_group_loss" else 0.0  # lower loss first
+        return (_finite(r["worst_group_accuracy"]), r["accuracy"], fit, -r["strength"], r["threshold"])
 
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
     return {**best, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
-            "equalized_odds_difference_off": eod_off, "candidates": len(rows), "admissible": len(admissible),
+            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows), "admissible": len(admissible),
             "frontier": pareto_frontier(admissible)}
 
 
@@ -140,7 +174,8 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              floor_standard_errors=args.floor_standard_errors,
                              min_threshold=args.min_selected_threshold,
                              max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
-                             taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed)
+                             taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed,
+                             tie_break=args.selection_tie_break)
 
 
 def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -160,7 +195,8 @@ def pareto_frontier(rows: list[dict]) -> list[dict]:
         wga = _finite(row["worst_group_accuracy"])
         if wga > best_wga or not frontier:
             frontier.append({k: row[k] for k in ("threshold", "strength", "accuracy", "worst_group_accuracy",
-                                                 "equalized_odds_difference", "gate_rate", "majority_gate_rate")
+                                                 "equalized_odds_difference", "worst_group_loss", "gate_rate",
+                                                 "majority_gate_rate")
                              if k in row})
             best_wga = wga
     return frontier
