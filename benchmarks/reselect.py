@@ -8,6 +8,12 @@ and how many seeds keep the issue's limits (ACC ≥ ERM − 0.5, EOD ≤ ERM + 1
 
     .venv/bin/python benchmarks/reselect.py runs/defaults-quick
     .venv/bin/python benchmarks/reselect.py runs/a runs/b --rule 'eod0:{"max_eod_increase": 0.0}' --only
+    .venv/bin/python benchmarks/reselect.py runs/a runs/b --headline   # ERM vs FairNet at the defaults, goals
+
+`--headline` prints, from the same replay, the default-settings suite's headline for the library defaults as they are
+now (absolute ACC / WGA / EOD of ERM and FairNet per task and setting, seed means with t-intervals, and the issue's
+goals as `benchmarks/defaults.py` states them): how a change to the selection's defaults is reported without
+training again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -29,7 +36,8 @@ for _p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
 
 from fairnet_peft import metrics as M  # noqa: E402
 from suite.common import t_interval  # noqa: E402
-from suite.config import ACC_TOL, EOD_TOL, SELECTION_VARIANTS  # noqa: E402
+from suite.config import ACC_TOL, EOD_TOL, METRICS, SELECTION_VARIANTS  # noqa: E402
+from suite.report_defaults import goal  # noqa: E402
 from suite.replay import selection_arguments, load, replay  # noqa: E402
 
 DEFAULTS = "defaults"
@@ -42,7 +50,9 @@ def scores(labels, pred, groups) -> tuple:
 
 
 def evaluate(folders, rules: dict) -> dict:
-    """{(task, setting): {rule: {"seeds", "d_acc", "d_wga", "d_eod" (t-intervals of the change vs ERM), "keeps"}}}."""
+    """{(task, setting): {rule: {"seeds", "d_acc", "d_wga", "d_eod" (t-intervals of the change vs ERM), "keeps",
+    "off", "erm_<metric>" / "fairnet_<metric>" (t-intervals of the absolute values), "detector_auc",
+    "erm_worst_is_minority" (in most seeds)}}}."""
     parsed = {name: selection_arguments(overrides) for name, overrides in rules.items()}  # validated once per rule
     cells: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for folder in folders:
@@ -57,6 +67,9 @@ def evaluate(folders, rules: dict) -> dict:
             y, s = data["test_labels"], data["test_sensitive"]
             erm = data["test_erm_pred"] if "test_erm_pred" in data else data["test_logits_off"].argmax(-1)
             base = scores(y, erm, s)
+            cell_acc = M.group_accuracies(y, erm, sensitive_features=s)
+            worst = min((c for c in cell_acc if cell_acc[c]["count"] > 0), key=lambda c: cell_acc[c]["accuracy"])
+            auc = data["header"]["detector_stats"].get("detector_auc", float("nan"))
             for name, args in parsed.items():
                 got = replay(data, args=args)
                 new = scores(y, got["test_pred"], s)
@@ -64,14 +77,21 @@ def evaluate(folders, rules: dict) -> dict:
                 row["seeds"].append(int(match["seed"]))
                 for key, a, b in zip(("d_acc", "d_wga", "d_eod"), new, base):
                     row[key].append(a - b)
+                for metric, a, b in zip(METRICS, new, base):
+                    row[f"fairnet_{metric}"].append(a)
+                    row[f"erm_{metric}"].append(b)
+                row["detector_auc"].append(auc)
+                row["worst_minority"].append(worst.endswith("s=1"))
                 row["tau"].append(got["threshold"])
     out = {}
     for cell, by_rule in sorted(cells.items()):
         out[cell] = {}
         for name, row in by_rule.items():
             keeps = sum(a >= -ACC_TOL - 1e-12 and e <= EOD_TOL + 1e-12 for a, e in zip(row["d_acc"], row["d_eod"]))
-            out[cell][name] = {**{k: t_interval(row[k]) for k in ("d_acc", "d_wga", "d_eod")},
-                               "seeds": row["seeds"], "off": sum(t >= 1.0 for t in row["tau"]), "keeps": keeps}
+            absolute = [f"{who}_{m}" for who in ("erm", "fairnet") for m in METRICS] + ["detector_auc"]
+            out[cell][name] = {**{k: t_interval(row[k]) for k in ("d_acc", "d_wga", "d_eod", *absolute)},
+                               "seeds": row["seeds"], "off": sum(t >= 1.0 for t in row["tau"]), "keeps": keeps,
+                               "erm_worst_is_minority": sum(row["worst_minority"]) * 2 > len(row["worst_minority"])}
     return out
 
 
@@ -95,6 +115,33 @@ def table(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(result: dict, command: str) -> str:
+    """ERM and FairNet at the library defaults (the "defaults" rule), absolute, with the goals per task × setting."""
+    lines = [f"Command: `{command}`", "",
+             "Test %, seed mean [95 % t-interval]; FairNet = the trained models of these runs under the selection "
+             "defaults of this version (replayed); goals as in `benchmarks/defaults.py`.", "",
+             "| task | setting | seeds | ERM ACC | FairNet ACC | ERM WGA | FairNet WGA | ERM EOD ↓ | FairNet EOD ↓ | "
+             "det. AUC | off | goal |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for (task, setting), by_rule in result.items():
+        row = by_rule[DEFAULTS]
+        full = result.get((task, "full"), {}).get(DEFAULTS)
+        text = goal(task, setting, row, full)["text"]
+        cols = [_ci100(row[f"{who}_{m}"]) for m in METRICS for who in ("erm", "fairnet")]
+        auc = row["detector_auc"]["mean"]
+        n = len(row["seeds"])
+        lines.append(f"| {task} | {setting} | {n} | " + " | ".join(cols)
+                     + f" | {f'{auc:.3f}' if math.isfinite(auc) else 'n/a'} | {row['off']}/{n} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ci100(ci: dict) -> str:
+    if not math.isfinite(ci["mean"]):
+        return "n/a"
+    if ci["low"] is None:
+        return f"{100 * ci['mean']:.1f}"
+    return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
 def main(argv: Optional[list] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +150,8 @@ def main(argv: Optional[list] = None) -> dict:
                    help="a selection rule: FairTrainingArguments overrides, e.g. 'bound:{\"max_majority_gate_rate\": "
                         "0.5}' (repeatable)")
     p.add_argument("--only", action="store_true", help="only the defaults and the --rule rules, not SELECTION_VARIANTS")
+    p.add_argument("--headline", action="store_true",
+                   help="also print ERM vs FairNet at the defaults, absolute, with the goals (see the module docstring)")
     p.add_argument("--out", default=None, help="also write the table (Markdown) and the numbers (JSON) here")
     a = p.parse_args(argv)
     rules = {DEFAULTS: {}, **({} if a.only else SELECTION_VARIANTS)}
@@ -115,6 +164,8 @@ def main(argv: Optional[list] = None) -> dict:
     result = evaluate(a.folders, rules)
     command = "python benchmarks/reselect.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = table(result, command)
+    if a.headline:
+        text += "\n" + headline(result, command)
     print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

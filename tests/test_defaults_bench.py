@@ -320,6 +320,27 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
         reselect.main([str(out / "nothing-here")])
 
 
+def test_reselect_headline_is_the_suites_table_for_the_defaults(tiny):
+    """--headline: ERM and FairNet at the selection defaults, absolute, per task × setting, with the suite's goals;
+    on the run's own models the FairNet columns are the run's own FairNet scores and the goal is the suite's."""
+    _, out, _ = tiny
+    reselect = _load_script("reselect")
+    result = reselect.main([str(out), "--only", "--headline", "--out", str(out / "hl")])
+    saved = json.loads((out / "results.json").read_text())
+    text = (out / "hl" / "reselect.md").read_text()
+    for task, block in saved["tasks"].items():
+        run = block["runs"]["0"]
+        for setting, res in run["settings"].items():
+            row = result[(task, setting)]["defaults"]
+            for metric in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
+                assert row[f"fairnet_{metric}"]["mean"] == pytest.approx(res[metric]["point"]), (task, setting)
+                assert row[f"erm_{metric}"]["mean"] == pytest.approx(run["erm"][metric]["point"]), (task, setting)
+            goal_text = block["summary"][setting]["goal"]["text"]
+            line = next(x for x in text.splitlines() if x.startswith(f"| {task} | {setting} | 1 | "))
+            assert line.endswith(f"| {goal_text} |"), (task, setting)
+            assert f"{100 * res['accuracy']['point']:.1f}" in line
+
+
 def _report(erm_acc: dict, fair: dict) -> dict:
     """A minimal defaults.py results.json: task 't', setting 'full', per seed ERM ACC and FairNet ACC/WGA/EOD."""
     point = lambda v: {"point": v}  # noqa: E731

@@ -142,6 +142,76 @@ def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
     assert refused["threshold"] == OFF
 
 
+def _tied_case():
+    """The minority's class-1 rows (16-19 of `_case`) stay wrong at every strength on these held-out rows, so WGA and
+    ACC tie with the adapter off; at α = 1 their logits move toward class 1 (the worst cell's loss falls), at α = 0.5
+    nothing moves, and at α = 0.25 they move but one majority row breaks."""
+    y, g, _, _, risk = _case()
+    off = np.tile(np.array([[0.0, 0.0]], dtype=np.float32), (len(y), 1))
+    off[np.arange(len(y)), y] = 3.0
+    off[16:] = [[3.0, 0.0]]  # the minority: class 0 predicted for all four (its class-1 rows wrong)
+    moved = off.copy()
+    moved[18:] = [[1.0, 0.0]]  # still class 0, but closer to class 1
+    broken = moved.copy()
+    broken[16] = [0.0, 3.0]  # a minority class-0 row breaks: ACC below off
+    return y, g, off, {0.25: broken, 0.5: off.copy(), 1.0: moved}, risk
+
+
+def test_ties_on_wga_and_accuracy_go_to_the_lower_worst_group_loss():
+    y, g, off, on, risk = _tied_case()
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None)
+    out = select_correction(off, on, risk, y, g, **kw)
+    assert out["accuracy"] == out["accuracy_off"] and out["worst_group_accuracy"] == out["worst_group_accuracy_off"]
+    assert out["threshold"] < OFF and out["strength"] == 1.0  # the strength that moves the worst cell
+    assert out["worst_group_loss"] < out["worst_group_loss_off"]
+    # the rule before: every tie to the weaker correction, so the adapter stays off
+    assert select_correction(off, on, risk, y, g, tie_break="weakest", **kw)["threshold"] == OFF
+    # the loss never outranks accuracy: α = 0.25 is refused by ACC order even where its loss would win
+    only_broken = select_correction(off, {0.25: on[0.25]}, risk, y, g, **{**kw, "max_accuracy_drop": None})
+    assert only_broken["threshold"] == OFF
+    with pytest.raises(ValueError, match="tie_break"):
+        select_correction(off, on, risk, y, g, tie_break="loss", **kw)
+
+
+def test_a_loss_gain_within_the_noise_does_not_break_a_tie():
+    """The two wrong minority class-1 rows move in opposite directions (one far toward class 1, one a little away):
+    the worst cell's loss falls on average, but by less than two standard errors of the paired per-row gain. With
+    the floor's margin (z = 2) that is a tie with the adapter off, which stays off; at z = 0 the loss decides."""
+    y, g, off, _, risk = _tied_case()
+    mixed = off.copy()
+    mixed[18] = [0.5, 0.0]
+    mixed[19] = [3.5, 0.0]
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None)
+    noisy = select_correction(off, {1.0: mixed}, risk, y, g, floor_standard_errors=2.0, **kw)
+    assert noisy["threshold"] == OFF
+    point = select_correction(off, {1.0: mixed}, risk, y, g, floor_standard_errors=0.0, **kw)
+    assert point["threshold"] < OFF and point["worst_group_loss"] < point["worst_group_loss_off"]
+    # a consistent gain (both rows move toward class 1) passes the same margin
+    _, _, _, on, _ = _tied_case()
+    assert select_correction(off, {1.0: on[1.0]}, risk, y, g, floor_standard_errors=2.0, **kw)["threshold"] < OFF
+
+
+def test_the_worst_group_loss_is_the_largest_cell_cross_entropy():
+    """Checked against scikit-learn's log_loss per (class × group) cell."""
+    from sklearn.metrics import log_loss
+
+    y, g, off, on, risk = _tied_case()
+    out = select_correction(off, on, risk, y, g, configured_tau=0.5, max_accuracy_drop=None, max_eod_increase=None,
+                            taus=(0.5,))
+    cells = [(y == c) & (g == k) for c in (0, 1) for k in (0, 1)]
+
+    def worst(logits):
+        probs = torch.softmax(torch.as_tensor(logits), -1).numpy()
+        return max(log_loss(y[m], probs[m], labels=[0, 1]) for m in cells if m.any())
+
+    assert out["threshold"] == 0.5
+    assert out["worst_group_loss"] == pytest.approx(worst(np.where((risk > 0.5)[:, None], on[1.0], off)), rel=1e-6)
+    assert out["worst_group_loss_off"] == pytest.approx(worst(off), rel=1e-6)
+    assert all("worst_group_loss" in row for row in out["frontier"])
+    with pytest.raises(ValueError, match="selection_tie_break"):
+        FairTrainingArguments("unused", selection_tie_break="lowest", **QUIET)
+
+
 def test_a_gate_on_most_of_the_majority_is_not_admissible_under_the_bound():
     """A correction that also fixes a majority row by gating every majority row (τ below the majority's risk) has the
     best WGA, but it is a global change: with the bound the selection keeps the gate on the marked rows."""

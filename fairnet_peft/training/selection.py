@@ -10,12 +10,14 @@ gate forced on per strength (a row's output depends only on its own gate, so eve
                gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
 
 Ties go to the higher accuracy, then (tie_break "worst_group_loss", the default) the lower worst-group loss: the
-largest mean cross-entropy over the same cells, GroupDRO's objective, read from the same logits; then the weaker
-correction (smaller α, then larger τ). Held-out cells are small (Adult's women > 50K: 5 rows in 150), so the WGA and
-ACC of many candidates tie with the adapter off even where the correction moves those rows' probabilities toward
-their class; the loss sees that, while the floor and the ceiling still bound what is kept. With tie_break "weakest"
-(the rule before) ties go straight to the weaker correction, so "off" wins every tie. The groups are the setting's (trainer.py decides): the true groups (full), known labels else the detector's
-estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a
+largest mean cross-entropy over the same cells, GroupDRO's objective, read from the same logits. Held-out cells are
+small (Adult's women > 50K: 5 rows in 150), so the WGA and ACC of many candidates tie with the adapter off even where
+the correction moves those rows toward their class; the loss sees that. A candidate's loss counts only where it is a
+real gain over the adapter off: in its worst cell, the paired per-row gain in log-likelihood exceeds z standard
+errors (the floor's z), else it ties with off. Then the weaker correction (smaller α, then larger τ). So "off" wins
+whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule
+before) ties go straight to the weaker correction. The groups are the setting's (trainer.py decides): the true groups
+(full), known labels else the detector's estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a
 detector whose held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever
 few held-out rows would say.
 """
@@ -61,15 +63,25 @@ def _log_likelihood(logits, labels: np.ndarray) -> np.ndarray:
     return z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))
 
 
-def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
-    """The largest mean cross-entropy over the (class × group) cells with a known group; nan with fewer than two
-    groups (as WGA)."""
+def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                     reference: Optional[np.ndarray] = None, z: float = 0.0) -> tuple[float, bool]:
+    """(the largest mean cross-entropy over the (class × group) cells with a known group, whether it is a real gain).
+
+    nan with fewer than two groups (as WGA). With `reference` (the adapter-off log-likelihoods of the same rows), the
+    gain counts only when, in that worst cell, the paired per-row gain in log-likelihood minus `z` standard errors is
+    above 0: the off model's worst-group loss is at least its loss in this cell, so the worst-group loss then falls
+    by more than z standard errors. Without a reference, True."""
     known = groups >= 0
     if not known.any() or len(np.unique(groups[known])) < 2:
-        return math.nan
-    cells = labels[known] * (int(groups[known].max()) + 1) + groups[known]
-    ll = log_likelihood[known]
-    return float(max(-ll[cells == c].mean() for c in np.unique(cells)))
+        return math.nan, False
+    cells = np.where(known, labels * (int(groups[known].max()) + 1) + groups, -1)
+    losses = {c: -log_likelihood[cells == c].mean() for c in np.unique(cells[known])}
+    worst = max(losses, key=losses.get)
+    if reference is None:
+        return float(losses[worst]), True
+    gain = log_likelihood[cells == worst] - reference[cells == worst]
+    real = len(gain) > 1 and gain.mean() - z * gain.std(ddof=1) / math.sqrt(len(gain)) > 0
+    return float(losses[worst]), bool(real)
 
 
 def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
@@ -109,7 +121,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     pred_off = np.asarray(logits_off).argmax(-1)
     acc_off, wga_off, eod_off = _scores(pred_off, labels, groups)
     ll_off = _log_likelihood(logits_off, labels)
-    loss_off = _worst_cell_loss(ll_off, labels, groups)
+    loss_off, _ = _worst_cell_loss(ll_off, labels, groups)
     floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
     ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
     majority = groups == 0
@@ -132,9 +144,10 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             pred = np.where(gate, pred_on, pred_off)
             acc, wga, eod = _scores(pred, labels, groups)
             change, se = paired_change(pred, pred_off, labels)
+            loss, loss_gain = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
-                         "worst_group_loss": _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups),
+                         "worst_group_loss": loss, "loss_gain": loss_gain,
                          "gate_rate": float(gate.mean()),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
                          "accuracy_bound": acc_off + change - z * se})
@@ -143,7 +156,8 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         and not r["majority_gate_rate"] > widest)]
 
     def key(r):
-        fit = _finite(-r["worst_group_loss"]) if tie_break == "worst_group_loss" else 0.0  # lower loss first
+        # lower worst-group loss first, where the gain over the adapter off is real (module docstring)
+        fit = _finite(-(r["worst_group_loss"] if r.get("loss_gain") else loss_off)) if tie_break != "weakest" else 0.0
         return (_finite(r["worst_group_accuracy"]), r["accuracy"], fit, -r["strength"], r["threshold"])
 
     best = max(admissible, key=key)
