@@ -192,8 +192,16 @@ def test_the_selection_lines_name_the_choice_and_the_frontier_with_its_majority_
                               "accuracy": 0.9, "accuracy_off": 0.89, "worst_group_accuracy": 0.7,
                               "worst_group_accuracy_off": 0.5, "frontier": [row, {**row, "majority_gate_rate": None}]})
     assert lines[0].startswith("Correction chosen after training on 200 eval rows: τ = 0.42, strength α = 0.5")
-    assert "| τ | α | ACC | WGA | EOD | gated | majority gated |" in lines
-    assert "| 0.42 | 0.5 | 0.9000 | 0.7000 | 0.0500 | 0.3000 | 0.1250 |" in lines
+    assert "worst-group loss" not in lines[0]  # not reported: not claimed
+    assert "| τ | α | ACC | WGA | EOD | worst-group loss | gated | majority gated |" in lines
+    assert "| 0.42 | 0.5 | 0.9000 | 0.7000 | 0.0500 | n/a | 0.3000 | 0.1250 |" in lines
+    # a choice the tie-break made (same ACC and WGA as off) says what it gained: the worst-group loss
+    tied = render_selection({"selected": True, "threshold": 0.5, "strength": 1.0, "rows": 150, "on": "eval rows",
+                             "accuracy": 0.8, "accuracy_off": 0.8, "worst_group_accuracy": 0.6,
+                             "worst_group_accuracy_off": 0.6, "worst_group_loss": 0.9, "worst_group_loss_off": 1.25,
+                             "frontier": [{**row, "worst_group_loss": 0.9}]})
+    assert tied[0].endswith("worst-group accuracy 60.0 % against 60.0 %; worst-group loss 0.900 against 1.250).")
+    assert "| 0.42 | 0.5 | 0.9000 | 0.7000 | 0.0500 | 0.900 | 0.3000 | 0.1250 |" in tied
     off = render_selection({"selected": True, "threshold": 1.0, "reason": "nothing passed", "rows": 9})
     assert off == ["**The adapter is off** (τ = 1; chosen on 9 held-out rows): nothing passed."]
     assert render_selection({"selected": False, "threshold": 0.5}) == []

@@ -272,6 +272,9 @@ def test_tau_candidates_and_frontier():
     rows = [dict(threshold=t, strength=1.0, accuracy=a, worst_group_accuracy=w, equalized_odds_difference=0.0,
                  gate_rate=0.0) for t, a, w in [(0.1, 0.9, 0.5), (0.2, 0.8, 0.6), (0.3, 0.85, 0.4), (0.4, 0.7, 0.6)]]
     assert [(r["accuracy"], r["worst_group_accuracy"]) for r in pareto_frontier(rows)] == [(0.9, 0.5), (0.8, 0.6)]
+    # of rows equal on ACC and WGA, the frontier shows the one with the lower worst-group loss
+    tied = [dict(rows[0], worst_group_loss=0.7), dict(rows[0], threshold=0.2, worst_group_loss=0.4)]
+    assert [r["threshold"] for r in pareto_frontier(tied)] == [0.2]
 
 
 def test_detector_blind_names_the_auc():

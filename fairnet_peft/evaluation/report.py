@@ -124,16 +124,27 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
         lines = [f"Correction chosen after training on {where}: τ = {tau:.4g}, strength α = {alpha:g} "
                  f"(accuracy {100 * selection['accuracy']:.1f} % against {100 * selection['accuracy_off']:.1f} % with "
                  f"the adapter off; worst-group accuracy {100 * selection['worst_group_accuracy']:.1f} % against "
-                 f"{100 * selection['worst_group_accuracy_off']:.1f} %)."]
+                 f"{100 * selection['worst_group_accuracy_off']:.1f} %{_loss_clause(selection)})."]
     frontier = selection.get("frontier") or []
     if frontier:
         lines += ["", "Searched frontier (held-out rows; no other candidate has both higher ACC and higher WGA):", "",
-                  "| τ | α | ACC | WGA | EOD | gated | majority gated |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| τ | α | ACC | WGA | EOD | worst-group loss | gated | majority gated |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in frontier:
+            loss = row.get("worst_group_loss", math.nan)
             lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row['accuracy'])} | "
                          f"{_cell(row['worst_group_accuracy'])} | {_cell(row['equalized_odds_difference'])} | "
+                         f"{f'{loss:.3f}' if math.isfinite(loss) else 'n/a'} | "
                          f"{_cell(row['gate_rate'])} | {_cell(row.get('majority_gate_rate', math.nan))} |")
     return lines
+
+
+def _loss_clause(selection: Mapping[str, Any]) -> str:
+    """'; worst-group loss a against b' when the selection reported it (the tie-break, `selection_tie_break`)."""
+    loss, off = selection.get("worst_group_loss", math.nan), selection.get("worst_group_loss_off", math.nan)
+    if not (isinstance(loss, float) and isinstance(off, float) and math.isfinite(loss) and math.isfinite(off)):
+        return ""
+    return f"; worst-group loss {loss:.3f} against {off:.3f}"
 
 
 def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",

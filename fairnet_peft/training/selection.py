@@ -163,7 +163,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
-    return {**best, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
+    return {**{k: v for k, v in best.items() if k != "loss_gain"}, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
             "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows), "admissible": len(admissible),
             "frontier": pareto_frontier(admissible)}
 
@@ -202,8 +202,10 @@ def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray) ->
 
 
 def pareto_frontier(rows: list[dict]) -> list[dict]:
-    """The rows no other row beats on both accuracy and worst-group accuracy, by accuracy descending."""
-    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"])))
+    """The rows no other row beats on both accuracy and worst-group accuracy, by accuracy descending (of rows equal
+    on both, the one with the lower worst-group loss)."""
+    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"]),
+                                          -_finite(-r.get("worst_group_loss", math.nan))))
     frontier, best_wga = [], -math.inf
     for row in ordered:
         wga = _finite(row["worst_group_accuracy"])
