@@ -17,9 +17,9 @@ real gain over the adapter off: in its worst cell, the paired per-row gain in lo
 errors (the floor's z), else it ties with off. Then the weaker correction (smaller α, then larger τ). So "off" wins
 whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule
 before) ties go straight to the weaker correction. The groups are the setting's (trainer.py decides): the true groups
-(full), known labels else the detector's estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a
-detector whose held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever
-few held-out rows would say.
+(full), known labels else the detector's estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the
+do-no-harm check that runs before it: a detector whose held-out AUC is below `min_detector_auc` cannot tell who to
+correct, so the adapter goes off whatever few held-out rows would say.
 """
 
 from __future__ import annotations
