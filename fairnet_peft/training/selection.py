@@ -163,9 +163,10 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
-    return {**{k: v for k, v in best.items() if k != "loss_gain"}, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
-            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows), "admissible": len(admissible),
-            "frontier": pareto_frontier(admissible)}
+    chosen = {k: v for k, v in best.items() if k != "loss_gain"}
+    return {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
+            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
+            "admissible": len(admissible), "frontier": pareto_frontier(admissible)}
 
 
 def searched_strengths(args, configured_strength: float) -> tuple:
