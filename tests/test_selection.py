@@ -191,6 +191,31 @@ def test_a_loss_gain_within_the_noise_does_not_break_a_tie():
     assert select_correction(off, {1.0: on[1.0]}, risk, y, g, floor_standard_errors=2.0, **kw)["threshold"] < OFF
 
 
+def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
+    """The correction works: the minority's class-1 rows (the off model's worst cell) stay wrong but move so far
+    toward class 1 that the majority's class-1 cell (three rows confidently wrong, never gated) becomes the worst.
+    The worst-group loss falls to that untouched cell's loss, a gain beyond the noise although the new worst cell
+    itself did not move; a rule that looked for the gain in the new worst cell alone would keep the adapter off."""
+    y, g, _, _, risk = _case()
+    off = np.zeros((len(y), 2), dtype=np.float32)
+    off[np.arange(len(y)), y] = 3.0
+    off[[8, 9, 10]] = [3.0, 0.0]  # majority class 1: three of eight wrong, loss ≈ 1.17
+    off[18:] = [3.0, 0.0]  # minority class 1: both wrong, loss ≈ 3.05
+    moved = off.copy()
+    moved[18:] = [[0.2, 0.0], [0.1, 0.0]]  # still wrong (WGA and ACC tie), loss ≈ 0.77
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None, floor_standard_errors=2.0)
+    out = select_correction(off, {1.0: moved}, risk, y, g, **kw)
+    majority_cell = float(np.mean(np.log1p(np.exp(-3.0 * np.array([-1, -1, -1, 1, 1, 1, 1, 1])))))
+    assert out["threshold"] < OFF and out["strength"] == 1.0
+    assert out["worst_group_accuracy"] == out["worst_group_accuracy_off"] == 0.0
+    assert out["worst_group_loss"] == pytest.approx(majority_cell, rel=1e-5)
+    assert out["worst_group_loss_off"] == pytest.approx(math.log1p(math.exp(3.0)), rel=1e-5)
+    # the same move within the noise (one row far toward class 1, one away) is still a tie with off
+    mixed = off.copy()
+    mixed[18:] = [[0.2, 0.0], [3.5, 0.0]]
+    assert select_correction(off, {1.0: mixed}, risk, y, g, **kw)["threshold"] == OFF
+
+
 def test_the_worst_group_loss_is_the_largest_cell_cross_entropy():
     """Checked against scikit-learn's log_loss per (class × group) cell."""
     from sklearn.metrics import log_loss

@@ -285,8 +285,8 @@ class FairTrainingArguments(TrainingArguments):
             "help": (
                 "How the selection breaks a tie on worst-group accuracy and accuracy: 'worst_group_loss' (default) "
                 "prefers the lower worst-group cross-entropy (GroupDRO's objective, from the same held-out logits) "
-                "where its gain over the adapter off exceeds floor_standard_errors standard errors of the paired "
-                "per-row gain in the worst cell, then the weaker correction; 'weakest' goes straight to the weaker "
+                "where it stays below the adapter-off one with each cell's loss raised by floor_standard_errors "
+                "standard errors of the cell's paired per-row change, then the weaker correction; 'weakest' goes straight to the weaker "
                 "correction, so the adapter stays off whenever no candidate beats it on WGA or ACC. Small held-out "
                 "cells tie often: 5 rows cannot show a WGA gain that the loss does show (docs/method.md §7)."
             )

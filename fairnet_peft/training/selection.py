@@ -13,8 +13,8 @@ Ties go to the higher accuracy, then (tie_break "worst_group_loss", the default)
 largest mean cross-entropy over the same cells, GroupDRO's objective, read from the same logits. Held-out cells are
 small (Adult's women > 50K: 5 rows in 150), so the WGA and ACC of many candidates tie with the adapter off even where
 the correction moves those rows toward their class; the loss sees that. A candidate's loss counts only where it is a
-real gain over the adapter off: in its worst cell, the paired per-row gain in log-likelihood exceeds z standard
-errors (the floor's z), else it ties with off. Then the weaker correction (smaller α, then larger τ). So "off" wins
+real gain over the adapter off: its worst-group loss, each cell's loss raised by z standard errors (the floor's z) of
+that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker correction (smaller α, then larger τ). So "off" wins
 whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule
 before) ties go straight to the weaker correction. The groups are the setting's (trainer.py decides): the true groups
 (full), known labels else the detector's estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the
@@ -68,20 +68,29 @@ def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.
     """(the largest mean cross-entropy over the (class × group) cells with a known group, whether it is a real gain).
 
     nan with fewer than two groups (as WGA). With `reference` (the adapter-off log-likelihoods of the same rows), the
-    gain counts only when, in that worst cell, the paired per-row gain in log-likelihood minus `z` standard errors is
-    above 0: the off model's worst-group loss is at least its loss in this cell, so the worst-group loss then falls
-    by more than z standard errors. Without a reference, True."""
+    gain is real when the worst-group loss stays below the adapter-off one with every cell's loss raised by `z`
+    standard errors of its paired per-row change (a cell the correction does not touch has none): every cell that
+    was above the new worst-group loss came down beyond the noise. The off model's worst cell may fall below another
+    cell, the usual sign of a correction that worked; the new worst cell, untouched, then bounds the loss exactly.
+    A changed cell of one row has no standard error: it never counts as a gain. Without a reference, True."""
     known = groups >= 0
     if not known.any() or len(np.unique(groups[known])) < 2:
         return math.nan, False
     cells = np.where(known, labels * (int(groups[known].max()) + 1) + groups, -1)
-    losses = {c: -log_likelihood[cells == c].mean() for c in np.unique(cells[known])}
-    worst = max(losses, key=losses.get)
+    present = np.unique(cells[known])
+    loss = max(-log_likelihood[cells == c].mean() for c in present)
     if reference is None:
-        return float(losses[worst]), True
-    gain = log_likelihood[cells == worst] - reference[cells == worst]
-    real = len(gain) > 1 and gain.mean() - z * gain.std(ddof=1) / math.sqrt(len(gain)) > 0
-    return float(losses[worst]), bool(real)
+        return float(loss), True
+    bounds = []
+    for c in present:
+        change = log_likelihood[cells == c] - reference[cells == c]
+        if not change.any():
+            spread = 0.0
+        else:
+            spread = z * change.std(ddof=1) / math.sqrt(len(change)) if len(change) > 1 else math.inf
+        bounds.append(-log_likelihood[cells == c].mean() + spread)
+    loss_off = max(-reference[cells == c].mean() for c in present)
+    return float(loss), bool(max(bounds) < loss_off)
 
 
 def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
