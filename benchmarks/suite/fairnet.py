@@ -232,6 +232,10 @@ def run_fairnet_defaults(ctx: Context, name: str) -> dict:
     if setting == "full":  # the paper's train+test block: the test group label is the gate
         oracle = np.where(s == 1, on["logits"].argmax(-1), off["logits"].argmax(-1))
         res["oracle_gate"] = test_result(ctx, oracle, detector_tpr=1.0, detector_fpr=0.0)
+    if ctx.passes_dir:  # `<dataset>-s<seed>-<setting>.npz`, the name benchmarks/reselect.py reads
+        res["passes"] = dump_passes(trainer, hf_dataset(test, offset=len(train) + len(val)),
+                                    os.path.join(ctx.passes_dir, f"{ctx.bundle.name}-s{ctx.seed}-{setting}.npz"),
+                                    ctx.erm["test"]["logits"].argmax(-1))
     del trainer
     return res
 

@@ -113,6 +113,7 @@ class Context:
     erm: dict = field(default_factory=dict)  # val/test logits + features of the selected ERM model
     jtt_errors: Optional[np.ndarray] = None
     erm_val_acc: Optional[float] = None
+    passes_dir: Optional[str] = None  # FairNet-at-defaults rows save their selection passes here (replay.dump_passes)
 
     def split(self, name: str) -> Split:
         return self.bundle.splits[name]

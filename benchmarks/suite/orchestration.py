@@ -118,7 +118,7 @@ def quality_parallel(script: str, argv: list[str], args, report: dict) -> None:
     for dataset in args.dataset_list:
         out = os.path.join(args.out, f"part-{dataset}")
         cmd = [sys.executable, script] + child_argv(argv, {"--datasets": dataset, "--out": out, "--doc": "none",
-                                                           "--jobs": 1})
+                                                           "--jobs": 1, "--passes-dir": args.passes_dir or "none"})
         if args.threads is None:  # share the cores instead of each child taking all of them
             cmd += ["--threads", str(max(1, (os.cpu_count() or 1) // args.jobs))]
         log(f"--jobs: {dataset} in a child process ({out})")
@@ -155,7 +155,7 @@ def quality_seed(dataset: str, seed: int, args, slot: dict) -> dict:
     sizes = {k: len(v) for k, v in bundle.splits.items()}
     log(f"{dataset} seed {seed}: data ready in {time.time() - t0:.0f}s {sizes}")
     tmp = tempfile.mkdtemp(prefix=f"quality-{dataset}-{seed}-", dir=args.tmp_root)
-    ctx = Context(bundle, cfg, seed, tmp)
+    ctx = Context(bundle, cfg, seed, tmp, passes_dir=args.passes_dir)
     results, timings = {}, {"data": round(time.time() - t0, 1)}
     slot.update(results=results, timings_s=timings, sizes=sizes, description=bundle.description)
     try:
