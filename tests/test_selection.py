@@ -21,8 +21,8 @@ from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import (OFF, detector_blind, paired_change, pareto_frontier, select_correction,
-                                             tau_candidates)
+from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, paired_change, pareto_frontier,
+                                             select_correction, tau_candidates)
 
 from .helpers import expect_warnings
 
@@ -214,6 +214,21 @@ def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
     mixed = off.copy()
     mixed[18:] = [[0.2, 0.0], [3.5, 0.0]]
     assert select_correction(off, {1.0: mixed}, risk, y, g, **kw)["threshold"] == OFF
+    # one row of two moved: its gain is exactly one standard error, so at z = 1 it ties with off (not a gain by
+    # rounding), and at z = 0 it is a gain
+    one = off.copy()
+    one[18] = [0.2, 0.0]
+    for z, expected_off in ((1.0, True), (0.0, False)):
+        out = select_correction(off, {1.0: one}, risk, y, g, **{**kw, "floor_standard_errors": z})
+        assert (out["threshold"] == OFF) == expected_off, z
+    # the same tie where rounding puts the bound a hair below the off loss (the tiny suite's hidden task had one)
+    reference = np.array([-0.6132164993448149, -0.7682634559224767, -0.6133380017534202, -0.6688619957608251,
+                          -0.2, -0.2, -0.1, -0.3])
+    moved_one = reference.copy()
+    moved_one[0] += 0.0024925895695340206
+    cell_labels, cell_groups = np.array([1, 1, 1, 1, 0, 0, 0, 0]), np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    assert _worst_cell_loss(moved_one, cell_labels, cell_groups, reference, 1.0)[1] is False
+    assert _worst_cell_loss(moved_one, cell_labels, cell_groups, reference, 0.5)[1] is True
 
 
 def test_the_worst_group_loss_is_the_largest_cell_cross_entropy():
