@@ -286,8 +286,8 @@ class FairTrainingArguments(TrainingArguments):
                 "How the selection breaks a tie on worst-group accuracy and accuracy: 'worst_group_loss' (default) "
                 "prefers the lower worst-group cross-entropy (GroupDRO's objective, from the same held-out logits) "
                 "where it stays below the adapter-off one with each cell's loss raised by floor_standard_errors "
-                "standard errors of the cell's paired per-row change, then the weaker correction; 'weakest' goes straight to the weaker "
-                "correction, so the adapter stays off whenever no candidate beats it on WGA or ACC. Small held-out "
+                "standard errors of the cell's paired per-row change, then the weaker correction; 'weakest' goes "
+                "straight to the weaker correction, so the adapter stays off whenever no candidate beats it on WGA or ACC. Small held-out "
                 "cells tie often: 5 rows cannot show a WGA gain that the loss does show (docs/method.md §7)."
             )
         },

@@ -14,12 +14,13 @@ largest mean cross-entropy over the same cells, GroupDRO's objective, read from 
 small (Adult's women > 50K: 5 rows in 150), so the WGA and ACC of many candidates tie with the adapter off even where
 the correction moves those rows toward their class; the loss sees that. A candidate's loss counts only where it is a
 real gain over the adapter off: its worst-group loss, each cell's loss raised by z standard errors (the floor's z) of
-that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker correction (smaller α, then larger τ). So "off" wins
-whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule
-before) ties go straight to the weaker correction. The groups are the setting's (trainer.py decides): the true groups
-(full), known labels else the detector's estimate (partial), the pseudo-groups (unlabeled). `detector_blind` is the
-do-no-harm check that runs before it: a detector whose held-out AUC is below `min_detector_auc` cannot tell who to
-correct, so the adapter goes off whatever few held-out rows would say.
+that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker
+correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain
+beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. The groups
+are the setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
+the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a detector whose
+held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever few held-out
+rows would say.
 """
 
 from __future__ import annotations
