@@ -375,3 +375,39 @@ def test_compare_runs_pairs_the_seeds_and_refuses_other_erm_models(tmp_path):
         compare_runs.compare(a, other)
     with pytest.raises(SystemExit, match="no results.json"):
         compare_runs.main([str(tmp_path / "missing"), "--vs", str(tmp_path / "b")])
+
+
+def test_inspect_passes_reads_the_correction_per_strength(tiny, capsys):
+    """benchmarks/inspect_passes.py on hand-made passes with known answers, then on the tiny run's saved ones."""
+    inspect_passes = _load_script("inspect_passes")
+    eye = np.eye(2, dtype=np.float32)
+    # validation: rows 4-5 the minority's class 1 (the off model's worst cell), both wrong off; on, their logits move
+    # by 1 and 3 toward class 1 (row 5 flips); row 6 minority class 0, right both ways, risk below τ
+    labels, groups = np.array([0, 0, 1, 1, 1, 1, 0]), np.array([0, 0, 0, 0, 1, 1, 1])
+    off = eye[[0, 0, 1, 1, 0, 0, 0]] * 2.0
+    on = off.copy()
+    on[4], on[5] = [2.0, 1.0], [2.0, 3.0]
+    # test: 4 rows, the minority (rows 2-3) class 1 wrong off and right on
+    t_labels, t_sens = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    t_off, t_on = eye[[0, 1, 0, 0]], eye[[0, 1, 0, 1]]
+    data = {"header": {"configured_tau": 0.5}, "val_labels": labels, "val_groups": groups, "val_logits_off": off,
+            "val_risk": np.array([0.1] * 4 + [0.9, 0.9, 0.1], dtype=np.float32), "test_labels": t_labels,
+            "test_sensitive": t_sens, "test_logits_off": t_off}
+    for a in inspect_passes.STRENGTHS:
+        data[f"val_logits_on_{a:g}"], data[f"test_logits_on_{a:g}"] = on, t_on
+    row = inspect_passes.inspect(data)[-1]
+    assert row["val_flipped"] == 1 and row["val_rows"] == 7
+    assert row["val_change"] == pytest.approx(1 / 7)
+    assert row["val_bound"] == pytest.approx(row["val_change"] - 2 * row["val_se"])
+    # log p(class 1) = −log(1 + exp(−(z1 − z0))): off z1 − z0 = −2, on −1 and +1
+    gains = np.log1p(np.exp(2.0)) - np.log1p(np.exp(-np.array([-1.0, 1.0])))
+    assert row["val_worst_cell_t"] == pytest.approx(gains.mean() / (gains.std(ddof=1) / np.sqrt(2)))
+    assert row["test_d_acc"] == pytest.approx(0.25) and row["test_d_wga"] == pytest.approx(1.0)
+    assert row["test_minority_class_acc"] == {0: (1.0, 1.0), 1: (0.0, 1.0)}
+    # the tiny run's saved passes: one line pair per strength, and the numbers are in range
+    _, out, _ = tiny
+    path = sorted((out / "passes").glob("synthetic-s0-full.npz"))[0]
+    rows = inspect_passes.main([str(path)])[0]
+    printed = capsys.readouterr().out
+    assert printed.count("  α=") == len(inspect_passes.STRENGTHS) and "test: ΔACC" in printed
+    assert all(0 <= r["val_flipped"] <= r["val_rows"] and -1 <= r["test_d_acc"] <= 1 for r in rows)
