@@ -74,11 +74,13 @@ def main(argv=None) -> list:
         rows = inspect(load(path))
         print(f"{os.path.basename(path)} (validation: gate at the configured τ; test: the minority gated)")
         for r in rows:
-            cls = ", ".join(f"class {c} {100 * o:.1f} → {100 * n:.1f}" for c, (o, n) in r["test_minority_class_acc"].items())
+            cls = ", ".join(f"class {c} {100 * o:.1f} → {100 * n:.1f}"
+                            for c, (o, n) in r["test_minority_class_acc"].items())
             print(f"  α={r['strength']:g}  val: {r['val_flipped']} of {r['val_rows']} flipped, change "
                   f"{100 * r['val_change']:+.2f} ± {100 * r['val_se']:.2f}, 2-SE bound {100 * r['val_bound']:+.2f}; "
                   f"off-worst cell t {r['val_worst_cell_t']:+.2f}")
-            print(f"          test: ΔACC {100 * r['test_d_acc']:+.1f} ΔWGA {100 * r['test_d_wga']:+.1f}; minority {cls}")
+            print(f"          test: ΔACC {100 * r['test_d_acc']:+.1f} ΔWGA {100 * r['test_d_wga']:+.1f}; "
+                  f"minority {cls}")
         out.append(rows)
     return out
 
