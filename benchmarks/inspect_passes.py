@@ -46,7 +46,7 @@ def inspect(data: dict, floor_standard_errors: float = 2.0) -> list[dict]:
     rows = []
     for alpha in STRENGTHS:
         pred = np.where(gate, data[f"val_logits_on_{alpha:g}"].argmax(-1), off)
-        change, se = paired_change(pred, off, labels)
+        change, se = paired_change(pred, off, labels, data.get("val_weights"))
         ll = np.where(gate, _log_likelihood(data[f"val_logits_on_{alpha:g}"], labels), ll_off)
         gain = (ll - ll_off)[cells == worst]
         spread = gain.std(ddof=1) / math.sqrt(len(gain)) if len(gain) > 1 else math.nan

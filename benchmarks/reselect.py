@@ -56,7 +56,9 @@ def evaluate(folders, rules: dict) -> dict:
     parsed = {name: selection_arguments(overrides) for name, overrides in rules.items()}  # validated once per rule
     cells: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for folder in folders:
-        paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz")) or glob.glob(os.path.join(folder, "*.npz")))
+        paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz"))  # --jobs: each task's child saved its own
+                       + glob.glob(os.path.join(folder, "task-*", "passes", "*.npz"))
+                       or glob.glob(os.path.join(folder, "*.npz")))
         if not paths:
             raise SystemExit(f"{folder}: no passes (*.npz) found; run benchmarks/defaults.py at this version first")
         for path in paths:

@@ -20,9 +20,10 @@ from peft import PeftModel, get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
+from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, paired_change, pareto_frontier,
-                                             select_correction, tau_candidates)
+from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, mixture_weights, paired_change,
+                                             pareto_frontier, select_correction, tau_candidates)
 
 from .helpers import expect_warnings
 
@@ -126,6 +127,52 @@ def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
     for z in (1.0, 2.0):  # the default margin (2) too: few changed rows, a small standard error
         kept = select_correction(EYE[off], {1.0: EYE[targeted]}, risk, y, g, floor_standard_errors=z, **kw)
         assert kept["threshold"] == 0.5
+
+
+def test_mixture_weights_give_each_cell_its_share_of_all_rows():
+    """Rows chosen unevenly from the cells (every minority row of one half, every majority row): weighted, each
+    (class × group) cell counts as many rows as it has in all, so a weighted mean is the all-rows mean."""
+    y = np.array([0] * 40 + [1] * 40 + [0] * 8 + [1] * 4)
+    g = np.array([0] * 80 + [1] * 12)
+    rows = np.concatenate([np.arange(80), [80, 81, 82, 83, 88, 89]])  # half of each minority cell
+    w = mixture_weights(y, g, rows)
+    assert w.sum() == pytest.approx(len(y))
+    for k, s_, n in ((0, 0, 40), (1, 0, 40), (0, 1, 8), (1, 1, 4)):
+        assert w[(y[rows] == k) & (g[rows] == s_)].sum() == pytest.approx(n)
+    right = np.r_[np.ones(80), [0, 0, 1, 1, 0, 1]]  # right on the majority, half of each minority cell
+    assert np.average(right, weights=w) == pytest.approx((80 + 4 + 2) / 92)
+    assert mixture_weights(y, g, np.arange(len(y))) == pytest.approx(np.ones(len(y)))  # all rows: equal weights
+
+
+def test_weighted_paired_change_is_the_weighted_mean_and_reduces_to_the_plain_one():
+    rng = np.random.default_rng(0)
+    y, off, pred = rng.integers(0, 2, 50), rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    assert paired_change(pred, off, y, np.ones(50)) == pytest.approx(paired_change(pred, off, y))
+    w = rng.uniform(0.5, 2.0, 50)
+    d = (pred == y).astype(float) - (off == y)
+    change, se = paired_change(pred, off, y, w)
+    assert change == pytest.approx(np.average(d, weights=w))
+    assert se == pytest.approx(np.sqrt((w ** 2 * (d - change) ** 2).sum() * 50 / 49) / w.sum())
+
+
+def test_the_floor_reads_the_weighted_accuracy():
+    """A correction that fixes two minority rows and breaks three majority rows: a loss on the rows as they are (−1 of
+    30), a gain when each majority row weighs 1/2 (held-out rows with twice the majority's share): +2 − 1.5."""
+    y = np.array([0, 1] * 12 + [0, 1] * 3)
+    g = np.array([0] * 24 + [1] * 6)
+    off = y.copy()
+    off[[24, 25]] = 1 - y[[24, 25]]  # two minority rows wrong
+    on = off.copy()
+    on[[24, 25]] = y[[24, 25]]  # fixed, and three majority rows broken
+    on[[0, 1, 2]] = 1 - y[[0, 1, 2]]
+    risk = np.full(30, 0.9, dtype=np.float32)
+    w = np.where(g == 0, 0.5, 1.0)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.0, max_eod_increase=None, taus=(0.5,))
+    assert select_correction(EYE[off], {1.0: EYE[on]}, risk, y, g, **kw)["threshold"] == OFF  # 2 fixed, 3 broken
+    weighted = select_correction(EYE[off], {1.0: EYE[on]}, risk, y, g, weights=w, **kw)
+    assert weighted["threshold"] == 0.5  # 2 fixed, 1.5 broken
+    assert weighted["accuracy"] == pytest.approx(np.average(on == y, weights=w))
+    assert weighted["accuracy_off"] == pytest.approx(np.average(off == y, weights=w))
 
 
 def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
@@ -381,12 +428,13 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     metrics = trainer.train().metrics
-    val = val.select(trainer.eval_split()["select"])  # the eval rows the selection used (the others trained the LoRA)
+    split = trainer.eval_split()  # the eval rows the selection used (the LoRA trained on the others), their weights
+    val, w = val.select(split["select"]), split["weights"]
     y = np.array(val["labels"])
     off = _predict(T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir), val)
-    assert metrics["train_selection_accuracy_off"] == pytest.approx(M.accuracy(y, off))
+    assert metrics["train_selection_accuracy_off"] == pytest.approx(np.average(off == y, weights=w))
     pred = _predict(model, val)
-    assert M.accuracy(y, pred) == pytest.approx(metrics["train_selection_accuracy"])
+    assert np.average(pred == y, weights=w) == pytest.approx(metrics["train_selection_accuracy"])
     assert metrics["train_selection_accuracy"] >= metrics["train_selection_accuracy_off"] - 0.005 - 1e-9
     groups = {"full": np.array(val["sensitive"]) if setting == "full" else None,
               "unlabeled": trainer.eval_pseudo_groups(val) if setting == "unlabeled" else None}.get(setting)
@@ -515,10 +563,10 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     metrics = trainer.train().metrics
     halves = trainer.eval_split()
     lora, select = halves["lora"], halves["select"]
-    assert sorted(np.concatenate([lora, select]).tolist()) == list(range(len(val)))  # a partition of the eval rows
-    assert abs(len(lora) - len(select)) <= 1
+    rest = np.setdiff1d(np.arange(len(val)), lora)  # the selection share
+    assert abs(len(lora) - len(rest)) <= 1
     y, s = np.array(val["labels"]), np.array(val["sensitive"])
-    for half in (lora, select):  # stratified: every (class × group) cell is in both halves, in proportion
+    for half in (lora, rest):  # stratified: every (class × group) cell is in both halves, in proportion
         for k in (0, 1):
             for g in (0, 1):
                 cell = ((y == k) & (s == g)).sum()
@@ -529,6 +577,7 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     assert len(trained) == expected == metrics["train_lora_rows"]
     assert metrics["train_lora_eval_rows"] == minority_half
     assert trainer.lora_updates() == max(args.lora_min_updates, math.ceil(len(trained) / 32))  # 1 epoch, batch 32
+    assert select.tolist() == rest.tolist() and halves["weights"] is None  # the other share selects (default)
     assert metrics["train_selection_rows"] == len(select)
     assert "did not train on" in trainer.run_state.selection["on"]
     # the eval rows carry the training rows' columns; their row index follows the training rows'
@@ -537,8 +586,23 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     assert min(trained["fairnet_row"][-minority_half:]) >= len(synthetic_data["train"])
     # reselect() selects on the same half
     assert trainer.reselect(max_accuracy_drop=0.01)["train_selection_rows"] == len(select)
+    # selection_rows="untrained": every eval row the LoRA did not train on, weighted back to the eval set's cells
+    untrained = trainer.reselect(selection_rows="untrained")
+    split = trainer.eval_split()
+    assert split["select"].tolist() == rest.tolist()  # the trainer's own arguments are left alone
+    saved, trainer.args = trainer.args, stage_arguments(trainer.args, selection_rows="untrained")
+    wide = trainer.eval_split()
+    trainer.args = saved
+    assert wide["lora"].tolist() == lora.tolist()  # the same split
+    assert wide["select"].tolist() == np.setdiff1d(np.arange(len(val)), lora[s[lora] == 1]).tolist()
+    assert untrained["train_selection_rows"] == len(wide["select"]) > len(rest)
+    for k in (0, 1):
+        for g in (0, 1):
+            cell = (y[wide["select"]] == k) & (s[wide["select"]] == g)
+            assert wide["weights"][cell].sum() == pytest.approx(((y == k) & (s == g)).sum())
+    assert "the rows the LoRA stage did not train on" in trainer.run_state.selection["on"]
     # evaluating the eval set the LoRA half-trained on says so; another set does not
-    with pytest.warns(UserWarning, match=f"trained on {len(lora)} of these {len(val)} eval rows"):
+    with pytest.warns(UserWarning, match=f"trained on {minority_half} of these {len(val)} eval rows"):
         trainer.evaluate()
     with expect_warnings() as caught:
         trainer.evaluate(synthetic_data["test"])

@@ -151,6 +151,7 @@ SELECTION_VARIANTS = {
     "majority gate ≤ 0.5": {"max_majority_gate_rate": 0.5},
     "majority gate ≤ 0.25": {"max_majority_gate_rate": 0.25},
     "ties to the weaker correction": {"selection_tie_break": "weakest"},
+    "every untrained eval row selects": {"selection_rows": "untrained"},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).

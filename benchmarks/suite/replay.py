@@ -22,29 +22,41 @@ from typing import Optional
 import numpy as np
 
 from fairnet_peft import FairTrainingArguments
+from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.selection import OFF, STRENGTHS, detector_blind, select_with_arguments
 
-FORMAT = 1
+FORMAT = 2
 
 
 def dump_passes(trainer, test, path: str, erm_pred: Optional[np.ndarray] = None) -> Optional[str]:
     """Write `path` (.npz) for this finished FairTrainer run; `test` is the test split as the trainer's collator takes
-    it, with `sensitive`. The held-out passes are computed here when the do-no-harm check skipped them (the adapter is
-    forced on for that one search, then the trainer's own choice is restored). None when the run did not select."""
+    it, with `sensitive`. The held-out passes cover every row the LoRA did not train on (`selection_rows="untrained"`,
+    with a mask of the rows 'share' reads), at every strength even where the do-no-harm check skipped them: the
+    adapter is forced on for that one search, then the trainer's own choice is restored. None when the run did not
+    select."""
     from fairnet_peft.training.trainer import _with_row_column
 
     run, config = trainer.run_state, trainer.adapter_config
     if run.stage != "done" or not run.selection.get("selected"):
         return None
     chosen = (float(config.threshold), float(config.adapter_strength))
-    held = trainer._selection_passes
-    if "off" not in held or set(STRENGTHS) - set(held["on"]):
-        trainer.reselect(force_adapter=True, threshold_selection="auto")
-        trainer.reselect()
-        held = trainer._selection_passes
-    _, groups, where = trainer._selection_rows()
+    # the passes at every strength (the do-no-harm check may have skipped them) over every held-out row the LoRA did
+    # not train on, so that either `selection_rows` replays; then the run's own choice is restored
+    rows_rule = "untrained" if trainer.eval_split() is not None else trainer.args.selection_rows
+    trainer.reselect(force_adapter=True, threshold_selection="auto", selection_rows=rows_rule)
+    held, saved = trainer._selection_passes, trainer.args
+    trainer.args = stage_arguments(saved, selection_rows=rows_rule)
+    try:
+        _, groups, where, weights = trainer._selection_rows()
+        split = trainer.eval_split()
+    finally:
+        trainer.args = saved
+    trainer.reselect()
+    share = (np.ones(len(groups), dtype=bool) if split is None  # the rows selection_rows='share' reads
+             else ~np.isin(split["select"], split["lora"]))
     arrays = {"val_logits_off": held["off"]["logits_off"], "val_risk": _risk(held["off"]["risk_native"]),
-              "val_labels": held["off"]["label"], "val_groups": np.asarray(groups)}
+              "val_labels": held["off"]["label"], "val_groups": np.asarray(groups),
+              "val_weights": np.ones(len(groups)) if weights is None else np.asarray(weights), "val_share": share}
     arrays.update({f"val_logits_on_{a:g}": held["on"][a] for a in STRENGTHS})
     rows = _with_row_column(test)
     off = trainer.passes.outputs(rows, ("off",))
@@ -60,12 +72,25 @@ def dump_passes(trainer, test, path: str, erm_pred: Optional[np.ndarray] = None)
         arrays["test_erm_pred"] = np.asarray(erm_pred)[off["row"]]
     header = {"format": FORMAT, "configured_tau": run.configured["threshold"],
               "configured_strength": run.configured["strength"], "label_setting": run.label_setting,
-              "selected_on": where, "detector_stats": {k: v for k, v in run.detector_stats.items()
-                                                       if isinstance(v, (int, float))},
+              "selected_on": where, "selection_rows": rows_rule,
+              "detector_stats": {k: v for k, v in run.detector_stats.items() if isinstance(v, (int, float))},
               "chosen_tau": chosen[0], "chosen_strength": chosen[1]}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     np.savez_compressed(path, header=np.array(json.dumps(header)), **arrays)
     return path
+
+
+def _selection_rows(data: dict, selection_rows: str) -> tuple:
+    """(row mask, weights or None) of the saved held-out rows that `selection_rows` reads. Passes saved by a run with
+    'share' hold only the share: 'untrained' cannot be replayed on them."""
+    share = data["val_share"]
+    if selection_rows == "share":
+        return share, None
+    if data["header"]["selection_rows"] != "untrained":
+        raise ValueError("selection_rows='untrained' needs passes saved by a run that selected on every untrained "
+                         f"row; these were saved with selection_rows={data['header']['selection_rows']!r}")
+    weights = data["val_weights"]
+    return np.ones(len(share), dtype=bool), None if np.all(weights == 1.0) else weights
 
 
 def _risk(native) -> np.ndarray:
@@ -96,9 +121,11 @@ def replay(data: dict, overrides: Optional[dict] = None, args=None) -> dict:
     on = {a: data[f"val_logits_on_{a:g}"] for a in STRENGTHS}
     reason = None if args.force_adapter else detector_blind(head["detector_stats"], args.min_detector_auc)
     if reason is None:
-        info = select_with_arguments(args, data["val_logits_off"], on, data["val_risk"], data["val_labels"],
-                                     data["val_groups"], configured_tau=head["configured_tau"],
-                                     configured_strength=head["configured_strength"])
+        rows, weights = _selection_rows(data, args.selection_rows)
+        info = select_with_arguments(args, data["val_logits_off"][rows], {a: v[rows] for a, v in on.items()},
+                                     data["val_risk"][rows], data["val_labels"][rows], data["val_groups"][rows],
+                                     configured_tau=head["configured_tau"],
+                                     configured_strength=head["configured_strength"], weights=weights)
     else:
         info = {"threshold": OFF, "strength": head["configured_strength"], "reason": reason}
     tau, alpha = float(info["threshold"]), float(info["strength"])

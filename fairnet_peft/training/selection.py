@@ -95,9 +95,10 @@ def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.
     return float(loss), bool(max(bounds) < loss_off - 1e-9 * max(1.0, loss_off))
 
 
-def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
+def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+            weights: Optional[np.ndarray] = None) -> tuple[float, float, float]:
     known = groups >= 0
-    acc = accuracy(labels, pred)
+    acc = accuracy(labels, pred) if weights is None else float(np.average(pred == labels, weights=weights))
     if not known.any() or len(np.unique(groups[known])) < 2:
         return acc, math.nan, math.nan
     with warnings.catch_warnings():
@@ -112,7 +113,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
                       keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
                       min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None,
-                      tie_break: str = "worst_group_loss") -> dict:
+                      tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
@@ -120,7 +121,9 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
     difference (`paired_change`). `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
-    no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. Returns {"threshold",
+    no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. `weights` (per row, e.g.
+    `mixture_weights`): ACC, its paired change and the gate rate are weighted means; WGA, EOD, the loss and the
+    majority gate rate are read per cell or group and need none. Returns {"threshold",
     "strength", "accuracy", "worst_group_accuracy", "equalized_odds_difference", "worst_group_loss", "gate_rate",
     "majority_gate_rate", "accuracy_off", "worst_group_accuracy_off", "equalized_odds_difference_off",
     "worst_group_loss_off", "candidates", "admissible", "frontier"}; "frontier" lists, best accuracy first, the
@@ -129,8 +132,9 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         raise ValueError(f"tie_break={tie_break!r}: use one of {TIE_BREAKS}")
     labels = np.asarray(labels)
     groups = np.asarray(groups) if groups is not None else np.full(len(labels), -1)
+    weights = None if weights is None else np.asarray(weights, dtype=np.float64)
     pred_off = np.asarray(logits_off).argmax(-1)
-    acc_off, wga_off, eod_off = _scores(pred_off, labels, groups)
+    acc_off, wga_off, eod_off = _scores(pred_off, labels, groups, weights)
     ll_off = _log_likelihood(logits_off, labels)
     loss_off, _ = _worst_cell_loss(ll_off, labels, groups)
     floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
@@ -153,13 +157,13 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                 continue
             gate = _gate(risk, tau)
             pred = np.where(gate, pred_on, pred_off)
-            acc, wga, eod = _scores(pred, labels, groups)
-            change, se = paired_change(pred, pred_off, labels)
+            acc, wga, eod = _scores(pred, labels, groups, weights)
+            change, se = paired_change(pred, pred_off, labels, weights)
             loss, loss_gain = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
                          "worst_group_loss": loss, "loss_gain": loss_gain,
-                         "gate_rate": float(gate.mean()),
+                         "gate_rate": float(np.average(gate, weights=weights)),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
                          "accuracy_bound": acc_off + change - z * se})
     admissible = [r for r in rows if r is off or (r["accuracy_bound"] >= floor and not (
@@ -187,7 +191,8 @@ def searched_strengths(args, configured_strength: float) -> tuple:
 
 
 def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, labels, groups, *,
-                          configured_tau: float, configured_strength: float) -> dict:
+                          configured_tau: float, configured_strength: float,
+                          weights: Optional[np.ndarray] = None) -> dict:
     """`select_correction` with its limits and search read from `FairTrainingArguments` (threshold_selection, the
     floor and its margin, the EOD ceiling, the τ and majority-gate bounds): FairTrainer's stage 5 and an offline
     replay of it on saved passes (benchmarks/reselect.py) both call this. `logits_on` holds at least the strengths
@@ -201,16 +206,35 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              min_threshold=args.min_selected_threshold,
                              max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
                              taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed,
-                             tie_break=args.selection_tie_break)
+                             tie_break=args.selection_tie_break, weights=weights)
 
 
-def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray,
+                  weights: Optional[np.ndarray] = None) -> tuple[float, float]:
     """(accuracy change against the adapter off, its standard error) on the same rows: the mean of the per-row
     difference d = [pred right] − [off right] ∈ {−1, 0, 1}, and std(d) / √n. Rows the correction does not change add
-    nothing to either, so a targeted correction is measured as precisely as its few changed rows allow."""
+    nothing to either, so a targeted correction is measured as precisely as its few changed rows allow. With
+    `weights`, the weighted mean and its standard error √(Σ w²(d − d̄)² · n/(n − 1)) / Σ w (the same at equal
+    weights)."""
     d = (pred == labels).astype(np.float64) - (pred_off == labels).astype(np.float64)
-    n = max(len(d), 1)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    n = len(d)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if n < 2:
+        return (float(d.mean()) if n else 0.0), 0.0
+    mean = float(np.average(d, weights=w))
+    return mean, float(np.sqrt((w ** 2 * (d - mean) ** 2).sum() * n / (n - 1)) / w.sum())
+
+
+def mixture_weights(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per-row weights for `rows` (positions into `labels` / `groups`) under which their weighted mean estimates the
+    mean over all rows: each (class × group) cell weighs its share of all rows, spread over its rows in `rows`
+    (N_cell / n_cell each). The selection uses it when it sees more of some cells than others (`selection_rows`)."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    cells = labels.astype(np.int64) * (int(groups.max(initial=0)) + 2) + (groups + 1)
+    everywhere = dict(zip(*np.unique(cells, return_counts=True)))
+    chosen = cells[np.asarray(rows, dtype=np.int64)]
+    here = dict(zip(*np.unique(chosen, return_counts=True)))
+    return np.array([everywhere[c] / here[c] for c in chosen], dtype=np.float64)
 
 
 def pareto_frontier(rows: list[dict]) -> list[dict]:

@@ -13,10 +13,10 @@
      against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates independent of the process count;
      with `lora_rows="train+eval"` (default) the anchors also include the minority rows of a stratified half of the
      eval set (`_eval_halves`), rows the base model never fit;
-  4. selection (selection.py): on held-out rows (the eval set's other half), the gate threshold τ and the adapter
-     strength α with the best worst-group accuracy under an accuracy floor and an EOD ceiling, or the adapter off
-     when the detector cannot see the group; the choice is written into the adapter's config, so the saved adapter
-     carries it.
+  4. selection (selection.py): on held-out rows (the eval set's other half, `selection_rows`), the gate threshold τ
+     and the adapter strength α with the best worst-group accuracy under an accuracy floor and an EOD ceiling, or the
+     adapter off when the detector cannot see the group; the choice is written into the adapter's config, so the
+     saved adapter carries it.
 
 Who owns what: this class owns the stages, the losses, evaluation and resuming; `self.run_state` holds everything the
 run computes; `self.passes` (a `RowPasses`) runs the eval-mode passes. The adapter changes only through the tuner's
@@ -59,7 +59,7 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import OFF, detector_blind, searched_strengths, select_with_arguments
+from .selection import OFF, detector_blind, mixture_weights, searched_strengths, select_with_arguments
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
@@ -132,6 +132,7 @@ class FairTrainer(Trainer):
         self._pseudo_group_cache: dict = {}
         self._eval_pseudo_groups: Optional[np.ndarray] = None
         self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
+        self._selection_cache: dict = {}  # those passes per set of rows (dataset fingerprint)
         self._eval_split: "dict | bool | None" = None  # the eval set's halves (False: unsplit)
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
@@ -201,10 +202,15 @@ class FairTrainer(Trainer):
 
     def eval_split(self) -> Optional[dict]:
         """After `train()` with `lora_rows` using the eval set: {"lora": positions of the eval rows in the share the
-        LoRA stage drew its minority rows from, "select": positions of the rows the selection used}; None when the
-        eval set is not split (`lora_rows="train"`, or no eval set)."""
-        halves = self._eval_split
-        return {"lora": halves["lora"].copy(), "select": halves["select"].copy()} if halves else None
+        LoRA stage drew its minority rows from, "select": positions of the rows the selection used (`selection_rows`),
+        "weights": their weights (None: equal)}; None when the eval set is not split (`lora_rows="train"`, or no
+        eval set)."""
+        halves = self._eval_halves() if self._eval_split else None
+        if not halves:
+            return None
+        weights = halves["weights"]
+        return {"lora": halves["lora"].copy(), "select": halves["select"].copy(),
+                "weights": None if weights is None else weights.copy()}
 
     def logged_terms(self) -> dict[str, int]:
         """How many values of each loss term wait for the next `log` (e.g. {"contrastive_loss": 3})."""
@@ -384,7 +390,7 @@ class FairTrainer(Trainer):
             return
         if dataset is trained_on or getattr(dataset, "_fingerprint", None) == getattr(trained_on, "_fingerprint", ""):
             warnings.warn(
-                f"The LoRA stage trained on {len(halves['lora'])} of these {len(trained_on)} eval rows "
+                f"The LoRA stage trained on {len(self._lora_eval_rows())} of these {len(trained_on)} eval rows "
                 f"(lora_rows={self.args.lora_rows!r}), so these metrics are optimistic. Report metrics on a test set "
                 "the trainer never saw.", UserWarning, stacklevel=3)
 
@@ -670,6 +676,7 @@ class FairTrainer(Trainer):
                                       configured={"threshold": float(config.threshold),
                                                   "strength": float(config.adapter_strength)})
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
+        self._selection_cache = {}
         self._eval_split = None
         point = self._resume_point(resume_from_checkpoint)
         if self._tuner.is_fresh(self.adapter_name):
@@ -753,19 +760,22 @@ class FairTrainer(Trainer):
                 f"column(s) {missing}. Give the eval set the training set's model inputs, or use lora_rows='train'.")
 
     def _selection_rows(self) -> tuple:
-        """(dataset with `fairnet_row`, groups per row, description) the correction is selected on: the held-out rows,
-        or with `lora_rows` using the eval set, the eval half the LoRA did not train on."""
+        """(dataset with `fairnet_row`, groups per row, description, weights per row or None) the correction is
+        selected on: the held-out rows, or with `lora_rows` using the eval set, the eval rows the LoRA did not train
+        on (`selection_rows`), weighted to the eval set's (class × group) mix where they over-represent a cell."""
         halves = self._eval_halves()
         if halves is not None:
             rows = halves["select"]
+            share = "rows" if halves["weights"] is not None else "share"
             return (halves["dataset"].select(rows), halves["groups"][rows],
-                    f"{halves['where']}, the half the LoRA stage did not train on")
-        return self._held_out_rows()
+                    f"{halves['where']}, the {share} the LoRA stage did not train on", halves["weights"])
+        return (*self._held_out_rows(), None)
 
     def _eval_halves(self) -> Optional[dict]:
         """`lora_rows` 'train+eval' / 'eval' with an eval set: a seeded share (`lora_eval_fraction`) of its rows,
         stratified on (class × the selection's group), for the LoRA stage ("lora") and the rest for the selection
-        ("select"); None otherwise. Drawn once per `train()` (reselect() sees the same halves)."""
+        ("select": the rows `selection_rows` names, with their "weights"); None otherwise. Drawn once per `train()`
+        (reselect() sees the same shares; its `selection_rows` picks the rows)."""
         if self.args.lora_rows == "train" or self._selection_eval_set() is None:
             return None
         if self._eval_split is None:
@@ -775,10 +785,17 @@ class FairTrainer(Trainer):
                 labels = np.asarray(dataset["labels"], dtype=np.int64)
                 size = min(max(int(round(self.args.lora_eval_fraction * len(dataset))), 1), len(dataset) - 1)
                 lora = stratified_subsample(labels, np.maximum(groups, 0), size, seed=self.args.seed)
-                select = np.setdiff1d(np.arange(len(dataset)), lora)
                 self._eval_split = {"dataset": dataset, "groups": groups, "where": where, "lora": lora,
-                                    "select": select}
-        return self._eval_split or None
+                                    "labels": labels}
+        if not self._eval_split:
+            return None
+        halves = self._eval_split
+        everything = np.arange(len(halves["dataset"]))
+        if self.args.selection_rows == "share":
+            return {**halves, "select": np.setdiff1d(everything, halves["lora"]), "weights": None}
+        # every row the LoRA did not train on: the LoRA share's rows outside the minority too, weighted back
+        select = np.setdiff1d(everything, halves["lora"][halves["groups"][halves["lora"]] == 1])
+        return {**halves, "select": select, "weights": mixture_weights(halves["labels"], halves["groups"], select)}
 
     def _held_out_rows(self) -> tuple:
         args, run = self.args, self.run_state
@@ -831,7 +848,7 @@ class FairTrainer(Trainer):
                 "so τ and the adapter strength stay as configured and nothing checks the adapter's accuracy cost. "
                 "Pass an eval_dataset (class labels suffice).", UserWarning, stacklevel=3)
             return {}
-        dataset, groups, where = self._selection_rows()
+        dataset, groups, where, weights = self._selection_rows()
         if off_reason is not None:
             info = {"threshold": OFF, "strength": float(config.adapter_strength), "reason": off_reason}
             warnings.warn(
@@ -839,7 +856,7 @@ class FairTrainer(Trainer):
                 "the sensitive column and FairLoraConfig.detector_layer, give group labels, or set "
                 "FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.", UserWarning, stacklevel=3)
         else:
-            info = self._search(dataset, groups)
+            info = self._search(dataset, groups, weights)
             if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
                 info["strength"] = float(config.adapter_strength)
                 bound = "" if args.resolved_max_majority_gate_rate() is None else " and the majority gate bound"
@@ -857,12 +874,13 @@ class FairTrainer(Trainer):
             metrics["train_selection_reason"] = info["reason"]
         return metrics
 
-    def _search(self, dataset, groups) -> dict:
+    def _search(self, dataset, groups, weights=None) -> dict:
         args, config = self.args, self.adapter_config
         strengths = searched_strengths(args, config.adapter_strength)
         key = getattr(dataset, "_fingerprint", None)
-        if self._selection_passes.get("key") != key:  # the passes over these rows, kept for reselect()
-            self._selection_passes = {"key": key, "off": self.passes.outputs(dataset, ("off",)), "on": {}}
+        if key not in self._selection_cache:  # the passes over these rows, kept for reselect() (per selection_rows)
+            self._selection_cache[key] = {"key": key, "off": self.passes.outputs(dataset, ("off",)), "on": {}}
+        self._selection_passes = self._selection_cache[key]
         out, logits_on, saved = self._selection_passes["off"], self._selection_passes["on"], float(config.adapter_strength)
         try:
             for alpha in strengths:
@@ -872,7 +890,8 @@ class FairTrainer(Trainer):
         finally:
             self._tuner.set_adapter_strength(self.adapter_name, saved)
         return select_with_arguments(args, out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
-                                     configured_tau=float(config.threshold), configured_strength=saved)
+                                     configured_tau=float(config.threshold), configured_strength=saved,
+                                     weights=weights)
 
     # ------------------------------------------------------------------ resuming and checkpoints
     def _checkpoints(self, folder: str) -> list[str]:
