@@ -66,6 +66,17 @@ def dist_state():
     return PartialState(cpu=not _has_accelerator())
 
 
+def close_process_group() -> None:
+    """End of a launched run (torchrun / accelerate launch): wait for every rank, then tear the process group down.
+    Left to the interpreter's exit, gloo's threads can abort a rank that finished its work ("terminate called without
+    an active exception", seen once on a 2-process CPU run), and the launcher then reports the run failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def log(message: str) -> None:
     """Print on the main process only."""
     if dist_state().is_main_process:
