@@ -622,6 +622,8 @@ def test_lora_rows_refuses_unknown_values_and_eval_sets_without_the_model_inputs
         synthetic_data, synthetic_erm_dir, tmp_path):
     with pytest.raises(ValueError, match="lora_rows='both'.*choose one of"):
         FairTrainingArguments(str(tmp_path), lora_rows="both")
+    with pytest.raises(ValueError, match="selection_rows='all'.*choose one of.*untrained.*share"):
+        FairTrainingArguments(str(tmp_path), selection_rows="all")
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match=r"lora_eval_fraction=.*must be in \(0, 1\)"):
             FairTrainingArguments(str(tmp_path), lora_eval_fraction=bad)
