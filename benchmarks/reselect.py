@@ -85,6 +85,10 @@ def evaluate(folders, rules: dict) -> dict:
                 row["detector_auc"].append(auc)
                 row["worst_minority"].append(worst.endswith("s=1"))
                 row["tau"].append(got["threshold"])
+                info = got["selection"]
+                row["per_seed"].append({"seed": int(match["seed"]), "tau": got["threshold"], "alpha": got["strength"],
+                                        "detector_auc": auc, "d_acc": new[0] - base[0], "d_wga": new[1] - base[1],
+                                        **{k: info.get(k, math.nan) for k in PER_SEED_SELECTION}})
     out = {}
     for cell, by_rule in sorted(cells.items()):
         out[cell] = {}
@@ -93,8 +97,29 @@ def evaluate(folders, rules: dict) -> dict:
             absolute = [f"{who}_{m}" for who in ("erm", "fairnet") for m in METRICS] + ["detector_auc"]
             out[cell][name] = {**{k: t_interval(row[k]) for k in ("d_acc", "d_wga", "d_eod", *absolute)},
                                "seeds": row["seeds"], "off": sum(t >= 1.0 for t in row["tau"]), "keeps": keeps,
-                               "erm_worst_is_minority": sum(row["worst_minority"]) * 2 > len(row["worst_minority"])}
+                               "erm_worst_is_minority": sum(row["worst_minority"]) * 2 > len(row["worst_minority"]),
+                               "per_seed": row["per_seed"]}
     return out
+
+
+# what the selection saw for its choice, per seed (`select_correction`'s keys; validation rows)
+PER_SEED_SELECTION = ("accuracy", "accuracy_off", "accuracy_bound", "majority_gate_rate", "candidates")
+
+
+def per_seed(result: dict) -> str:
+    """One line per task × setting × rule × seed: the choice, what validation said of it, and the test change."""
+    lines = ["| task | setting | rule | seed | det. AUC | τ | α | val ACC off → on | 2-SE bound | val majority gated "
+             "| candidates | test ΔACC | test ΔWGA |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for (task, setting), by_rule in result.items():
+        for name, row in by_rule.items():
+            for r in row["per_seed"]:
+                val = (f"{100 * r['accuracy_off']:.1f} → {100 * r['accuracy']:.1f}"
+                       if math.isfinite(r["accuracy_off"]) else "n/a")
+                lines.append(f"| {task} | {setting} | {name} | {r['seed']} | {r['detector_auc']:.2f} | {r['tau']:.3g} "
+                             f"| {r['alpha']:g} | {val} | {100 * r['accuracy_bound']:.1f} "
+                             f"| {100 * r['majority_gate_rate']:.0f} % | {r['candidates']:.0f} "
+                             f"| {100 * r['d_acc']:+.1f} | {100 * r['d_wga']:+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pm(ci: dict) -> str:
@@ -154,6 +179,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--only", action="store_true", help="only the defaults and the --rule rules, not SELECTION_VARIANTS")
     p.add_argument("--headline", action="store_true",
                    help="also print ERM vs FairNet at the defaults, absolute, with the goals (see the module docstring)")
+    p.add_argument("--per-seed", action="store_true",
+                   help="also list each seed's choice: τ, α, validation ACC off → on, the floor's 2-SE bound, the "
+                        "share of the validation majority gated, the candidates searched, and the test change")
     p.add_argument("--out", default=None, help="also write the table (Markdown) and the numbers (JSON) here")
     a = p.parse_args(argv)
     rules = {DEFAULTS: {}, **({} if a.only else SELECTION_VARIANTS)}
@@ -168,6 +196,8 @@ def main(argv: Optional[list] = None) -> dict:
     text = table(result, command)
     if a.headline:
         text += "\n" + headline(result, command)
+    if a.per_seed:
+        text += "\n" + per_seed(result)
     print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -307,11 +307,24 @@ def test_saved_passes_replay_the_runs_own_selection_and_its_variants(tiny):
 def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
     _, out, _ = tiny
     reselect = _load_script("reselect")
-    result = reselect.main([str(out), "--rule", 'strict:{"max_accuracy_drop": 0.0}', "--out", str(out / "rs")])
+    result = reselect.main([str(out), "--rule", 'strict:{"max_accuracy_drop": 0.0}', "--per-seed",
+                            "--out", str(out / "rs")])
     assert set(result) == {(t, st) for t in ("synthetic", "digits", "hidden") for st in ("full", "unlabeled")}
-    for by_rule in result.values():
+    for (task, setting), by_rule in result.items():
         assert set(by_rule) == {"defaults", "strict", *config.SELECTION_VARIANTS}
         assert all(r["keeps"] <= 1 and r["seeds"] == [0] for r in by_rule.values())
+        # --per-seed: each seed's choice is the replay's, with the test change the table averages
+        from suite import replay
+        data = replay.load(str(out / "passes" / f"{task}-s0-{setting}.npz"))
+        for name in ("defaults", "strict"):
+            (seed,) = by_rule[name]["per_seed"]
+            got = replay.replay(data, {} if name == "defaults" else {"max_accuracy_drop": 0.0})
+            assert (seed["tau"], seed["alpha"]) == (got["threshold"], got["strength"])
+            assert seed["d_acc"] == pytest.approx(by_rule[name]["d_acc"]["mean"])
+            if got["threshold"] < 1.0:  # a kept correction's 2-SE bound cleared the rule's floor on validation
+                drop = 0.005 if name == "defaults" else 0.0
+                assert seed["accuracy_bound"] >= seed["accuracy_off"] - drop - 1e-9 and seed["candidates"] > 1
+    assert "| val ACC off → on | 2-SE bound |" in capsys.readouterr().out
     # the group is not in the input: off under the defaults and every rule that keeps the floor's margin, which also
     # guards the loss tie-break (at z = 0 a loss gain within the noise may break a tie: method.md §7)
     hidden = result[("hidden", "full")]
