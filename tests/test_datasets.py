@@ -95,6 +95,19 @@ def test_adult_include_sex_false():
         assert "Female" not in words and "Male" not in words
 
 
+def test_adult_race_as_the_group():
+    dd = load_adult_text(seed=0, max_train=300, max_eval=200, sensitive_attribute="race", progress=False)
+    races = {"White", "Black", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other"}
+    for split in ("train", "validation", "test"):
+        for text, s in zip(dd[split]["text"], dd[split]["sensitive"]):
+            race = races & set(text.split(", "))
+            assert len(race) == 1 and s == int(race != {"White"}), (text, s)  # the group follows the written race
+        assert 0 < sum(dd[split]["sensitive"]) < len(dd[split])
+    assert "not White (minority)" in dd["train"].info.description
+    with pytest.raises(ValueError, match="sensitive_attribute='age'.*race"):
+        load_adult_text(seed=0, max_train=10, max_eval=10, sensitive_attribute="age", progress=False)
+
+
 def test_adult_determinism_and_subsampling(adult):
     a = load_adult_text(seed=0, max_train=500, max_eval=200, progress=False)
     b = load_adult_text(seed=0, max_train=500, max_eval=200, progress=False)

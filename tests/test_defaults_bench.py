@@ -164,6 +164,21 @@ def test_hidden_task_group_is_independent_of_the_input():
     assert np.isin(plain, SYNTH_TOKENS["marker"]).any(1).all()
 
 
+def test_held_out_adult_race_task_groups_by_race():
+    """The held-out task is Adult with race as the group: the suite's bundle carries the loader's race groups for the
+    same seed and rows, not the sex ones, and the task note says it never chose a default."""
+    from fairnet_peft.data import load_adult_text
+
+    cfg = dict(config.DEFAULTS_PRESETS["quick"]["adult-race"], n_train=120, n_val=60, n_test=80)
+    splits, _, task_type, _, note = data.build_task("adult-race", cfg, seed=3)
+    assert task_type == "SEQ_CLS" and "sensitive_attribute='race'" in note
+    ref = load_adult_text(seed=3, max_train=120, max_eval=80, sensitive_attribute="race", progress=False)
+    sex = load_adult_text(seed=3, max_train=120, max_eval=80, progress=False)
+    assert np.array_equal(np.asarray(splits["train"]["sensitive"]), np.asarray(ref["train"]["sensitive"]))
+    assert not np.array_equal(np.asarray(splits["train"]["sensitive"]), np.asarray(sex["train"]["sensitive"]))
+    assert "adult-race" in config.HELD_OUT_TASKS and "adult-race" in config.DEFAULTS_PRESETS["standard"]
+
+
 def test_t_interval_contains_the_mean_and_matches_scipy():
     from scipy import stats
 

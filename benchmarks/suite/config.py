@@ -165,13 +165,17 @@ NO_HARM_WGA = 0.01
 
 # task → loader in fairnet_peft.data (None: the first load_*_text besides Adult) and model family
 TASKS = {"synthetic": ("make_synthetic_text", "bert"), "hidden": ("make_synthetic_text", "bert"),
-         "adult": ("load_adult_text", "minilm"), "digits": ("load_digits_backgrounds", "vit"),
+         "adult": ("load_adult_text", "minilm"), "adult-race": ("load_adult_text", "minilm"),
+         "digits": ("load_digits_backgrounds", "vit"),
          "waterbirds": ("load_waterbirds_style", "vit"), "text2": (None, "minilm")}
 # loader options per task. hidden: the synthetic task without the group marker and with the group drawn independently
 # of every token (fairnet_peft.data.make_synthetic_text, group_in_input=False): the detector cannot find the group
 # (held-out AUC ≈ 0.5), ERM gets about half of the minority right (its label follows another token), so the task
 # measures whether FairNet does harm when it cannot see the group.
-TASK_OPTIONS = {"hidden": {"group_in_input": False}}
+# adult-race: Adult with race as the group (sensitive = 1 for every race but White, written in the text). Added after
+# every current default was chosen and never used to choose one: a held-out task of the suite.
+TASK_OPTIONS = {"hidden": {"group_in_input": False}, "adult-race": {"sensitive_attribute": "race"}}
+HELD_OUT_TASKS = ("adult-race",)
 _BERT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
 _VIT = dict(patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
 _VIT_TINY = dict(_VIT, hidden_size=32, num_attention_heads=2, intermediate_size=64)
@@ -202,10 +206,11 @@ DEFAULTS_PRESETS = {
               "text2": dict(n_train=1500, n_val=300, n_test=2000, max_length=64, **_ERM_LM, fair_epochs=2, batch=16,
                             eval_batch=128)},
 }
+DEFAULTS_PRESETS["quick"]["adult-race"] = dict(DEFAULTS_PRESETS["quick"]["adult"])
 for _cfg in DEFAULTS_PRESETS["tiny"].values():
     _cfg["fair_overrides"] = dict(TINY_FAIR_OVERRIDES)
 DEFAULTS_PRESETS["standard"] = {t: dict(c) for t, c in DEFAULTS_PRESETS["quick"].items()}
-for _t in ("adult", "text2"):  # Adult: ≈ 215 test rows in (>50K, Female) at 6000
+for _t in ("adult", "adult-race", "text2"):  # Adult: ≈ 215 test rows in (>50K, Female) at 6000
     DEFAULTS_PRESETS["standard"][_t].update(n_train=6000, n_val=600, n_test=6000, erm_lr=5e-5)
 for _t in ("digits", "waterbirds"):
     DEFAULTS_PRESETS["standard"][_t].update(n_train=4000, n_test=1600)

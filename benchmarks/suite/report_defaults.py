@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .common import t_interval
-from .config import (ACC_TOL, DETECTOR_FINDS, EOD_TOL, GOAL_GAIN, METRICS, MIN_CELL, NO_HARM_TASKS, NO_HARM_WGA,
-                     SETTINGS)
+from .config import (ACC_TOL, DETECTOR_FINDS, EOD_TOL, GOAL_GAIN, HELD_OUT_TASKS, METRICS, MIN_CELL, NO_HARM_TASKS,
+                     NO_HARM_WGA, SETTINGS)
 from .report import DEFAULTS_BLOCK, publish
 
 
@@ -126,7 +126,9 @@ def _task_note(task: str, block: dict) -> str:
     smallest = min(c["count"] for r in runs.values() for c in r["erm"]["cells"].values())
     times = ", ".join(f"{k} {np.mean([r['timings_s'].get(k, 0) for r in runs.values()]):.0f} s"
                       for k in run0["timings_s"])
-    return (f"- {task}: {run0['description']}; splits {run0['sizes']}; ERM "
+    held_out = " (held out: added after the current defaults were chosen, never used to choose one)" \
+        if task in HELD_OUT_TASKS else ""
+    return (f"- {task}{held_out}: {run0['description']}; splits {run0['sizes']}; ERM "
             + ", ".join(f"{k}={cfg[k]}" for k in ("erm_epochs", "erm_lr", "scheduler", "batch"))
             + f"; FairNet num_train_epochs={cfg['fair_epochs']}; mean time per seed: {times}."
             + (f" Smallest test cell: {smallest} rows (< {MIN_CELL}): see its bootstrap CI per seed."

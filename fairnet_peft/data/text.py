@@ -47,6 +47,8 @@ ADULT_DESCRIPTION = (
     "sensitive: 1 = Female (minority), 0 = Male. The text names the sex explicitly "
     "('Female'/'Male') so the group is detectable from the input."
 )
+#: sensitive_attribute → (column, the majority's value: sensitive = 0 for it, 1 for every other value, what 1 means)
+ADULT_SENSITIVE = {"sex": ("sex", "Male", "Female"), "race": ("race", "White", "not White")}
 
 
 def _read_adult(path: str) -> pd.DataFrame:
@@ -84,6 +86,7 @@ def load_adult_text(
     validation_fraction: float = 0.1,
     *,
     include_sex: bool = True,
+    sensitive_attribute: str = "sex",
     progress: bool = True,
 ) -> DatasetDict:
     """UCI Adult as text classification (real data, official UCI train/test split).
@@ -99,6 +102,9 @@ def load_adult_text(
 
     Columns: ``text`` (str), ``labels`` (int, 1 = income >50K), ``sensitive`` (int, 1 = Female).
 
+    ``sensitive_attribute="race"`` makes the race the group instead (``sensitive`` = 1 for every race but "White",
+    15 % of the rows; the race is always written in the text); the strata of the splits follow the chosen group.
+
     * ``validation`` is carved out of the official train split (``validation_fraction``), seeded
       and stratified on label x sensitive; ``test`` is the official UCI test split.
     * ``max_train`` subsamples train, ``max_eval`` subsamples validation and test (each seeded
@@ -106,6 +112,13 @@ def load_adult_text(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError("validation_fraction must be in (0, 1)")
+    if sensitive_attribute not in ADULT_SENSITIVE:
+        raise ValueError(f"load_adult_text(sensitive_attribute={sensitive_attribute!r}): use one of "
+                         f"{sorted(ADULT_SENSITIVE)}")
+    column, majority, minority = ADULT_SENSITIVE[sensitive_attribute]
+    description = ADULT_DESCRIPTION if sensitive_attribute == "sex" else (
+        ADULT_DESCRIPTION.split(" sensitive:")[0] + f" sensitive: 1 = {minority} (minority), 0 = {majority}. "
+        "The text names the race, so the group is detectable from the input.")
     frames = {"train": _read_adult(ADULT_TRAIN_FILE), "test": _read_adult(ADULT_TEST_FILE)}
     features = Features({"text": Value("string"), "labels": Value("int64"), "sensitive": Value("int64")})
 
@@ -120,7 +133,7 @@ def load_adult_text(
         return {
             "text": np.array(text, dtype=object),
             "labels": (df["income"].str.rstrip(".") == ">50K").to_numpy(np.int64),
-            "sensitive": (df["sex"] == "Female").to_numpy(np.int64),
+            "sensitive": (df[column] != majority).to_numpy(np.int64),
         }
 
     full_train = to_columns(frames["train"])
@@ -138,7 +151,7 @@ def load_adult_text(
         mapping = {k: (np.asarray(v)[idx].tolist() if k == "text" else np.asarray(v)[idx])
                    for k, v in cols.items()}
         return Dataset.from_dict(mapping, features=features,
-                                 info=_info(ADULT_DESCRIPTION + f" Split: {split}.", features))
+                                 info=_info(description + f" Split: {split}.", features))
 
     return DatasetDict(train=make(full_train, tr_idx, "train"),
                        validation=make(full_train, va_idx, "validation"),
