@@ -66,15 +66,29 @@ def dist_state():
     return PartialState(cpu=not _has_accelerator())
 
 
-def close_process_group() -> None:
-    """End of a launched run (torchrun / accelerate launch): wait for every rank, then tear the process group down.
-    Left to the interpreter's exit, gloo's threads can abort a rank that finished its work ("terminate called without
-    an active exception", seen once on a 2-process CPU run), and the launcher then reports the run failed."""
+def exit_launched_run() -> None:
+    """End of a run: with a process group (torchrun / accelerate launch), wait for every rank, tear the group down and,
+    on several processes, end this one without the interpreter's exit-time destructors.
+
+    Left to those destructors, objects that outlive `destroy_process_group` (an FSDP model's device mesh, gloo's
+    worker threads) can abort a rank that finished its work ("terminate called without an active exception", SIGABRT,
+    seen on 2-process CPU runs on a busy machine even after the barrier and the teardown), and the launcher then
+    reports the run failed. Every output is written and flushed before this is called; a run that raises never gets
+    here and exits with its error as usual. One process: a plain return."""
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    several = dist.get_world_size() > 1
+    dist.barrier()
+    dist.destroy_process_group()
+    if several:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def log(message: str) -> None:

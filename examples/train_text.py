@@ -162,4 +162,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    common.close_process_group()
+    common.exit_launched_run()
