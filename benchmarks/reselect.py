@@ -88,6 +88,7 @@ def evaluate(folders, rules: dict) -> dict:
                 info = got["selection"]
                 row["per_seed"].append({"seed": int(match["seed"]), "tau": got["threshold"], "alpha": got["strength"],
                                         "detector_auc": auc, "d_acc": new[0] - base[0], "d_wga": new[1] - base[1],
+                                        "why_off": why_off(info),
                                         **{k: info.get(k, math.nan) for k in PER_SEED_SELECTION}})
     out = {}
     for cell, by_rule in sorted(cells.items()):
@@ -106,10 +107,24 @@ def evaluate(folders, rules: dict) -> dict:
 PER_SEED_SELECTION = ("accuracy", "accuracy_off", "accuracy_bound", "majority_gate_rate", "candidates")
 
 
+def why_off(info: dict) -> str:
+    """What kept the adapter off (`select_correction`'s "refused", "worst_cell_rows"; the reason's short form)."""
+    if info.get("threshold", 1.0) < 1.0:
+        return "on"
+    if "refused" in info:
+        needed = info["refused"]["rows_needed"]
+        return " + ".join(info["refused"]["limits"]) + (f"; passes on ~{needed:.0f} rows" if math.isfinite(needed)
+                                                        else "")
+    if "worst_cell_rows" in info:
+        return f"nothing beat off (worst cell: {info['worst_cell_rows']} rows)"
+    return info.get("reason", "off")[:60]
+
+
 def per_seed(result: dict) -> str:
     """One line per task × setting × rule × seed: the choice, what validation said of it, and the test change."""
     lines = ["| task | setting | rule | seed | det. AUC | τ | α | val ACC off → on | 2-SE bound | val majority gated "
-             "| candidates | test ΔACC | test ΔWGA |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| candidates | test ΔACC | test ΔWGA | off because |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for (task, setting), by_rule in result.items():
         for name, row in by_rule.items():
             for r in row["per_seed"]:
@@ -118,7 +133,7 @@ def per_seed(result: dict) -> str:
                 lines.append(f"| {task} | {setting} | {name} | {r['seed']} | {r['detector_auc']:.2f} | {r['tau']:.3g} "
                              f"| {r['alpha']:g} | {val} | {100 * r['accuracy_bound']:.1f} "
                              f"| {100 * r['majority_gate_rate']:.0f} % | {r['candidates']:.0f} "
-                             f"| {100 * r['d_acc']:+.1f} | {100 * r['d_wga']:+.1f} |")
+                             f"| {100 * r['d_acc']:+.1f} | {100 * r['d_wga']:+.1f} | {r.get('why_off', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -339,7 +339,12 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
             if got["threshold"] < 1.0:  # a kept correction's 2-SE bound cleared the rule's floor on validation
                 drop = 0.005 if name == "defaults" else 0.0
                 assert seed["accuracy_bound"] >= seed["accuracy_off"] - drop - 1e-9 and seed["candidates"] > 1
+                assert seed["why_off"] == "on"
+            else:  # why it stayed off: the replay's refusal, or a blind detector's reason
+                refused = got["selection"].get("refused")
+                assert seed["why_off"] != "on" and (refused is None or refused["limits"][0] in seed["why_off"])
     assert "| val ACC off → on | 2-SE bound |" in capsys.readouterr().out
+    assert any(r["why_off"] != "on" for rows in result.values() for r in rows["defaults"]["per_seed"])
     # the group is not in the input: off under the defaults and every rule that keeps the floor's margin, which also
     # guards the loss tie-break (at z = 0 a loss gain within the noise may break a tie: method.md §7)
     hidden = result[("hidden", "full")]

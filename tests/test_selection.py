@@ -22,8 +22,8 @@ from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, mixture_weights, paired_change,
-                                             pareto_frontier, select_correction, tau_candidates)
+from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, mixture_weights, off_explanation,
+                                             paired_change, pareto_frontier, select_correction, tau_candidates)
 
 from .helpers import expect_warnings
 
@@ -98,6 +98,9 @@ def test_accuracy_floor_and_eod_ceiling_bound_the_choice():
     assert unbounded["equalized_odds_difference"] == pytest.approx(0.25)
     bounded = select_correction(EYE[off], {1.0: EYE[over]}, risk, y, g, max_eod_increase=0.01, **kw)
     assert bounded["threshold"] == OFF and bounded["equalized_odds_difference_off"] == pytest.approx(0.125)
+    # the refusal names the limit, and the reason quotes the EOD it would have reached
+    assert bounded["refused"]["limits"] == ["EOD ceiling"] and math.isnan(bounded["refused"]["rows_needed"])
+    assert "fails the EOD ceiling" in off_explanation(bounded, 2.0) and "12.5 % → 25.0 %" in off_explanation(bounded, 2.0)
 
 
 def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
@@ -127,6 +130,64 @@ def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
     for z in (1.0, 2.0):  # the default margin (2) too: few changed rows, a small standard error
         kept = select_correction(EYE[off], {1.0: EYE[targeted]}, risk, y, g, floor_standard_errors=z, **kw)
         assert kept["threshold"] == 0.5
+
+
+def test_an_adapter_kept_off_by_the_floor_says_how_many_held_out_rows_would_pass_it():
+    """The noisy correction above (−1 point, SE ≈ 3.2, floor 1.5 at one SE): `rows_needed` is where the same change
+    and flip rate would pass. The rows repeated k times (the SE shrinks as 1/√k) check the estimate both ways."""
+    y = np.zeros(200, dtype=int)
+    y[:100] = 1
+    g = np.array([0] * 160 + [1] * 40)
+    off = y.copy()
+    off[160:170] = 1 - y[160:170]
+    off[0:9] = 1 - y[0:9]
+    noisy = off.copy()
+    noisy[np.r_[160:170, 0:9]] = y[np.r_[160:170, 0:9]]
+    noisy[20:41] = 1 - y[20:41]
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.015, max_eod_increase=None, taus=(0.5,),
+              floor_standard_errors=1.0)
+
+    def select(k):
+        return select_correction(EYE[np.tile(off, k)], {1.0: EYE[np.tile(noisy, k)]}, np.full(200 * k, 0.9, np.float32),
+                                 np.tile(y, k), np.tile(g, k), **kw)
+
+    out = select(1)
+    refused = out["refused"]
+    assert out["threshold"] == OFF and refused["limits"] == ["accuracy floor"] and refused["threshold"] == 0.5
+    change, se = paired_change(noisy, off, y)
+    assert refused["accuracy_change"] == pytest.approx(change) and refused["accuracy_standard_error"] == pytest.approx(se)
+    assert refused["rows_needed"] == math.ceil(200 * (se / (change + 0.015)) ** 2)
+    k = refused["rows_needed"] / 200
+    assert select(math.floor(k) - 1)["threshold"] == OFF and select(math.ceil(k) + 1)["threshold"] == 0.5
+    reason = off_explanation(out, 1.0)
+    assert "fails the accuracy floor" in reason and "-1.00 ±" in reason
+    assert f"it would pass the floor on about {refused['rows_needed']:.0f} held-out rows" in reason
+    assert refused["closest"]["threshold"] == 0.5
+
+
+def test_rows_needed_is_estimated_for_fairer_corrections_only():
+    """A candidate that only gains accuracy (3 majority rows fixed, 1 broken; the worst cell untouched) beats the
+    adapter off but fails a wide floor margin: it is the refused one, yet no held-out size is offered for it."""
+    y, g, _, _, _ = _case()
+    off = y.copy()
+    off[18:] = 0  # the minority's worst cell (WGA 0)
+    off[[0, 1, 2]] = 1 - y[[0, 1, 2]]
+    on = off.copy()
+    on[[0, 1, 2]] = y[[0, 1, 2]]
+    on[3] = 1 - y[3]
+    out = select_correction(EYE[off], {1.0: EYE[on]}, np.full(20, 0.9, np.float32), y, g, configured_tau=0.5,
+                            max_accuracy_drop=0.0, max_eod_increase=None, taus=(0.5,), floor_standard_errors=3.0)
+    assert out["threshold"] == OFF and out["refused"]["accuracy_change"] == pytest.approx(0.1)
+    assert out["refused"]["worst_group_accuracy"] == out["worst_group_accuracy_off"]
+    assert math.isnan(out["refused"]["rows_needed"]) and "closest" not in out["refused"]
+
+
+def test_an_adapter_nothing_beat_says_so_with_the_worst_cells_size():
+    y, g, off, _, risk = _case()
+    out = select_correction(off, {1.0: EYE[1 - y]}, risk, y, g, configured_tau=0.5, max_accuracy_drop=0.005,
+                            max_eod_increase=0.01)
+    assert out["threshold"] == OFF and "refused" not in out and out["worst_cell_rows"] == 2
+    assert "worst cell holds 2 of these rows" in off_explanation(out, 2.0)
 
 
 def test_mixture_weights_give_each_cell_its_share_of_all_rows():
@@ -186,7 +247,7 @@ def test_off_wins_when_nothing_beats_it_and_keep_if_admissible():
     assert kept["threshold"] == 0.5 and kept["strength"] == 1.0
     refused = select_correction(off, {1.0: harmful}, risk, y, g, configured_tau=0.0, max_accuracy_drop=0.005,
                                 max_eod_increase=0.01, taus=(0.0,), keep_if_admissible=True)
-    assert refused["threshold"] == OFF
+    assert refused["threshold"] == OFF and refused["refused"]["limits"][0] == "accuracy floor"
 
 
 def _tied_case():
@@ -341,7 +402,7 @@ def test_the_arguments_choose_the_search(tmp_path):
     assert (kept["threshold"], kept["strength"]) == (0.5, 1.0)
     refused = select_with_arguments(args(threshold_selection="none"), off, on, risk, y, g, configured_tau=0.2,
                                     configured_strength=1.0)  # also gates the two majority rows α = 1 breaks
-    assert refused["threshold"] == OFF
+    assert refused["threshold"] == OFF and refused["refused"]["limits"][0] == "accuracy floor"
 
 
 def test_gates_are_compared_in_the_detectors_dtype():
@@ -517,9 +578,12 @@ def test_a_harmful_adapter_is_switched_off_and_the_saved_model_is_the_base(synth
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                           callbacks=[_BreakTheAdapter()])
-    metrics = trainer.train().metrics
+    with expect_warnings("kept the adapter off after the selection.*no candidate raised the held-out worst-group "
+                         "accuracy.*train_selection_frontier"):
+        metrics = trainer.train().metrics
     assert metrics["train_selection_adapter_off"] == 1.0 and model.peft_config["default"].threshold == OFF
     assert "no threshold and strength beat the adapter off" in metrics["train_selection_reason"]
+    assert metrics["train_selection_worst_cell_rows"] >= 1
     erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
     np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
 

@@ -16,7 +16,10 @@ the correction moves those rows toward their class; the loss sees that. A candid
 real gain over the adapter off: its worst-group loss, each cell's loss raised by z standard errors (the floor's z) of
 that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker
 correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain
-beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. The groups
+beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. When off
+wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
+fairer candidate that fails the floor alone, how many held-out rows would let it pass ("rows_needed");
+`off_explanation` words that for the warning, the metrics and the model card. The groups
 are the setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
 the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a detector whose
 held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever few held-out
@@ -165,10 +168,16 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                          "worst_group_loss": loss, "loss_gain": loss_gain,
                          "gate_rate": float(np.average(gate, weights=weights)),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
+                         "accuracy_change": change, "accuracy_standard_error": se,
                          "accuracy_bound": acc_off + change - z * se})
-    admissible = [r for r in rows if r is off or (r["accuracy_bound"] >= floor and not (
-        math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling)
-        and not r["majority_gate_rate"] > widest)]
+    def refused_by(r) -> list:
+        """The limits candidate `r` fails (module docstring), in the order the reason names them."""
+        return [name for name, fails in (
+            ("accuracy floor", r["accuracy_bound"] < floor),
+            ("EOD ceiling", math.isfinite(r["equalized_odds_difference"]) and r["equalized_odds_difference"] > ceiling),
+            ("majority gate bound", r["majority_gate_rate"] > widest)) if fails]
+
+    admissible = [r for r in rows if r is off or not refused_by(r)]
 
     def key(r):
         # lower worst-group loss first, where the gain over the adapter off is real (module docstring)
@@ -179,9 +188,91 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
     chosen = {k: v for k, v in best.items() if k != "loss_gain"}
-    return {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
-            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
-            "admissible": len(admissible), "frontier": pareto_frontier(admissible)}
+    out = {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
+           "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
+           "admissible": len(admissible), "frontier": pareto_frontier(admissible)}
+    if best is off:  # what the limits stopped: candidates better than off (with keep_if_admissible: the one)
+        beaten = [r for r in rows if r is not off and (refused_by(r) if keep_if_admissible else key(r) > key(off))]
+        out["worst_cell_rows"] = _worst_cell_rows(pred_off, labels, groups)
+        # the corrections a user of a fairness tool asks about: a higher worst-group accuracy, or at the same one a
+        # worst-group loss lower beyond the noise (not an accuracy gain alone)
+        fairer = [r for r in beaten if _finite(r["worst_group_accuracy"]) > _finite(wga_off) or (
+            r["worst_group_accuracy"] == wga_off and r.get("loss_gain"))]
+        if beaten:
+            out["refused"] = _refusal(max(fairer or beaten, key=key), fairer, refused_by, rows=len(labels), z=z,
+                                      max_accuracy_drop=max_accuracy_drop)
+    return out
+
+
+def _worst_cell_rows(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> int:
+    """Rows in the (class × group) cell with the lowest accuracy (0 without two known groups)."""
+    known = groups >= 0
+    if not known.any() or len(np.unique(groups[known])) < 2:
+        return 0
+    cells = labels[known] * (int(groups[known].max()) + 1) + groups[known]
+    right = pred[known] == labels[known]
+    present = np.unique(cells)
+    worst = min(present, key=lambda c: right[cells == c].mean())
+    return int((cells == worst).sum())
+
+
+def _refusal(best: dict, fairer: list, refused_by, *, rows: int, z: float, max_accuracy_drop: Optional[float]) -> dict:
+    """Why the adapter stayed off although candidates beat it: the one the selection would have taken without its
+    limits (a fairer one where there is one) and the limits it fails; `rows_needed`: the fewest held-out rows at
+    which one of the `fairer` candidates that fails the floor alone (`closest`, with its τ, strength, WGA and
+    accuracy change) would pass it, its accuracy change and flip rate unchanged (the standard error shrinks as
+    1/√rows); nan where none could (e.g. its change is below the floor itself)."""
+    needed, closest = math.inf, None
+    for r in fairer:
+        gap = r["accuracy_change"] + (max_accuracy_drop or 0.0)
+        if refused_by(r) == ["accuracy floor"] and gap > 0 and r["accuracy_standard_error"] > 0:
+            rows_r = rows * (z * r["accuracy_standard_error"] / gap) ** 2
+            if rows_r < needed:
+                needed, closest = rows_r, r
+    keys = ("threshold", "strength", "accuracy", "worst_group_accuracy", "equalized_odds_difference",
+            "worst_group_loss", "gate_rate", "majority_gate_rate", "accuracy_change", "accuracy_standard_error",
+            "accuracy_bound")
+    out = {**{k: best[k] for k in keys}, "limits": refused_by(best), "max_accuracy_drop": max_accuracy_drop,
+           "rows_needed": float(math.ceil(needed)) if closest is not None else math.nan}
+    if closest is not None:
+        out["closest"] = {k: closest[k] for k in ("threshold", "strength", "worst_group_accuracy", "accuracy_change")}
+    return out
+
+
+def off_explanation(info: dict, floor_standard_errors: float) -> str:
+    """The sentence after "no threshold and strength beat the adapter off on the held-out rows …": what the
+    selection saw (`select_correction`'s "refused", "worst_cell_rows") and what would change it."""
+    refused = info.get("refused")
+    if not refused:
+        cell = info.get("worst_cell_rows", 0)
+        where = f" (the adapter-off model's worst cell holds {cell} of these rows)" if cell else ""
+        return ("no candidate raised the held-out worst-group accuracy, or lowered the worst-group loss beyond the "
+                f"noise{where}: the trained correction did not help these rows, or too few of them show it")
+    parts = [f"the best refused candidate, τ = {refused['threshold']:.3g} at strength {refused['strength']:g} "
+             f"(worst-group accuracy {_percent(info['worst_group_accuracy_off'])} → "
+             f"{_percent(refused['worst_group_accuracy'])}), fails the {' and the '.join(refused['limits'])}"]
+    if "accuracy floor" in refused["limits"]:
+        parts.append(f"its accuracy change is {100 * refused['accuracy_change']:+.2f} ± "
+                     f"{100 * refused['accuracy_standard_error']:.2f} points, and {floor_standard_errors:g} standard "
+                     f"errors below it is {100 * (refused['accuracy_bound'] - info['accuracy_off']):+.2f}, under the "
+                     f"floor's {-100 * (refused['max_accuracy_drop'] or 0.0):+.2f}")
+    if "EOD ceiling" in refused["limits"]:
+        parts.append(f"it raises EOD {_percent(info['equalized_odds_difference_off'])} → "
+                     f"{_percent(refused['equalized_odds_difference'])}")
+    closest = refused.get("closest")
+    if closest is not None:
+        which = ("it" if (closest["threshold"], closest["strength"]) == (refused["threshold"], refused["strength"])
+                 else f"τ = {closest['threshold']:.3g} at strength {closest['strength']:g} (worst-group accuracy "
+                      f"{_percent(closest['worst_group_accuracy'])}, accuracy change "
+                      f"{100 * closest['accuracy_change']:+.2f} points), which fails the floor alone,")
+        parts.append(f"{which} would pass the floor on about {refused['rows_needed']:.0f} held-out rows at the same "
+                     "accuracy change: a larger eval_dataset lets such a correction through, a looser "
+                     "max_accuracy_drop or floor_standard_errors too, at the risk the floor guards against")
+    return "; ".join(parts)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f} %" if math.isfinite(value) else "n/a"
 
 
 def searched_strengths(args, configured_strength: float) -> tuple:

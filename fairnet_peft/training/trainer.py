@@ -59,7 +59,8 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import OFF, detector_blind, mixture_weights, searched_strengths, select_with_arguments
+from .selection import (OFF, detector_blind, mixture_weights, off_explanation, searched_strengths,
+                        select_with_arguments)
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
@@ -861,7 +862,11 @@ class FairTrainer(Trainer):
                 info["strength"] = float(config.adapter_strength)
                 bound = "" if args.resolved_max_majority_gate_rate() is None else " and the majority gate bound"
                 info["reason"] = ("no threshold and strength beat the adapter off on the held-out rows within the "
-                                  f"accuracy floor and the EOD ceiling{bound}")
+                                  f"accuracy floor and the EOD ceiling{bound}: "
+                                  f"{off_explanation(info, args.floor_standard_errors)}")
+                warnings.warn(f"FairNet kept the adapter off after the selection (τ = 1, the model behaves as the "
+                              f"base model): {info['reason']}. The searched frontier is in the train metrics "
+                              "(train_selection_frontier) and the model card.", UserWarning, stacklevel=3)
         self._tuner.set_threshold(self.adapter_name, info["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
         run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
@@ -870,6 +875,8 @@ class FairTrainer(Trainer):
         metrics["train_selection_rows"] = float(len(dataset))
         if "frontier" in info:
             metrics["train_selection_frontier"] = info["frontier"]
+        if math.isfinite(info.get("refused", {}).get("rows_needed", math.nan)):
+            metrics["train_selection_rows_needed"] = info["refused"]["rows_needed"]
         if "reason" in info:
             metrics["train_selection_reason"] = info["reason"]
         return metrics
