@@ -147,12 +147,26 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
     return {"adapter_repo": args.hub_model_id, "base_repo": base_id}
 
 
+def selection_line(train_metrics: dict) -> str:
+    """What the selection after training chose, from FairTrainer's train metrics: τ and α, or why the adapter is
+    off (`train_selection_reason`); empty when nothing was selected."""
+    if "train_selection_threshold" not in train_metrics:
+        return ""
+    rows = f"{train_metrics.get('train_selection_rows', float('nan')):.0f} held-out rows"
+    if train_metrics.get("train_selection_adapter_off"):
+        return f"selection on {rows}: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
+    return (f"selection on {rows}: tau = {train_metrics['train_selection_threshold']:.4g}, "
+            f"strength = {train_metrics['train_selection_strength']:g}")
+
+
 def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict,
-                  memory: Optional[dict] = None) -> None:
+                  memory: Optional[dict] = None, selection: str = "") -> None:
     log("")
     log(f"{name}: ERM vs FairNet on the test split ({args.setting} setting)")
     log(summary_table(results))
     log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR|; gate rate = P(LoRA on | s).")
+    if selection:
+        log(selection)
     log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if memory:
         log("peak GPU memory (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
@@ -195,7 +209,8 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     paths = save_outputs(args=args, model=model, card=text, fair_test=fair_test, cells=cells, metrics=metrics)
     pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
         if args.push_to_hub else {}
-    print_summary(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed, memory=memory)
+    print_summary(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed, memory=memory,
+                  selection=selection_line(train_result.metrics))
     dist_state().wait_for_everyone()
     return {"erm": results["ERM"], "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,
             "label_setting": trainer.label_setting}

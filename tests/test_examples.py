@@ -130,6 +130,10 @@ def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None
                                       ("accuracy", "worst_group_accuracy", "equalized_odds_difference")]
         assert rows["ERM"][0][3:] == ["-", "-"]
         assert rows["FairNet"][0][3] == f"{metrics['fairnet']['gate_rate_s0']:.3f}"
+        train = metrics["fairnet_train"]  # the selection's choice, or why the adapter is off, under the table
+        if "train_selection_threshold" in train:
+            rows_line = f"selection on {train['train_selection_rows']:.0f} held-out rows: "
+            assert rows_line + ("the adapter is off (" if train["train_selection_adapter_off"] else "tau = ") in stdout
     return metrics
 
 
