@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -294,6 +295,18 @@ def test_a_loss_gain_within_the_noise_does_not_break_a_tie():
     assert noisy["threshold"] == OFF
     point = select_correction(off, {1.0: mixed}, risk, y, g, floor_standard_errors=0.0, **kw)
     assert point["threshold"] < OFF and point["worst_group_loss"] < point["worst_group_loss_off"]
+    # the tie-break's own margin, apart from the floor's: at z_tie = 0 the loss decides while the floor keeps z = 2
+    split = select_correction(off, {1.0: mixed}, risk, y, g, floor_standard_errors=2.0, tie_break_standard_errors=0.0,
+                              **kw)
+    assert split["threshold"] < OFF
+    assert select_correction(off, {1.0: mixed}, risk, y, g, floor_standard_errors=0.0, tie_break_standard_errors=2.0,
+                             **kw)["threshold"] == OFF
+    from fairnet_peft.training.selection import select_with_arguments
+    with tempfile.TemporaryDirectory() as tmp:  # FairTrainingArguments.tie_break_standard_errors reaches the search
+        for z_tie, is_off in ((None, True), (0.0, False)):
+            args = FairTrainingArguments(tmp, threshold_selection="threshold", tie_break_standard_errors=z_tie, **QUIET)
+            got = select_with_arguments(args, off, {1.0: mixed}, risk, y, g, configured_tau=0.5, configured_strength=1.0)
+            assert (got["threshold"] == OFF) == is_off, z_tie
     # a consistent gain (both rows move toward class 1) passes the same margin
     _, _, _, on, _ = _tied_case()
     assert select_correction(off, {1.0: on[1.0]}, risk, y, g, floor_standard_errors=2.0, **kw)["threshold"] < OFF
@@ -446,7 +459,8 @@ def test_anchor_weightings():
                                          ("floor_standard_errors", -1.0), ("min_selected_threshold", 1.5),
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
                                          ("min_detector_auc", 1.5), ("anchor_weighting", "inverse"),
-                                         ("max_majority_gate_rate", 1.5), ("max_majority_gate_rate", "most")])
+                                         ("max_majority_gate_rate", 1.5), ("max_majority_gate_rate", "most"),
+                                         ("tie_break_standard_errors", -1.0)])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):
     with pytest.raises(ValueError, match=name):
         FairTrainingArguments(str(tmp_path), **{name: value}, **QUIET)

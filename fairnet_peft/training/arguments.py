@@ -268,6 +268,17 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    tie_break_standard_errors: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Margin of the worst-group-loss tie-break (selection_tie_break='worst_group_loss'), in standard errors "
+                "of each cell's paired per-row loss change; None (default) = floor_standard_errors, one margin for "
+                "both limits. A candidate reaches the tie-break only when it ties with the adapter off on held-out "
+                "WGA and accuracy. Measured, not the default: docs/benchmarks.md, 'The tie-break's margin'."
+            )
+        },
+    )
     max_eod_increase: Union[float, str] = field(
         default=0.01,
         metadata={
@@ -388,6 +399,10 @@ class FairTrainingArguments(TrainingArguments):
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
                              "in [0, 5] (2 = the default margin, 0 = the point estimate).")
+        if self.tie_break_standard_errors is not None and not (
+                isinstance(self.tie_break_standard_errors, (int, float)) and 0.0 <= self.tie_break_standard_errors <= 5.0):
+            raise ValueError(f"FairTrainingArguments.tie_break_standard_errors={self.tie_break_standard_errors!r}: a "
+                             "number in [0, 5], or None for floor_standard_errors.")
         if not (isinstance(self.min_selected_threshold, (int, float)) and 0.0 <= self.min_selected_threshold <= 1.0):
             raise ValueError(f"FairTrainingArguments.min_selected_threshold={self.min_selected_threshold!r}: a number "
                              "in [0, 1] (0 = search every τ).")

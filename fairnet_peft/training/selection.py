@@ -116,14 +116,16 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       strengths: Optional[Sequence[float]] = None, taus: Optional[Sequence[float]] = None,
                       keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
                       min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None,
-                      tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None) -> dict:
+                      tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None,
+                      tie_break_standard_errors: Optional[float] = None) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
     search (default: every key), `taus` the thresholds (default: `tau_candidates` from `min_threshold` on).
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
-    difference (`paired_change`). `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
+    difference (`paired_change`); `tie_break_standard_errors` the loss tie-break's margin (None: the same z).
+    `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
     no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. `weights` (per row, e.g.
     `mixture_weights`): ACC, its paired change and the gate rate are weighted means; WGA, EOD, the loss and the
     majority gate rate are read per cell or group and need none. Returns {"threshold",
@@ -149,6 +151,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
            "majority_gate_rate": 0.0}
     rows = [off]
     z = float(floor_standard_errors)
+    z_tie = z if tie_break_standard_errors is None else float(tie_break_standard_errors)
     if taus is None:
         taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau,
                               min_threshold)
@@ -162,7 +165,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             pred = np.where(gate, pred_on, pred_off)
             acc, wga, eod = _scores(pred, labels, groups, weights)
             change, se = paired_change(pred, pred_off, labels, weights)
-            loss, loss_gain = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z)
+            loss, loss_gain = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
                          "worst_group_loss": loss, "loss_gain": loss_gain,
@@ -297,7 +300,8 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              min_threshold=args.min_selected_threshold,
                              max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
                              taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed,
-                             tie_break=args.selection_tie_break, weights=weights)
+                             tie_break=args.selection_tie_break, weights=weights,
+                             tie_break_standard_errors=args.tie_break_standard_errors)
 
 
 def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray,
