@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..metrics import accuracy, equalized_odds_difference, worst_group_accuracy
+from ..metrics import accuracy, equalized_odds_difference, group_accuracies, worst_group_accuracy
 from ..evaluation.sweep import gate_rate_thresholds
 
 OFF = 1.0  # risk ≤ 1 and the gate is `risk > τ`: τ = 1 is the adapter off
@@ -208,15 +208,16 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
 
 
 def _worst_cell_rows(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> int:
-    """Rows in the (class × group) cell with the lowest accuracy (0 without two known groups)."""
+    """Rows in the (class × group) cell with the lowest accuracy (`metrics.group_accuracies`; 0 without two known
+    groups)."""
     known = groups >= 0
     if not known.any() or len(np.unique(groups[known])) < 2:
         return 0
-    cells = labels[known] * (int(groups[known].max()) + 1) + groups[known]
-    right = pred[known] == labels[known]
-    present = np.unique(cells)
-    worst = min(present, key=lambda c: right[cells == c].mean())
-    return int((cells == worst).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # empty cells are skipped, as in _scores
+        cells = [c for c in group_accuracies(labels[known], pred[known], sensitive_features=groups[known]).values()
+                 if c["count"] > 0]
+    return int(min(cells, key=lambda c: c["accuracy"])["count"])
 
 
 def _refusal(best: dict, fairer: list, refused_by, *, rows: int, z: float, max_accuracy_drop: Optional[float]) -> dict:
