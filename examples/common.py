@@ -142,6 +142,12 @@ FAIR_KNOBS = (
      "part of the validation split, which then does not select)."),
     ("--pseudo-labeler", "pseudo_labeler", {},
      "How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler)."),
+    ("--selection-tie-break", "selection_tie_break", {},
+     "How the selection after training breaks ties on held-out WGA and accuracy "
+     "(FairTrainingArguments.selection_tie_break)."),
+    ("--tie-break-standard-errors", "tie_break_standard_errors", dict(type=float),
+     "Margin of that tie-break in standard errors (FairTrainingArguments.tie_break_standard_errors; unset = the "
+     "accuracy floor's)."),
 )
 
 

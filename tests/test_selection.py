@@ -352,6 +352,27 @@ def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
     assert _worst_cell_loss(moved_one, cell_labels, cell_groups, reference, 0.5)[1] is True
 
 
+def test_the_bound_tie_break_prefers_the_gain_shown_at_worst_to_the_luckiest_estimate():
+    """Two corrections both lower the worst cell (the minority's class 1, both rows wrong) beyond the margin: α = 1
+    moves both rows alike (loss 1.31, no spread), α = 0.5 moves one far and one a little (mean loss 1.29, a wide
+    spread). The default ranks by the estimate and takes α = 0.5; 'worst_group_loss_bound' ranks by the loss plus
+    its margin and takes α = 1."""
+    y, g, _, _, risk = _case()
+    off = np.zeros((len(y), 2), dtype=np.float32)
+    off[np.arange(len(y)), y] = 3.0
+    off[18:] = [3.0, 0.0]
+    alike, spread = off.copy(), off.copy()
+    alike[18:] = [1.0, 0.0]
+    spread[18], spread[19] = [0.01, 0.0], [1.7, 0.0]
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None, floor_standard_errors=2.0)
+    on = {0.5: spread, 1.0: alike}
+    lucky = select_correction(off, on, risk, y, g, **kw)
+    assert lucky["threshold"] < OFF and lucky["strength"] == 0.5
+    safe = select_correction(off, on, risk, y, g, tie_break="worst_group_loss_bound", **kw)
+    assert safe["threshold"] < OFF and safe["strength"] == 1.0
+    assert lucky["worst_group_loss"] < safe["worst_group_loss"] < lucky["worst_group_loss_off"]
+
+
 def test_the_worst_group_loss_is_the_largest_cell_cross_entropy():
     """Checked against scikit-learn's log_loss per (class × group) cell."""
     from sklearn.metrics import log_loss

@@ -311,7 +311,10 @@ class FairTrainingArguments(TrainingArguments):
                 "where it stays below the adapter-off one with each cell's loss raised by floor_standard_errors "
                 "standard errors of the cell's paired per-row change, then the weaker correction; 'weakest' goes "
                 "straight to the weaker correction, so the adapter stays off whenever no candidate beats it on WGA or ACC. Small held-out "
-                "cells tie often: 5 rows cannot show a WGA gain that the loss does show (docs/method.md §7)."
+                "cells tie often: 5 rows cannot show a WGA gain that the loss does show (docs/method.md §7). "
+                "'worst_group_loss_bound': the same test, and among candidates that pass it the lowest loss plus its "
+                "margin (the gain shown at worst) rather than the lowest estimate, which among many noisy candidates "
+                "is often luck."
             )
         },
     )

@@ -16,7 +16,9 @@ the correction moves those rows toward their class; the loss sees that. A candid
 real gain over the adapter off: its worst-group loss, each cell's loss raised by z standard errors (the floor's z) of
 that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker
 correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain
-beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. When off
+beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. With
+"worst_group_loss_bound" the candidates with a real gain are ranked by that raised worst-group loss instead of the
+estimate: the gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win. When off
 wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
 fairer candidate that fails the floor alone, how many held-out rows would let it pass ("rows_needed");
 `off_explanation` words that for the warning, the metrics and the model card. The groups
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ def _gate(risk, tau: float) -> np.ndarray:
     return np.asarray(risk) > float(tau)
 
 
-TIE_BREAKS = ("worst_group_loss", "weakest")
+TIE_BREAKS = ("worst_group_loss", "worst_group_loss_bound", "weakest")
 
 
 def _log_likelihood(logits, labels: np.ndarray) -> np.ndarray:
@@ -67,24 +69,33 @@ def _log_likelihood(logits, labels: np.ndarray) -> np.ndarray:
     return z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))
 
 
+class CellLoss(NamedTuple):
+    loss: float  # the worst-group loss: the largest mean cross-entropy over the cells
+    gain: bool  # whether it is a real gain over the reference (`_worst_cell_loss`)
+    bound: float  # the largest of the cells' losses each raised by z standard errors of its paired change
+
+
 def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                     reference: Optional[np.ndarray] = None, z: float = 0.0) -> tuple[float, bool]:
-    """(the largest mean cross-entropy over the (class × group) cells with a known group, whether it is a real gain).
+                     reference: Optional[np.ndarray] = None, z: float = 0.0) -> CellLoss:
+    """The worst-group loss of these rows over the (class × group) cells with a known group, whether it is a real
+    gain, and its pessimistic value (`CellLoss`).
 
     nan with fewer than two groups (as WGA). With `reference` (the adapter-off log-likelihoods of the same rows), the
     gain is real when the worst-group loss stays below the adapter-off one with every cell's loss raised by `z`
     standard errors of its paired per-row change (a cell the correction does not touch has none): every cell that
     was above the new worst-group loss came down beyond the noise. The off model's worst cell may fall below another
     cell, the usual sign of a correction that worked; the new worst cell, untouched, then bounds the loss exactly.
-    A changed cell of one row has no standard error: it never counts as a gain. Without a reference, True."""
+    A changed cell of one row has no standard error: it never counts as a gain. The pessimistic value is the largest
+    of those raised cell losses: the worst-group loss the correction is shown to reach at worst. Without a
+    reference, True and the loss itself."""
     known = groups >= 0
     if not known.any() or len(np.unique(groups[known])) < 2:
-        return math.nan, False
+        return CellLoss(math.nan, False, math.nan)
     cells = np.where(known, labels * (int(groups[known].max()) + 1) + groups, -1)
     present = np.unique(cells[known])
     loss = max(-log_likelihood[cells == c].mean() for c in present)
     if reference is None:
-        return float(loss), True
+        return CellLoss(float(loss), True, float(loss))
     bounds = []
     for c in present:
         change = log_likelihood[cells == c] - reference[cells == c]
@@ -95,7 +106,7 @@ def _worst_cell_loss(log_likelihood: np.ndarray, labels: np.ndarray, groups: np.
         bounds.append(-log_likelihood[cells == c].mean() + spread)
     loss_off = max(-reference[cells == c].mean() for c in present)
     # strictly below, beyond rounding: one changed row of four has t = 1 exactly, a tie at z = 1, not a gain
-    return float(loss), bool(max(bounds) < loss_off - 1e-9 * max(1.0, loss_off))
+    return CellLoss(float(loss), bool(max(bounds) < loss_off - 1e-9 * max(1.0, loss_off)), float(max(bounds)))
 
 
 def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray,
@@ -141,7 +152,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     pred_off = np.asarray(logits_off).argmax(-1)
     acc_off, wga_off, eod_off = _scores(pred_off, labels, groups, weights)
     ll_off = _log_likelihood(logits_off, labels)
-    loss_off, _ = _worst_cell_loss(ll_off, labels, groups)
+    loss_off = _worst_cell_loss(ll_off, labels, groups).loss
     floor = -math.inf if max_accuracy_drop is None else acc_off - max_accuracy_drop - 1e-12
     ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
     majority = groups == 0
@@ -165,10 +176,10 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             pred = np.where(gate, pred_on, pred_off)
             acc, wga, eod = _scores(pred, labels, groups, weights)
             change, se = paired_change(pred, pred_off, labels, weights)
-            loss, loss_gain = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
+            cell_loss = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
-                         "worst_group_loss": loss, "loss_gain": loss_gain,
+                         "worst_group_loss": cell_loss.loss, "loss_gain": cell_loss.gain, "loss_bound": cell_loss.bound,
                          "gate_rate": float(np.average(gate, weights=weights)),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
                          "accuracy_change": change, "accuracy_standard_error": se,
@@ -184,13 +195,17 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
 
     def key(r):
         # lower worst-group loss first, where the gain over the adapter off is real (module docstring)
-        fit = _finite(-(r["worst_group_loss"] if r.get("loss_gain") else loss_off)) if tie_break != "weakest" else 0.0
+        if tie_break == "weakest":
+            fit = 0.0
+        else:  # "worst_group_loss_bound": the gain it shows at worst, not the luckiest estimate
+            gained = r.get("loss_bound" if tie_break == "worst_group_loss_bound" else "worst_group_loss")
+            fit = _finite(-(gained if r.get("loss_gain") else loss_off))
         return (_finite(r["worst_group_accuracy"]), r["accuracy"], fit, -r["strength"], r["threshold"])
 
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
-    chosen = {k: v for k, v in best.items() if k != "loss_gain"}
+    chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound")}
     out = {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
            "admissible": len(admissible), "frontier": pareto_frontier(admissible)}
