@@ -146,8 +146,7 @@ FAIR_KNOBS = (
      "How the selection after training breaks ties on held-out WGA and accuracy "
      "(FairTrainingArguments.selection_tie_break)."),
     ("--tie-break-standard-errors", "tie_break_standard_errors", dict(type=float),
-     "Margin of that tie-break in standard errors (FairTrainingArguments.tie_break_standard_errors; unset = the "
-     "accuracy floor's)."),
+     "Margin of that tie-break in standard errors (FairTrainingArguments.tie_break_standard_errors)."),
 )
 
 

@@ -151,6 +151,8 @@ SELECTION_VARIANTS = {
     "majority gate ≤ 0.5": {"max_majority_gate_rate": 0.5},
     "majority gate ≤ 0.25": {"max_majority_gate_rate": 0.25},
     "ties to the weaker correction": {"selection_tie_break": "weakest"},
+    "ties by the loss estimate at 2 SE (the default before)": {"selection_tie_break": "worst_group_loss",
+                                                               "tie_break_standard_errors": None},
     "every untrained eval row selects": {"selection_rows": "untrained"},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a

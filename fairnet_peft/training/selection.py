@@ -9,16 +9,16 @@ gate forced on per strength (a row's output depends only on its own gate, so eve
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
                gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
 
-Ties go to the higher accuracy, then (tie_break "worst_group_loss", the default) the lower worst-group loss: the
-largest mean cross-entropy over the same cells, GroupDRO's objective, read from the same logits. Held-out cells are
-small (Adult's women > 50K: 5 rows in 150), so the WGA and ACC of many candidates tie with the adapter off even where
-the correction moves those rows toward their class; the loss sees that. A candidate's loss counts only where it is a
-real gain over the adapter off: its worst-group loss, each cell's loss raised by z standard errors (the floor's z) of
-that cell's paired per-row change, is below the adapter-off worst-group loss; else it ties with off. Then the weaker
-correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain
-beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the weaker correction. With
-"worst_group_loss_bound" the candidates with a real gain are ranked by that raised worst-group loss instead of the
-estimate: the gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win. When off
+Ties go to the higher accuracy, then the lower worst-group loss: the largest mean cross-entropy over the same cells,
+GroupDRO's objective, read from the same logits. Held-out cells are small (Adult's women > 50K: 5 rows in 150), so
+the WGA and ACC of many candidates tie with the adapter off even where the correction moves those rows toward their
+class; the loss sees that. A candidate's loss counts only where it is a real gain over the adapter off: its
+worst-group loss, each cell's loss raised by z_tie standard errors of that cell's paired per-row change, is below the
+adapter-off worst-group loss; else it ties with off. Among real gains, tie_break "worst_group_loss_bound" (FairTrainer's
+default) ranks by that raised worst-group loss, the gain a candidate shows at worst, so that the luckiest of many
+noisy estimates does not win; "worst_group_loss" ranks by the estimate. Then the weaker correction (smaller α, then
+larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break
+"weakest" (the rule before) ties go straight to the weaker correction. When off
 wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
 fairer candidate that fails the floor alone, how many held-out rows would let it pass ("rows_needed");
 `off_explanation` words that for the warning, the metrics and the model card. The groups
