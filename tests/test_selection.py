@@ -355,8 +355,8 @@ def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
 def test_the_bound_tie_break_prefers_the_gain_shown_at_worst_to_the_luckiest_estimate():
     """Two corrections both lower the worst cell (the minority's class 1, both rows wrong) beyond the margin: α = 1
     moves both rows alike (loss 1.31, no spread), α = 0.5 moves one far and one a little (mean loss 1.29, a wide
-    spread). The default ranks by the estimate and takes α = 0.5; 'worst_group_loss_bound' ranks by the loss plus
-    its margin and takes α = 1."""
+    spread). Ranked by the estimate ('worst_group_loss', select_correction's own default) α = 0.5 wins;
+    'worst_group_loss_bound', FairTrainingArguments' default, ranks by the loss plus its margin and takes α = 1."""
     y, g, _, _, risk = _case()
     off = np.zeros((len(y), 2), dtype=np.float32)
     off[np.arange(len(y)), y] = 3.0
@@ -371,6 +371,13 @@ def test_the_bound_tie_break_prefers_the_gain_shown_at_worst_to_the_luckiest_est
     safe = select_correction(off, on, risk, y, g, tie_break="worst_group_loss_bound", **kw)
     assert safe["threshold"] < OFF and safe["strength"] == 1.0
     assert lucky["worst_group_loss"] < safe["worst_group_loss"] < lucky["worst_group_loss_off"]
+    from fairnet_peft.training.selection import select_with_arguments
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's defaults (the bound, margin 1.645) reach the search
+        args = FairTrainingArguments(tmp, **QUIET)
+        assert (args.selection_tie_break, args.tie_break_standard_errors) == ("worst_group_loss_bound", 1.645)
+        every = {0.25: off.copy(), 0.75: off.copy(), **on}  # the search reads every strength; these move nothing
+        got = select_with_arguments(args, off, every, risk, y, g, configured_tau=0.5, configured_strength=1.0)
+        assert got["threshold"] < OFF and got["strength"] == 1.0
 
 
 def test_the_worst_group_loss_is_the_largest_cell_cross_entropy():
