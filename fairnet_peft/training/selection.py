@@ -194,10 +194,11 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     admissible = [r for r in rows if r is off or not refused_by(r)]
 
     def key(r):
-        # lower worst-group loss first, where the gain over the adapter off is real (module docstring)
+        # lower worst-group loss first, where the gain over the adapter off is real (module docstring): the raised
+        # loss ("worst_group_loss_bound", the gain shown at worst) or the estimate ("worst_group_loss")
         if tie_break == "weakest":
             fit = 0.0
-        else:  # "worst_group_loss_bound": the gain it shows at worst, not the luckiest estimate
+        else:
             gained = r.get("loss_bound" if tie_break == "worst_group_loss_bound" else "worst_group_loss")
             fit = _finite(-(gained if r.get("loss_gain") else loss_off))
         return (_finite(r["worst_group_accuracy"]), r["accuracy"], fit, -r["strength"], r["threshold"])
