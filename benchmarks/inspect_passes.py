@@ -4,7 +4,8 @@ training; `suite/replay.py` writes them, `defaults.py` and `quality.py` save the
 For each passes file and each adapter strength α, two lines:
 
 - validation (the rows the selection sees), gate `risk > τ` at the configured τ: rows whose prediction flips, the
-  paired accuracy change with its standard error and the 2-SE bound the floor uses (`paired_change`), and, in the
+  paired accuracy change with its standard error and the bound the floor uses (`paired_change`: the change minus 2
+  standard errors, or the change itself where no row goes from right to wrong, `floor_admits_harmless`), and, in the
   adapter-off model's worst (class × group) cell, the mean gain in log-likelihood over its standard error (t);
 - test, the adapter gated on the true minority (the oracle gate): the ACC and WGA change against the adapter off, and
   the minority's per-class accuracy off → on.
@@ -32,7 +33,8 @@ from suite.replay import load  # noqa: E402
 
 
 def inspect(data: dict, floor_standard_errors: float = 2.0) -> list[dict]:
-    """One dict per strength α: {"strength", "val_flipped", "val_rows", "val_change", "val_se", "val_bound",
+    """One dict per strength α: {"strength", "val_flipped", "val_broken" (flips to wrong), "val_rows", "val_change",
+    "val_se", "val_bound" (the floor's, at FairTrainingArguments' defaults),
     "val_worst_cell_t", "test_d_acc", "test_d_wga", "test_minority_class_acc": {class: (off, on)}}."""
     labels, groups, risk = data["val_labels"], data["val_groups"], data["val_risk"]
     off = data["val_logits_off"].argmax(-1)
@@ -47,14 +49,15 @@ def inspect(data: dict, floor_standard_errors: float = 2.0) -> list[dict]:
     for alpha in STRENGTHS:
         pred = np.where(gate, data[f"val_logits_on_{alpha:g}"].argmax(-1), off)
         change, se = paired_change(pred, off, labels, data.get("val_weights"))
+        broken = int(((pred != labels) & (off == labels)).sum())
         ll = np.where(gate, _log_likelihood(data[f"val_logits_on_{alpha:g}"], labels), ll_off)
         gain = (ll - ll_off)[cells == worst]
         spread = gain.std(ddof=1) / math.sqrt(len(gain)) if len(gain) > 1 else math.nan
         t = gain.mean() / spread if spread > 0 else math.nan
         oracle = np.where(s == 1, data[f"test_logits_on_{alpha:g}"].argmax(-1), test_off)
         rows.append({
-            "strength": alpha, "val_flipped": int((pred != off).sum()), "val_rows": len(labels),
-            "val_change": change, "val_se": se, "val_bound": change - floor_standard_errors * se,
+            "strength": alpha, "val_flipped": int((pred != off).sum()), "val_broken": broken, "val_rows": len(labels),
+            "val_change": change, "val_se": se, "val_bound": change - (floor_standard_errors * se if broken else 0.0),
             "val_worst_cell_t": float(t),
             "test_d_acc": M.accuracy(y, oracle) - M.accuracy(y, test_off),
             "test_d_wga": (M.worst_group_accuracy(y, oracle, sensitive_features=s)
@@ -76,8 +79,9 @@ def main(argv=None) -> list:
         for r in rows:
             cls = ", ".join(f"class {c} {100 * o:.1f} → {100 * n:.1f}"
                             for c, (o, n) in r["test_minority_class_acc"].items())
-            print(f"  α={r['strength']:g}  val: {r['val_flipped']} of {r['val_rows']} flipped, change "
-                  f"{100 * r['val_change']:+.2f} ± {100 * r['val_se']:.2f}, 2-SE bound {100 * r['val_bound']:+.2f}; "
+            print(f"  α={r['strength']:g}  val: {r['val_flipped']} of {r['val_rows']} flipped ({r['val_broken']} to "
+                  f"wrong), change {100 * r['val_change']:+.2f} ± {100 * r['val_se']:.2f}, floor's bound "
+                  f"{100 * r['val_bound']:+.2f}; "
                   f"off-worst cell t {r['val_worst_cell_t']:+.2f}")
             print(f"          test: ΔACC {100 * r['test_d_acc']:+.1f} ΔWGA {100 * r['test_d_wga']:+.1f}; "
                   f"minority {cls}")

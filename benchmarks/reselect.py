@@ -122,7 +122,7 @@ def why_off(info: dict) -> str:
 
 def per_seed(result: dict) -> str:
     """One line per task × setting × rule × seed: the choice, what validation said of it, and the test change."""
-    lines = ["| task | setting | rule | seed | det. AUC | τ | α | val ACC off → on | 2-SE bound | val majority gated "
+    lines = ["| task | setting | rule | seed | det. AUC | τ | α | val ACC off → on | floor's bound | val majority gated "
              "| candidates | test ΔACC | test ΔWGA | off because |",
              "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for (task, setting), by_rule in result.items():
@@ -195,8 +195,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--headline", action="store_true",
                    help="also print ERM vs FairNet at the defaults, absolute, with the goals (see the module docstring)")
     p.add_argument("--per-seed", action="store_true",
-                   help="also list each seed's choice: τ, α, validation ACC off → on, the floor's 2-SE bound, the "
-                        "share of the validation majority gated, the candidates searched, and the test change")
+                   help="also list each seed's choice: τ, α, validation ACC off → on, the floor's bound (2 SE below "
+                        "it where a row goes right → wrong), the share of the validation majority gated, the "
+                        "candidates searched, and the test change")
     p.add_argument("--out", default=None, help="also write the table (Markdown) and the numbers (JSON) here")
     a = p.parse_args(argv)
     rules = {DEFAULTS: {}, **({} if a.only else SELECTION_VARIANTS)}

@@ -336,14 +336,14 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
             got = replay.replay(data, {} if name == "defaults" else {"max_accuracy_drop": 0.0})
             assert (seed["tau"], seed["alpha"]) == (got["threshold"], got["strength"])
             assert seed["d_acc"] == pytest.approx(by_rule[name]["d_acc"]["mean"])
-            if got["threshold"] < 1.0:  # a kept correction's 2-SE bound cleared the rule's floor on validation
+            if got["threshold"] < 1.0:  # a kept correction's bound cleared the rule's floor on validation
                 drop = 0.005 if name == "defaults" else 0.0
                 assert seed["accuracy_bound"] >= seed["accuracy_off"] - drop - 1e-9 and seed["candidates"] > 1
                 assert seed["why_off"] == "on"
             else:  # why it stayed off: the replay's refusal, or a blind detector's reason
                 refused = got["selection"].get("refused")
                 assert seed["why_off"] != "on" and (refused is None or refused["limits"][0] in seed["why_off"])
-    assert "| val ACC off → on | 2-SE bound |" in capsys.readouterr().out
+    assert "| val ACC off → on | floor's bound |" in capsys.readouterr().out
     assert any(r["why_off"] != "on" for rows in result.values() for r in rows["defaults"]["per_seed"])
     # the group is not in the input: off under the defaults and every rule that keeps the floor's margin, which also
     # guards the loss tie-break (at z = 0 a loss gain within the noise may break a tie: method.md §7)
@@ -431,7 +431,13 @@ def test_inspect_passes_reads_the_correction_per_strength(tiny, capsys):
     row = inspect_passes.inspect(data)[-1]
     assert row["val_flipped"] == 1 and row["val_rows"] == 7
     assert row["val_change"] == pytest.approx(1 / 7)
-    assert row["val_bound"] == pytest.approx(row["val_change"] - 2 * row["val_se"])
+    assert row["val_broken"] == 0 and row["val_se"] > 0
+    assert row["val_bound"] == row["val_change"]  # a fix alone: the floor waives its margin (floor_admits_harmless)
+    on2, risk2 = on.copy(), data["val_risk"].copy()
+    on2[0], risk2[0] = [0.0, 2.0], 0.9  # row 0 (class 0, right off) gated and now wrong too: the 2-SE margin applies
+    broken = inspect_passes.inspect({**data, "val_logits_on_1": on2, "val_risk": risk2})[-1]
+    assert broken["val_broken"] == 1 and broken["val_change"] == pytest.approx(0.0)
+    assert broken["val_bound"] == pytest.approx(-2 * broken["val_se"])
     # log p(class 1) = −log(1 + exp(−(z1 − z0))): off z1 − z0 = −2, on −1 and +1
     gains = np.log1p(np.exp(2.0)) - np.log1p(np.exp(-np.array([-1.0, 1.0])))
     assert row["val_worst_cell_t"] == pytest.approx(gains.mean() / (gains.std(ddof=1) / np.sqrt(2)))

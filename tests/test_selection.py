@@ -133,6 +133,44 @@ def test_the_floor_keeps_a_standard_error_margin_on_noisy_corrections():
         assert kept["threshold"] == 0.5
 
 
+def test_a_correction_that_only_fixes_rows_passes_the_floor_as_one_that_flips_none():
+    """150 held-out rows; the minority's class 1 has 4 of 10 wrong. Fixing 2 of them, and breaking none, raises WGA
+    0.6 → 0.8 at +1.33 ± 0.94 accuracy points: two standard errors below that is −0.55, under a 0.5-point floor,
+    although the correction is at least as good as the adapter off on every row. `floor_admits_harmless` (the
+    trainer's default) keeps the margin for corrections that break a row; one that also breaks a majority row stays
+    refused."""
+    y = np.tile([0, 1], 75)
+    g = np.array([0] * 130 + [1] * 20)
+    off = y.copy()
+    minority_ones = np.flatnonzero((g == 1) & (y == 1))
+    off[minority_ones[:4]] = 0
+    fixed = off.copy()
+    fixed[minority_ones[:2]] = 1
+    change, se = paired_change(fixed, off, y)
+    assert change == pytest.approx(2 / 150) and change - 2 * se < -0.005
+    risk = np.where(g == 1, 0.9, 0.1).astype(np.float32)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None, taus=(0.5,),
+              floor_standard_errors=2.0)
+    margin = select_correction(EYE[off], {1.0: EYE[fixed]}, risk, y, g, **kw)
+    assert margin["threshold"] == OFF and margin["refused"]["limits"] == ["accuracy floor"]
+    kept = select_correction(EYE[off], {1.0: EYE[fixed]}, risk, y, g, floor_admits_harmless=True, **kw)
+    assert kept["threshold"] == 0.5 and kept["worst_group_accuracy"] == pytest.approx(0.8)
+    assert kept["accuracy_standard_error"] == pytest.approx(se)  # reported as measured; only the margin is waived
+    traded = fixed.copy()
+    traded[0] = 1 - y[0]  # one majority row broken: the margin applies again
+    risk_all = np.full(150, 0.9, dtype=np.float32)
+    assert select_correction(EYE[off], {1.0: EYE[traded]}, risk_all, y, g, floor_admits_harmless=True,
+                             **kw)["threshold"] == OFF
+    from fairnet_peft.training.selection import STRENGTHS, select_with_arguments
+    with tempfile.TemporaryDirectory() as tmp:  # FairTrainingArguments' default reaches the search; False restores it
+        for admits, expected in ((None, 0.5), (False, OFF)):
+            extra = {} if admits is None else {"floor_admits_harmless": admits}
+            args = FairTrainingArguments(tmp, threshold_selection="threshold", **extra, **QUIET)
+            got = select_with_arguments(args, EYE[off], {a: EYE[fixed] for a in STRENGTHS}, risk, y, g,
+                                        configured_tau=0.5, configured_strength=1.0)
+            assert got["threshold"] == expected or (expected < OFF and got["threshold"] < OFF), admits
+
+
 def test_an_adapter_kept_off_by_the_floor_says_how_many_held_out_rows_would_pass_it():
     """The noisy correction above (−1 point, SE ≈ 3.2, floor 1.5 at one SE): `rows_needed` is where the same change
     and flip rate would pass. The rows repeated k times (the SE shrinks as 1/√k) check the estimate both ways."""
@@ -488,7 +526,7 @@ def test_anchor_weightings():
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
                                          ("min_detector_auc", 1.5), ("anchor_weighting", "inverse"),
                                          ("max_majority_gate_rate", 1.5), ("max_majority_gate_rate", "most"),
-                                         ("tie_break_standard_errors", -1.0)])
+                                         ("tie_break_standard_errors", -1.0), ("floor_admits_harmless", "yes")])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):
     with pytest.raises(ValueError, match=name):
         FairTrainingArguments(str(tmp_path), **{name: value}, **QUIET)

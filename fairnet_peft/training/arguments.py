@@ -268,6 +268,18 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    floor_admits_harmless: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "The accuracy floor's margin (floor_standard_errors) applies only to a (τ, α) that turns at least one "
+                "held-out prediction from right to wrong. A candidate whose flips all turn a wrong prediction right "
+                "is at least as good on every held-out row as one that flips none, which passes the floor with no "
+                "margin (its paired change and standard error are 0); False holds it to the margin, which in under "
+                "200 held-out rows refuses one or two such fixes (docs/method.md §7)."
+            )
+        },
+    )
     tie_break_standard_errors: Optional[float] = field(
         default=1.645,
         metadata={
@@ -404,6 +416,9 @@ class FairTrainingArguments(TrainingArguments):
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
                              "in [0, 5] (2 = the default margin, 0 = the point estimate).")
+        if not isinstance(self.floor_admits_harmless, bool):
+            raise ValueError(f"FairTrainingArguments.floor_admits_harmless={self.floor_admits_harmless!r}: True or "
+                             "False.")
         if self.tie_break_standard_errors is not None and not (
                 isinstance(self.tie_break_standard_errors, (int, float)) and 0.0 <= self.tie_break_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.tie_break_standard_errors={self.tie_break_standard_errors!r}: a "

@@ -5,9 +5,16 @@ rows; α = 0 or τ = 1 is the adapter off) on held-out rows, from one pass with 
 gate forced on per strength (a row's output depends only on its own gate, so every τ follows from those passes):
 
     maximise   WGA(τ, α)           worst accuracy over (class × group) cells with a known group, τ ≥ min_threshold
-    subject to ACC(τ, α) − z·SE ≥ ACC(off) − max_accuracy_drop   (SE: of the paired change, `paired_change`)
+    subject to ACC(τ, α) − z·SE ≥ ACC(off) − max_accuracy_drop   (SE: of the paired change, `paired_change`;
+                                                                   no margin where no row goes right → wrong)
                EOD(τ, α) ≤ EOD(off) + max_eod_increase     (no overshoot past the majority)
                gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
+
+The floor's margin is for the harm a correction may do beyond what the held-out rows show. A candidate that flips no
+held-out prediction has a paired change of 0 with a standard error of 0 and passes; with `floor_admits_harmless`
+(FairTrainer's default) so does one whose flips all turn a wrong prediction right, since it is at least as good as
+that one on every held-out row. Without it, one or two such flips in under 200 rows fail the margin (one flip: a
+change of 1/n with a standard error of about 1/n) while the candidate that flips none passes.
 
 Ties go to the higher accuracy, then the lower worst-group loss: the largest mean cross-entropy over the same cells,
 GroupDRO's objective, read from the same logits. Held-out cells are small (Adult's women > 50K: 5 rows in 150), so
@@ -128,14 +135,16 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       keep_if_admissible: bool = False, floor_standard_errors: float = 0.0,
                       min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None,
                       tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None,
-                      tie_break_standard_errors: Optional[float] = None) -> dict:
+                      tie_break_standard_errors: Optional[float] = None,
+                      floor_admits_harmless: bool = False) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
     search (default: every key), `taus` the thresholds (default: `tau_candidates` from `min_threshold` on).
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
-    difference (`paired_change`); `tie_break_standard_errors` the loss tie-break's margin (None: the same z).
+    difference (`paired_change`), and with `floor_admits_harmless` not where no held-out row goes from right to
+    wrong; `tie_break_standard_errors` the loss tie-break's margin (None: the same z).
     `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
     no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. `weights` (per row, e.g.
     `mixture_weights`): ACC, its paired change and the gate rate are weighted means; WGA, EOD, the loss and the
@@ -176,6 +185,8 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             pred = np.where(gate, pred_on, pred_off)
             acc, wga, eod = _scores(pred, labels, groups, weights)
             change, se = paired_change(pred, pred_off, labels, weights)
+            # every flip a fix: no harm to allow for (module docstring)
+            harmless = floor_admits_harmless and not np.any((pred != labels) & (pred_off == labels))
             cell_loss = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
@@ -183,7 +194,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                          "gate_rate": float(np.average(gate, weights=weights)),
                          "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
                          "accuracy_change": change, "accuracy_standard_error": se,
-                         "accuracy_bound": acc_off + change - z * se})
+                         "accuracy_bound": acc_off + change - (0.0 if harmless else z * se)})
     def refused_by(r) -> list:
         """The limits candidate `r` fails (module docstring), in the order the reason names them."""
         return [name for name, fails in (
@@ -318,7 +329,8 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              max_majority_gate_rate=args.resolved_max_majority_gate_rate(),
                              taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed,
                              tie_break=args.selection_tie_break, weights=weights,
-                             tie_break_standard_errors=args.tie_break_standard_errors)
+                             tie_break_standard_errors=args.tie_break_standard_errors,
+                             floor_admits_harmless=args.floor_admits_harmless)
 
 
 def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray,
