@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for `make test` / `make test-fast` (2 = both cores of the CI box; TEST_WORKERS=0 runs serially)
+TEST_WORKERS ?= 2
 
 .PHONY: venv test test-fast demo bench clean
 
@@ -18,12 +20,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml setup.cfg
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
-	  $(PY) -m pytest -q tests
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # The developer loop: everything except the tests marked `slow` (subprocess and multi-process runs).
 test-fast: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
-	  $(PY) -m pytest -q -m "not slow" tests
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \

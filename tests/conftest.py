@@ -1,9 +1,15 @@
 """Shared fixtures: the synthetic spurious-correlation task and one ERM model trained on it (tiny BERT), built once
 per test session and used by the trainer tests. Tests that need a trained model or a benchmark run (the fixtures in
 END_TO_END_FIXTURES) are end-to-end runs: they get the `slow` marker here, so `make test-fast` skips them and
-`make test` runs them."""
+`make test` runs them.
+
+`make test` runs the suite in 2 pytest-xdist workers (`-n`): each worker gets an equal share of the cores as torch
+threads, and the controller fetches PEFT's generic tests once before the workers collect them (so they all see the
+same files and collect the same tests)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,6 +19,24 @@ from fairnet_peft.data import make_synthetic_text
 
 # fixtures that train a model or run a benchmark end to end (module- or session-scoped, tens of seconds each)
 END_TO_END_FIXTURES = {"erm_dir", "synthetic_erm_dir", "uninterrupted", "tiny", "tiny_report"}
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:  # an xdist worker: its share of the cores, not all of them (2 workers x 2 threads thrash 2 cores)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_configure(config):
+    """On the xdist controller: fetch PEFT's suite before the workers import `test_peft_generic` (each would
+    otherwise download it at once, and a worker that saw a half-written folder would collect other tests). A failed
+    fetch is left to `test_peft_suite_available`, which fails with the reason."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    from .peft_suite_fetch import PeftSuiteUnavailable, ensure_peft_suite
+
+    try:
+        ensure_peft_suite()
+    except PeftSuiteUnavailable:
+        pass
 
 
 def pytest_collection_modifyitems(config, items):
