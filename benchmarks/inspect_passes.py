@@ -4,8 +4,9 @@ training; `suite/replay.py` writes them, `defaults.py` and `quality.py` save the
 For each passes file and each adapter strength α, two lines:
 
 - validation (the rows the selection sees), gate `risk > τ` at the configured τ: rows whose prediction flips, the
-  paired accuracy change with its standard error and the bound the floor uses (`paired_change`: the change minus 2
-  standard errors, or the change itself where no row goes from right to wrong, `floor_admits_harmless`), and, in the
+  paired accuracy change with its standard error and the bound the floor uses at FairTrainingArguments' defaults
+  (`paired_change`: the change minus 2 standard errors; with `floor_admits_harmless=True`, not the default, the change
+  itself where no row goes from right to wrong), and, in the
   adapter-off model's worst (class × group) cell, the mean gain in log-likelihood over its standard error (t);
 - test, the adapter gated on the true minority (the oracle gate): the ACC and WGA change against the adapter off, and
   the minority's per-class accuracy off → on.
@@ -27,12 +28,17 @@ for _p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from fairnet_peft import FairTrainingArguments  # noqa: E402
 from fairnet_peft import metrics as M  # noqa: E402
 from fairnet_peft.training.selection import STRENGTHS, _log_likelihood, paired_change  # noqa: E402
 from suite.replay import load  # noqa: E402
 
 
-def inspect(data: dict, floor_standard_errors: float = 2.0) -> list[dict]:
+_FIELDS = FairTrainingArguments.__dataclass_fields__
+
+
+def inspect(data: dict, floor_standard_errors: float = _FIELDS["floor_standard_errors"].default,
+            floor_admits_harmless: bool = _FIELDS["floor_admits_harmless"].default) -> list[dict]:
     """One dict per strength α: {"strength", "val_flipped", "val_broken" (flips to wrong), "val_rows", "val_change",
     "val_se", "val_bound" (the floor's, at FairTrainingArguments' defaults),
     "val_worst_cell_t", "test_d_acc", "test_d_wga", "test_minority_class_acc": {class: (off, on)}}."""
@@ -57,7 +63,7 @@ def inspect(data: dict, floor_standard_errors: float = 2.0) -> list[dict]:
         oracle = np.where(s == 1, data[f"test_logits_on_{alpha:g}"].argmax(-1), test_off)
         rows.append({
             "strength": alpha, "val_flipped": int((pred != off).sum()), "val_broken": broken, "val_rows": len(labels),
-            "val_change": change, "val_se": se, "val_bound": change - (floor_standard_errors * se if broken else 0.0),
+            "val_change": change, "val_se": se, "val_bound": change - (0.0 if floor_admits_harmless and not broken else floor_standard_errors * se),
             "val_worst_cell_t": float(t),
             "test_d_acc": M.accuracy(y, oracle) - M.accuracy(y, test_off),
             "test_d_wga": (M.worst_group_accuracy(y, oracle, sensitive_features=s)

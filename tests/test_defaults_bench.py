@@ -432,10 +432,12 @@ def test_inspect_passes_reads_the_correction_per_strength(tiny, capsys):
     assert row["val_flipped"] == 1 and row["val_rows"] == 7
     assert row["val_change"] == pytest.approx(1 / 7)
     assert row["val_broken"] == 0 and row["val_se"] > 0
-    assert row["val_bound"] == row["val_change"]  # a fix alone: the floor waives its margin (floor_admits_harmless)
+    assert row["val_bound"] == pytest.approx(row["val_change"] - 2 * row["val_se"])  # the default: the margin applies
+    waived = inspect_passes.inspect(data, floor_admits_harmless=True)[-1]
+    assert waived["val_bound"] == row["val_change"]  # a fix alone: floor_admits_harmless waives the margin
     on2, risk2 = on.copy(), data["val_risk"].copy()
     on2[0], risk2[0] = [0.0, 2.0], 0.9  # row 0 (class 0, right off) gated and now wrong too: the 2-SE margin applies
-    broken = inspect_passes.inspect({**data, "val_logits_on_1": on2, "val_risk": risk2})[-1]
+    broken = inspect_passes.inspect({**data, "val_logits_on_1": on2, "val_risk": risk2}, floor_admits_harmless=True)[-1]
     assert broken["val_broken"] == 1 and broken["val_change"] == pytest.approx(0.0)
     assert broken["val_bound"] == pytest.approx(-2 * broken["val_se"])
     # log p(class 1) = −log(1 + exp(−(z1 − z0))): off z1 − z0 = −2, on −1 and +1

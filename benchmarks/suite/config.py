@@ -154,7 +154,7 @@ SELECTION_VARIANTS = {
     "ties by the loss estimate at 2 SE (the default before)": {"selection_tie_break": "worst_group_loss",
                                                                "tie_break_standard_errors": None},
     "every untrained eval row selects": {"selection_rows": "untrained"},
-    "the floor's margin on fixes-only corrections too (the default before)": {"floor_admits_harmless": False},
+    "no floor margin on fixes-only corrections": {"floor_admits_harmless": True},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).

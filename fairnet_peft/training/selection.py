@@ -11,10 +11,11 @@ gate forced on per strength (a row's output depends only on its own gate, so eve
                gate rate on group 0 ≤ max_majority_gate_rate  (a correction of marked rows, not a global change)
 
 The floor's margin is for the harm a correction may do beyond what the held-out rows show. A candidate that flips no
-held-out prediction has a paired change of 0 with a standard error of 0 and passes; with `floor_admits_harmless`
-(FairTrainer's default) so does one whose flips all turn a wrong prediction right, since it is at least as good as
-that one on every held-out row. Without it, one or two such flips in under 200 rows fail the margin (one flip: a
-change of 1/n with a standard error of about 1/n) while the candidate that flips none passes.
+held-out prediction has a paired change of 0 with a standard error of 0 and passes (it can then win only through the
+tie-break, which has a margin of its own). One or two flips that all turn a wrong prediction right fail the margin in
+under 200 rows (one flip: a change of 1/n with a standard error of about 1/n); `floor_admits_harmless=True` (not
+FairTrainer's default) lets them pass. The default keeps the margin because such a candidate wins on held-out
+accuracy, so among many candidates the luckiest few fixes would be picked (docs/method.md §7).
 
 Ties go to the higher accuracy, then the lower worst-group loss: the largest mean cross-entropy over the same cells,
 GroupDRO's objective, read from the same logits. Held-out cells are small (Adult's women > 50K: 5 rows in 150), so
