@@ -63,7 +63,8 @@ def inspect(data: dict, floor_standard_errors: float = _FIELDS["floor_standard_e
         oracle = np.where(s == 1, data[f"test_logits_on_{alpha:g}"].argmax(-1), test_off)
         rows.append({
             "strength": alpha, "val_flipped": int((pred != off).sum()), "val_broken": broken, "val_rows": len(labels),
-            "val_change": change, "val_se": se, "val_bound": change - (0.0 if floor_admits_harmless and not broken else floor_standard_errors * se),
+            "val_change": change, "val_se": se,
+            "val_bound": change - (0.0 if floor_admits_harmless and not broken else floor_standard_errors * se),
             "val_worst_cell_t": float(t),
             "test_d_acc": M.accuracy(y, oracle) - M.accuracy(y, test_off),
             "test_d_wga": (M.worst_group_accuracy(y, oracle, sensitive_features=s)
