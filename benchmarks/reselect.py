@@ -195,9 +195,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--headline", action="store_true",
                    help="also print ERM vs FairNet at the defaults, absolute, with the goals (see the module docstring)")
     p.add_argument("--per-seed", action="store_true",
-                   help="also list each seed's choice: τ, α, validation ACC off → on, the floor's bound (the change, less 2 "
-                        "SE under the rule's floor), the share of the validation majority gated, the "
-                        "candidates searched, and the test change")
+                   help="also list each seed's choice: τ, α, validation ACC off → on, the floor's bound (the "
+                        "change, less 2 SE under the rule's floor), the share of the validation majority gated, "
+                        "the candidates searched, and the test change")
     p.add_argument("--out", default=None, help="also write the table (Markdown) and the numbers (JSON) here")
     a = p.parse_args(argv)
     rules = {DEFAULTS: {}, **({} if a.only else SELECTION_VARIANTS)}
