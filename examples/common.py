@@ -261,13 +261,38 @@ def mixed_precision(args) -> str:
     return "bf16" if args.bf16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
+def local_fingerprint(spec) -> Optional[str]:
+    """What identifies the contents of a local file or folder, so that an edited dataset or model at the same path
+    is not mistaken for the cached one: a file's sha256; a folder's sha256 over its files' relative paths, sizes and
+    modification times (reading every byte of an image folder or a model would cost more than it saves). None for a
+    name that is not a local path (a Hub id: its name is the key)."""
+    if not isinstance(spec, str) or not os.path.exists(spec):
+        return None
+    digest = hashlib.sha256()
+    if os.path.isfile(spec):
+        with open(spec, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    for folder, dirs, files in os.walk(spec):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, spec)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def erm_cache_dir(args, key: dict) -> tuple[str, dict]:
     """The ERM cache directory and the key that must match for a cached model to be reused (fp32 runs keep the key
-    they had before precision was an option; a bf16 ERM is cached apart)."""
+    they had before precision was an option; a bf16 ERM is cached apart). A local dataset or model adds its
+    `local_fingerprint`: the same path with other contents trains ERM again."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     precision = mixed_precision(args)
+    prints = {f"{name}_fingerprint": local_fingerprint(key.get(name)) for name in ("dataset", "model")}
     key = {**key, "world_size": world, "version": ERM_CACHE_VERSION,
-           **({"mixed_precision": precision} if precision != "no" else {})}
+           **({"mixed_precision": precision} if precision != "no" else {}),
+           **{k: v for k, v in prints.items() if v is not None}}
     if args.erm_cache:
         return args.erm_cache, key
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -180,11 +180,36 @@ def test_bf16_reaches_every_trainer_and_gets_its_own_erm_cache(monkeypatch, caps
     for make in (text.common.fair_training_args, text.common.predict_args):
         assert make(bf16).bf16 and make(bf16).mixed_precision == "bf16", make.__name__
         assert not make(fp32).bf16 and make(fp32).mixed_precision == "no", make.__name__
+
     # under FSDP the push is refused up front (the adapter is sharded), not after the training
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(SystemExit):
         text.common.parse_with_preset(text.build_parser(), ["--push-to-hub", "--hub-model-id", "me/x"], text.DEMO)
     assert "--push-to-hub does not run under FSDP" in capsys.readouterr().err
+
+
+def test_erm_cache_key_follows_the_contents_of_a_local_dataset_and_model(tmp_path, monkeypatch):
+    """An edited CSV at the same path, or a changed model folder, is not the cached ERM's data: the cache key holds
+    their fingerprints. Rewriting the same bytes keeps the key (a file is hashed); a Hub name adds nothing."""
+    text = _load("train_text")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    args = text.common.parse_with_preset(text.build_parser(), ["--demo"], text.DEMO)
+    csv, model = tmp_path / "data.csv", tmp_path / "model"
+    csv.write_text("text,label\na,0\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    key = {"kind": "text", "dataset": str(csv), "model": str(model)}
+    first, first_key = text.common.erm_cache_dir(args, key)
+    assert {"dataset_fingerprint", "model_fingerprint"} <= set(first_key)
+    csv.write_text("text,label\na,0\n")  # the same contents written again
+    assert text.common.erm_cache_dir(args, key)[0] == first
+    csv.write_text("text,label\na,1\n")
+    edited = text.common.erm_cache_dir(args, key)[0]
+    assert edited != first
+    (model / "model.safetensors").write_bytes(b"x")
+    assert text.common.erm_cache_dir(args, key)[0] not in (first, edited)
+    hub = text.common.erm_cache_dir(args, {"kind": "text", "dataset": "org/not-a-local-path"})[1]
+    assert not any(k.endswith("_fingerprint") for k in hub)
 
 
 def test_examples_use_the_package_data_helpers():
