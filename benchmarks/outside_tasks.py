@@ -126,6 +126,18 @@ def limits_line(runs: dict) -> str:
             "EOD ≤ ERM + 1.")
 
 
+def write_if_changed(path: str, text: str) -> str:
+    """`text` into `path` unless the file already holds it, so that a run going on beside this one never reads a
+    file being rewritten; returns `path`."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", newline="") as f:
+            if f.read() == text:
+                return path
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return path
+
+
 def render(report: dict) -> str:
     lines = [f"Command: `{report['command']}`", "",
              f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min. "
@@ -160,8 +172,7 @@ def main(argv=None) -> dict:
     raw = raw_dir(a.cache)
     report["tasks"] = {}
     for name in tasks:
-        path = os.path.join(a.out, "data", f"{name}.csv")
-        TASKS[name].frame(raw).to_csv(path, index=False)
+        path = write_if_changed(os.path.join(a.out, "data", f"{name}.csv"), TASKS[name].frame(raw).to_csv(index=False))
         report["tasks"][name] = {
             setting: {seed: run_seed(int(seed), os.path.join(a.out, name, setting),
                                      ["--dataset", path, "--text-column", "text", "--label-column", "label",

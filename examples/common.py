@@ -183,7 +183,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     model.add_argument("--model", default=defaults.get("model"), help=defaults.get("model_help"))
     model.add_argument("--erm-cache", default=None,
                        help="Directory of the cached ERM model. Default: .cache/erm/<hash of model and data args>. "
-                            "Re-runs with the same ERM arguments load it instead of training again.")
+                            "Re-runs with the same ERM arguments and the same local data and model contents load it "
+                            "instead of training again.")
     model.add_argument("--retrain-erm", action="store_true", help="Ignore a cached ERM model and train it again.")
     model.add_argument("--erm-epochs", type=float, default=defaults["erm_epochs"], help="ERM epochs.")
     model.add_argument("--erm-lr", type=float, default=defaults["erm_lr"], help="ERM learning rate.")
@@ -247,12 +248,11 @@ def cap_validation(ds, args):
 
 
 def describe_split(ds, name: str) -> str:
-    """One log line: rows per (label, group) cell and the rows whose group is unknown."""
+    """One log line: rows per (label, group) cell, the group unknown (s=?) counted per label."""
     y, s = np.asarray(ds["labels"]), np.asarray(ds["sensitive"])
-    cells = ", ".join(f"y={k},s={g}: {int(((y == k) & (s == g)).sum())}"
-                      for k in np.unique(y) for g in (0, 1) if ((y == k) & (s == g)).any())
-    unknown = int((s < 0).sum())
-    return f"{name}: {len(ds)} rows ({cells}{f', s unknown: {unknown}' if unknown else ''})"
+    counts = [(f"y={k},s={'?' if g < 0 else g}", int(((y == k) & (s == g if g >= 0 else s < 0)).sum()))
+              for k in np.unique(y) for g in (0, 1, -1)]
+    return f"{name}: {len(ds)} rows (" + ", ".join(f"{cell}: {n}" for cell, n in counts if n) + ")"
 
 
 # ----------------------------------------------------------------------------- ERM (cached)

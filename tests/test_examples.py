@@ -212,6 +212,17 @@ def test_erm_cache_key_follows_the_contents_of_a_local_dataset_and_model(tmp_pat
     assert not any(k.endswith("_fingerprint") for k in hub)
 
 
+def test_describe_split_counts_unknown_groups_per_label():
+    """The [data] log line of the unlabeled setting (every group hidden) names each class's rows."""
+    from datasets import Dataset
+
+    common = _load("train_text").common
+    ds = Dataset.from_dict({"labels": [0, 0, 1, 1, 1], "sensitive": [0, -1, 1, -1, -1]})
+    assert common.describe_split(ds, "train") == "train: 5 rows (y=0,s=0: 1, y=0,s=?: 1, y=1,s=1: 1, y=1,s=?: 2)"
+    hidden = Dataset.from_dict({"labels": [0, 1, 1], "sensitive": [-1, -1, -1]})
+    assert common.describe_split(hidden, "validation") == "validation: 3 rows (y=0,s=?: 1, y=1,s=?: 2)"
+
+
 def test_examples_use_the_package_data_helpers():
     """Label hiding, group encoding and custom-data loading live once, in fairnet_peft.data."""
     for name in ("train_text", "train_vision"):

@@ -90,3 +90,13 @@ def test_unknown_task_is_an_error_that_names_the_tasks(capsys):
     with pytest.raises(SystemExit):
         outside_tasks.main(["--tasks", "adult", "--doc", "none"])
     assert "compas, german" in capsys.readouterr().err
+
+
+def test_a_task_csv_is_rewritten_only_when_its_contents_change(tmp_path):
+    path = str(tmp_path / "task.csv")
+    assert outside_tasks.write_if_changed(path, "text,label\na,0\n") == path
+    os.utime(path, ns=(1, 1))
+    outside_tasks.write_if_changed(path, "text,label\na,0\n")
+    assert os.stat(path).st_mtime_ns == 1  # the same contents: not touched, so a run reading it beside is safe
+    outside_tasks.write_if_changed(path, "text,label\na,1\n")
+    assert open(path, encoding="utf-8").read() == "text,label\na,1\n"
