@@ -148,15 +148,17 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
 
 
 def selection_line(train_metrics: dict) -> str:
-    """What the selection after training chose, from FairTrainer's train metrics: τ and α, or why the adapter is
-    off (`train_selection_reason`); empty when nothing was selected."""
+    """What the selection after training chose, from FairTrainer's train metrics: τ and α (with the fairer
+    correction the limits held back, `train_selection_held_back`), or why the adapter is off
+    (`train_selection_reason`); empty when nothing was selected."""
     if "train_selection_threshold" not in train_metrics:
         return ""
     rows = f"{train_metrics.get('train_selection_rows', float('nan')):.0f} held-out rows"
     if train_metrics.get("train_selection_adapter_off"):
         return f"selection on {rows}: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
+    held = train_metrics.get("train_selection_held_back")
     return (f"selection on {rows}: tau = {train_metrics['train_selection_threshold']:.4g}, "
-            f"strength = {train_metrics['train_selection_strength']:g}")
+            f"strength = {train_metrics['train_selection_strength']:g}" + (f" (held back: {held})" if held else ""))
 
 
 def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict,

@@ -212,6 +212,16 @@ def test_erm_cache_key_follows_the_contents_of_a_local_dataset_and_model(tmp_pat
     assert not any(k.endswith("_fingerprint") for k in hub)
 
 
+def test_selection_line_says_what_was_kept_and_what_was_held_back():
+    outputs = _load("train_text").outputs
+    kept = {"train_selection_threshold": 0.5, "train_selection_strength": 0.25, "train_selection_rows": 150.0,
+            "train_selection_adapter_off": 0.0}
+    assert outputs.selection_line(kept) == "selection on 150 held-out rows: tau = 0.5, strength = 0.25"
+    held = outputs.selection_line({**kept, "train_selection_held_back": "a fairer candidate, τ = 0.5 at strength 1"})
+    assert held.endswith("strength = 0.25 (held back: a fairer candidate, τ = 0.5 at strength 1)")
+    off = outputs.selection_line({**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"})
+    assert off == "selection on 150 held-out rows: the adapter is off (why)"
+
 def test_describe_split_counts_unknown_groups_per_label():
     """The [data] log line of the unlabeled setting (every group hidden) names each class's rows."""
     from datasets import Dataset

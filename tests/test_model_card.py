@@ -202,6 +202,11 @@ def test_the_selection_lines_name_the_choice_and_the_frontier_with_its_majority_
                              "frontier": [{**row, "worst_group_loss": 0.9}]})
     assert tied[0].endswith("worst-group accuracy 60.0 % against 60.0 %; worst-group loss 0.900 against 1.250).")
     assert "| 0.42 | 0.5 | 0.9000 | 0.7000 | 0.0500 | 0.900 | 0.3000 | 0.1250 |" in tied
+    assert not any("Held back" in line for line in tied)
+    held = render_selection({"selected": True, "threshold": 0.5, "strength": 0.5, "rows": 150, "on": "eval rows",
+                             "accuracy": 0.8, "accuracy_off": 0.8, "worst_group_accuracy": 0.6,
+                             "worst_group_accuracy_off": 0.5, "held_back_reason": "a fairer candidate, τ = 0.5"})
+    assert held[-1] == "Held back by the selection's limits: a fairer candidate, τ = 0.5."
     off = render_selection({"selected": True, "threshold": 1.0, "reason": "nothing passed", "rows": 9})
     assert off == ["**The adapter is off** (τ = 1; chosen on 9 held-out rows): nothing passed."]
     assert render_selection({"selected": False, "threshold": 0.5}) == []

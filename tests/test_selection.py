@@ -23,8 +23,9 @@ from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, mixture_weights, off_explanation,
-                                             paired_change, pareto_frontier, select_correction, tau_candidates)
+from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, held_back_explanation,
+                                             mixture_weights, off_explanation, paired_change, pareto_frontier,
+                                             select_correction, tau_candidates)
 
 from .helpers import expect_warnings
 
@@ -201,6 +202,33 @@ def test_an_adapter_kept_off_by_the_floor_says_how_many_held_out_rows_would_pass
     assert "fails the accuracy floor" in reason and "-1.00 ±" in reason
     assert f"it would pass the floor on about {refused['rows_needed']:.0f} held-out rows" in reason
     assert refused["closest"]["threshold"] == 0.5
+
+
+def test_a_kept_correction_names_the_fairer_one_the_floor_held_back():
+    """On: strength 0.5 fixes 3 of the minority's 12 wrong positives and breaks nothing (passes the 2-SE floor);
+    strength 1 fixes all 12 and breaks 8 of its negatives (+2 points, SE ≈ 2.2: refused). The result keeps 0.5 and
+    names 1 as held back, with the rows that would let it pass; with no floor, 1 is kept and nothing is held back."""
+    y = np.array([1] * 80 + [0] * 80 + [1] * 20 + [0] * 20)
+    g = np.array([0] * 160 + [1] * 40)
+    off = y.copy()
+    off[160:172] = 0
+    mild, strong = off.copy(), y.copy()
+    mild[160:163] = 1
+    strong[180:188] = 1
+    kw = dict(configured_tau=0.5, max_eod_increase=None, taus=(0.5,), floor_standard_errors=2.0)
+    risk = np.full(200, 0.9, np.float32)
+    out = select_correction(EYE[off], {0.5: EYE[mild], 1.0: EYE[strong]}, risk, y, g, max_accuracy_drop=0.005, **kw)
+    held = out["held_back"]
+    assert (out["threshold"], out["strength"]) == (0.5, 0.5) and out["worst_group_accuracy"] == pytest.approx(0.55)
+    assert held["strength"] == 1.0 and held["limits"] == ["accuracy floor"]
+    assert held["worst_group_accuracy"] == pytest.approx(0.6) and held["accuracy_change"] == pytest.approx(0.02)
+    change, se = paired_change(strong, off, y)
+    assert held["rows_needed"] == math.ceil(200 * (2.0 * se / (change + 0.005)) ** 2)
+    text = held_back_explanation(out, 2.0)
+    assert text.startswith("a fairer candidate, τ = 0.5 at strength 1 (worst-group accuracy 55.0 % → 60.0 %)")
+    assert "fails the accuracy floor" in text and f"on about {held['rows_needed']:.0f} held-out rows" in text
+    free = select_correction(EYE[off], {0.5: EYE[mild], 1.0: EYE[strong]}, risk, y, g, max_accuracy_drop=None, **kw)
+    assert free["strength"] == 1.0 and "held_back" not in free and held_back_explanation(free, 2.0) is None
 
 
 def test_rows_needed_is_estimated_for_fairer_corrections_only():

@@ -125,6 +125,8 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
                  f"(accuracy {100 * selection['accuracy']:.1f} % against {100 * selection['accuracy_off']:.1f} % with "
                  f"the adapter off; worst-group accuracy {100 * selection['worst_group_accuracy']:.1f} % against "
                  f"{100 * selection['worst_group_accuracy_off']:.1f} %{_loss_clause(selection)})."]
+        if selection.get("held_back_reason"):
+            lines += ["", f"Held back by the selection's limits: {selection['held_back_reason']}."]
     frontier = selection.get("frontier") or []
     if frontier:
         lines += ["", "Searched frontier (held-out rows; no other candidate has both higher ACC and higher WGA):", "",

@@ -232,6 +232,12 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         if beaten:
             out["refused"] = _refusal(max(fairer or beaten, key=key), fairer, refused_by, rows=len(labels), z=z,
                                       max_accuracy_drop=max_accuracy_drop)
+    elif not keep_if_admissible:  # on, but a fairer correction may have been refused: say which, and what it needs
+        fairer = [r for r in rows if r is not off and refused_by(r)
+                  and _finite(r["worst_group_accuracy"]) > _finite(best["worst_group_accuracy"])]
+        if fairer:
+            out["held_back"] = _refusal(max(fairer, key=key), fairer, refused_by, rows=len(labels), z=z,
+                                        max_accuracy_drop=max_accuracy_drop)
     return out
 
 
@@ -280,8 +286,24 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
         where = f" (the adapter-off model's worst cell holds {cell} of these rows)" if cell else ""
         return ("no candidate raised the held-out worst-group accuracy, or lowered the worst-group loss beyond the "
                 f"noise{where}: the trained correction did not help these rows, or too few of them show it")
-    parts = [f"the best refused candidate, τ = {refused['threshold']:.3g} at strength {refused['strength']:g} "
-             f"(worst-group accuracy {_percent(info['worst_group_accuracy_off'])} → "
+    return _refusal_sentence("the best refused candidate", refused, info, info["worst_group_accuracy_off"],
+                             floor_standard_errors)
+
+
+def held_back_explanation(info: dict, floor_standard_errors: float) -> Optional[str]:
+    """With the adapter on: the fairer correction the limits refused (`select_correction`'s "held_back"), in the
+    words of `off_explanation`, its worst-group accuracy against the chosen one's; None when there is none."""
+    refused = info.get("held_back")
+    if not refused:
+        return None
+    return _refusal_sentence("a fairer candidate", refused, info, info["worst_group_accuracy"], floor_standard_errors)
+
+
+def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float, floor_standard_errors: float) -> str:
+    """`what` (τ, strength, WGA from `reference_wga`) fails these limits, by how much, and the rows that would let
+    it pass the floor (`_refusal`)."""
+    parts = [f"{what}, τ = {refused['threshold']:.3g} at strength {refused['strength']:g} "
+             f"(worst-group accuracy {_percent(reference_wga)} → "
              f"{_percent(refused['worst_group_accuracy'])}), fails the {' and the '.join(refused['limits'])}"]
     if "accuracy floor" in refused["limits"]:
         parts.append(f"its accuracy change is {100 * refused['accuracy_change']:+.2f} ± "
