@@ -108,16 +108,21 @@ PER_SEED_SELECTION = ("accuracy", "accuracy_off", "accuracy_bound", "majority_ga
 
 
 def why_off(info: dict) -> str:
-    """What kept the adapter off (`select_correction`'s "refused", "worst_cell_rows"; the reason's short form)."""
+    """What kept the adapter off (`select_correction`'s "refused", "worst_cell_rows"; the reason's short form), or
+    with the adapter on, what held a fairer correction back ("held_back")."""
     if info.get("threshold", 1.0) < 1.0:
-        return "on"
+        return "on" + (f"; held back: {_limits(info['held_back'])}" if "held_back" in info else "")
     if "refused" in info:
-        needed = info["refused"]["rows_needed"]
-        return " + ".join(info["refused"]["limits"]) + (f"; passes on ~{needed:.0f} rows" if math.isfinite(needed)
-                                                        else "")
+        return _limits(info["refused"])
     if "worst_cell_rows" in info:
         return f"nothing beat off (worst cell: {info['worst_cell_rows']} rows)"
     return info.get("reason", "off")[:60]
+
+
+def _limits(refused: dict) -> str:
+    """The limits a refused candidate fails, and the held-out rows at which it would pass the floor."""
+    needed = refused["rows_needed"]
+    return " + ".join(refused["limits"]) + (f"; passes on ~{needed:.0f} rows" if math.isfinite(needed) else "")
 
 
 def per_seed(result: dict) -> str:

@@ -339,7 +339,8 @@ def test_reselect_command_tables_every_cell_and_rule(tiny, capsys):
             if got["threshold"] < 1.0:  # a kept correction's bound cleared the rule's floor on validation
                 drop = 0.005 if name == "defaults" else 0.0
                 assert seed["accuracy_bound"] >= seed["accuracy_off"] - drop - 1e-9 and seed["candidates"] > 1
-                assert seed["why_off"] == "on"
+                held = got["selection"].get("held_back")
+                assert seed["why_off"] == ("on" if held is None else f"on; held back: {reselect._limits(held)}")
             else:  # why it stayed off: the replay's refusal, or a blind detector's reason
                 refused = got["selection"].get("refused")
                 assert seed["why_off"] != "on" and (refused is None or refused["limits"][0] in seed["why_off"])
