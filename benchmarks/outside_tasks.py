@@ -152,8 +152,11 @@ def render(report: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
-    p.add_argument("--settings", default="full", help="comma-separated, of full, partial, unlabeled")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated, of {', '.join(TASKS)}; `name:setting+setting` gives one task its own "
+                        "settings (e.g. compas:full+unlabeled,german:full)")
+    p.add_argument("--settings", default="full", help="comma-separated, of full, partial, unlabeled: the settings of "
+                                                      "every task named without its own")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "outside-tasks"))
     p.add_argument("--cache", default=os.path.join(REPO_ROOT, ".cache", "fairness-package"),
@@ -162,8 +165,10 @@ def main(argv=None) -> dict:
     p.add_argument("--reuse", action="store_true", help="read back the seeds a finished run left in --out")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every example run")
     a = p.parse_args(argv)
-    tasks, settings = a.tasks.split(","), a.settings.split(",")
-    unknown = [t for t in tasks if t not in TASKS] + [s for s in settings if s not in ("full", "partial", "unlabeled")]
+    tasks = {spec.split(":")[0]: (spec.split(":")[1].split("+") if ":" in spec else a.settings.split(","))
+             for spec in a.tasks.split(",")}
+    unknown = [t for t in tasks if t not in TASKS] + [s for settings in tasks.values() for s in settings
+                                                      if s not in ("full", "partial", "unlabeled")]
     if unknown:
         p.error(f"unknown task or setting {unknown}: tasks are {', '.join(TASKS)}; settings full, partial, unlabeled")
     os.makedirs(os.path.join(a.out, "data"), exist_ok=True)
@@ -171,7 +176,7 @@ def main(argv=None) -> dict:
     report = header("outside_tasks.py", argv if argv is not None else sys.argv[1:], "outside")
     raw = raw_dir(a.cache)
     report["tasks"] = {}
-    for name in tasks:
+    for name, settings in tasks.items():
         path = write_if_changed(os.path.join(a.out, "data", f"{name}.csv"), TASKS[name].frame(raw).to_csv(index=False))
         report["tasks"][name] = {
             setting: {seed: run_seed(int(seed), os.path.join(a.out, name, setting),

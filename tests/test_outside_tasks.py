@@ -86,10 +86,32 @@ def test_limits_line_counts_the_seeds_that_keep_both_limits():
     assert "**compas, full**" in text and text.count("| 0 |") == 1 and "1/3 seeds keep" in text
 
 
-def test_unknown_task_is_an_error_that_names_the_tasks(capsys):
-    with pytest.raises(SystemExit):
-        outside_tasks.main(["--tasks", "adult", "--doc", "none"])
-    assert "compas, german" in capsys.readouterr().err
+def test_unknown_task_or_setting_is_an_error_that_names_the_valid_ones(capsys, tmp_path):
+    for spec in ("adult", "compas:full+biased"):
+        with pytest.raises(SystemExit):
+            outside_tasks.main(["--tasks", spec, "--doc", "none", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert "compas, german" in err and "full, partial, unlabeled" in err
+        assert ("'adult'" if spec == "adult" else "'biased'") in err
+
+
+def test_each_task_runs_its_own_settings(monkeypatch, tmp_path):
+    """`name:setting+setting` gives that task its settings; the others take --settings. No training: the runs are
+    recorded, and the report holds one entry per task × setting × seed."""
+    calls = []
+
+    def fake_run(seed, folder, flags, reuse):
+        calls.append((os.path.relpath(folder, tmp_path), flags[flags.index("--setting") + 1], seed))
+        return _run((0.8, 0.5, 0.1), (0.8, 0.5, 0.1))
+
+    monkeypatch.setattr(outside_tasks, "run_seed", fake_run)
+    monkeypatch.setattr(outside_tasks, "raw_dir", lambda cache: _raw(tmp_path))
+    report = outside_tasks.main(["--tasks", "compas:full+unlabeled,german", "--settings", "partial", "--seeds", "0,1",
+                                 "--out", str(tmp_path / "out"), "--doc", "none"])
+    assert {k: set(v) for k, v in report["tasks"].items()} == {"compas": {"full", "unlabeled"}, "german": {"partial"}}
+    assert sorted(calls) == sorted((os.path.join("out", t, s), s, seed) for t, ss in
+                                   (("compas", ("full", "unlabeled")), ("german", ("partial",)))
+                                   for s in ss for seed in (0, 1))
 
 
 def test_a_task_csv_is_rewritten_only_when_its_contents_change(tmp_path):
