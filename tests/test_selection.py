@@ -227,6 +227,9 @@ def test_a_kept_correction_names_the_fairer_one_the_floor_held_back():
     text = held_back_explanation(out, 2.0)
     assert text.startswith("a fairer candidate, τ = 0.5 at strength 1 (worst-group accuracy 55.0 % → 60.0 %)")
     assert "fails the accuracy floor" in text and f"on about {held['rows_needed']:.0f} held-out rows" in text
+    near_off = select_correction(EYE[off], {0.5: EYE[mild], 1.0: EYE[strong]}, np.ones(200, np.float32), y, g,
+                                 max_accuracy_drop=0.005, **{**kw, "taus": (0.99996,)})
+    assert "a fairer candidate, τ = 0.99996 at strength 1" in held_back_explanation(near_off, 2.0)  # not "τ = 1"
     free = select_correction(EYE[off], {0.5: EYE[mild], 1.0: EYE[strong]}, risk, y, g, max_accuracy_drop=None, **kw)
     assert free["strength"] == 1.0 and "held_back" not in free and held_back_explanation(free, 2.0) is None
 

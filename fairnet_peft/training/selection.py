@@ -302,7 +302,7 @@ def held_back_explanation(info: dict, floor_standard_errors: float) -> Optional[
 def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float, floor_standard_errors: float) -> str:
     """`what` (τ, strength, WGA from `reference_wga`) fails these limits, by how much, and the rows that would let
     it pass the floor (`_refusal`)."""
-    parts = [f"{what}, τ = {refused['threshold']:.3g} at strength {refused['strength']:g} "
+    parts = [f"{what}, τ = {_tau(refused['threshold'])} at strength {refused['strength']:g} "
              f"(worst-group accuracy {_percent(reference_wga)} → "
              f"{_percent(refused['worst_group_accuracy'])}), fails the {' and the '.join(refused['limits'])}"]
     if "accuracy floor" in refused["limits"]:
@@ -316,13 +316,18 @@ def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float
     closest = refused.get("closest")
     if closest is not None:
         which = ("it" if (closest["threshold"], closest["strength"]) == (refused["threshold"], refused["strength"])
-                 else f"τ = {closest['threshold']:.3g} at strength {closest['strength']:g} (worst-group accuracy "
+                 else f"τ = {_tau(closest['threshold'])} at strength {closest['strength']:g} (worst-group accuracy "
                       f"{_percent(closest['worst_group_accuracy'])}, accuracy change "
                       f"{100 * closest['accuracy_change']:+.2f} points), which fails the floor alone,")
         parts.append(f"{which} would pass the floor on about {refused['rows_needed']:.0f} held-out rows at the same "
                      "accuracy change: a larger eval_dataset lets such a correction through, a looser "
                      "max_accuracy_drop or floor_standard_errors too, at the risk the floor guards against")
     return "; ".join(parts)
+
+
+def _tau(value: float) -> str:
+    """τ in three digits, or as many as it takes not to read as 1 (the adapter off) when it is below 1."""
+    return f"{value:.3g}" if value < 0.9995 else f"{value:.6g}"
 
 
 def _percent(value: float) -> str:
