@@ -140,8 +140,10 @@ def write_if_changed(path: str, text: str) -> str:
 
 def render(report: dict) -> str:
     lines = [f"Command: `{report['command']}`", "",
-             f"Run {report['finished']}, {report['machine']}, wall time {report['wall_minutes']:.1f} min. "
-             "`examples/train_text.py` at its defaults with only the data flags; test split, %, mean over seeds "
+             f"Run {report['finished']}, {report['machine']}, "
+             + ("assembled with --reuse from the seeds' finished runs. " if report.get("reused") else
+                f"wall time {report['wall_minutes']:.1f} min. ")
+             + "`examples/train_text.py` at its defaults with only the data flags; test split, %, mean over seeds "
              "[95 % t-interval]; per seed ERM → FairNet with the τ and α the selection chose on the validation rows."]
     for name, by_setting in report["tasks"].items():
         for setting, runs in by_setting.items():
@@ -175,7 +177,7 @@ def main(argv=None) -> dict:
     started = time.time()
     report = header("outside_tasks.py", argv if argv is not None else sys.argv[1:], "outside")
     raw = raw_dir(a.cache)
-    report["tasks"] = {}
+    report["tasks"], report["reused"] = {}, a.reuse
     for name, settings in tasks.items():
         path = write_if_changed(os.path.join(a.out, "data", f"{name}.csv"), TASKS[name].frame(raw).to_csv(index=False))
         report["tasks"][name] = {

@@ -84,6 +84,9 @@ def test_limits_line_counts_the_seeds_that_keep_both_limits():
     text = outside_tasks.render({"command": "c", "finished": "f", "machine": "m", "wall_minutes": 1.0,
                                  "tasks": {"compas": {"full": runs}}})
     assert "**compas, full**" in text and text.count("| 0 |") == 1 and "1/3 seeds keep" in text
+    assert "wall time 1.0 min" in text
+    assert "assembled with --reuse" in outside_tasks.render({"command": "c", "finished": "f", "machine": "m",
+                                                              "wall_minutes": 0.0, "reused": True, "tasks": {}})
 
 
 def test_unknown_task_or_setting_is_an_error_that_names_the_valid_ones(capsys, tmp_path):
