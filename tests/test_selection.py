@@ -224,6 +224,15 @@ def test_a_kept_correction_names_the_fairer_one_the_floor_held_back():
     assert held["worst_group_accuracy"] == pytest.approx(0.6) and held["accuracy_change"] == pytest.approx(0.02)
     change, se = paired_change(strong, off, y)
     assert held["rows_needed"] == math.ceil(200 * (2.0 * se / (change + 0.005)) ** 2)
+    # a change a hair above the floor (−1.5 points against a 1.95-point floor, 27 flips): the size it extrapolates
+    # to, over 100 times these rows, is not offered
+    costly = y.copy()
+    costly[80:95] = 1  # fixes the 12, breaks 15 majority negatives: fairer than `mild` (WGA 0.81), −1.5 points
+    tight = select_correction(EYE[off], {0.5: EYE[mild], 1.0: EYE[costly]}, risk, y, g, max_accuracy_drop=0.0195,
+                              **kw)
+    assert tight["strength"] == 0.5 and tight["held_back"]["accuracy_change"] == pytest.approx(-0.015)
+    assert math.isnan(tight["held_back"]["rows_needed"])
+    assert "would pass the floor on about" not in held_back_explanation(tight, 2.0)
     text = held_back_explanation(out, 2.0)
     assert text.startswith("a fairer candidate, τ = 0.5 at strength 1 (worst-group accuracy 55.0 % → 60.0 %)")
     assert "fails the accuracy floor" in text and f"on about {held['rows_needed']:.0f} held-out rows" in text

@@ -254,18 +254,22 @@ def _worst_cell_rows(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -
     return int(min(cells, key=lambda c: c["accuracy"])["count"])
 
 
+MAX_ROWS_FACTOR = 100  # `_refusal` offers a held-out size only up to this many times the rows the selection had
+
+
 def _refusal(best: dict, fairer: list, refused_by, *, rows: int, z: float, max_accuracy_drop: Optional[float]) -> dict:
     """Why the adapter stayed off although candidates beat it: the one the selection would have taken without its
     limits (a fairer one where there is one) and the limits it fails; `rows_needed`: the fewest held-out rows at
     which one of the `fairer` candidates that fails the floor alone (`closest`, with its τ, strength, WGA and
     accuracy change) would pass it, its accuracy change and flip rate unchanged (the standard error shrinks as
-    1/√rows); nan where none could (e.g. its change is below the floor itself)."""
+    1/√rows); nan where none could (e.g. its change is below the floor itself), or only on more than
+    `MAX_ROWS_FACTOR` times these rows (a change a hair above the floor: no eval set a user has would do)."""
     needed, closest = math.inf, None
     for r in fairer:
         gap = r["accuracy_change"] + (max_accuracy_drop or 0.0)
         if refused_by(r) == ["accuracy floor"] and gap > 0 and r["accuracy_standard_error"] > 0:
             rows_r = rows * (z * r["accuracy_standard_error"] / gap) ** 2
-            if rows_r < needed:
+            if rows_r < needed and rows_r <= MAX_ROWS_FACTOR * rows:
                 needed, closest = rows_r, r
     keys = ("threshold", "strength", "accuracy", "worst_group_accuracy", "equalized_odds_difference",
             "worst_group_loss", "gate_rate", "majority_gate_rate", "accuracy_change", "accuracy_standard_error",
