@@ -250,7 +250,8 @@ def cap_validation(ds, args):
 def describe_split(ds, name: str) -> str:
     """One log line: rows per (label, group) cell, the group unknown (s=?) counted per label."""
     y, s = np.asarray(ds["labels"]), np.asarray(ds["sensitive"])
-    counts = [(f"y={k},s={'?' if g < 0 else g}", int(((y == k) & (s == g if g >= 0 else s < 0)).sum()))
+    s = np.where(s < 0, -1, s)  # every unknown code counts as one
+    counts = [(f"y={k},s={'?' if g < 0 else g}", int(((y == k) & (s == g)).sum()))
               for k in np.unique(y) for g in (0, 1, -1)]
     return f"{name}: {len(ds)} rows (" + ", ".join(f"{cell}: {n}" for cell, n in counts if n) + ")"
 
