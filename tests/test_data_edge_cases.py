@@ -50,6 +50,33 @@ def test_encode_sensitive_normalises_numbers_and_number_strings():
     for minority in (1, "1", 1.0, "1.0"):
         assert encode_sensitive(values, minority) == [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, -1, -1, -1, -1]
     assert encode_sensitive(["1.0", "0.0", "-1.0", "unknown"]) == [1, 0, -1, -1]  # already coded, as strings
+    # a bool column as a CSV writes it ('True' / 'false'), with minority_value True or "true", or already coded
+    assert encode_sensitive(["True", "False", " true ", "FALSE", True, ""], "true") == [1, 0, 1, 0, 1, -1]
+    assert encode_sensitive(["True", "False"], True) == encode_sensitive(["True", "False"]) == [1, 0]
+
+
+def test_a_minority_value_that_matches_no_row_names_the_values(tmp_path):
+    rows = [(f"row{i}", i % 2, "FM"[i % 3 == 0]) for i in range(60)]
+    path = _write_csv(tmp_path / "g.csv", "text,label,gender", rows)
+    with pytest.raises(ValueError, match=r"minority_value='f' .* column 'gender', whose values are \['F', 'M'\] "
+                                         r"\(values compare with their case: did you mean 'F'\?\)"):
+        load_group_dataset(path, keep_columns=["text"], sensitive_column="gender", minority_value="f")
+    with pytest.raises(ValueError, match=r"minority_value='X' .*\['F', 'M'\]\. Pass one of them"):
+        load_group_dataset(path, keep_columns=["text"], sensitive_column="gender", minority_value="X")
+    ds, _ = load_group_dataset(path, keep_columns=["text"], sensitive_column="gender", minority_value="M")
+    assert 1 in ds["train"]["sensitive"]
+
+
+def test_a_label_no_training_row_has_is_an_error_naming_it_and_the_split(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    _write_csv(folder / "train.csv", "text,label,sensitive", [(f"r{i}", "yes" if i % 2 else "no", i % 3 == 0)
+                                                              for i in range(40)])
+    _write_csv(folder / "validation.csv", "text,label,sensitive", [("v0", "no", 1), ("v1", "yes", 0)])
+    _write_csv(folder / "test.csv", "text,label,sensitive", [("t0", "maybe", 1), ("t1", "yes", 0)])
+    with pytest.raises(ValueError, match=r"the test split has labels \['maybe'\] that no training row has "
+                                         r"\(training labels: \['no', 'yes'\]\)"):
+        load_group_dataset(str(folder), keep_columns=["text"], minority_value=True)
 
 
 @pytest.mark.parametrize("keep", [(), ("text",)], ids=["no kept column", "text kept"])

@@ -233,6 +233,54 @@ def test_describe_split_counts_unknown_groups_per_label():
     assert common.describe_split(hidden, "validation") == "validation: 3 rows (y=0,s=?: 1, y=1,s=?: 2)"
 
 
+def test_check_groups_stops_before_erm_and_warns_about_eval_splits_without_a_cell(capsys):
+    """Data FairNet cannot use is refused before ERM trains (minutes), naming the cells; validation and test splits
+    without a (class × group) cell are trained on, with a warning that says what that costs."""
+    from datasets import Dataset, DatasetDict
+
+    common = _load("train_text").common
+    good = Dataset.from_dict({"labels": [0, 0, 1, 1], "sensitive": [0, 1, 0, 1]})
+    no_minority = Dataset.from_dict({"labels": [0, 1], "sensitive": [0, 0]})
+    with pytest.raises(ValueError, match=r"no minority row .*train: 2 rows \(y=0,s=0: 1, y=1,s=0: 1\).*--minority-value"):
+        common.check_groups(DatasetDict(train=no_minority, validation=good, test=good), ["no", "yes"])
+    no_majority_yes = Dataset.from_dict({"labels": [0, 0, 1], "sensitive": [0, 1, 1]})
+    with pytest.raises(ValueError, match=r"no majority row \(sensitive == 0\) of class \['yes'\]"):
+        common.check_groups(DatasetDict(train=no_majority_yes, validation=good, test=good), ["no", "yes"])
+    common.check_groups(DatasetDict(train=good, validation=good, test=good), ["no", "yes"])
+    assert "[warning]" not in capsys.readouterr().out
+    common.check_groups(DatasetDict(train=good, validation=no_minority, test=good), ["no", "yes"])
+    out = capsys.readouterr().out
+    assert "[warning] the validation split has no row in y=no,s=1, y=yes,s=1: the selection cannot see" in out
+    assert "test split" not in out
+
+
+def test_text_and_image_columns_of_other_types_are_converted(tmp_path):
+    """Number or empty text cells reach the tokenizer as strings; an image column of file paths, undecoded image
+    dicts or pixel arrays reaches the processor as images; anything else is an error naming the column."""
+    import io
+
+    from PIL import Image
+
+    text = _load("train_text")
+    assert text.as_texts(["a", 3, 2.5, None]) == ["a", "3", "2.5", ""]
+    vision = _load("train_vision")
+    folder = str(tmp_path)
+    Image.fromarray(np.full((5, 6, 3), 200, np.uint8)).save(os.path.join(folder, "a.png"))
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((5, 6), 7, np.uint8)).save(buffer, format="PNG")
+    cases = {"path": "a.png", "dict": {"bytes": buffer.getvalue(), "path": None},
+             "gray": np.full((5, 6), 9, np.uint8).tolist(), "rgb": np.full((5, 6, 3), 9, np.uint8),
+             "floats, channels first": np.full((3, 5, 6), 0.5), "one channel": np.zeros((5, 6, 1), np.uint8)}
+    for name, value in cases.items():
+        image = vision.as_image(value, "image", folder).convert("RGB")
+        assert image.size == (6, 5), name
+    assert vision.as_image(np.full((3, 5, 6), 0.5), "image", folder).getpixel((0, 0)) == (127, 127, 127)
+    with pytest.raises(ValueError, match=r"image column 'img' names the file 'b.png', which is not at"):
+        vision.as_image("b.png", "img", folder)
+    with pytest.raises(ValueError, match=r"image column 'img' holds int values"):
+        vision.as_image(3, "img", folder)
+
+
 def test_examples_use_the_package_data_helpers():
     """Label hiding, group encoding and custom-data loading live once, in fairnet_peft.data."""
     for name in ("train_text", "train_vision"):

@@ -26,7 +26,7 @@ from peft import PeftConfig, get_peft_model
 import fairnet_peft
 from fairnet_peft import FairLoraConfig
 from fairnet_peft.data import make_synthetic_text
-from fairnet_peft.training.validation import validate_train_dataset
+from fairnet_peft.training.validation import check_eval_dataset, validate_train_dataset
 
 PACKAGE = os.path.dirname(os.path.abspath(fairnet_peft.__file__))
 
@@ -363,6 +363,25 @@ def test_seeded_dataset_corruptions_name_the_column(train, name):
             _validate(bad)
         assert expected in str(excinfo.value), (seed, str(excinfo.value))
         assert _raised_in_fairnet(excinfo), excinfo.traceback[-1]
+
+
+#: the corruptions an eval set must be refused for too: FairTrainer trains its LoRA on eval rows and selects on them,
+#: and a bad class or token id reaches an index there (on a GPU a device-side assert at an unrelated line)
+EVAL_CORRUPTIONS = sorted(n for n in CORRUPTIONS if n.startswith(("labels-", "ids-", "ragged-ids", "none-ids"))
+                          and n != "labels-single-class")
+
+
+@pytest.mark.parametrize("name", EVAL_CORRUPTIONS)
+def test_eval_dataset_corruptions_name_the_split_and_the_column(train, name):
+    corrupt, expected = CORRUPTIONS[name]
+    for seed in range(3):
+        bad = corrupt(train, random.Random(f"eval-{name}-{seed}"))
+        with pytest.raises(ValueError) as excinfo:
+            check_eval_dataset({"held_out": bad}, "sensitive", num_labels=2, vocab_size=VOCAB)
+        assert expected in str(excinfo.value) and str(excinfo.value).startswith("eval_dataset"), str(excinfo.value)
+    # one class in an eval set is fine (a small validation split may hold one), and without bounds ids are not read
+    check_eval_dataset(_with(train, "labels", [1] * len(train)), "sensitive", num_labels=2, vocab_size=VOCAB)
+    check_eval_dataset(train.remove_columns("labels"), "sensitive")
 
 
 def test_dataset_corruptions_report_the_rows_of_the_view(train):

@@ -194,6 +194,31 @@ def test_round_trip_and_a_second_adapter_still_load(saved):
     torch.testing.assert_close(first, third, rtol=0, atol=0)
 
 
+def test_low_cpu_mem_usage_loads_the_same_adapter_and_moves_the_detector_with_the_model(saved, monkeypatch):
+    """With `low_cpu_mem_usage=True` PEFT assigns the loaded tensors where it loaded them (the GPU when there is one)
+    and asks each module to move its adapter to its base layer's device, without naming one. The detector container
+    has no base layer: the tuner must name the device of the module the detector reads, or the detector and the
+    prototypes would stay on another device than the model."""
+    from fairnet_peft.tuner.detector import FairBiasDetector
+
+    base_dir, adapter_dir = saved
+    moves = []
+    original = FairBiasDetector._move_adapter_to_device_of_base_layer
+    monkeypatch.setattr(FairBiasDetector, "_move_adapter_to_device_of_base_layer",
+                        lambda self, name, device=None: (moves.append((name, device)), original(self, name, device)))
+    batch = tiny_batch("bert")
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(_base(base_dir), adapter_dir)(**batch).logits
+        model = PeftModel.from_pretrained(_base(base_dir), adapter_dir, low_cpu_mem_usage=True)
+        got = model(**batch).logits
+    assert ("default", torch.device("cpu")) in moves  # the device is named, not None
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    det = model.base_model.model.fair_bias_detector
+    saved_prototypes = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    key = next(k for k in saved_prototypes if k.endswith("fairlora_prototypes"))
+    torch.testing.assert_close(det.fairlora_prototypes["default"], saved_prototypes[key], rtol=0, atol=0)
+
+
 def test_an_adapter_without_prototypes_yet_loads(tmp_path):
     """Saved before the prototype pass of a model that declares no num_labels: the prototype buffers are (0, 2, d)
     zeros, present in the file; `num_classes` is 0. Loading is not a false 'missing key'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 
 import pytest
@@ -388,3 +389,21 @@ def test_fused_inference_path_equals_autograd_path(kind):
         with torch.enable_grad():
             plain = model(**batch, fair_gate=fair_gate).logits.detach()
         torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+
+
+def test_lora_relative_update_skips_quantized_base_weights():
+    """A quantized base layer (bitsandbytes stores packed integers) has no ‖W‖ to divide by: it is skipped, not an
+    error at the end of train(); with every base layer quantized the ratio is unknown (nan), not "did not move"."""
+    model = wrap("bert", init_weights=False)  # B drawn too: the update is non-zero
+    tuner = model.base_model
+    layers = list(tuner.lora_layers("default"))
+    before = tuner.lora_relative_update("default")
+    assert before > 0
+    base = layers[0].get_base_layer()
+    base.weight = torch.nn.Parameter(torch.zeros(base.weight.shape, dtype=torch.uint8), requires_grad=False)
+    partly = tuner.lora_relative_update("default")
+    assert 0 < partly and partly != before
+    for layer in layers[1:]:
+        b = layer.get_base_layer()
+        b.weight = torch.nn.Parameter(torch.zeros(b.weight.shape, dtype=torch.uint8), requires_grad=False)
+    assert math.isnan(tuner.lora_relative_update("default"))

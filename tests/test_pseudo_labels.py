@@ -253,3 +253,16 @@ def test_auto_does_not_fall_back_to_an_error_set_that_is_a_whole_class():
     result = pseudo_label("auto", features=x, labels=y, logits=logits, seed=0)
     assert result.method != "error_set"
     assert not result.labels[y == 1].all() and result.labels.any()
+
+
+def test_auto_keeps_the_best_candidate_when_erm_makes_no_training_errors():
+    """An ERM model that fits every training row (common for a vision model) has no error set to fall back on:
+    `auto` keeps the best feature-space candidate and records why, instead of stopping the run."""
+    x, y, s, _ = make_group_data(seed=1)
+    perfect = np.eye(2)[y] * 4.0
+    result = pseudo_label("auto", features=x, labels=y, logits=perfect)
+    assert result.method in ("lof", "gmm", "kmeans") and 0 < result.labels.mean() <= 0.5
+    assert "marked no rows" in result.details["errors"]["error_set"]
+    # with no candidate either (one feature value: nothing to cluster or call an outlier), the error says what failed
+    with pytest.raises(ValueError, match="auto' found no pseudo-minority.*error_set: .*marked no rows.*partial"):
+        pseudo_label("auto", features=np.zeros((len(y), D)), labels=y, logits=perfect)

@@ -21,6 +21,7 @@ from peft import PeftModel, get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
+from fairnet_peft.evaluation.model_card import attach_fairness_report, fairness_report
 from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.prototypes import anchor_weights
 from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, held_back_explanation,
@@ -266,6 +267,12 @@ def test_an_adapter_nothing_beat_says_so_with_the_worst_cells_size():
                             max_eod_increase=0.01)
     assert out["threshold"] == OFF and "refused" not in out and out["worst_cell_rows"] == 2
     assert "worst cell holds 2 of these rows" in off_explanation(out, 2.0)
+    # held-out rows without a minority row: that is the reason, whatever else the selection saw
+    majority = g == 0
+    none = select_correction(off[majority], {1.0: EYE[1 - y[majority]]}, risk[majority], y[majority], g[majority],
+                             configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=0.01)
+    assert none["threshold"] == OFF and none["minority_rows"] == 0
+    assert off_explanation(none, 2.0).startswith("these held-out rows hold no minority row (group 1)")
 
 
 def test_mixture_weights_give_each_cell_its_share_of_all_rows():
@@ -607,7 +614,9 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     args = FairTrainingArguments(str(tmp_path), **{**SHORT, "lora_min_updates": 400})
     model = _fresh(synthetic_erm_dir)
     trainer = FairTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    attach_fairness_report(model, {"eval_accuracy": 0.5}, split="eval")  # as a per-epoch evaluate() would
     metrics = trainer.train().metrics
+    assert fairness_report(model) is None  # it described the model before the selection: not for the card
     split = trainer.eval_split()  # the eval rows the selection used (the LoRA trained on the others), their weights
     val, w = val.select(split["select"]), split["weights"]
     y = np.array(val["labels"])
@@ -630,7 +639,23 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
         majority = np.array(val["sensitive"]) == 0
         assert chosen["train_selection_majority_gate_rate"] == gate[majority].mean() == 0.0
         assert trainer.args.max_majority_gate_rate == "none"  # reselect() leaves the trainer's arguments alone
-        trainer.reselect()
+        # a bound the default choice fails: a weaker correction is kept, and the trainer names the fairer one it
+        # held back (in the metrics and the card); not the floor, so no held-out size is offered
+        bound = metrics["train_selection_majority_gate_rate"] / 2
+        held = trainer.reselect(max_majority_gate_rate=bound)
+        assert held["train_selection_adapter_off"] == 0.0 and held["train_selection_majority_gate_rate"] <= bound
+        assert held["train_selection_worst_group_accuracy"] < metrics["train_selection_worst_group_accuracy"]
+        reason = held["train_selection_held_back"]
+        assert reason.startswith("a fairer candidate") and reason.endswith("fails the majority gate bound")
+        assert f"→ {100 * metrics['train_selection_worst_group_accuracy']:.1f} %" in reason
+        assert "train_selection_held_back_rows_needed" not in held
+        trainer.evaluate(val)
+        model.save_pretrained(str(tmp_path / "held"))
+        assert f"Held back by the selection's limits: {reason}." in (tmp_path / "held" / "README.md").read_text()
+        with expect_warnings("evaluation attached to the model card no longer describes the model"):
+            trainer.reselect()  # the card's evaluation described the bounded choice: dropped until evaluate()
+        model.save_pretrained(str(tmp_path / "stale"))
+        assert "Held back by the selection's limits" not in (tmp_path / "stale" / "README.md").read_text()
         assert model.peft_config["default"].threshold == metrics["train_selection_threshold"]
     config = model.peft_config["default"]
     assert config.threshold == metrics["train_selection_threshold"]
@@ -841,6 +866,10 @@ def test_the_run_fingerprint_covers_the_eval_rows_the_lora_may_train_on(syntheti
     assert with_eval != run_fingerprint(args, config, train)
     assert with_eval != run_fingerprint(args, config, train, val.select(range(10)))  # other eval rows: another run
     assert with_eval == run_fingerprint(args, config, train, val)
+    # the device is not the run: a checkpoint written on a CPU machine resumes on a GPU one
+    on_cpu = FairTrainingArguments(str(tmp_path), lora_rows="train+eval", use_cpu=True)
+    assert run_fingerprint(on_cpu, config, train, val) == with_eval
+    assert run_fingerprint(FairTrainingArguments(str(tmp_path), lora_rows="eval"), config, train, val) != with_eval
 
 
 def test_lora_rows_with_a_single_eval_row_does_not_split_it(synthetic_data, synthetic_erm_dir, tmp_path):

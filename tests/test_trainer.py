@@ -142,6 +142,21 @@ def test_bad_input_raises_clear_errors_before_training(data, mutate, message, tm
         FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=mutate(data["train"]))
 
 
+def test_bad_eval_labels_and_token_ids_are_refused_before_training(data, tmp_path):
+    """The LoRA stage trains on eval rows and the selection reads their labels: an id out of range is refused when the
+    trainer is built (on a GPU it would surface as a device-side assert mid-training)."""
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    val = data["validation"]
+    ignored = _with(val, "labels", [-100] + val["labels"][1:])
+    with pytest.raises(ValueError, match=r"eval_dataset column 'labels' has -100 .* in rows \[0\]; FairTrainer selects"):
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=ignored)
+    big = _with(val, "input_ids", [[40] + row[1:] if i == 2 else row for i, row in enumerate(val["input_ids"])])
+    with pytest.raises(ValueError, match=r"eval_dataset column 'input_ids' has token ids outside 0\.\.31 .* rows \[2\]"):
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=big)
+
+
 def test_selection_on_group_labels_is_refused_without_them(data, tmp_path):
     model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),

@@ -156,10 +156,30 @@ def _class_encoder(splits: dict, label_column: str):
     feature = splits["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         return list(feature.names), int
-    values = {normalize_value(v) for ds in splits.values() for v in ds[label_column] if not is_missing(v)}
+    values = {normalize_value(v) for v in splits["train"][label_column] if not is_missing(v)}
+    for split, ds in splits.items():  # a class the model never trains on cannot be predicted, nor corrected
+        unseen = sorted({normalize_value(v) for v in ds[label_column] if not is_missing(v)} - values, key=_class_order)
+        if unseen:
+            raise ValueError(f"label column {label_column!r}: the {split} split has labels {unseen[:10]} that no "
+                             f"training row has (training labels: {sorted(values, key=_class_order)[:10]}). Fix or "
+                             "drop those rows, or move some of them into train.")
     names = sorted(values, key=_class_order)
     index = {v: i for i, v in enumerate(names)}
     return names, lambda v: index[normalize_value(v)]
+
+
+def _check_minority_value(splits: dict, column: str, minority_value) -> None:
+    """`minority_value` must match some row (compared by `normalize_value`): else name the values the column has,
+    and a spelling that differs only in case."""
+    target = normalize_value(minority_value)
+    values = {normalize_value(v) for ds in splits.values() for v in ds[column] if not is_missing(v)}
+    if target in values:
+        return
+    shown = sorted(values, key=_class_order)
+    case = [v for v in shown if v.lower() == target.lower()]
+    hint = f" (values compare with their case: did you mean {case[0]!r}?)" if case else ""
+    raise ValueError(f"minority_value={minority_value!r} (--minority-value) matches no row of column {column!r}, "
+                     f"whose values are {shown[:10]}{' …' if len(shown) > 10 else ''}{hint}. Pass one of them.")
 
 
 def _subsample(ds, n: Optional[int], seed: int):
@@ -178,7 +198,9 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     0 majority / -1 unknown; ``minority_value`` 1, "1", 1.0 and "1.0" all match a cell "1.0"). ``max_train`` caps
     train and ``max_eval`` validation and test (seeded shuffles with seeds ``seed``, ``seed + 1``, ``seed + 2``).
     Returns ``(DatasetDict, class_names)``. A local-looking path that does not exist is a ``FileNotFoundError``; an
-    empty file, or too few rows to carve the missing splits, a ``ValueError`` that says how many rows are needed.
+    empty file, or too few rows to carve the missing splits, a ``ValueError`` that says how many rows are needed; a
+    ``minority_value`` that matches no row, or a validation/test label no training row has, a ``ValueError`` naming
+    the values.
     """
     from datasets import Dataset, DatasetDict, Features, Value
 
@@ -191,6 +213,8 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
         if col not in splits["train"].column_names:
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
                              "pass the right column name.")
+    if minority_value is not None:
+        _check_minority_value(splits, sensitive_column, minority_value)
     class_names, encode = _class_encoder(splits, label_column)
     if len(class_names) < 2:
         raise ValueError(f"label column {label_column!r} has fewer than two classes: {class_names}.")

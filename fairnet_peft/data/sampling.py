@@ -42,7 +42,8 @@ def is_missing(value: Any) -> bool:
 
 def normalize_value(value: Any) -> str:
     """Value as a comparable string. Numbers and number-looking strings become the same text: 1, 1.0, True, '1',
-    ' 1 ', '1.0' and '1e0' all become '1', and 0.5 and '0.50' become '0.5'. Other strings are only stripped."""
+    ' 1 ', '1.0', '1e0' and 'true' (any case, as a CSV writes a bool) all become '1', and 0.5 and '0.50' become
+    '0.5'. Other strings are only stripped."""
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
     if isinstance(value, numbers.Integral):
@@ -51,6 +52,8 @@ def normalize_value(value: Any) -> str:
         value = float(value)
         return str(int(value)) if value.is_integer() else str(value)
     text = str(value).strip()
+    if text.lower() in ("true", "false"):
+        return str(int(text.lower() == "true"))
     if _NUMBER.fullmatch(text):
         number = Decimal(text)
         return str(int(number)) if number == number.to_integral_value() else str(float(number))

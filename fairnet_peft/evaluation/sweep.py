@@ -60,7 +60,7 @@ class SweepScores:
     def gate(self, threshold: float) -> np.ndarray:
         """(N,) bool: the gate the model applies at `threshold` (strict `risk > τ`, in the detector's dtype)."""
         if self.risk_native is not None:
-            return (self.risk_native > float(threshold)).numpy()
+            return (self.risk_native > float(threshold)).cpu().numpy()
         return self.risk > float(threshold)
 
     def logits(self, threshold: float) -> np.ndarray:

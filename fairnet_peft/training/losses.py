@@ -91,7 +91,8 @@ def prototype_triplet_loss(
         per = F.relu(pos.unsqueeze(1) - dist + margin) * other
         hinge = per.sum(1) / other.sum(1)
     elif negative_strategy == "random":
-        offset = torch.randint(1, n_classes, labels.shape, generator=generator).to(labels.device)
+        where = generator.device if generator is not None else "cpu"  # a generator draws on its own device
+        offset = torch.randint(1, n_classes, labels.shape, generator=generator, device=where).to(labels.device)
         neg = dist.gather(1, ((labels + offset) % n_classes).view(-1, 1)).squeeze(1)
         hinge = F.relu(pos - neg + margin)
     else:

@@ -89,7 +89,9 @@ class RowPasses:
         def capture(module, args, kwargs):
             hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
             tokens = as_tokens(hidden.detach())
-            captured["feat"] = pool_tokens(tokens, align_mask(batch.get("attention_mask"), tokens), "mean").float()
+            # pooled in fp32: a bf16 sum of a long row's tokens (and its mask count past 256) loses digits
+            tokens = tokens.float()
+            captured["feat"] = pool_tokens(tokens, align_mask(batch.get("attention_mask"), tokens), "mean")
 
         read = model.get_base_model().get_submodule(trainer.adapter_config.detector_module)
         handle = read.register_forward_pre_hook(capture, with_kwargs=True)

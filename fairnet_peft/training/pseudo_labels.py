@@ -288,7 +288,16 @@ def auto(features, labels, logits, *, candidates: Sequence[str] = FEATURE_LABELE
         best = min((n for n in scores if scores[n] >= top - tie), key=lambda n: (results[n].labels.mean(), n))
     chosen = results[best] if best is not None else None
     if best is None or scores[best] < min_score:
-        fallback = error_set(logits, y)
+        try:
+            fallback = error_set(logits, y)
+        except ValueError as err:  # ERM errs on no row (or on most): no error set; the best candidate, if any
+            errors["error_set"] = str(err)
+            if chosen is None:
+                raise ValueError(
+                    "pseudo_labeler='auto' found no pseudo-minority: every feature-space labeler failed "
+                    f"({'; '.join(f'{n}: {e}' for n, e in errors.items())}). Give some group labels (the partial "
+                    "setting), or pick a pseudo_labeler and its knobs (docs/label-settings.md).") from err
+            fallback = chosen
         # an error set that is a whole class (a model that never predicts it) leaves that class without a majority:
         # then the best candidate, however weak, is the better fallback
         whole_class = any(bool(fallback.labels[y == k].all()) for k in np.unique(y))

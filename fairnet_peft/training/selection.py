@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..metrics import accuracy, equalized_odds_difference, group_accuracies, worst_group_accuracy
+from ..evaluation.counting import to_numpy
 from ..evaluation.sweep import gate_rate_thresholds
 
 OFF = 1.0  # risk ≤ 1 and the gate is `risk > τ`: τ = 1 is the adapter off
@@ -56,7 +57,7 @@ STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 
 def tau_candidates(risk, configured: float, lowest: float = 0.0) -> list[float]:
     """The 0.1 grid, the τ gating 5 … 95 % of the rows, from `lowest` on; the configured τ and 1 (off)."""
-    qs = [q for q in gate_rate_thresholds(np.asarray(risk, dtype=np.float64), GATE_RATES) if 0.0 <= q < OFF]
+    qs = [q for q in gate_rate_thresholds(to_numpy(risk).astype(np.float64), GATE_RATES) if 0.0 <= q < OFF]
     return sorted({t for t in set(TAU_GRID) | set(qs) if t >= lowest} | {float(configured), OFF})
 
 
@@ -174,8 +175,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     z = float(floor_standard_errors)
     z_tie = z if tie_break_standard_errors is None else float(tie_break_standard_errors)
     if taus is None:
-        taus = tau_candidates(risk.float().numpy() if isinstance(risk, torch.Tensor) else risk, configured_tau,
-                              min_threshold)
+        taus = tau_candidates(risk, configured_tau, min_threshold)
     for alpha in sorted(strengths if strengths is not None else logits_on):
         pred_on = np.asarray(logits_on[alpha]).argmax(-1)
         ll_on = _log_likelihood(logits_on[alpha], labels)
@@ -225,6 +225,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     if best is off:  # what the limits stopped: candidates better than off (with keep_if_admissible: the one)
         beaten = [r for r in rows if r is not off and (refused_by(r) if keep_if_admissible else key(r) > key(off))]
         out["worst_cell_rows"] = _worst_cell_rows(pred_off, labels, groups)
+        out["minority_rows"] = int((groups == 1).sum())
         # the corrections a user of a fairness tool asks about: a higher worst-group accuracy, or at the same one a
         # worst-group loss lower beyond the noise (not an accuracy gain alone)
         fairer = [r for r in beaten if _finite(r["worst_group_accuracy"]) > _finite(wga_off) or (
@@ -285,6 +286,10 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
     """The sentence after "no threshold and strength beat the adapter off on the held-out rows …": what the
     selection saw (`select_correction`'s "refused", "worst_cell_rows") and what would change it."""
     refused = info.get("refused")
+    if info.get("minority_rows") == 0:
+        return ("these held-out rows hold no minority row (group 1), so no gain for the minority can show; give an "
+                "eval_dataset with minority rows (their group labels, or in the partial and unlabeled settings the "
+                "detector's or the pseudo-labeler's estimate, mark them)")
     if not refused:
         cell = info.get("worst_cell_rows", 0)
         where = f" (the adapter-off model's worst cell holds {cell} of these rows)" if cell else ""

@@ -146,8 +146,10 @@ def _from_finite(value: Any) -> Any:
     return value
 
 
-# Arguments that do not change what a run computes (where it writes, how it reports, how it resumes).
+# Arguments that do not change what a run computes (where it writes, how it reports, how it resumes, and on which
+# device: a run checkpointed on a CPU machine resumes on a GPU one, as Trainer's own checkpoints do).
 _NOT_IN_FINGERPRINT = {
+    "use_cpu", "no_cuda", "use_mps_device",
     "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
     "report_to", "run_name", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
     "save_safetensors", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",

@@ -93,7 +93,7 @@ class FairTrainer(Trainer):
         if train_dataset is not None:
             train_dataset = self._validate_train_dataset(train_dataset, args, model)
         if eval_dataset is not None:
-            check_eval_dataset(eval_dataset, args.sensitive_column)
+            check_eval_dataset(eval_dataset, args.sensitive_column, **_model_bounds(model))
         self.eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
@@ -144,11 +144,10 @@ class FairTrainer(Trainer):
     # ------------------------------------------------------------------ input validation
     def _validate_train_dataset(self, dataset, args, model):
         """Every check of validation.py before any stage trains; then the row-index column the stages track rows by."""
-        config = getattr(model.get_base_model(), "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        bounds = _model_bounds(model)
         setting, sensitive, labels = validate_train_dataset(
-            dataset, sensitive_column=args.sensitive_column, num_labels=getattr(config, "num_labels", None),
-            vocab_size=getattr(text, "vocab_size", None) if "input_ids" in dataset.column_names else None)
+            dataset, sensitive_column=args.sensitive_column, num_labels=bounds["num_labels"],
+            vocab_size=bounds["vocab_size"] if "input_ids" in dataset.column_names else None)
         check_pseudo_labeler_rows(setting, labels, args.pseudo_labeler, args.lof_n_neighbors)
         run = self.run_state
         run.label_setting, run.given_groups, run.class_labels = setting, sensitive, labels
@@ -819,20 +818,33 @@ class FairTrainer(Trainer):
         """Choose τ and the strength again after `train()`, with these `FairTrainingArguments` fields changed (e.g.
         `max_accuracy_drop=0.01`, `threshold_selection="threshold"`), without training again: the passes over the
         held-out rows are reused. The choice is written into the adapter's config; returns the `train_selection_*`
-        metrics. The trainer's own arguments are not changed."""
+        metrics. The trainer's own arguments are not changed. An evaluation report attached for the model card by
+        `evaluate()` described the previous choice: it is dropped (with a warning) until `evaluate()` runs again."""
         if self.run_state.stage not in ("selection", "done"):
             raise ValueError("reselect() needs a finished train(): the LoRA stage has not run yet.")
+        from ..evaluation.model_card import fairness_report
+
+        attached = isinstance(self.model, PeftModel) and fairness_report(self.model, self.adapter_name) is not None
         saved = self.args
         try:
             self.args = stage_arguments(saved, **overrides)
-            return self._select_correction()
+            metrics = self._select_correction()
         finally:
             self.args = saved
+        if attached:
+            warnings.warn("reselect() changed the correction, so the evaluation attached to the model card no longer "
+                          "describes the model and was dropped: call evaluate() again before save_pretrained or "
+                          "push_to_hub to put the new choice's metrics in the card.", UserWarning, stacklevel=2)
+        return metrics
 
     def _select_correction(self) -> dict:
         """Stage 4 (module docstring): choose τ and the adapter strength, write them into the adapter's config,
         return the `train_selection_*` metrics. Starts from the τ and strength configured before training."""
+        from ..evaluation.model_card import detach_fairness_report
+
         args, run, config = self.args, self.run_state, self.adapter_config
+        if isinstance(self.model, PeftModel):  # an evaluation attached for the card (e.g. per epoch) is of another τ, α
+            detach_fairness_report(self.model, self.adapter_name)
         self._tuner.set_threshold(self.adapter_name, run.configured["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, run.configured["strength"])
         off_reason = None if args.force_adapter else detector_blind(run.detector_stats, args.min_detector_auc)
@@ -1025,6 +1037,14 @@ class _RunStateCheckpoint(TrainerCallback):
                 trainer._stopper.save_snapshot(os.path.join(folder, EARLY_STOPPING_WEIGHTS))
         trainer.run_state.save(folder)  # last: a checkpoint without it is not resumed from
         return control
+
+
+def _model_bounds(model) -> dict:
+    """The base model's `num_labels` and (text) `vocab_size`, the bounds the datasets' labels and token ids must keep
+    (None where the config has none)."""
+    config = getattr(model.get_base_model(), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"num_labels": getattr(config, "num_labels", None), "vocab_size": getattr(text, "vocab_size", None)}
 
 
 def _with_row_column(dataset):

@@ -96,7 +96,15 @@ def _rows(mask: np.ndarray) -> str:
                                                           if len(rows) > _MAX_ROWS_SHOWN else "")
 
 
-def _labels(dataset, column: str, num_labels: Optional[int]) -> np.ndarray:
+#: why an eval row needs a class id too: FairTrainer reads eval rows, not only Trainer's metrics
+_EVAL_ROWS = ("FairTrainer selects the correction on the eval rows and trains its LoRA on some of them (lora_rows), "
+              "so every eval row needs its class id. ")
+
+
+def _labels(dataset, column: str, num_labels: Optional[int], split: str = "train_dataset") -> np.ndarray:
+    """`column` as int64 class ids 0..K-1 (K = `num_labels`, else the largest id + 1); `split` names the dataset in
+    the errors. The training split also needs two classes."""
+    why = _EVAL_ROWS if split == "eval_dataset" else ""
     arr = _arrow(dataset, column)
     kind = arr.type
     if not pa.types.is_integer(kind):
@@ -104,25 +112,25 @@ def _labels(dataset, column: str, num_labels: Optional[int]) -> np.ndarray:
                 "floats" if pa.types.is_floating(kind) else "booleans" if pa.types.is_boolean(kind) else str(kind))
         fix = ("map them to class ids, e.g. dataset.class_encode_column(" + repr(column) + ")"
                if what == "strings" else f"cast it, e.g. dataset.cast_column({column!r}, datasets.Value('int64'))")
-        raise ValueError(f"train_dataset column {column!r} holds {what}, not integer class ids 0..K-1; {fix}.")
+        raise ValueError(f"{split} column {column!r} holds {what}, not integer class ids 0..K-1; {fix}.")
     if arr.null_count:
         missing = np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False))
-        raise ValueError(f"train_dataset column {column!r} has missing values (None) in {_rows(missing)}; every "
-                         "training row needs its class id 0..K-1. Drop or label those rows.")
+        raise ValueError(f"{split} column {column!r} has missing values (None) in {_rows(missing)}; {why}every "
+                         "row needs its class id 0..K-1. Drop or label those rows.")
     labels = arr.to_numpy().astype(np.int64)
     if (labels == -100).any():
-        raise ValueError(f"train_dataset column {column!r} has -100 (the 'ignore' label) in {_rows(labels == -100)}; "
-                         "every training row needs its class id 0..K-1. Drop those rows.")
+        raise ValueError(f"{split} column {column!r} has -100 (the 'ignore' label) in {_rows(labels == -100)}; "
+                         f"{why}every row needs its class id 0..K-1. Drop those rows.")
     high = num_labels if num_labels is not None else int(labels.max()) + 1
     bad = (labels < 0) | (labels >= high)
     if bad.any():
         values = sorted(set(labels[bad].tolist()))[:_MAX_ROWS_SHOWN]
         bound = f"num_labels={num_labels}" if num_labels is not None else "class ids"
         raise ValueError(
-            f"train_dataset column {column!r} has values {values} outside 0..{high - 1} ({bound}) in {_rows(bad)}. "
+            f"{split} column {column!r} has values {values} outside 0..{high - 1} ({bound}) in {_rows(bad)}. "
             "Map the labels to 0..K-1, or build the model with num_labels=K."
         )
-    if len(np.unique(labels)) < 2:
+    if split == "train_dataset" and len(np.unique(labels)) < 2:
         raise ValueError(f"train_dataset has a single class (column {column!r} is {int(labels[0])} in every row); "
                          "FairNet's prototypes need at least two classes.")
     return labels
@@ -198,14 +206,14 @@ def _check_finite(dataset, name: str) -> None:
                              "clean or drop those rows before training.")
 
 
-def _check_token_ids(dataset, vocab_size: int) -> None:
+def _check_token_ids(dataset, vocab_size: int, split: str = "train_dataset") -> None:
     leaves, missing = _leaves(_arrow(dataset, "input_ids"))
     if not pa.types.is_integer(leaves.type):
-        raise ValueError(f"Column 'input_ids' holds {leaves.type} values, not integer token ids; tokenize the text "
+        raise ValueError(f"{split} column 'input_ids' holds {leaves.type} values, not integer token ids; tokenize the text "
                          "(tokenizer(...)['input_ids']) or cast the column to int64.")
     if missing:
         mask = _row_mask(dataset, "input_ids", np.isnan)
-        raise ValueError(f"Column 'input_ids' has missing (None) rows or token ids in {_rows(mask)}; drop those rows "
+        raise ValueError(f"{split} column 'input_ids' has missing (None) rows or token ids in {_rows(mask)}; drop those rows "
                          "or pad with the tokenizer's pad id.")
     if len(leaves) == 0:
         return
@@ -213,7 +221,7 @@ def _check_token_ids(dataset, vocab_size: int) -> None:
     if bounds["min"] < 0 or bounds["max"] >= vocab_size:
         mask = _row_mask(dataset, "input_ids", lambda v: (v < 0) | (v >= vocab_size))
         raise ValueError(
-            f"Column 'input_ids' has token ids outside 0..{vocab_size - 1} (the model's vocab_size={vocab_size}; "
+            f"{split} column 'input_ids' has token ids outside 0..{vocab_size - 1} (the model's vocab_size={vocab_size}; "
             f"seen min {bounds['min']}, max {bounds['max']}) in {_rows(mask)}. Tokenize with the model's own "
             "tokenizer, or resize the embeddings (model.resize_token_embeddings(len(tokenizer)))."
         )
@@ -230,9 +238,21 @@ def check_pseudo_labeler_rows(setting: str, labels: np.ndarray, pseudo_labeler: 
             "FairTrainingArguments.lof_n_neighbors, choose pseudo_labeler='gmm'/'kmeans'/'error_set', or add data.")
 
 
-def check_eval_dataset(dataset, sensitive_column: str) -> None:
-    """An eval split's sensitive column (if any) holds only -1 (unknown), 0 and 1."""
+def check_eval_dataset(dataset, sensitive_column: str, num_labels: Optional[int] = None,
+                       vocab_size: Optional[int] = None) -> None:
+    """An eval split's sensitive column (if any) holds only -1 (unknown), 0 and 1; its labels (if any) are class ids
+    0..K-1 and its `input_ids` are inside the vocabulary (a `datasets.Dataset`: the rows FairTrainer reads). A bad id
+    there would otherwise surface on a GPU as a device-side assert, at an unrelated line."""
+    from datasets import Dataset
+
     for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        if isinstance(ds, Dataset):
+            names = ds.column_names
+            label_column = "labels" if "labels" in names else "label" if "label" in names else None
+            if label_column is not None and len(ds):
+                _labels(ds, label_column, num_labels, split="eval_dataset")
+            if vocab_size is not None and "input_ids" in names:
+                _check_token_ids(ds, int(vocab_size), split="eval_dataset")
         if sensitive_column in getattr(ds, "column_names", []):
             values = set(np.unique(np.asarray(ds[sensitive_column])).tolist())
             bad = sorted((v for v in values if isinstance(v, str) or v not in (-1, 0, 1)), key=str)

@@ -10,6 +10,7 @@ and layers, sizes) and writes them into the config, lets PEFT wrap the target mo
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Optional
 
@@ -154,6 +155,20 @@ class FairLoraModel(BaseTuner):
             if callable(getattr(model, "_get_feature_vector_attention_mask", None)):  # after root_pre_hook
                 state.root_handles.append(model.register_forward_pre_hook(frame_mask_pre_hook, with_kwargs=True))
         return state
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """PEFT calls this on every module after loading an adapter with `low_cpu_mem_usage=True` (the weights are
+        assigned where they were loaded, `infer_device()`: the GPU when there is one). The LoRA layers follow their
+        base layer; the detector container has no base layer, so the tuner moves it (detector and prototypes) to the
+        device of the module the detector reads."""
+        state = self.model.__dict__.get(STATE_ATTR)
+        config = self.peft_config.get(adapter_name)
+        if state is None or state.detector is None or config is None or config.detector_module is None:
+            return
+        if device is None:
+            read = self.model.get_submodule(config.detector_module)
+            device = next((p.device for p in read.parameters() if p.device.type != "meta"), None)
+        state.detector._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     def _prepare_adapter_config(self, peft_config: FairLoraConfig, model_config: dict) -> FairLoraConfig:
         return peft_config  # resolved against the model itself in `_resolve_config`
@@ -523,13 +538,18 @@ class FairLoraModel(BaseTuner):
 
     @torch.no_grad()
     def lora_relative_update(self, adapter_name: str) -> float:
-        """Mean over adapted layers of ‖(α/r)·B·A‖_F / ‖W‖_F: ≈ 0 means the LoRA has not moved from its zero start."""
-        ratios = []
+        """Mean over adapted layers of ‖(α/r)·B·A‖_F / ‖W‖_F: ≈ 0 means the LoRA has not moved from its zero start.
+        Layers whose base weight is not floating point (a quantized base, e.g. bitsandbytes 4/8-bit) have no ‖W‖ to
+        read and are skipped; nan when every layer is."""
+        ratios, quantized = [], 0
         for layer in self.lora_layers(adapter_name):
+            if not layer.get_base_layer().weight.is_floating_point():
+                quantized += 1
+                continue
             wa, wb = layer.fairlora_A[adapter_name].weight, layer.fairlora_B[adapter_name].weight
             delta = layer.scaling[adapter_name] * (wb.reshape(wb.shape[0], -1) @ wa.reshape(wa.shape[0], -1))
             ratios.append(float(delta.norm() / layer.get_base_layer().weight.norm().clamp_min(1e-12)))
-        return sum(ratios) / len(ratios) if ratios else 0.0
+        return sum(ratios) / len(ratios) if ratios else math.nan if quantized else 0.0
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_REFUSED)

@@ -82,11 +82,14 @@ def resolve_pooling(config_value: str, model: nn.Module, head_name: Optional[str
 
 
 def representation_from_hidden(outputs: Any, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
-    """The last hidden state pooled by 'cls', 'mean' or 'last' (needs `output_hidden_states=True`)."""
+    """The last hidden state pooled by 'cls', 'mean' or 'last' (needs `output_hidden_states=True`); in fp32, so a
+    bf16 model's mean over a long row (and its mask count past 256) keeps its digits."""
     hidden = outputs.hidden_states[-1]
     if hidden.dim() == 2:
-        return hidden
-    return pool_tokens(hidden, mask.to(hidden.dtype) if mask is not None else None, how)
+        return hidden.float()
+    if how != "mean":  # one token: no sum to lose digits in
+        return pool_tokens(hidden, mask, how).float()
+    return pool_tokens(hidden.float(), mask.float() if mask is not None else None, how)
 
 
 def last_token_index(batch_size: int, seq_len: int, device, input_ids: Optional[torch.Tensor] = None,
