@@ -12,7 +12,8 @@ backgrounds; y = digit >= 5, s = 1 for the rare 'flower' background, which in tr
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 examples/train_vision.py --demo
 
 `--model` takes a pretrained HF image classifier (name or local path; its head is replaced); images of `--dataset`
-are then converted with its `AutoImageProcessor`. Outputs as in train_text.py: adapter/ with a model card,
+are then converted with its `AutoImageProcessor`. The image column may hold images, file paths (relative to the
+dataset's folder) or pixel arrays (`as_image`). Outputs as in train_text.py: adapter/ with a model card,
 group_accuracies.png and metrics.json in --output-dir; the ERM model is cached (see --erm-cache).
 """
 
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_arguments(parser, defaults=DEFAULTS)
     vision = parser.add_argument_group("vision")
-    vision.add_argument("--image-column", default="image", help="Column with the images (only for --dataset).")
+    vision.add_argument("--image-column", default="image",
+                        help="Column with the images, image file paths (relative to the dataset's folder) or pixel "
+                             "arrays (only for --dataset).")
     vision.add_argument("--image-size", type=int, default=32,
                         help="Input size of the from-scratch ViT (ignored with --model, which sets its own).")
     return parser
