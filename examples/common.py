@@ -251,7 +251,8 @@ def check_groups(ds, class_names) -> None:
     """Before ERM trains (minutes): the training split needs minority rows and a majority row of every class (the
     prototypes FairNet pulls the minority toward are per-class majority means); raise naming the cells. A validation
     or test split without minority rows, or with an empty (class × group) cell, is logged as a warning: the selection
-    cannot see a worst-group gain there, and the test WGA would not cover the minority."""
+    cannot see a worst-group gain there, and the test WGA would not cover the minority. So is a "minority" that is
+    most of the training rows (a --minority-value that names the larger group)."""
     y, s = np.asarray(ds["train"]["labels"]), np.asarray(ds["train"]["sensitive"])
     fix = ("Check --sensitive-column and --minority-value (or the 1 / 0 / -1 coding of the column), or give more "
            "training rows.")
@@ -263,6 +264,10 @@ def check_groups(ds, class_names) -> None:
         raise ValueError(f"the training split has no majority row (sensitive == 0) of class {empty} "
                          f"({describe_split(ds['train'], 'train')}): FairNet's prototypes are per-class majority "
                          f"means. {fix}")
+    share = float((s == 1).sum() / max(int((s >= 0).sum()), 1))
+    if share > 0.5:
+        log(f"[warning] the group marked 1 is {100 * share:.0f} % of the training rows with a group: FairNet corrects "
+            "toward group 0 (the majority's per-class prototypes). Check --minority-value: it names the minority.")
     for split in ("validation", "test"):
         y, s = np.asarray(ds[split]["labels"]), np.asarray(ds[split]["sensitive"])
         cells = [f"y={class_names[k]},s={g}" for k in range(len(class_names)) for g in (0, 1)

@@ -251,7 +251,10 @@ def test_check_groups_stops_before_erm_and_warns_about_eval_splits_without_a_cel
     common.check_groups(DatasetDict(train=good, validation=no_minority, test=good), ["no", "yes"])
     out = capsys.readouterr().out
     assert "[warning] the validation split has no row in y=no,s=1, y=yes,s=1: the selection cannot see" in out
-    assert "test split" not in out
+    assert "test split" not in out and "group marked 1" not in out
+    larger = Dataset.from_dict({"labels": [0, 0, 1, 1, 0], "sensitive": [0, 1, 0, 1, 1]})
+    common.check_groups(DatasetDict(train=larger, validation=good, test=good), ["no", "yes"])
+    assert "[warning] the group marked 1 is 60 % of the training rows" in capsys.readouterr().out
 
 
 def test_text_and_image_columns_of_other_types_are_converted(tmp_path):
