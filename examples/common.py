@@ -463,5 +463,8 @@ def minority_description(args, *, default: str) -> str:
 def log_adapter(model, trainer) -> None:
     """One line: the label setting the trainer inferred and where the adapter sits."""
     config = model.peft_config[model.active_adapter]
-    log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(config.target_modules)} of blocks "
-        f"{config.layers_to_transform}; the detector reads the input of block {config.detector_layer}")
+    blocks = f" of blocks {config.layers_to_transform}" if config.layers_to_transform is not None else ""
+    read = (f"block {config.detector_layer}" if config.detector_layer is not None
+            else repr(config.detector_module))  # no layer stack found (e.g. ALBERT's shared layer): the module
+    log(f"[fairnet] label setting: {trainer.label_setting}; LoRA on {sorted(config.target_modules)}{blocks}; the "
+        f"detector reads the input of {read}")

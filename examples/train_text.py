@@ -66,6 +66,26 @@ def as_texts(values) -> list:
     return ["" if v is None else v if isinstance(v, str) else str(v) for v in values]
 
 
+def check_token_ids(data, tokenizer, model_path: str) -> None:
+    """Before ERM trains: every token id, and the pad id the collator adds, inside the model's vocabulary; a tokenizer
+    that is not the model's otherwise stops training with an IndexError deep in the embedding (on a GPU a
+    device-side assert)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    largest = max((max((max(row) for row in data[split]["input_ids"] if row), default=-1) for split in data),
+                  default=-1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    if max(largest, pad) >= vocab:
+        what = f"token id {largest}" if largest >= vocab else f"pad token id {pad} ({tokenizer.pad_token!r})"
+        raise ValueError(f"the tokenizer gives {what}, but the model's vocabulary has {vocab} ids (vocab_size): the "
+                         f"tokenizer in {model_path!r} is not the model's. Save the tokenizer the model was trained "
+                         "with beside it, or resize the model's embeddings (model.resize_token_embeddings).")
+
+
 def load_data(args):
     """DatasetDict with text/labels/sensitive, and the class names."""
     from fairnet_peft.data import load_adult_text, load_group_dataset
@@ -105,9 +125,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:  # decoder-only models
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {model_path!r} has neither a pad nor an end-of-sequence token, so the "
+                             "batches cannot be padded: add one (tokenizer.add_special_tokens({'pad_token': ...}) and "
+                             "model.resize_token_embeddings) and save it beside the model.")
         tokenizer.pad_token = tokenizer.eos_token
     data = visible.map(lambda b: tokenizer(as_texts(b["text"]), truncation=True, max_length=args.max_length),
                        batched=True, remove_columns=["text"])
+    check_token_ids(data, tokenizer, model_path)
     for split in common.SPLITS:
         common.log("[data] " + common.describe_split(visible[split], split))
     collator, test = DataCollatorWithPadding(tokenizer), data["test"]

@@ -284,6 +284,24 @@ def test_text_and_image_columns_of_other_types_are_converted(tmp_path):
         vision.as_image(3, "img", folder)
 
 
+def test_token_ids_outside_the_models_vocabulary_stop_before_erm(tmp_path):
+    """A tokenizer that is not the model's (its pad id or a token id past vocab_size) is named before ERM trains."""
+    from types import SimpleNamespace
+
+    import transformers as T
+    from datasets import Dataset, DatasetDict
+
+    text = _load("train_text")
+    T.BertConfig(vocab_size=10).save_pretrained(str(tmp_path))
+    data = DatasetDict(train=Dataset.from_dict({"input_ids": [[1, 2], [3]]}), test=Dataset.from_dict({"input_ids": [[9]]}))
+    text.check_token_ids(data, SimpleNamespace(pad_token_id=0, pad_token="[PAD]"), str(tmp_path))  # ids 0..9: fine
+    with pytest.raises(ValueError, match=r"pad token id 10 \('<pad>'\), but the model's vocabulary has 10 ids"):
+        text.check_token_ids(data, SimpleNamespace(pad_token_id=10, pad_token="<pad>"), str(tmp_path))
+    data["test"] = Dataset.from_dict({"input_ids": [[12]]})
+    with pytest.raises(ValueError, match=r"token id 12, but .* is not the model's"):
+        text.check_token_ids(data, SimpleNamespace(pad_token_id=0, pad_token="[PAD]"), str(tmp_path))
+
+
 def test_examples_use_the_package_data_helpers():
     """Label hiding, group encoding and custom-data loading live once, in fairnet_peft.data."""
     for name in ("train_text", "train_vision"):

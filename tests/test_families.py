@@ -209,3 +209,59 @@ def test_missing_head_and_targets_errors_name_the_field_and_an_example():
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     with pytest.raises(ValueError, match=r"target_modules=\['0', '3'\]"):
         get_peft_model(plain, FairLoraConfig())
+
+
+# ---------------------------------------------------------------------------- text layouts a gate must handle
+def build_text(kind: str, seed: int = 0) -> torch.nn.Module:
+    """Tiny seeded text classifiers whose layouts are unusual for a per-example gate: OPT flattens the tokens to
+    (B·T, d) before its MLP; DeBERTa-v2 projects a relative-position table shared by the batch (v3 style,
+    `share_att_key`: through the query and key projections too); ALBERT runs one shared layer at every depth."""
+    torch.manual_seed(seed)
+    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 num_labels=2, pad_token_id=0)
+    if kind == "opt":
+        return T.OPTForSequenceClassification(T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                          ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                                                          num_labels=2, pad_token_id=0)).eval()
+    if kind.startswith("deberta"):
+        cfg = T.DebertaV2Config(**small, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=8,
+                                position_buckets=4, share_att_key=kind == "deberta-v3")
+        return T.DebertaV2ForSequenceClassification(cfg).eval()
+    if kind == "albert":
+        return T.AlbertForSequenceClassification(T.AlbertConfig(**small, embedding_size=16)).eval()
+    raise ValueError(kind)
+
+
+TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", TEXT_FAMILIES)
+def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
+    model = get_peft_model(build_text(kind), FairLoraConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    targets = set(model.peft_config["default"].target_modules)
+    if kind.startswith("deberta"):  # the batch-shared table's projections are not adapted
+        assert not targets & {"pos_key_proj", "pos_query_proj"} and "value_proj" in targets
+        assert ({"query_proj", "key_proj"} & targets) == (set() if kind == "deberta-v3" else {"query_proj", "key_proj"})
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 64, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # a padded row
+    ids[1, 5:] = 0
+    gate = torch.tensor([1, 0, 1, 0])
+    on, off, mixed = (model(input_ids=ids, attention_mask=mask, fair_gate=x).logits
+                      for x in (torch.ones(4), torch.zeros(4), gate))
+    assert not torch.allclose(on, off, atol=1e-4)
+    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    # the detector's gate: a τ between the rows' risks gives a mixed gate, each row scored as when it is alone
+    risk = (model(input_ids=ids, attention_mask=mask), gate_record(model).risk)[1]
+    model.peft_config["default"].threshold = float(risk.median())
+    batch = model(input_ids=ids, attention_mask=mask).logits
+    record = gate_record(model)
+    assert torch.equal(record.gate, record.risk > float(risk.median()))  # the risk reported is the one that gated
+    assert 0 < int(record.gate.sum()) < 4
+    for row in (0, 2, 3):  # unpadded rows (a padded row's positions differ alone)
+        alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
+        torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)
+        assert bool(gate_record(model).gate[0]) == bool(record.gate[row])

@@ -87,6 +87,8 @@ class RowPasses:
         trainer, captured = self.trainer, {}
 
         def capture(module, args, kwargs):
+            if "feat" in captured:  # a read module run again in the pass (shared weights): the gate read the first
+                return
             hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
             tokens = as_tokens(hidden.detach())
             # pooled in fp32: a bf16 sum of a long row's tokens (and its mask count past 256) loses digits

@@ -273,6 +273,9 @@ class GateState:
         if live is None or live.replay or live.device is None or adapter not in self.active_adapters() \
                 or adapter not in self.detector.fairlora_detector:
             return
+        done = live.records.get(adapter)
+        if adapter not in live.pending and done is not None and done.risk is not None:
+            return  # the read module runs again in this pass (weights shared across depth, e.g. ALBERT): the first decided
         net = self.detector.fairlora_detector[adapter]
         # Model parallelism: the detector may sit on another device than the block it reads; its dtype cast happens
         # inside DetectorNet. The detector reads frozen features: no gradient flows from the gate into the backbone.

@@ -4,7 +4,8 @@ The gate covers every token/position of an example (batch row); it comes from th
 The LoRA math lives in `FairLoraLayer.lora_delta` only; `forward` picks the rows: no row gated → no LoRA compute
 at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row gated → one dense
 update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and added with
-`index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example). Counting the gated rows
+`index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example; in OPT's MLP, which
+flattens the tokens to (B·T, d), the rows of every token of one). Counting the gated rows
 reads the gate once per pass (a device→host sync). Under torch.compile the gate is not read: the update is computed
 for every row and added through the gate as a 0/1 mask (`_add_masked`), one graph with no sync. Outside a forward of
 the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
@@ -171,9 +172,9 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             f"input with {rows} rows, but this forward's gate has {record.batch_size} (one per example) and gates "
             "only some of them, so it cannot tell which rows belong to which example. Possible causes:\n"
             "  - the module folds the batch into another dim (windowed attention, a custom layer that reshapes its "
-            "input, tokens flattened to (B·T, d)): exclude it from FairLoraConfig.target_modules (or "
-            "exclude_modules); if its rows are example-major (B·k rows, k consecutive rows per example), set "
-            "`windowed = True` on this layer instead;\n"
+            "input, tokens flattened to (B·T, d)) or reads an input shared by the whole batch (a position table): "
+            "exclude it from FairLoraConfig.target_modules (or exclude_modules); if its rows are example-major (B·k "
+            "rows, k consecutive rows per example), set `windowed = True` on this layer instead;\n"
             "  - an inner module of the wrapped model is called on another batch while a forward of the wrapped "
             "model runs in the same thread (a hook or custom forward calling a submodule on other inputs): run that "
             "call outside the forward, or through the wrapped model.\n"

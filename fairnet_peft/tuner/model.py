@@ -95,6 +95,32 @@ def _check_rank(config: FairLoraConfig, target: nn.Module, key: str) -> None:
         )
 
 
+def _batch_shared_inputs(model: nn.Module) -> set[str]:
+    """Leaf names of modules that read a table shared by the whole batch rather than one row per example, which a
+    per-example gate cannot split: DeBERTa's relative-position projections (v1 `pos_proj` / `pos_q_proj`, v2
+    `pos_key_proj` / `pos_query_proj`; with `share_att_key`, as DeBERTa-v3 sets it, the query and key projections
+    read that table too) and Swin-v2's continuous position-bias MLP. The default targets leave them out."""
+    names = {"pos_proj", "pos_q_proj", "pos_key_proj", "pos_query_proj", "cpb_mlp.0", "cpb_mlp.2"}
+    config = getattr(model, "config", None)
+    if getattr(config, "share_att_key", False) and getattr(config, "relative_attention", False):
+        names |= {"query_proj", "key_proj"}
+    return names
+
+
+#: (model_type, leaf name) of modules whose model flattens the tokens to a (B·T, d) input, example-major: OPT's MLP.
+#: Named per model, not inferred from a 2-D input: a mixture-of-experts layer's experts also get 2-D inputs, whose
+#: rows are the tokens routed to them, in no per-example order.
+_FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
+
+
+def _example_major_rows(model: nn.Module, key: str) -> bool:
+    """Whether module `key`'s input rows are B · k, k consecutive rows per example (the layer's `windowed`): inside a
+    windowed-attention block (`_in_windowed_block`), or a module its model feeds flattened tokens
+    (`_FLATTENED_TOKENS`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return (model_type, key.rpartition(".")[2]) in _FLATTENED_TOKENS or _in_windowed_block(model, key)
+
+
 def _in_windowed_block(model: nn.Module, key: str) -> bool:
     """Whether module `key` sits inside a windowed-attention block (an ancestor with a `window_size`, as Swin's
     layers and attention): its input rows are then B · windows, not B."""
@@ -320,15 +346,18 @@ class FairLoraModel(BaseTuner):
             )
 
     def _default_targets(self, model: nn.Module, config: FairLoraConfig, model_type: Optional[str]) -> set[str]:
-        """Every linear layer of the adapted blocks, else the first q/v naming family that matches; when nothing
-        matches, blame exclude_modules if it removed every match, else target_modules."""
+        """Every linear layer of the adapted blocks, else the first q/v naming family that matches, without the
+        modules that read a batch-shared table (`_batch_shared_inputs`); when nothing matches, blame exclude_modules
+        if it removed every match, else target_modules."""
         candidates = []
-        block_linear = self._block_linear_names(model, config)
+        shared = _batch_shared_inputs(model)
+        block_linear = self._block_linear_names(model, config) - shared
         if block_linear:
             candidates.append(tuple(sorted(block_linear)))
         if model_type in self.target_module_mapping:
             candidates.append(tuple(self.target_module_mapping[model_type]))
         candidates.extend(_QV_CANDIDATES)
+        candidates = [kept for kept in (tuple(n for n in names if n not in shared) for names in candidates) if kept]
         for names in candidates:
             config.target_modules = set(names)
             if self._matching_keys(model, config):
@@ -471,7 +500,7 @@ class FairLoraModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         new_module = dispatch(target, adapter_name, config, state)
-        new_module.windowed = _in_windowed_block(self.model, current_key)
+        new_module.windowed = _example_major_rows(self.model, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
