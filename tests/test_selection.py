@@ -24,9 +24,9 @@ from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.evaluation.model_card import attach_fairness_report, fairness_report
 from fairnet_peft.training.arguments import stage_arguments
 from fairnet_peft.training.prototypes import anchor_weights
-from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, held_back_explanation,
-                                             mixture_weights, off_explanation, paired_change, pareto_frontier,
-                                             select_correction, tau_candidates)
+from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, global_correction_warning,
+                                             held_back_explanation, mixture_weights, off_explanation, paired_change,
+                                             pareto_frontier, select_correction, tau_candidates)
 
 from .helpers import expect_warnings
 
@@ -259,6 +259,16 @@ def test_rows_needed_is_estimated_for_fairer_corrections_only():
     assert out["threshold"] == OFF and out["refused"]["accuracy_change"] == pytest.approx(0.1)
     assert out["refused"]["worst_group_accuracy"] == out["worst_group_accuracy_off"]
     assert math.isnan(out["refused"]["rows_needed"]) and "closest" not in out["refused"]
+
+
+def test_a_kept_correction_on_most_of_the_majority_is_reported_as_global():
+    on = {"threshold": 1e-7, "strength": 0.25, "majority_gate_rate": 0.95}
+    text = global_correction_warning(on)
+    assert text.startswith("FairNet kept a correction (τ = 1e-07 at strength 0.25) that acts on 95 % of the held-out")
+    assert "max_majority_gate_rate=0.5" in text
+    assert global_correction_warning({**on, "majority_gate_rate": 0.8}) is None  # at the bound: not global
+    assert global_correction_warning({**on, "majority_gate_rate": math.nan}) is None  # no majority row held out
+    assert global_correction_warning({**on, "threshold": OFF}) is None
 
 
 def test_an_adapter_nothing_beat_says_so_with_the_worst_cells_size():

@@ -299,6 +299,23 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
                              floor_standard_errors)
 
 
+GLOBAL_GATE_RATE = 0.8  # a kept correction gating more of the held-out majority than this is reported as global
+
+
+def global_correction_warning(info: dict) -> Optional[str]:
+    """With the adapter on: a warning when the kept correction gates most of the held-out majority rows (more than
+    `GLOBAL_GATE_RATE`), i.e. it acts as an adapter for everyone rather than a per-group correction; None otherwise.
+    It passed the limits, so it is kept; the warning names the bound that would keep it to the minority."""
+    rate = info.get("majority_gate_rate", math.nan)
+    if info.get("threshold", OFF) >= OFF or not (rate > GLOBAL_GATE_RATE):
+        return None
+    return (f"FairNet kept a correction (τ = {_tau(info['threshold'])} at strength {info['strength']:g}) that acts on "
+            f"{100 * rate:.0f} % of the held-out majority rows: it passed the accuracy floor and the EOD ceiling, but "
+            "it works as an adapter for nearly everyone rather than a correction for the minority. To keep it to the "
+            "rows the detector rates as minority, bound it: trainer.reselect(max_majority_gate_rate=0.5), or "
+            "FairTrainingArguments(max_majority_gate_rate=0.5)")
+
+
 def held_back_explanation(info: dict, floor_standard_errors: float) -> Optional[str]:
     """With the adapter on: the fairer correction the limits refused (`select_correction`'s "held_back"), in the
     words of `off_explanation`, its worst-group accuracy against the chosen one's; None when there is none."""

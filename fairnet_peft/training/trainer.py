@@ -59,8 +59,8 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import (OFF, detector_blind, held_back_explanation, mixture_weights, off_explanation,
-                        searched_strengths, select_with_arguments)
+from .selection import (OFF, detector_blind, global_correction_warning, held_back_explanation, mixture_weights,
+                        off_explanation, searched_strengths, select_with_arguments)
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
@@ -879,8 +879,12 @@ class FairTrainer(Trainer):
                 warnings.warn(f"FairNet kept the adapter off after the selection (τ = 1, the model behaves as the "
                               f"base model): {info['reason']}. The searched frontier is in the train metrics "
                               "(train_selection_frontier) and the model card.", UserWarning, stacklevel=3)
-            elif info.get("held_back"):  # on, but the limits refused a fairer correction: say which and why
-                info["held_back_reason"] = held_back_explanation(info, args.floor_standard_errors)
+            else:
+                if info.get("held_back"):  # on, but the limits refused a fairer correction: say which and why
+                    info["held_back_reason"] = held_back_explanation(info, args.floor_standard_errors)
+                wide = global_correction_warning(info)
+                if wide:
+                    warnings.warn(wide + ".", UserWarning, stacklevel=3)
         self._tuner.set_threshold(self.adapter_name, info["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
         run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
