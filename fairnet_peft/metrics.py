@@ -472,8 +472,8 @@ def make_compute_metrics(
     """Build ``compute_metrics`` for ``transformers.Trainer`` (Trainer adds the ``eval_`` prefix).
 
     The returned function takes an ``EvalPrediction`` whose ``predictions`` is the logits array or a tuple
-    ``(logits, risk, gate)`` (FairTrainer), and whose ``label_ids`` is the labels array or ``(labels,
-    sensitive)``, and returns :func:`evaluate_predictions` of them (see there for keys and conventions).
+    ``(logits, risk, gate)`` (FairTrainer; it marks itself with ``fairnet_inputs = True``, which is how FairTrainer
+    knows to pass the tuples), and whose ``label_ids`` is the labels array or ``(labels, sensitive)``, and returns :func:`evaluate_predictions` of them (see there for keys and conventions).
     ``threshold`` is the detector's τ; ``use_sensitive=False`` ignores sensitive labels (label-free model
     selection); ``per_cell=False`` drops the ``acc_y*_s*`` keys.
     """
@@ -483,6 +483,7 @@ def make_compute_metrics(
         return evaluate_predictions(logits, labels, sensitive_features=sensitive if use_sensitive else None,
                                     gates=gate, risk=risk, threshold=threshold, per_cell=per_cell)
 
+    compute_metrics.fairnet_inputs = True  # FairTrainer passes it the tuples (its other functions get plain arrays)
     return compute_metrics
 
 

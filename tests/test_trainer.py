@@ -255,3 +255,73 @@ def test_a_trained_adapter_is_not_drawn_again_when_training_continues(data, erm_
     FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"]).train()
     torch.testing.assert_close(layer.fairlora_A["default"].weight, kept, rtol=0, atol=0)
     assert not tuner.is_fresh("default")  # the prototypes are set now
+
+
+# ---------------------------------------------------------------------------- drop-in Trainer usage
+def _short(tmp_path, **kw):
+    """Short stages: these tests check Trainer features, not the size of a gain."""
+    return fair_args(tmp_path, **{"num_train_epochs": 1, "detector_min_updates": 20, "detector_epochs": 1,
+                                  "lora_min_updates": 20, **kw})
+
+
+def test_a_label_column_and_bool_groups_work_as_labels_and_0_1(data, erm_dir, tmp_path):
+    """`label` (as many HF datasets name it) is the class column on the training and eval sets alike (the LoRA stage
+    trains on both, the selection reads the eval one), and a bool group column is reported as s0 / s1."""
+    def relabel(ds):
+        return _with(ds.rename_column("labels", "label"), "sensitive", [bool(v) for v in ds["sensitive"]])
+
+    trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")),
+                          args=_short(tmp_path), train_dataset=relabel(data["train"]),
+                          eval_dataset=relabel(data["validation"]))
+    metrics = trainer.train().metrics
+    assert metrics["train_lora_eval_rows"] > 0 and metrics["train_selection_rows"] > 0  # the eval set was used
+    evaluated = trainer.evaluate(relabel(data["test"]))
+    assert {"eval_gate_rate_s0", "eval_gate_rate_s1", "eval_acc_y1_s1"} <= set(evaluated)
+
+
+def test_a_users_compute_metrics_gets_logits_and_labels(data, erm_dir, tmp_path):
+    """As from `Trainer`: `EvalPrediction(predictions=logits, label_ids=labels)`, whether passed to the constructor
+    or set on the trainer later; `metrics.make_compute_metrics` still gets FairTrainer's tuples."""
+    seen = []
+
+    def accuracy(eval_pred):
+        seen.append((np.shape(eval_pred.predictions), np.shape(eval_pred.label_ids)))
+        return {"my_accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    test = data["test"]
+    trainer = FairTrainer(model=model, args=_short(tmp_path), eval_dataset=test, compute_metrics=accuracy)
+    first = trainer.evaluate()
+    trainer.compute_metrics = accuracy
+    assert trainer.evaluate()["eval_my_accuracy"] == first["eval_my_accuracy"] > 0.5
+    assert seen == [((len(test), 2), (len(test),))] * 2
+    trainer.compute_metrics = M.make_compute_metrics()
+    assert "eval_gate_rate_s1" in trainer.evaluate()
+
+
+def test_early_stopping_and_label_smoothing_reach_the_lora_stage(data, erm_dir, tmp_path):
+    """EarlyStoppingCallback watches the LoRA stage's evaluations (the detector stage evaluates nothing, and the
+    callback would refuse it); label_smoothing_factor smooths the LoRA stage's task term."""
+    losses = {}
+    for smoothing in (0.0, 0.5):
+        args = _short(tmp_path / str(smoothing), lora_objective="task", label_smoothing_factor=smoothing,
+                      eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+                      metric_for_best_model="eval_accuracy")
+        trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")), args=args,
+                              train_dataset=data["train"], eval_dataset=data["validation"],
+                              callbacks=[T.EarlyStoppingCallback(early_stopping_patience=1)])
+        losses[smoothing] = trainer.train().metrics["train_loss"]
+        assert any(isinstance(c, T.EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
+    assert losses[0.5] != pytest.approx(losses[0.0], rel=1e-3)
+
+
+def test_dict_eval_sets_say_which_one_trains_and_selects_and_a_list_is_refused(data, erm_dir, tmp_path):
+    model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
+    with expect_warnings(r"trains its LoRA on half of eval_dataset\['test'\].*Put your validation split first"):
+        FairTrainer(model=model, args=_short(tmp_path), train_dataset=data["train"],
+                    eval_dataset={"test": data["test"], "validation": data["validation"]})
+    with pytest.raises(ValueError, match=r"needs a `datasets.Dataset` .* got list"):
+        FairTrainer(model=model, args=_short(tmp_path), train_dataset=list(data["train"]))
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size=1 is below min_anchors_per_batch=2"):
+        _short(tmp_path, per_device_train_batch_size=1)
+    assert _short(tmp_path, per_device_train_batch_size=1, min_anchors_per_batch=1).min_anchors_per_batch == 1

@@ -441,6 +441,13 @@ class FairTrainingArguments(TrainingArguments):
             raise ValueError(f"FairTrainingArguments.pseudo_clusters={self.pseudo_clusters!r}: an integer >= 2.")
         if self.min_anchors_per_batch < 1:
             raise ValueError("FairTrainingArguments.min_anchors_per_batch must be >= 1.")
+        if self.per_device_train_batch_size < self.min_anchors_per_batch:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} is below min_anchors_per_batch="
+                f"{self.min_anchors_per_batch}: the LoRA stage skips a batch with fewer anchors, so it would skip "
+                "every batch and the LoRA would not train (gradient accumulation does not help: the count is per "
+                "batch). Raise per_device_train_batch_size, or set min_anchors_per_batch="
+                f"{self.per_device_train_batch_size}.")
         if self.contrastive_weight < 0 or self.task_loss_weight < 0:
             raise ValueError("FairTrainingArguments.contrastive_weight and task_loss_weight must be >= 0.")
         kwargs = self.activation_checkpointing_kwargs if hasattr(self, "activation_checkpointing_kwargs") else None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
 from transformers.training_args import ParallelMode
 
@@ -91,9 +92,11 @@ class FairTrainer(Trainer):
         self.adapter_name = adapter_name or model.active_adapter
         self.run_state = FairRunState()
         if train_dataset is not None:
-            train_dataset = self._validate_train_dataset(train_dataset, args, model)
+            train_dataset = self._validate_train_dataset(_with_labels_column(train_dataset), args, model)
         if eval_dataset is not None:
+            eval_dataset = _with_labels_column(eval_dataset)
             check_eval_dataset(eval_dataset, args.sensitive_column, **_model_bounds(model))
+            _warn_which_eval_set(eval_dataset, args)
         self.eval_uses_sensitive = args.eval_sensitive_labels == "use" or (
             args.eval_sensitive_labels == "auto" and self.label_setting in (None, "full")
         )
@@ -104,7 +107,9 @@ class FairTrainer(Trainer):
                 fixed = self.args.gate_threshold
                 tau = float(fixed if fixed is not None else self.model.peft_config[self.adapter_name].threshold)
                 return make_compute_metrics(threshold=tau, use_sensitive=self.eval_uses_sensitive)(eval_pred)
-        compute_metrics = self._with_pseudo_group_metric(compute_metrics)
+
+            compute_metrics.fairnet_inputs = True
+        compute_metrics = self._with_pseudo_group_metric(_plain_eval_inputs(compute_metrics))
         check_selection_metric(args.metric_for_best_model, self.eval_uses_sensitive, self.label_setting)
         if getattr(args, "torch_compile", False):
             raise ValueError(
@@ -147,7 +152,7 @@ class FairTrainer(Trainer):
         bounds = _model_bounds(model)
         setting, sensitive, labels = validate_train_dataset(
             dataset, sensitive_column=args.sensitive_column, num_labels=bounds["num_labels"],
-            vocab_size=bounds["vocab_size"] if "input_ids" in dataset.column_names else None)
+            vocab_size=bounds["vocab_size"] if "input_ids" in getattr(dataset, "column_names", ()) else None)
         check_pseudo_labeler_rows(setting, labels, args.pseudo_labeler, args.lof_n_neighbors)
         run = self.run_state
         run.label_setting, run.given_groups, run.class_labels = setting, sensitive, labels
@@ -349,7 +354,8 @@ class FairTrainer(Trainer):
         with force_gate(model, True, self.adapter_name):
             outputs, z = self.forward_with_representation(model, inputs)
         weights = self._stage_tensor("anchor_weights", labels.device)[labels]
-        task = F.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        task = F.cross_entropy(outputs.logits.float(), labels, reduction="none",
+                               label_smoothing=float(args.label_smoothing_factor))
         task = (task * weights).sum() / weights.sum().clamp_min(1e-12)
         if args.lora_objective == "task":
             self._log_terms(task_loss=task)
@@ -408,9 +414,16 @@ class FairTrainer(Trainer):
         preds = (outputs.logits.detach(), risk.detach().float(), record.gate.long())
         if labels is None:
             return loss, preds, None
-        if sensitive is not None and self.eval_uses_sensitive:
-            return loss, preds, (labels, sensitive)
+        if sensitive is not None and self.eval_uses_sensitive:  # as group ids 1 / 0 / -1, whatever the column's dtype
+            return loss, preds, (labels, sensitive.long())
         return loss, preds, labels
+
+    def evaluation_loop(self, *args, **kwargs):
+        """`Trainer.evaluation_loop`, with a `compute_metrics` set on the trainer after it was built given what
+        `__init__` gives one (`_plain_eval_inputs`, the pseudo-group metric)."""
+        if self.compute_metrics is not None and not getattr(self.compute_metrics, "fairnet_ready", False):
+            self.compute_metrics = self._with_pseudo_group_metric(_plain_eval_inputs(self.compute_metrics))
+        return super().evaluation_loop(*args, **kwargs)
 
     def _with_pseudo_group_metric(self, compute_metrics):
         """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
@@ -428,6 +441,7 @@ class FairTrainer(Trainer):
                     np.asarray(preds).argmax(-1), np.asarray(labels), groups)
             return metrics
 
+        wrapped.fairnet_ready = True
         return wrapped
 
     def eval_pseudo_groups(self, dataset) -> np.ndarray:
@@ -555,6 +569,11 @@ class FairTrainer(Trainer):
         self._enter("detector")
         if run.holdout.any():
             self.add_callback(self._stopper)
+        # the user's early stopping watches the LoRA stage's evaluations: the detector stage evaluates nothing
+        # (its own held-out rows stop it), and EarlyStoppingCallback refuses a run without evaluations
+        user_stoppers = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)]
+        for callback in user_stoppers:
+            self.remove_callback(callback)
         try:
             if not run.early_stopping.stopped:  # a resumed stage that had stopped early has nothing left to train
                 with self._stage_run(self._all_rows.select(rows), max_steps=max_steps,
@@ -565,6 +584,8 @@ class FairTrainer(Trainer):
         finally:
             if self._stopper in self.callback_handler.callbacks:
                 self.remove_callback(self._stopper)
+            for callback in user_stoppers:
+                self.add_callback(callback)
         self._stopper.restore_best()
         self._stopper = None
         self._enter(None)
@@ -1041,6 +1062,47 @@ class _RunStateCheckpoint(TrainerCallback):
                 trainer._stopper.save_snapshot(os.path.join(folder, EARLY_STOPPING_WEIGHTS))
         trainer.run_state.save(folder)  # last: a checkpoint without it is not resumed from
         return control
+
+
+def _plain_eval_inputs(compute_metrics):
+    """A user's `compute_metrics` gets what `Trainer` gives one: `EvalPrediction(predictions=logits,
+    label_ids=labels)`. FairTrainer's evaluation produces `(logits, risk, gate)` and `(labels, sensitive)`; only a
+    function marked `fairnet_inputs = True` (`metrics.make_compute_metrics`) receives those tuples."""
+    if compute_metrics is None or getattr(compute_metrics, "fairnet_inputs", False):
+        return compute_metrics
+    from transformers import EvalPrediction
+
+    @functools.wraps(compute_metrics)
+    def plain(eval_pred):
+        preds, labels = eval_pred.predictions, eval_pred.label_ids
+        return compute_metrics(EvalPrediction(predictions=preds[0] if isinstance(preds, tuple) else preds,
+                                              label_ids=labels[0] if isinstance(labels, tuple) else labels,
+                                              inputs=getattr(eval_pred, "inputs", None)))
+
+    return plain
+
+
+def _with_labels_column(dataset):
+    """A dataset (or each of a dict's) whose class column is `label` with `labels` renamed: the LoRA stage trains on
+    training and eval rows together, and the selection reads `labels` (Trainer's collators rename it the same way)."""
+    if isinstance(dataset, dict):
+        return type(dataset)({k: _with_labels_column(v) for k, v in dataset.items()})
+    names = getattr(dataset, "column_names", None) or []
+    if "label" in names and "labels" not in names and hasattr(dataset, "rename_column"):
+        return dataset.rename_column("label", "labels")
+    return dataset
+
+
+def _warn_which_eval_set(dataset, args) -> None:
+    """A dict of eval sets: the first is the one the LoRA stage trains on (half of it) and the selection reads; say
+    which, so a test split placed first is not silently trained on."""
+    if isinstance(dataset, dict) and len(dataset) > 1 and args.lora_rows != "train":
+        first = next(iter(dataset))
+        warnings.warn(
+            f"eval_dataset is a dict: FairTrainer trains its LoRA on half of eval_dataset[{first!r}] (lora_rows="
+            f"{args.lora_rows!r}) and selects τ and the strength on the other half; the other entries are only "
+            "evaluated. Put your validation split first and keep the test split out of eval_dataset.",
+            UserWarning, stacklevel=3)
 
 
 def _model_bounds(model) -> dict:
