@@ -301,7 +301,8 @@ def test_a_users_compute_metrics_gets_logits_and_labels(data, erm_dir, tmp_path)
 
 def test_early_stopping_and_label_smoothing_reach_the_lora_stage(data, erm_dir, tmp_path):
     """EarlyStoppingCallback watches the LoRA stage's evaluations (the detector stage evaluates nothing, and the
-    callback would refuse it); label_smoothing_factor smooths the LoRA stage's task term."""
+    callback would refuse it), which read the eval rows the LoRA does not train on; label_smoothing_factor smooths the
+    LoRA stage's task term."""
     losses = {}
     for smoothing in (0.0, 0.5):
         args = _short(tmp_path / str(smoothing), lora_objective="task", label_smoothing_factor=smoothing,
@@ -310,8 +311,18 @@ def test_early_stopping_and_label_smoothing_reach_the_lora_stage(data, erm_dir, 
         trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")), args=args,
                               train_dataset=data["train"], eval_dataset=data["validation"],
                               callbacks=[T.EarlyStoppingCallback(early_stopping_patience=1)])
+        seen = []
+
+        class Rows(T.TrainerCallback):  # the rows each of the LoRA stage's evaluations reads
+            def on_evaluate(self, args, state, control, **kwargs):
+                seen.append(len(trainer.eval_dataset))
+
+        trainer.add_callback(Rows())
         losses[smoothing] = trainer.train().metrics["train_loss"]
         assert any(isinstance(c, T.EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
+        # they read the eval rows the LoRA did not train on (best checkpoint and early stopping are not optimistic)
+        assert seen and set(seen) == {len(trainer.eval_split()["select"])} and seen[0] < len(data["validation"])
+        assert trainer.eval_dataset is data["validation"]
     assert losses[0.5] != pytest.approx(losses[0.0], rel=1e-3)
 
 

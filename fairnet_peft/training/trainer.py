@@ -734,11 +734,17 @@ class FairTrainer(Trainer):
                 "or lora_rows."
             )
         self._enter("lora")
+        full_eval, split = self.eval_dataset, self.eval_split()
+        if split is not None and not isinstance(full_eval, dict):
+            # the stage's own evaluations (eval_strategy, load_best_model_at_end, early stopping) read the eval rows
+            # the LoRA does not train on, the rows the selection reads: not the share it learns from
+            self.eval_dataset = full_eval.select(split["select"])
         try:
             with self._stage_run(lora_rows, max_steps=self.lora_updates()):
                 result = super().train(resume_from_checkpoint=point["lora"], trial=trial,
                                        ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
+            self.eval_dataset = full_eval
             self._enter(None)
         run.stage = "selection"
         # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
