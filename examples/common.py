@@ -257,8 +257,8 @@ def check_groups(ds, class_names) -> None:
     fix = ("Check --sensitive-column and --minority-value (or the 1 / 0 / -1 coding of the column), or give more "
            "training rows.")
     if not (s == 1).any():
-        raise ValueError(f"the training split has no minority row (sensitive == 1; {describe_split(ds['train'], 'train')}"
-                         f"). {fix}")
+        raise ValueError("the training split has no minority row (sensitive == 1; "
+                         f"{describe_split(ds['train'], 'train')}). {fix}")
     empty = [class_names[k] for k in range(len(class_names)) if not ((y == k) & (s == 0)).any()]
     if empty:
         raise ValueError(f"the training split has no majority row (sensitive == 0) of class {empty} "

@@ -109,7 +109,6 @@ class FairTrainer(Trainer):
                 return make_compute_metrics(threshold=tau, use_sensitive=self.eval_uses_sensitive)(eval_pred)
 
             compute_metrics.fairnet_inputs = True
-        compute_metrics = self._with_pseudo_group_metric(_plain_eval_inputs(compute_metrics))
         check_selection_metric(args.metric_for_best_model, self.eval_uses_sensitive, self.label_setting)
         if getattr(args, "torch_compile", False):
             raise ValueError(
@@ -419,8 +418,9 @@ class FairTrainer(Trainer):
         return loss, preds, labels
 
     def evaluation_loop(self, *args, **kwargs):
-        """`Trainer.evaluation_loop`, with a `compute_metrics` set on the trainer after it was built given what
-        `__init__` gives one (`_plain_eval_inputs`, the pseudo-group metric)."""
+        """`Trainer.evaluation_loop`, with the trainer's `compute_metrics` (passed to `__init__` or set later)
+        wrapped once: a user's function gets plain inputs (`_plain_eval_inputs`), and the pseudo-group metric is
+        added."""
         if self.compute_metrics is not None and not getattr(self.compute_metrics, "fairnet_ready", False):
             self.compute_metrics = self._with_pseudo_group_metric(_plain_eval_inputs(self.compute_metrics))
         return super().evaluation_loop(*args, **kwargs)
@@ -870,7 +870,7 @@ class FairTrainer(Trainer):
         from ..evaluation.model_card import detach_fairness_report
 
         args, run, config = self.args, self.run_state, self.adapter_config
-        if isinstance(self.model, PeftModel):  # an evaluation attached for the card (e.g. per epoch) is of another τ, α
+        if isinstance(self.model, PeftModel):  # a card's evaluation (e.g. per epoch) was of another τ and α
             detach_fairness_report(self.model, self.adapter_name)
         self._tuner.set_threshold(self.adapter_name, run.configured["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, run.configured["strength"])

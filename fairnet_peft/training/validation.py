@@ -52,7 +52,7 @@ def validate_train_dataset(dataset, *, sensitive_column: str, num_labels: Option
             f"train_dataset has no sensitive column {sensitive_column!r} (columns: {names}). Add one with 1 = minority, "
             "0 = majority, -1 = unknown, or set FairTrainingArguments(sensitive_column=...)."
         )
-    label_column = "labels" if "labels" in names else "label" if "label" in names else None
+    label_column = _label_column(names)
     if label_column is None:
         raise ValueError(f"train_dataset needs a 'labels' column with the task classes 0..K-1 (columns: {names}). "
                          "Rename your target column with dataset.rename_column(<name>, 'labels').")
@@ -85,6 +85,11 @@ def validate_train_dataset(dataset, *, sensitive_column: str, num_labels: Option
 
 
 # ------------------------------------------------------------------------------------------ columns
+def _label_column(names) -> Optional[str]:
+    """The class column: `labels`, else `label` (Trainer's collators accept either), else None."""
+    return "labels" if "labels" in names else "label" if "label" in names else None
+
+
 def _arrow(dataset, name: str) -> pa.ChunkedArray:
     column = dataset.with_format("arrow")[name]  # respects select/shuffle/filter (the indices mapping)
     return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
@@ -209,20 +214,20 @@ def _check_finite(dataset, name: str) -> None:
 def _check_token_ids(dataset, vocab_size: int, split: str = "train_dataset") -> None:
     leaves, missing = _leaves(_arrow(dataset, "input_ids"))
     if not pa.types.is_integer(leaves.type):
-        raise ValueError(f"{split} column 'input_ids' holds {leaves.type} values, not integer token ids; tokenize the text "
-                         "(tokenizer(...)['input_ids']) or cast the column to int64.")
+        raise ValueError(f"{split} column 'input_ids' holds {leaves.type} values, not integer token ids; tokenize "
+                         "the text (tokenizer(...)['input_ids']) or cast the column to int64.")
     if missing:
         mask = _row_mask(dataset, "input_ids", np.isnan)
-        raise ValueError(f"{split} column 'input_ids' has missing (None) rows or token ids in {_rows(mask)}; drop those rows "
-                         "or pad with the tokenizer's pad id.")
+        raise ValueError(f"{split} column 'input_ids' has missing (None) rows or token ids in {_rows(mask)}; drop "
+                         "those rows or pad with the tokenizer's pad id.")
     if len(leaves) == 0:
         return
     bounds = pc.min_max(leaves).as_py()
     if bounds["min"] < 0 or bounds["max"] >= vocab_size:
         mask = _row_mask(dataset, "input_ids", lambda v: (v < 0) | (v >= vocab_size))
         raise ValueError(
-            f"{split} column 'input_ids' has token ids outside 0..{vocab_size - 1} (the model's vocab_size={vocab_size}; "
-            f"seen min {bounds['min']}, max {bounds['max']}) in {_rows(mask)}. Tokenize with the model's own "
+            f"{split} column 'input_ids' has token ids outside 0..{vocab_size - 1} (the model's "
+            f"vocab_size={vocab_size}; seen min {bounds['min']}, max {bounds['max']}) in {_rows(mask)}. Tokenize with the model's own "
             "tokenizer, or resize the embeddings (model.resize_token_embeddings(len(tokenizer)))."
         )
 
@@ -248,7 +253,7 @@ def check_eval_dataset(dataset, sensitive_column: str, num_labels: Optional[int]
     for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
         if isinstance(ds, Dataset):
             names = ds.column_names
-            label_column = "labels" if "labels" in names else "label" if "label" in names else None
+            label_column = _label_column(names)
             if label_column is not None and len(ds):
                 _labels(ds, label_column, num_labels, split="eval_dataset")
             if vocab_size is not None and "input_ids" in names:

@@ -275,7 +275,8 @@ class GateState:
             return
         done = live.records.get(adapter)
         if adapter not in live.pending and done is not None and done.risk is not None:
-            return  # the read module runs again in this pass (weights shared across depth, e.g. ALBERT): the first decided
+            return  # the read module runs again in this pass (weights shared across depth, e.g. ALBERT): the
+            # first read decided the gate
         net = self.detector.fairlora_detector[adapter]
         # Model parallelism: the detector may sit on another device than the block it reads; its dtype cast happens
         # inside DetectorNet. The detector reads frozen features: no gradient flows from the gate into the backbone.

@@ -351,7 +351,7 @@ class FairLoraModel(BaseTuner):
         if it removed every match, else target_modules."""
         candidates = []
         shared = _batch_shared_inputs(model)
-        block_linear = self._block_linear_names(model, config) - shared
+        block_linear = self._block_linear_names(model, config)
         if block_linear:
             candidates.append(tuple(sorted(block_linear)))
         if model_type in self.target_module_mapping:
