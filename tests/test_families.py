@@ -265,3 +265,27 @@ def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
         alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
         torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)
         assert bool(gate_record(model).gate[0]) == bool(record.gate[row])
+
+
+@torch.no_grad()
+def test_albert_detector_trains_on_the_read_that_gates(tmp_path):
+    """ALBERT calls its shared layer, and so the detector's read module, at every depth. The frozen pass the detector
+    stage trains on must capture the first read (the one that decided the gate), not the last."""
+    model = get_peft_model(build_text("albert"), FairLoraConfig(task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (8, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::2, 4:] = 0  # padded rows: the pool runs over real tokens only
+    ids[mask == 0] = 0
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+                              "labels": [i % 2 for i in range(8)],
+                              "sensitive": [(i // 2) % 2 for i in range(8)]}).with_format("torch")
+    args = FairTrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[],
+                                 save_strategy="no", disable_tqdm=True, use_cpu=True)
+    passed = FairTrainer(model=model, args=args, train_dataset=data).frozen_pass()
+    out = model.eval()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    weights = mask.unsqueeze(-1).float()
+    first, second = ((h * weights).sum(1) / weights.sum(1) for h in out.hidden_states[:2])  # inputs of depth 0, 1
+    assert not torch.allclose(first, second, atol=1e-2)
+    np.testing.assert_allclose(passed["feat"], first.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(passed["risk"], gate_record(model).risk.numpy(), rtol=0, atol=1e-6)
