@@ -53,6 +53,10 @@ def test_encode_sensitive_normalises_numbers_and_number_strings():
     # a bool column as a CSV writes it ('True' / 'false'), with minority_value True or "true", or already coded
     assert encode_sensitive(["True", "False", " true ", "FALSE", True, ""], "true") == [1, 0, 1, 0, 1, -1]
     assert encode_sensitive(["True", "False"], True) == encode_sensitive(["True", "False"]) == [1, 0]
+    # -1 is the package's own "unknown" code, with a minority value too (a race coded 0-3, -1 for unknown)
+    assert encode_sensitive([0, 2, 3, -1, "-1", " -1.0 ", None], 2) == [0, 1, 0, -1, -1, -1, -1]
+    with pytest.raises(ValueError, match=r"minority_value=-1: -1 is the code for an unknown group"):
+        encode_sensitive([0, -1], -1)
 
 
 def test_a_minority_value_that_matches_no_row_names_the_values(tmp_path):
@@ -175,6 +179,10 @@ def test_a_single_missing_split_needs_two_rows(tmp_path):
 
 
 def test_eval_sensitive_column_error_names_the_values():
-    with pytest.raises(ValueError, match=r"values \['0.0', '1.0'\] outside \{-1, 0, 1\}.*encode_sensitive"):
+    with pytest.raises(ValueError, match=r"eval_dataset column 'sensitive' holds string values .*encode_sensitive"):
         check_eval_dataset(Dataset.from_dict({"sensitive": ["1.0", "0.0"]}), "sensitive")
+    with pytest.raises(ValueError, match=r"eval_dataset column 'sensitive' has missing values \(None\) in rows \[1\].*-1"):
+        check_eval_dataset(Dataset.from_dict({"sensitive": [1, None, 0]}), "sensitive")
+    with pytest.raises(ValueError, match=r"eval_dataset column 'sensitive' has values \[2\] outside"):
+        check_eval_dataset(Dataset.from_dict({"sensitive": [1, 2, 0]}), "sensitive")
     check_eval_dataset(Dataset.from_dict({"sensitive": [1.0, 0.0, -1.0]}), "sensitive")  # floats 1.0 / 0.0 are fine

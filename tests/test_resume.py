@@ -6,6 +6,7 @@ adapter (LoRA, detector, prototypes), τ, the strength and the train metrics mus
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -16,6 +17,7 @@ from peft import get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft.data import make_synthetic_text
+from fairnet_peft.training.state import STATE_FILE, base_model_digest
 
 T.logging.set_verbosity_error()
 
@@ -45,9 +47,9 @@ class CrashAt(T.TrainerCallback):
         self._maybe("train_end", state)
 
 
-def _run(out_dir, callbacks=(), resume=None, **overrides):
+def _run(out_dir, callbacks=(), resume=None, base_seed=0, **overrides):
     data = make_synthetic_text(seed=0, n_train=192, n_val=48, n_test=8)
-    torch.manual_seed(0)
+    torch.manual_seed(base_seed)
     cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS"))
     settings = dict(report_to=[], disable_tqdm=True, save_strategy="steps", save_steps=3, detector_epochs=20,
@@ -147,3 +149,40 @@ def test_another_runs_checkpoints_are_never_resumed_from(tmp_path):
     with pytest.raises(ValueError, match="not a FairTrainer checkpoint"):
         os.makedirs(tmp_path / "plain" / "checkpoint-1")
         _run(tmp_path / "plain", resume=str(tmp_path / "plain" / "checkpoint-1"))
+
+
+def test_checkpoints_written_on_another_base_model_belong_to_another_run(tmp_path):
+    """The same settings and data on another base (an ERM model trained again): its checkpoints are not resumed from."""
+    with pytest.raises(Crash):
+        _run(tmp_path, callbacks=[lambda h: CrashAt(h, "lora", "step", 2)])  # the detector stage of base 0 finished
+    with pytest.warns(UserWarning, match=r"written by another run \(other settings, data or base model\)"):
+        trainer, _ = _run(tmp_path, resume=True, base_seed=1)
+    assert trainer.run_state.detector_updates > 0  # the detector stage ran again, on base 1
+
+
+def test_the_base_model_digest_reads_the_base_weights_only():
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS"))
+    digest = base_model_digest(model)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "fairlora_" in name:
+                weight.add_(1.0)  # the adapter trains: not part of the base
+    assert base_model_digest(model) == digest
+    with torch.no_grad():
+        model.get_base_model().bert.embeddings.word_embeddings.weight[0, 0] += 1.0  # a sampled value of the base
+    assert base_model_digest(model) != digest
+
+
+def test_resuming_on_another_number_of_processes_continues_with_a_warning(tmp_path):
+    with pytest.raises(Crash):
+        _run(tmp_path, callbacks=[CRASHES["lora, after a checkpoint"]])
+    for folder in [tmp_path / "fairnet-detector-stage" / "final",
+                   *(tmp_path / p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))]:
+        state = json.loads((folder / STATE_FILE).read_text())
+        assert state["world_size"] == 1
+        (folder / STATE_FILE).write_text(json.dumps({**state, "world_size": 2}))  # as if written on 2 processes
+    with pytest.warns(UserWarning, match=r"written by a run on 2 process\(es\), on 1\. The run continues"):
+        trainer, _ = _run(tmp_path, resume=True)
+    assert trainer.run_state.world_size == 1 and trainer.run_state.stage == "done"

@@ -89,10 +89,30 @@ def test_partial_and_unlabeled_settings_run_end_to_end(data, erm_dir, tmp_path, 
     assert any(not torch.equal(v, after[k]) for k, v in det_before.items()), "the detector was not trained"
     assert any(not torch.equal(v, after[k]) for k, v in lora_before.items()), "the LoRA was not trained"
     assert trainer.detector_stats["anchors"] > 0
-    with expect_warnings("LoRA stage trained on .* of these .* eval rows"):  # lora_rows="train+eval"
+    unread = rf"{len(data['validation'])} of these .* rows have a known group, but the group metrics .* left out: .* " \
+             rf"the {setting} setting, .*eval_sensitive_labels='use'"
+    with expect_warnings("LoRA stage trained on .* of these .* eval rows", unread):  # lora_rows="train+eval"
         metrics = trainer.evaluate()
     # no sensitive labels may be used for evaluation/selection in these settings
     assert "eval_worst_group_accuracy" not in metrics and "eval_accuracy" in metrics
+    with expect_warnings() as caught:  # said once
+        trainer.evaluate(data["test"].rename_column("labels", "label"))  # an explicit set: `label` renamed too
+    assert not any("left out" in str(w.message) for w in caught)
+
+
+def test_evaluate_and_predict_check_a_set_passed_to_them(data, erm_dir, tmp_path):
+    """A test set passed to evaluate() / predict() is checked as eval_dataset is: an uncoded group column gets the
+    clear error (before: a collator error about padding), and `label` is renamed."""
+    trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")),
+                          args=fair_args(tmp_path), eval_dataset=data["validation"])
+    groups = [None] + data["test"]["sensitive"][1:]
+    broken = data["test"].remove_columns("sensitive").add_column("sensitive", groups)
+    with pytest.raises(ValueError, match=r"test_dataset column 'sensitive' has missing values \(None\) in rows \[0\]"):
+        trainer.predict(broken)
+    with pytest.raises(ValueError, match=r"eval_dataset column 'sensitive' has missing values"):
+        trainer.evaluate(broken)
+    out = trainer.predict(data["test"].rename_column("labels", "label"))
+    assert out.label_ids is not None and out.metrics["test_accuracy"] > 0
 
 
 def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):

@@ -65,11 +65,17 @@ def encode_sensitive(values: Sequence[Any], minority_value: Optional[Any] = None
 
     With ``minority_value`` the rows equal to it (compared by ``normalize_value``, so 1 == '1' == 1.0 == '1.0') are
     the minority and every other present value the majority; missing values (``is_missing``: None, NaN, '', 'NA',
-    'unknown', ...) are -1. Without it the column must already be coded 1 / 0 / -1 (numbers or number-looking strings).
+    'unknown', ...) and -1, this package's own "unknown" code, are -1. Without it the column must already be coded
+    1 / 0 / -1 (numbers or number-looking strings).
     """
     if minority_value is not None:
         target = normalize_value(minority_value)
-        return [-1 if is_missing(v) else int(normalize_value(v) == target) for v in values]
+        if target == "-1":
+            raise ValueError(
+                "minority_value=-1: -1 is the code for an unknown group here; recode the minority to another value "
+                "(or code the column 1 / 0 / -1 yourself and pass no minority_value).")
+        return [-1 if is_missing(v) or normalize_value(v) == "-1" else int(normalize_value(v) == target)
+                for v in values]
     out = []
     for v in values:
         key = "-1" if is_missing(v) else normalize_value(v)

@@ -65,6 +65,7 @@ class FairRunState:
         num_classes, representation_dim: the prototypes' shape, set by the prototype pass.
         selection: the correction chosen after training (selection.py): τ, strength, the reason and the frontier.
         configured: the adapter's τ and strength before the selection (what it starts from, also in `reselect`).
+        world_size: the processes the run trains on (a resumed run warns when they differ).
     """
 
     fingerprint: str = ""
@@ -86,6 +87,7 @@ class FairRunState:
     representation_dim: Optional[int] = None
     selection: dict = field(default_factory=dict)
     configured: dict = field(default_factory=lambda: {"threshold": 0.5, "strength": 1.0})
+    world_size: Optional[int] = None
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
@@ -160,10 +162,11 @@ _NOT_IN_FINGERPRINT = {
 }
 
 
-def run_fingerprint(args, adapter_config, dataset, eval_dataset=None) -> str:
+def run_fingerprint(args, adapter_config, dataset, eval_dataset=None, base: str = "") -> str:
     """A short hash of what determines a run's result: the training arguments (except where it writes, logs and
-    checkpoints), the adapter's configuration as given, and the training data (its datasets fingerprint and size),
-    with the eval data when the LoRA stage trains on some of its rows (`eval_dataset`)."""
+    checkpoints), the adapter's configuration as given, the training data (its datasets fingerprint and size), with
+    the eval data when the LoRA stage trains on some of its rows (`eval_dataset`), and the base model (`base`:
+    `base_model_digest`)."""
     fields = {}
     for f in dataclasses.fields(args):
         if f.name in _NOT_IN_FINGERPRINT or f.name.startswith("_") or f.name.startswith("hub_"):
@@ -176,8 +179,26 @@ def run_fingerprint(args, adapter_config, dataset, eval_dataset=None) -> str:
             "columns": sorted(getattr(dataset, "column_names", []) or [])}
     if eval_dataset is not None:
         data["eval"] = {"fingerprint": getattr(eval_dataset, "_fingerprint", None), "rows": len(eval_dataset)}
-    blob = json.dumps({"args": fields, "adapter": config, "data": data}, sort_keys=True, default=str)
+    blob = json.dumps({"args": fields, "adapter": config, "data": data, "base": base}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def base_model_digest(model, samples: int = 64) -> str:
+    """A hash of the base model's own weights (the adapter's `fairlora_` tensors left out): each one's name, shape,
+    dtype and `samples` values at an even stride. A checkpoint written on another base (an ERM model trained again,
+    another seed) then belongs to another run. Sharded weights (DTensor, DeepSpeed ZeRO-3) count by name and shape
+    only, so every process computes the same digest."""
+    digest = hashlib.sha256()
+    for name, weight in model.named_parameters():
+        if "fairlora_" in name:
+            continue
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
+        if hasattr(weight, "to_local") or hasattr(weight, "ds_numel") or weight.is_meta:
+            continue
+        flat = weight.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // samples)][:samples]
+        digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _plain(value: Any) -> Any:

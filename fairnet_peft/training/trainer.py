@@ -62,7 +62,7 @@ from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, e
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
 from .selection import (OFF, detector_blind, global_correction_warning, held_back_explanation, mixture_weights,
                         off_explanation, searched_strengths, select_with_arguments)
-from .state import EARLY_STOPPING_WEIGHTS, FairRunState, run_fingerprint
+from .state import EARLY_STOPPING_WEIGHTS, FairRunState, base_model_digest, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
 STAGE_DIR = "fairnet-detector-stage"
@@ -139,6 +139,7 @@ class FairTrainer(Trainer):
         self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
         self._selection_cache: dict = {}  # those passes per set of rows (dataset fingerprint)
         self._eval_split: "dict | bool | None" = None  # the eval set's halves (False: unsplit)
+        self._warned_unread_groups = False
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
         self.add_callback(_RunStateCheckpoint(self))
@@ -372,8 +373,11 @@ class FairTrainer(Trainer):
         """`Trainer.evaluate`; the metrics are also attached to the adapter so its saved model card shows them. In
         the unlabeled setting, with a pseudo-labeler fitted by this trainer, the metrics add the label-free
         `pseudo_worst_group_accuracy` (see docs/label-settings.md)."""
+        if eval_dataset is not None:
+            eval_dataset = self._checked_eval_input(eval_dataset, "eval_dataset")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         self._warn_if_lora_trained_on(dataset)
+        self._warn_if_group_labels_unread(dataset)
         self._eval_pseudo_groups = None
         if self.pseudo_labels is not None and hasattr(dataset, "add_column") and "labels" in dataset.column_names:
             self._eval_pseudo_groups = self.eval_pseudo_groups(dataset)
@@ -386,6 +390,34 @@ class FairTrainer(Trainer):
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
                                    adapter_name=self.adapter_name, selection=self.run_state.selection or None)
         return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        """`Trainer.predict`, on a dataset checked as `eval_dataset` is (`label` renamed, groups and ids coded)."""
+        return super().predict(self._checked_eval_input(test_dataset, "test_dataset"), ignore_keys=ignore_keys,
+                               metric_key_prefix=metric_key_prefix)
+
+    def _checked_eval_input(self, dataset, split: str):
+        if dataset is self.eval_dataset:
+            return dataset
+        dataset = _with_labels_column(dataset)
+        check_eval_dataset(dataset, self.args.sensitive_column, **_model_bounds(self.model), split=split)
+        return dataset
+
+    def _warn_if_group_labels_unread(self, dataset) -> None:
+        """A set with known groups evaluated without them (`eval_sensitive_labels`): say so once, and how to read them."""
+        column = self.args.sensitive_column
+        if self.eval_uses_sensitive or self._warned_unread_groups or column not in getattr(dataset, "column_names", []):
+            return
+        known = int((np.asarray(dataset[column]) >= 0).sum())
+        if known:
+            self._warned_unread_groups = True
+            warnings.warn(
+                f"evaluate(): {known} of these {len(dataset)} rows have a known group, but the group metrics (WGA, "
+                f"EOD, per-group gate rates) are left out: the training set makes this the {self.label_setting} "
+                "setting, where eval_sensitive_labels='auto' reads no eval group labels, so that no model choice "
+                "uses labels the setting lacks. If these groups are real labels you may evaluate with, pass "
+                "FairTrainingArguments(eval_sensitive_labels='use'), or score predict()'s logits with "
+                "fairnet_peft.metrics.", UserWarning, stacklevel=3)
 
     def _warn_if_lora_trained_on(self, dataset) -> None:
         """Evaluating the eval set whose half the LoRA stage trained on (`lora_rows`): say the metrics are optimistic."""
@@ -693,13 +725,16 @@ class FairTrainer(Trainer):
                                       given_groups=given.given_groups,
                                       fingerprint=run_fingerprint(
                                           args, config, self.train_dataset,
-                                          None if args.lora_rows == "train" else self._selection_eval_set()),
+                                          None if args.lora_rows == "train" else self._selection_eval_set(),
+                                          base=base_model_digest(self.model)),
                                       configured={"threshold": float(config.threshold),
-                                                  "strength": float(config.adapter_strength)})
+                                                  "strength": float(config.adapter_strength)},
+                                      world_size=max(int(args.world_size), 1))
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
         self._selection_cache = {}
         self._eval_split = None
         point = self._resume_point(resume_from_checkpoint)
+        self._warn_if_other_world_size(point)
         if self._tuner.is_fresh(self.adapter_name):
             # get_peft_model drew the adapter's weights before Trainer set the seed: draw them from args.seed (a
             # resumed run draws them too, then loads what its checkpoint holds over them)
@@ -977,7 +1012,7 @@ class FairTrainer(Trainer):
             lora, detector = self._checkpoints(self.args.output_dir), self._checkpoints(self._stage_dir())
             others = [p for p in (final,) if FairRunState.load(p) is not None and not self._belongs_to_run(p)]
             if others:
-                warnings.warn(f"{others[0]} was written by another run (other settings or data); it is ignored.",
+                warnings.warn(f"{others[0]} was written by another run (other settings, data or base model); it is ignored.",
                               UserWarning, stacklevel=4)
             point["final"] = final if self._belongs_to_run(final) else None
             point["lora"] = lora[0] if lora and point["final"] else None
@@ -993,7 +1028,7 @@ class FairTrainer(Trainer):
                 f"Cannot resume from {resume}: "
                 + ("it is not a FairTrainer checkpoint (no run state in it)." if state is None else
                    f"it was written by another run (fingerprint {state.fingerprint}, this run {self.run_state.fingerprint}:"
-                   " other training arguments, adapter config or training data).")
+                   " other training arguments, adapter config, training data or base model).")
                 + " Resume with the settings that wrote it, call train() without resume_from_checkpoint to start "
                   "afresh, or use another output_dir.")
         in_stage = path.startswith(os.path.abspath(self._stage_dir()) + os.sep)
@@ -1005,13 +1040,28 @@ class FairTrainer(Trainer):
             point["final"] = final
         return point
 
+    def _warn_if_other_world_size(self, point: dict) -> None:
+        """Resuming on another number of processes: allowed (as in `Trainer`), but each LoRA update then sees another
+        number of anchors, so the result equals neither uninterrupted run. Say so."""
+        found = next((p for p in (point["lora"], point["detector"], point["final"]) if p), None)
+        saved = FairRunState.load(found) if found else None
+        now = self.run_state.world_size
+        if saved is not None and saved.world_size is not None and saved.world_size != now:
+            warnings.warn(
+                f"Resuming from {found}, written by a run on {saved.world_size} process(es), on {now}. The run "
+                "continues, but an update's batch spans every process, so from here on each update sees other rows "
+                f"than before: the result equals neither an uninterrupted {saved.world_size}- nor {now}-process run. "
+                f"Resume on {saved.world_size} process(es) to reproduce that run.", UserWarning, stacklevel=3)
+
     def _load_run_state(self, folder: str) -> None:
         saved = FairRunState.load(folder)
         given, labels = self.run_state.given_groups, self.run_state.class_labels
         if not (np.array_equal(saved.given_groups, given) and np.array_equal(saved.class_labels, labels)):
             raise ValueError(f"The run state in {folder} does not match the training data's labels or groups.")
+        world_size = self.run_state.world_size  # this run's, not the checkpoint's
         for field in dataclasses.fields(saved):  # in place: every holder of the run state sees the loaded one
             setattr(self.run_state, field.name, getattr(saved, field.name))
+        self.run_state.world_size = world_size
 
     def _save_final(self) -> None:
         final = os.path.join(self._stage_dir(), FINAL)

@@ -141,31 +141,32 @@ def _labels(dataset, column: str, num_labels: Optional[int], split: str = "train
     return labels
 
 
-def _sensitive(dataset, column: str) -> np.ndarray:
+def _sensitive(dataset, column: str, split: Optional[str] = None) -> np.ndarray:
+    name = f"{split} column {column!r}" if split else f"Column {column!r}"
     arr = _arrow(dataset, column)
     kind = arr.type
     fix = "use 1 = minority, 0 = majority, -1 = unknown"
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         sample = arr.slice(0, 3).to_pylist()
-        raise ValueError(f"Column {column!r} holds {kind} values (e.g. {sample}), not group ids; {fix}. Map the values "
+        raise ValueError(f"{name} holds {kind} values (e.g. {sample}), not group ids; {fix}. Map the values "
                          f"first: fairnet_peft.data.encode_sensitive(dataset[{column!r}], minority_value=...) gives "
                          "1 / 0 / -1 (it matches 1, '1' and '1.0' alike), or load the file with "
                          "fairnet_peft.data.load_group_dataset(..., minority_value=...).")
     if arr.null_count:
         missing = np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False))
-        raise ValueError(f"Column {column!r} has missing values (None) in {_rows(missing)}; use -1 for unknown groups.")
+        raise ValueError(f"{name} has missing values (None) in {_rows(missing)}; use -1 for unknown groups.")
     values = arr.to_numpy(zero_copy_only=False)
     if pa.types.is_floating(kind):
         if np.isnan(values).any():
-            raise ValueError(f"Column {column!r} contains NaN in {_rows(np.isnan(values))}; use -1 for unknown groups.")
+            raise ValueError(f"{name} contains NaN in {_rows(np.isnan(values))}; use -1 for unknown groups.")
         fractional = values != np.round(values)
         if fractional.any():
-            raise ValueError(f"Column {column!r} has non-integer values {sorted(set(values[fractional].tolist()))[:5]} "
+            raise ValueError(f"{name} has non-integer values {sorted(set(values[fractional].tolist()))[:5]} "
                              f"in {_rows(fractional)}; {fix}.")
     values = values.astype(np.int64)
     bad = sorted(set(np.unique(values).tolist()) - {-1, 0, 1})
     if bad:
-        raise ValueError(f"Column {column!r} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown).")
+        raise ValueError(f"{name} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown).")
     return values
 
 
@@ -244,7 +245,7 @@ def check_pseudo_labeler_rows(setting: str, labels: np.ndarray, pseudo_labeler: 
 
 
 def check_eval_dataset(dataset, sensitive_column: str, num_labels: Optional[int] = None,
-                       vocab_size: Optional[int] = None) -> None:
+                       vocab_size: Optional[int] = None, split: str = "eval_dataset") -> None:
     """An eval split's sensitive column (if any) holds only -1 (unknown), 0 and 1; its labels (if any) are class ids
     0..K-1 and its `input_ids` are inside the vocabulary (a `datasets.Dataset`: the rows FairTrainer reads). A bad id
     there would otherwise surface on a GPU as a device-side assert, at an unrelated line."""
@@ -255,17 +256,11 @@ def check_eval_dataset(dataset, sensitive_column: str, num_labels: Optional[int]
             names = ds.column_names
             label_column = _label_column(names)
             if label_column is not None and len(ds):
-                _labels(ds, label_column, num_labels, split="eval_dataset")
+                _labels(ds, label_column, num_labels, split=split)
             if vocab_size is not None and "input_ids" in names:
-                _check_token_ids(ds, int(vocab_size), split="eval_dataset")
-        if sensitive_column in getattr(ds, "column_names", []):
-            values = set(np.unique(np.asarray(ds[sensitive_column])).tolist())
-            bad = sorted((v for v in values if isinstance(v, str) or v not in (-1, 0, 1)), key=str)
-            if bad:
-                raise ValueError(
-                    f"eval_dataset column {sensitive_column!r} has values {bad[:_MAX_ROWS_SHOWN]} outside {{-1, 0, 1}} "
-                    "(1 minority, 0 majority, -1 unknown). Code it as the training column is coded, e.g. with "
-                    f"fairnet_peft.data.encode_sensitive(eval_dataset[{sensitive_column!r}], minority_value=...).")
+                _check_token_ids(ds, int(vocab_size), split=split)
+            if sensitive_column in names and len(ds):  # coded as the training column: no strings, None, NaN, 2
+                _sensitive(ds, sensitive_column, split=split)
 
 
 def check_selection_metric(metric: Optional[str], uses_sensitive: bool, setting: Optional[str]) -> None:
