@@ -251,8 +251,9 @@ def check_groups(ds, class_names) -> None:
     """Before ERM trains (minutes): the training split needs minority rows and a majority row of every class (the
     prototypes FairNet pulls the minority toward are per-class majority means); raise naming the cells. A validation
     or test split without minority rows, or with an empty (class × group) cell, is logged as a warning: the selection
-    cannot see a worst-group gain there, and the test WGA would not cover the minority. So is a "minority" that is
-    most of the training rows (a --minority-value that names the larger group)."""
+    cannot see a worst-group gain there, and the test WGA would not cover the minority. So are a "minority" that is
+    most of the training rows (a --minority-value that names the larger group) and a class without a training
+    minority row."""
     y, s = np.asarray(ds["train"]["labels"]), np.asarray(ds["train"]["sensitive"])
     fix = ("Check --sensitive-column and --minority-value (or the 1 / 0 / -1 coding of the column), or give more "
            "training rows.")
@@ -264,6 +265,10 @@ def check_groups(ds, class_names) -> None:
         raise ValueError(f"the training split has no majority row (sensitive == 0) of class {empty} "
                          f"({describe_split(ds['train'], 'train')}): FairNet's prototypes are per-class majority "
                          f"means. {fix}")
+    lacking = [class_names[k] for k in range(len(class_names)) if not ((y == k) & (s == 1)).any()]
+    if lacking:
+        log(f"[warning] the training split has no minority row of class {lacking}: the LoRA gets anchors of that "
+            "class only from the validation split's minority rows (if it has any), so it may not correct that cell.")
     share = float((s == 1).sum() / max(int((s >= 0).sum()), 1))
     if share > 0.5:
         log(f"[warning] the group marked 1 is {100 * share:.0f} % of the training rows with a group: FairNet corrects "
@@ -460,8 +465,25 @@ def minority_description(args, *, default: str) -> str:
     return default if args.dataset is None else f"{args.sensitive_column} == 1"
 
 
-def log_adapter(model, trainer) -> None:
-    """One line: the label setting the trainer inferred and where the adapter sits."""
+def setting_text(args, inferred: str) -> str:
+    """The label setting the run trained in, as the summary and the model card give it: the trainer infers it from
+    the training rows' groups, so a `--setting full` dataset with unknown (-1) groups trains as partial."""
+    text = inferred + (f" ({args.label_fraction:g} of the train rows labelled)"
+                       if args.setting == inferred == "partial" else "")
+    return text if inferred == args.setting else f"{text} (--setting {args.setting}; some training groups unknown)"
+
+
+def log_adapter(model, trainer, args=None) -> None:
+    """One line: the label setting the trainer inferred and where the adapter sits; a warning when the data made the
+    setting another than `--setting` asked for."""
+    if args is not None and trainer.label_setting != args.setting:
+        unknown = int((np.asarray(trainer.train_dataset[trainer.args.sensitive_column]) < 0).sum())
+        warnings.warn(
+            f"--setting {args.setting}, but {unknown} of the {len(trainer.train_dataset)} training rows have an "
+            f"unknown group (-1, or a missing value in the group column), so FairTrainer runs the "
+            f"{trainer.label_setting} setting: its selection and evaluation read no validation groups "
+            "(docs/label-settings.md). Give every training row its group for the full setting.", UserWarning,
+            stacklevel=2)
     config = model.peft_config[model.active_adapter]
     blocks = f" of blocks {config.layers_to_transform}" if config.layers_to_transform is not None else ""
     read = (f"block {config.detector_layer}" if config.detector_layer is not None

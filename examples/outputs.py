@@ -161,10 +161,10 @@ def selection_line(train_metrics: dict) -> str:
             f"strength = {train_metrics['train_selection_strength']:g}" + (f" (held back: {held})" if held else ""))
 
 
-def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict, pushed: dict,
+def print_summary(*, setting: str, name: str, results: dict, timings: dict, paths: dict, pushed: dict,
                   memory: Optional[dict] = None, selection: str = "") -> None:
     log("")
-    log(f"{name}: ERM vs FairNet on the test split ({args.setting} setting)")
+    log(f"{name}: ERM vs FairNet on the test split ({setting} setting)")
     log(summary_table(results))
     log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR|; gate rate = P(LoRA on | s).")
     if selection:
@@ -177,9 +177,8 @@ def print_summary(*, args, name: str, results: dict, timings: dict, paths: dict,
         log(f"pushed: adapter → {pushed['adapter_repo']}, ERM base → {pushed['base_repo']}")
 
 
-def _card_details(args, card: dict, *, erm_dir: str, n_train: int, n_test: int, tau: float, strength: float) -> dict:
-    setting = args.setting + (f" ({args.label_fraction:g} of the train rows labelled)" if args.setting == "partial"
-                              else "")
+def _card_details(card: dict, *, setting: str, erm_dir: str, n_train: int, n_test: int, tau: float,
+                  strength: float) -> dict:
     return {**card["details"], "classes": ", ".join(map(str, card["class_names"])), "label setting": setting,
             "ERM base model": erm_dir, "train / test rows": f"{n_train} / {n_test}", "gate threshold τ": f"{tau:g}",
             "adapter strength α": f"{strength:g}"}
@@ -198,8 +197,9 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     fair_test, tau, strength = results["FairNet"], float(config.threshold), float(config.adapter_strength)
     cells = {name: common.cell_accuracies(pred, test["labels"], test["sensitive"]) for name, pred in logits.items()}
     paths = output_paths(args.output_dir)
-    details = _card_details(args, card, erm_dir=erm_dir, n_train=len(data["train"]), n_test=len(test), tau=tau,
-                            strength=strength)
+    setting = common.setting_text(args, trainer.label_setting)
+    details = _card_details(card, setting=setting, erm_dir=erm_dir, n_train=len(data["train"]), n_test=len(test),
+                            tau=tau, strength=strength)
     text = model_card(title=card["title"], base_model=erm_dir, loader=card["loader"], results=results,
                       details=details, repo_or_dir=paths["adapter"])
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
@@ -211,7 +211,8 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     paths = save_outputs(args=args, model=model, card=text, fair_test=fair_test, cells=cells, metrics=metrics)
     pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
         if args.push_to_hub else {}
-    print_summary(args=args, name=kind, results=results, timings=timings, paths=paths, pushed=pushed, memory=memory,
+    print_summary(setting=setting, name=kind, results=results, timings=timings, paths=paths, pushed=pushed,
+                  memory=memory,
                   selection=selection_line(train_result.metrics))
     dist_state().wait_for_everyone()
     return {"erm": results["ERM"], "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,

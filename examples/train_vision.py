@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = get_peft_model(AutoModelForImageClassification.from_pretrained(erm_dir), config)
     trainer = FairTrainer(model=model, args=common.fair_training_args(args), train_dataset=data["train"],
                           eval_dataset=data["validation"], data_collator=collator)
-    common.log_adapter(model, trainer)
+    common.log_adapter(model, trainer, args)
     train_result = trainer.train()
     clock.lap("fairnet_train")
 

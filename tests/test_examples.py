@@ -255,6 +255,31 @@ def test_check_groups_stops_before_erm_and_warns_about_eval_splits_without_a_cel
     larger = Dataset.from_dict({"labels": [0, 0, 1, 1, 0], "sensitive": [0, 1, 0, 1, 1]})
     common.check_groups(DatasetDict(train=larger, validation=good, test=good), ["no", "yes"])
     assert "[warning] the group marked 1 is 60 % of the training rows" in capsys.readouterr().out
+    three = Dataset.from_dict({"labels": [0, 0, 1, 1, 2], "sensitive": [0, 1, 0, 1, 0]})  # no minority row of "high"
+    common.check_groups(DatasetDict(train=three, validation=good, test=good), ["no", "yes", "high"])
+    assert "[warning] the training split has no minority row of class ['high']" in capsys.readouterr().out
+
+
+def test_the_setting_the_data_made_is_the_one_reported():
+    """A --setting full dataset with unknown groups trains as partial: the summary and the card say so, and a warning
+    says why."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    common = _load("train_text").common
+    args = SimpleNamespace(setting="full", label_fraction=0.1)
+    assert common.setting_text(args, "full") == "full"
+    assert common.setting_text(args, "partial") == "partial (--setting full; some training groups unknown)"
+    assert common.setting_text(SimpleNamespace(setting="partial", label_fraction=0.1), "partial") == \
+        "partial (0.1 of the train rows labelled)"
+    train = Dataset.from_dict({"labels": [0, 1, 0, 1], "sensitive": [0, 1, -1, 0]})
+    trainer = SimpleNamespace(label_setting="partial", train_dataset=train, args=SimpleNamespace(sensitive_column="sensitive"))
+    model = SimpleNamespace(active_adapter="default", peft_config={"default": SimpleNamespace(
+        layers_to_transform=None, detector_layer=1, target_modules={"query"})})
+    with pytest.warns(UserWarning, match=r"--setting full, but 1 of the 4 training rows have an unknown group .* "
+                                         r"runs the partial setting"):
+        common.log_adapter(model, trainer, args)
 
 
 def test_text_and_image_columns_of_other_types_are_converted(tmp_path):
