@@ -182,13 +182,24 @@ def test_a_labeler_that_marks_most_rows_names_its_knob():
         pseudo_label("error_set", labels=y, logits=logits)
 
 
-def test_too_few_rows_for_neighbours_or_clusters_names_the_knob():
+def test_a_class_too_small_to_split_gets_no_minority_and_a_fixed_knob_is_named():
+    """A rare class (multi-class data) cannot be split into outliers or clusters: with the default knobs it gets no
+    minority and the other classes are labelled; a fixed LOF neighbourhood larger than it is an error naming the knob;
+    when every class is too small the error says what to do instead."""
     x, y, _, _ = make_group_data(seed=0, n=200)
     y[:10] = 2  # class 2 has 10 rows
+    for method, knobs in (("lof", {}), ("gmm", {"n_clusters": 6}), ("kmeans", {"n_clusters": 6})):
+        result = pseudo_label(method, features=x, labels=y, **knobs)
+        assert result.details["classes_without_minority"][-1:] == [2] and not result.labels[:10].any()
+        assert result.labels[10:].any()
+        assert not result.labeler.predict(x[:10], y[:10]).any()  # new rows of that class: never minority
     with pytest.raises(ValueError, match="class 2 has 10 rows.*n_neighbors=20"):
-        pseudo_label("lof", features=x, labels=y)
-    with pytest.raises(ValueError, match="class 2 has 10 rows.*n_clusters=6"):
-        pseudo_label("gmm", features=x, labels=y, n_clusters=6)
+        pseudo_label("lof", features=x, labels=y, n_neighbors=20)
+    with pytest.raises(ValueError, match=r"'gmm': every class is too small to split \(rows per class \{0: 2, 1: 1\}; "
+                                         r"each needs at least 2 × pseudo_clusters = 4 rows\).*error_set"):
+        pseudo_label("gmm", features=x[:3], labels=np.array([0, 0, 1]))
+    result = pseudo_label("auto", features=x, labels=y, logits=np.eye(3)[(y + (np.arange(200) % 7 == 0)) % 3])
+    assert result.method in ("lof", "gmm", "kmeans", "error_set")  # 'auto' runs with the rare class present
 
 
 @pytest.mark.parametrize("knobs, field", [

@@ -158,8 +158,8 @@ def test_bad_input_raises_clear_errors_before_training(data, mutate, message, tm
     model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
         vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
         FairLoraConfig(task_type="SEQ_CLS"))
-    with pytest.raises(ValueError, match=message):
-        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=mutate(data["train"]))
+    with pytest.raises(ValueError, match=message):  # 'lof' as the pseudo-labeler: 'auto' skips one that cannot run
+        FairTrainer(model=model, args=fair_args(tmp_path, pseudo_labeler="lof"), train_dataset=mutate(data["train"]))
 
 
 def test_bad_eval_labels_and_token_ids_are_refused_before_training(data, tmp_path):

@@ -86,6 +86,21 @@ def _check_share(marks: np.ndarray, method: str, knob: str) -> None:
                          f"change {knob} (or use another pseudo_labeler).")
 
 
+def _without(minority: dict) -> list:
+    """The classes a per-class labeler gave no minority (too few rows, or no clear smaller cluster)."""
+    return [k for k, m in minority.items() if m is None]
+
+
+def _check_too_small(tiny: list, y: np.ndarray, method: str, needs: str) -> None:
+    """Every class too small for a per-class labeler (`tiny`): nothing can be marked; say so and what to do."""
+    classes = np.unique(y).tolist()
+    if classes and len(tiny) == len(classes):
+        counts = {k: int((y == k).sum()) for k in classes}
+        raise ValueError(f"pseudo_labeler={method!r}: every class is too small to split (rows per class {counts}; "
+                         f"each needs {needs}). Use pseudo_labeler='error_set', give some group labels (the partial "
+                         "setting), or add rows.")
+
+
 def _projector(x: np.ndarray, pca_dims: Optional[int], seed: int):
     """StandardScaler, then PCA to at most `pca_dims` dims when there are more; fitted on one class's rows."""
     from sklearn.decomposition import PCA
@@ -162,13 +177,17 @@ def lof_per_class(features, labels, *, n_neighbors="auto", contamination=0.1, pc
     if not (contamination == "auto" or (isinstance(contamination, (int, float)) and 0 < contamination <= 0.5)):
         raise ValueError(f"contamination={contamination!r}: must be in (0, 0.5] or 'auto' (share of rows marked).")
     _check_pca_dims(pca_dims)
-    models, minority, marks, shares, used = {}, {}, np.zeros(len(y), dtype=np.int64), {}, {}
+    models, minority, marks, shares, used, tiny = {}, {}, np.zeros(len(y), dtype=np.int64), {}, {}, []
     for k in np.unique(y).tolist():
         rows = y == k
         n_k, k_nn = int(rows.sum()), n_neighbors
         if n_neighbors == "auto":
             share = 0.1 if contamination == "auto" else contamination
             k_nn = max(20, min(int(np.ceil(3 * share * n_k)), n_k - 1))
+            if n_k <= k_nn:  # too few rows to tell outliers: the class gets no minority (as a class in no cluster)
+                minority[k], shares[k] = None, 0.0
+                tiny.append(k)
+                continue
         if n_k <= k_nn or k_nn < 1:
             raise ValueError(f"class {k} has {n_k} rows, not more than n_neighbors={k_nn}; "
                              "lower n_neighbors or use more rows.")
@@ -177,8 +196,10 @@ def lof_per_class(features, labels, *, n_neighbors="auto", contamination=0.1, pc
         lof.fit(proj.transform(x[rows]))
         marks[rows] = lof.negative_outlier_factor_ < lof.offset_
         models[k], minority[k], shares[k], used[k] = (proj, lof), -1, float(marks[rows].mean()), int(k_nn)
+    _check_too_small(tiny, y, "lof", "more than 20 rows (n_neighbors='auto')")
     _check_share(marks, "lof", f"contamination (now {contamination!r})")
-    return PseudoLabels(marks, "lof", {"share": float(marks.mean()), "class_share": shares, "n_neighbors": used},
+    return PseudoLabels(marks, "lof", {"share": float(marks.mean()), "class_share": shares, "n_neighbors": used,
+                                       "classes_without_minority": _without(minority)},
                         PerClassLabeler("lof", models, minority))
 
 
@@ -202,12 +223,13 @@ def cluster_per_class(features, labels, *, method: str = "gmm", n_clusters: int 
     _check_pca_dims(pca_dims)
     y = _as_labels(labels)
     x = _as_features(features, len(y))
-    models, minority, marks, shares = {}, {}, np.zeros(len(y), dtype=np.int64), {}
+    models, minority, marks, shares, tiny = {}, {}, np.zeros(len(y), dtype=np.int64), {}, []
     for k in np.unique(y).tolist():
         rows = y == k
-        if rows.sum() < 2 * n_clusters:
-            raise ValueError(f"class {k} has {int(rows.sum())} rows, fewer than 2 × n_clusters={n_clusters}; "
-                             "lower n_clusters or use more rows.")
+        if rows.sum() < 2 * n_clusters:  # too few rows to cluster: the class gets no minority
+            minority[k], shares[k] = None, 0.0
+            tiny.append(k)
+            continue
         proj = _projector(x[rows], pca_dims, seed)
         xk = proj.transform(x[rows])
         if method == "gmm":
@@ -222,11 +244,11 @@ def cluster_per_class(features, labels, *, method: str = "gmm", n_clusters: int 
         minority[k] = small if 0 < share <= max_cluster_share else None
         marks[rows] = assigned == small if minority[k] is not None else 0
         models[k], shares[k] = (proj, est), float(marks[rows].mean())
+    _check_too_small(tiny, y, method, f"at least 2 × pseudo_clusters = {2 * n_clusters} rows")
     _check_share(marks, method, f"n_clusters (now {n_clusters}) or max_cluster_share (now {max_cluster_share}; "
                                 "every class's clusters were near equal in size)")
-    no_minority = [k for k, m in minority.items() if m is None]
     return PseudoLabels(marks, method, {"share": float(marks.mean()), "class_share": shares,
-                                        "classes_without_minority": no_minority},
+                                        "classes_without_minority": _without(minority)},
                         PerClassLabeler(method, models, minority))
 
 

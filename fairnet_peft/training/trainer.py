@@ -528,8 +528,9 @@ class FairTrainer(Trainer):
             raise ValueError(
                 f"The pseudo-labeler ({self.pseudo_label_details.get('method', self.args.pseudo_labeler)}) marked "
                 f"every row of classes {whole} as minority, so no majority prototype exists for them (an error set "
-                "is a whole class when the frozen model never predicts it: is the model task-trained?). Train the "
-                "base model first, or choose FairTrainingArguments.pseudo_labeler='lof'/'gmm'/'kmeans'.")
+                "is a whole class when the frozen model never predicts it: a class with few training rows, or a base "
+                "model that is not task-trained). Choose FairTrainingArguments.pseudo_labeler='auto'/'gmm'/'kmeans', "
+                "or train the base model first.")
 
     def _set_detector_targets(self) -> None:
         """The setting's groups (true, or pseudo-labels in the unlabeled setting) and the detector stage's inputs."""

@@ -234,12 +234,18 @@ def _check_token_ids(dataset, vocab_size: int, split: str = "train_dataset") -> 
 
 
 def check_pseudo_labeler_rows(setting: str, labels: np.ndarray, pseudo_labeler: str, lof_n_neighbors) -> None:
-    """Unlabeled setting with LOF (alone or inside 'auto'): every class needs more rows than LOF's neighbours."""
-    neighbours = 20 if lof_n_neighbors == "auto" else lof_n_neighbors  # 'auto' uses at least 20
-    smallest = int(np.bincount(labels).min(initial=len(labels))) if len(labels) else 0
-    if setting == "unlabeled" and pseudo_labeler in ("lof", "auto") and smallest <= neighbours:
+    """Unlabeled setting with `pseudo_labeler='lof'`: LOF runs within each class, so a class needs more rows than a
+    fixed `lof_n_neighbors`, and with 'auto' neighbours (at least 20) some class must have more than 20 (a smaller
+    class gets no minority). 'auto' needs no check: it skips a labeler that fails and says so if all do."""
+    counts = np.bincount(labels) if len(labels) else np.zeros(1, dtype=np.int64)
+    counts = counts[counts > 0] if (counts > 0).any() else counts
+    fixed = lof_n_neighbors != "auto"
+    rows = int(counts.min() if fixed else counts.max())
+    neighbours = lof_n_neighbors if fixed else 20
+    if setting == "unlabeled" and pseudo_labeler == "lof" and rows <= neighbours:
+        which = "smallest" if fixed else "largest"
         raise ValueError(
-            f"Unlabeled setting: the smallest class has {smallest} rows but lof_n_neighbors={lof_n_neighbors!r} "
+            f"Unlabeled setting: the {which} class has {rows} rows but lof_n_neighbors={lof_n_neighbors!r} "
             f"needs more than {neighbours} per class (LOF runs within each class). Lower "
             "FairTrainingArguments.lof_n_neighbors, choose pseudo_labeler='gmm'/'kmeans'/'error_set', or add data.")
 
