@@ -186,3 +186,17 @@ def test_resuming_on_another_number_of_processes_continues_with_a_warning(tmp_pa
     with pytest.warns(UserWarning, match=r"written by a run on 2 process\(es\), on 1\. The run continues"):
         trainer, _ = _run(tmp_path, resume=True)
     assert trainer.run_state.world_size == 1 and trainer.run_state.stage == "done"
+
+
+def test_checkpoints_and_save_model_write_no_pickled_arguments(tmp_path):
+    """Trainer writes its arguments with torch.save (a pickle); FairTrainer writes them as JSON, in every checkpoint
+    and in what save_model (and so trainer.push_to_hub) writes."""
+    trainer, _ = _run(tmp_path / "run")
+    checkpoints = [p for p in (tmp_path / "run").rglob("checkpoint-*") if p.is_dir()]
+    assert checkpoints and not list((tmp_path / "run").rglob("training_args.bin"))
+    for folder in checkpoints:
+        assert json.loads((folder / "training_args.json").read_text())["seed"] == 0
+    trainer.save_model(str(tmp_path / "saved"))
+    written = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert "training_args.json" in written and "adapter_model.safetensors" in written
+    assert all(name.endswith((".safetensors", ".json", ".md")) for name in written), written

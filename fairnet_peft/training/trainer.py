@@ -47,7 +47,8 @@ from peft import PeftModel, PeftType
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, enable_full_determinism
 from transformers.training_args import ParallelMode
 
 from ..data.sampling import stratified_subsample
@@ -66,6 +67,7 @@ from .state import EARLY_STOPPING_WEIGHTS, FairRunState, base_model_digest, run_
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
 STAGE_DIR = "fairnet-detector-stage"
+TRAINING_ARGS_JSON = "training_args.json"  # what _save writes in place of Trainer's pickled training_args.bin
 FINAL = "final"
 
 
@@ -569,6 +571,10 @@ class FairTrainer(Trainer):
         args, full = self.args, self.train_dataset
         self.optimizer, self.lr_scheduler = None, None
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        if args.push_to_hub:
+            # no push per checkpoint: it would upload a stage's half-trained adapter and Trainer's pickled arguments;
+            # the adapter goes up with save_model() / push_to_hub() after train()
+            overrides.setdefault("hub_strategy", HubStrategy.END)
         try:
             self.args = stage_arguments(args, **overrides)
             self.train_dataset = dataset
@@ -576,6 +582,18 @@ class FairTrainer(Trainer):
         finally:
             self.args, self.train_dataset = args, full
             self.optimizer, self.lr_scheduler = None, None
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """`Trainer._save` (what `save_model`, `push_to_hub` and every checkpoint write), with the training arguments
+        as JSON (`training_args.json`) in place of Trainer's `training_args.bin`, a pickle: a folder FairTrainer saves
+        holds no pickle but the optimizer, scheduler and RNG states of a checkpoint (tensors, for resuming)."""
+        super()._save(output_dir, state_dict=state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(folder, TRAINING_ARGS_NAME)
+        if self.args.should_save and os.path.isfile(pickled):
+            os.remove(pickled)
+            with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                f.write(self.args.to_json_string())
 
     def _updates_per_epoch(self, rows: int, processes: int) -> int:
         args = self.args
