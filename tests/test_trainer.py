@@ -10,6 +10,7 @@ from peft import PeftModel, get_peft_model
 
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
+from fairnet_peft.evaluation.model_card import fairness_report
 
 from .helpers import expect_warnings
 
@@ -113,6 +114,12 @@ def test_evaluate_and_predict_check_a_set_passed_to_them(data, erm_dir, tmp_path
         trainer.evaluate(broken)
     out = trainer.predict(data["test"].rename_column("labels", "label"))
     assert out.label_ids is not None and out.metrics["test_accuracy"] > 0
+    # the card keeps a fairness table over one evaluation without groups
+    assert "eval_worst_group_accuracy" in trainer.evaluate(data["test"])
+    with pytest.warns(UserWarning, match=r"metric_key_prefix='x'\) gave no group metrics, so the model card keeps the "
+                                         r"fairness table of the 'eval' evaluation"):
+        trainer.evaluate(data["test"].remove_columns("sensitive"), metric_key_prefix="x")
+    assert fairness_report(trainer.model)["split"] == "eval"
 
 
 def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):

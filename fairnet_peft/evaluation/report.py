@@ -129,7 +129,8 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
             lines += ["", f"Held back by the selection's limits: {selection['held_back_reason']}."]
     frontier = selection.get("frontier") or []
     if frontier:
-        lines += ["", "Searched frontier (held-out rows; no other candidate has both higher ACC and higher WGA):", "",
+        lines += ["", "Searched frontier (held-out rows; the candidates within the limits that no other one within them "
+                  "matches or beats on both ACC and WGA):", "",
                   "| τ | α | ACC | WGA | EOD | worst-group loss | gated | majority gated |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in frontier:

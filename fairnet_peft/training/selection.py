@@ -416,7 +416,8 @@ def mixture_weights(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray) ->
 
 
 def pareto_frontier(rows: list[dict]) -> list[dict]:
-    """The rows no other row beats on both accuracy and worst-group accuracy, by accuracy descending (of rows equal
+    """The rows no other row matches or beats on both accuracy and worst-group accuracy (a row with another's
+    accuracy and WGA, or less of one and no more of the other, is left out), by accuracy descending (of rows equal
     on both, the one with the lower worst-group loss)."""
     ordered = sorted(rows, key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"]),
                                           -_finite(-r.get("worst_group_loss", math.nan))))

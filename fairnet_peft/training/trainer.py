@@ -384,7 +384,8 @@ class FairTrainer(Trainer):
         if self.pseudo_labels is not None and hasattr(dataset, "add_column") and "labels" in dataset.column_names:
             self._eval_pseudo_groups = self.eval_pseudo_groups(dataset)
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel):
+        if f"{metric_key_prefix}_accuracy" in metrics and isinstance(self.model, PeftModel) and \
+                self._may_replace_card_report(metrics, metric_key_prefix):
             from ..evaluation.model_card import attach_fairness_report
 
             detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
@@ -392,6 +393,19 @@ class FairTrainer(Trainer):
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
                                    adapter_name=self.adapter_name, selection=self.run_state.selection or None)
         return metrics
+
+    def _may_replace_card_report(self, metrics: dict, prefix: str) -> bool:
+        """The card shows the last evaluation, but one without group metrics (a set with no known group) does not
+        replace one that has them: warn instead."""
+        from ..evaluation.model_card import fairness_report
+
+        attached = fairness_report(self.model, self.adapter_name)
+        has_groups = f"{prefix}_worst_group_accuracy" in metrics
+        if has_groups or attached is None or f"{attached['split']}_worst_group_accuracy" not in attached["metrics"]:
+            return True
+        warnings.warn(f"evaluate(metric_key_prefix={prefix!r}) gave no group metrics, so the model card keeps the "
+                      f"fairness table of the {attached['split']!r} evaluation.", UserWarning, stacklevel=3)
+        return False
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
         """`Trainer.predict`, on a dataset checked as `eval_dataset` is (`label` renamed, groups and ids coded)."""
