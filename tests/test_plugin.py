@@ -230,6 +230,13 @@ def test_fair_gate_validation_errors():
         logits(model, batch, fair_gate=torch.full((6,), 2))
     with pytest.raises(ValueError, match="not an active FairLoRA adapter"):
         logits(model, batch, fair_gate={"nope": torch.ones(6)})
+    with pytest.raises(ValueError, match=r"has 1 entries .* use force_gate\(model, True / False\)"):
+        logits(model, batch, fair_gate=1)
+    model.peft_config["default"].threshold = 1.5  # set after the config was checked
+    with pytest.raises(ValueError, match=r"peft_config\['default'\]\.threshold = 1\.5: τ must be in \[0, 1\]"):
+        logits(model, batch)
+    model.peft_config["default"].threshold = 1.0
+    logits(model, batch)
 
 
 def test_fair_gate_minus_one_defers_to_detector():

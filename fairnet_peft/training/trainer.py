@@ -916,7 +916,10 @@ class FairTrainer(Trainer):
         metrics. The trainer's own arguments are not changed. An evaluation report attached for the model card by
         `evaluate()` described the previous choice: it is dropped (with a warning) until `evaluate()` runs again."""
         if self.run_state.stage not in ("selection", "done"):
-            raise ValueError("reselect() needs a finished train(): the LoRA stage has not run yet.")
+            raise ValueError("reselect() needs a finished train() of this trainer: the LoRA stage has not run yet. "
+                             "For an adapter you loaded, set its gate with model.peft_config[name].threshold and "
+                             "model.base_model.set_adapter_strength(name, α), or compare thresholds on labelled "
+                             "rows with fairnet_peft.threshold_sweep.")
         from ..evaluation.model_card import fairness_report
 
         attached = isinstance(self.model, PeftModel) and fairness_report(self.model, self.adapter_name) is not None

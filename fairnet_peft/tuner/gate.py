@@ -286,7 +286,11 @@ class GateState:
         if adapter not in live.pending:
             live.records[adapter].risk = risk
             return
-        gate = risk.detach() > float(self.configs[adapter].threshold)
+        tau = float(self.configs[adapter].threshold)
+        if not 0.0 <= tau <= 1.0:  # the config is checked when built; a value set on it later is checked here
+            raise ValueError(f"peft_config[{adapter!r}].threshold = {tau!r}: τ must be in [0, 1] (the gate is on "
+                             "when risk > τ; 1 turns the adapter off).")
+        gate = risk.detach() > tau
         source = "detector"
         override = live.overrides.get(adapter)
         if override is not None:
@@ -337,7 +341,8 @@ def _gate_values(value, adapter: str, batch_size: int, device) -> torch.Tensor:
     if tensor.numel() != batch_size:
         raise ValueError(
             f"fair_gate for adapter {adapter!r} has {tensor.numel()} entries but the batch has {batch_size} rows; "
-            "pass one value per example: 1 (correct), 0 (do not correct) or -1 (let the detector decide)."
+            "pass one value per example: 1 (correct), 0 (do not correct) or -1 (let the detector decide); for one "
+            "value for every row, use force_gate(model, True / False)."
         )
     if tensor.is_floating_point() or tensor.is_complex():
         exact = (tensor == -1) | (tensor == 0) | (tensor == 1)
