@@ -10,8 +10,9 @@ data flags → ERM vs FairNet on the test split, seed means with a 95 % t-interv
     .venv/bin/python benchmarks/outside_tasks.py --seeds 0,1,2 --extra --num-threads 1  # CPU: minutes per seed below
     .venv/bin/python benchmarks/outside_tasks.py --tasks compas --settings full,unlabeled
 
-Tasks (`TASKS`): COMPAS (ProPublica two-year recidivism; the group: sex, women 19 % of the rows) and German credit
-(good or bad credit risk; the group: age under 25, 15 %). The group is written in the text in both, as in Adult.
+Tasks (`TASKS`): COMPAS (ProPublica two-year recidivism; the group: sex, women 19 % of the rows; `compas-race`: the
+same rows with race as the group, Hispanic 9 %) and German credit (good or bad credit risk; the group: age under 25,
+15 %). The group is written in the text in all of them, as in Adult.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def raw_dir(cache: str) -> str:
     return raw
 
 
-def compas_frame(raw: str):
+def compas_frame(raw: str, group: str = "sex"):
     """ProPublica's COMPAS rows as text: age, sex, race, the charge, prior and juvenile counts; the label is
-    two-year recidivism (yes/no), the group is sex (Female the minority)."""
+    two-year recidivism (yes/no), the group column is `group` (sex: Female the minority; race: Hispanic)."""
     import pandas as pd
 
     d = pd.read_csv(os.path.join(raw, "propublica-recidivism.csv"))
@@ -61,7 +62,12 @@ def compas_frame(raw: str):
             f"{degree.get(r.c_charge_degree, r.c_charge_degree)} ({charge[r.Index]}). Prior offenses: "
             f"{r.priors_count}. Juvenile felonies: {r.juv_fel_count}, juvenile misdemeanors: {r.juv_misd_count}."
             for r in d.itertuples()]
-    return pd.DataFrame({"text": text, "label": d["two_year_recid"].map({0: "no", 1: "yes"}), "sex": d["sex"]})
+    return pd.DataFrame({"text": text, "label": d["two_year_recid"].map({0: "no", 1: "yes"}), group: d[group]})
+
+
+def compas_race_frame(raw: str):
+    """The COMPAS text with race as the group (Hispanic the minority, 9 % of the rows)."""
+    return compas_frame(raw, "race")
 
 
 _GERMAN_CODES = {
@@ -104,6 +110,8 @@ class Task(NamedTuple):
 TASKS = {
     "compas": Task(compas_frame, ("--sensitive-column", "sex", "--minority-value", "Female"),
                    "COMPAS two-year recidivism as text (7,214 rows; group: sex, women 19 %)"),
+    "compas-race": Task(compas_race_frame, ("--sensitive-column", "race", "--minority-value", "Hispanic"),
+                        "COMPAS two-year recidivism as text (7,214 rows; group: race, Hispanic 9 %)"),
     "german": Task(german_frame, ("--sensitive-column", "age_group", "--minority-value", "young"),
                    "German credit as text (1,000 rows; group: age under 25, 15 %)"),
 }

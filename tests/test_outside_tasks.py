@@ -63,8 +63,8 @@ def test_task_csv_loads_with_the_flags_the_script_passes(tmp_path, name):
     # the codes are spelled out, and the group is written in the text
     text = " ".join(frame["text"])
     assert "nan" not in text and " A1" not in text and " A4" not in text
-    if name == "compas":
-        assert "female" in text and "felony" in text and "misdemeanor" in text
+    if name.startswith("compas"):
+        assert "female" in text and "felony" in text and "misdemeanor" in text and "race Hispanic" in text
     else:
         assert "owns a home" in text and "no checking account" in text and "Applicant aged 19" in text
 
@@ -94,7 +94,7 @@ def test_unknown_task_or_setting_is_an_error_that_names_the_valid_ones(capsys, t
         with pytest.raises(SystemExit):
             outside_tasks.main(["--tasks", spec, "--doc", "none", "--out", str(tmp_path)])
         err = capsys.readouterr().err
-        assert "compas, german" in err and "full, partial, unlabeled" in err
+        assert "compas, compas-race, german" in err and "full, partial, unlabeled" in err
         assert ("'adult'" if spec == "adult" else "'biased'") in err
 
 

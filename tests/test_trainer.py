@@ -120,6 +120,8 @@ def test_evaluate_and_predict_check_a_set_passed_to_them(data, erm_dir, tmp_path
                                          r"fairness table of the 'eval' evaluation"):
         trainer.evaluate(data["test"].remove_columns("sensitive"), metric_key_prefix="x")
     assert fairness_report(trainer.model)["split"] == "eval"
+    with pytest.raises(ValueError, match=r"needs a finished train\(\) of this trainer.*For an adapter you loaded"):
+        trainer.reselect()
 
 
 def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):
