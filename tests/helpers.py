@@ -99,9 +99,19 @@ class FakeHubApi:
         self.commits.append((repo_id, [op.path_in_repo for op in operations]))
         return types.SimpleNamespace(commit_url=f"file://{self.root}/{repo_id}", oid="0" * 40)
 
-    def upload_folder(self, repo_id, folder_path, **kwargs):
-        shutil.copytree(folder_path, os.path.join(self.root, repo_id), dirs_exist_ok=True)
-        self.commits.append((repo_id, sorted(os.listdir(folder_path))))
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None,
+                      **kwargs):
+        """Uploads what the Hub client would: the folder's files filtered by its own allow/ignore patterns."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, names in os.walk(folder_path)
+                       for f in names)
+        kept = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        for rel in kept:
+            dest = os.path.join(self.root, repo_id, path_in_repo or "", rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copy(os.path.join(folder_path, rel), dest)
+        self.commits.append((repo_id, kept))
         return types.SimpleNamespace(commit_url=f"file://{self.root}/{repo_id}", oid="0" * 40)
 
 

@@ -19,6 +19,8 @@ from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.training.state import STATE_FILE, base_model_digest
 
+from .helpers import install_fake_hub
+
 T.logging.set_verbosity_error()
 
 
@@ -178,7 +180,7 @@ def test_the_base_model_digest_reads_the_base_weights_only():
 def test_resuming_on_another_number_of_processes_continues_with_a_warning(tmp_path):
     with pytest.raises(Crash):
         _run(tmp_path, callbacks=[CRASHES["lora, after a checkpoint"]])
-    for folder in [tmp_path / "fairnet-detector-stage" / "final",
+    for folder in [tmp_path / "_fairnet-detector-stage" / "final",
                    *(tmp_path / p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))]:
         state = json.loads((folder / STATE_FILE).read_text())
         assert state["world_size"] == 1
@@ -188,9 +190,9 @@ def test_resuming_on_another_number_of_processes_continues_with_a_warning(tmp_pa
     assert trainer.run_state.world_size == 1 and trainer.run_state.stage == "done"
 
 
-def test_checkpoints_and_save_model_write_no_pickled_arguments(tmp_path):
+def test_checkpoints_save_model_and_push_to_hub_write_no_pickle(tmp_path, monkeypatch):
     """Trainer writes its arguments with torch.save (a pickle); FairTrainer writes them as JSON, in every checkpoint
-    and in what save_model (and so trainer.push_to_hub) writes."""
+    and in what save_model writes; trainer.push_to_hub uploads no checkpoint (the stage folder's included)."""
     trainer, _ = _run(tmp_path / "run")
     checkpoints = [p for p in (tmp_path / "run").rglob("checkpoint-*") if p.is_dir()]
     assert checkpoints and not list((tmp_path / "run").rglob("training_args.bin"))
@@ -200,3 +202,9 @@ def test_checkpoints_and_save_model_write_no_pickled_arguments(tmp_path):
     written = sorted(p.name for p in (tmp_path / "saved").iterdir())
     assert "training_args.json" in written and "adapter_model.safetensors" in written
     assert all(name.endswith((".safetensors", ".json", ".md")) for name in written), written
+    api = install_fake_hub(monkeypatch, str(tmp_path / "hub"))
+    trainer.args.hub_model_id = "me/fairnet"
+    trainer.push_to_hub()
+    pushed = api.commits[-1][1]
+    assert "adapter_model.safetensors" in pushed and "training_args.json" in pushed
+    assert all(name.endswith((".safetensors", ".json", ".md")) for name in pushed), pushed

@@ -850,7 +850,7 @@ def test_lora_rows_refuses_unknown_values_and_eval_sets_without_the_model_inputs
                           args=FairTrainingArguments(str(tmp_path), lora_rows="eval", **SHORT))
     with pytest.raises(ValueError, match=r"eval set lacks the training column\(s\) \['attention_mask'\]"):
         trainer.train()
-    assert not (tmp_path / "fairnet-detector-stage").exists()  # refused before any stage trained
+    assert not (tmp_path / "_fairnet-detector-stage").exists()  # refused before any stage trained
 
 
 def test_lora_rows_with_no_minority_row_in_the_eval_half(synthetic_data, synthetic_erm_dir, tmp_path):

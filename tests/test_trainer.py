@@ -124,6 +124,21 @@ def test_evaluate_and_predict_check_a_set_passed_to_them(data, erm_dir, tmp_path
         trainer.reselect()
 
 
+def test_the_unread_groups_warning_only_where_auto_left_known_groups_out(data, erm_dir, tmp_path):
+    """Partial setting: an iterable eval set is evaluated (no warning: its groups cannot be counted); a user who chose
+    eval_sensitive_labels='ignore' gets no warning either."""
+    s = np.array(data["train"]["sensitive"])
+    partial = _with(data["train"], "sensitive", np.where(np.arange(len(s)) % 2 == 0, s, -1).tolist())
+    for labels, dataset in (("auto", data["test"].to_iterable_dataset()), ("ignore", data["test"])):
+        trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")),
+                              args=fair_args(tmp_path / labels, eval_sensitive_labels=labels), train_dataset=partial)
+        assert trainer.label_setting == "partial"
+        with expect_warnings() as caught:
+            metrics = trainer.evaluate(dataset)
+        assert "eval_accuracy" in metrics and "eval_worst_group_accuracy" not in metrics
+        assert not any("left out" in str(w.message) for w in caught)
+
+
 def test_ablations_switch_through_arguments(data, erm_dir, tmp_path):
     model = get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS"))
     args = fair_args(tmp_path, num_train_epochs=1, detector_epochs=1, gate_threshold=0.0, lora_objective="task")

@@ -186,8 +186,8 @@ def run_fingerprint(args, adapter_config, dataset, eval_dataset=None, base: str 
 def base_model_digest(model, samples: int = 64) -> str:
     """A hash of the base model's own weights (the adapter's `fairlora_` tensors left out): each one's name, shape,
     dtype and `samples` values at an even stride. A checkpoint written on another base (an ERM model trained again,
-    another seed) then belongs to another run. Sharded weights (DTensor, DeepSpeed ZeRO-3) count by name and shape
-    only, so every process computes the same digest."""
+    another seed) then belongs to another run. Sharded or not-yet-loaded weights (DTensor, DeepSpeed ZeRO-3, meta)
+    count by name and shape only; the trainer uses the main process's digest on every process."""
     digest = hashlib.sha256()
     for name, weight in model.named_parameters():
         if "fairlora_" in name:
@@ -195,9 +195,12 @@ def base_model_digest(model, samples: int = 64) -> str:
         digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
         if hasattr(weight, "to_local") or hasattr(weight, "ds_numel") or weight.is_meta:
             continue
-        flat = weight.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // samples)][:samples]
-        digest.update(sample.float().cpu().numpy().tobytes())
+        try:
+            flat = weight.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // samples)][:samples].float().cpu().numpy()
+        except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass without strided views
+            continue
+        digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
 
 

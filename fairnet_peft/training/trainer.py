@@ -23,7 +23,7 @@ run computes; `self.passes` (a `RowPasses`) runs the eval-mode passes. The adapt
 methods (`set_prototypes`, `set_adapter_strength`, `set_threshold`, `trainable_parameters`). Rows are tracked by a
 `fairnet_row` index column, so statistics are exact under shuffling and DDP (`gather_for_metrics` drops the padding
 duplicates). Resuming: every checkpoint carries the run state and the run's fingerprint; a finished stage is saved in
-`<output_dir>/fairnet-detector-stage/final` and never rerun; checkpoints of another run are never resumed from.
+`<output_dir>/_fairnet-detector-stage/final` and never rerun; checkpoints of another run are never resumed from.
 Public stage API for benchmarks and tests: `stage`, `prepare_detector_stage()`, `prepare_lora_stage()`,
 `frozen_pass()`, `holdout_loss()`, `anchor_rows()`, `eval_split()`, `lora_updates()`, `logged_terms()`.
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -66,7 +67,7 @@ from .selection import (OFF, detector_blind, global_correction_warning, held_bac
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, base_model_digest, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
-STAGE_DIR = "fairnet-detector-stage"
+STAGE_DIR = "_fairnet-detector-stage"  # "_": Trainer.push_to_hub skips it (it holds resumable checkpoints)
 TRAINING_ARGS_JSON = "training_args.json"  # what _save writes in place of Trainer's pickled training_args.bin
 FINAL = "final"
 
@@ -141,7 +142,7 @@ class FairTrainer(Trainer):
         self._selection_passes: dict = {}  # the selection's passes over its held-out rows (reselect() reuses them)
         self._selection_cache: dict = {}  # those passes per set of rows (dataset fingerprint)
         self._eval_split: "dict | bool | None" = None  # the eval set's halves (False: unsplit)
-        self._warned_unread_groups = False
+        self._warned_unread_groups = self._warned_hub = False
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
         self.add_callback(_RunStateCheckpoint(self))
@@ -378,6 +379,8 @@ class FairTrainer(Trainer):
         if eval_dataset is not None:
             eval_dataset = self._checked_eval_input(eval_dataset, "eval_dataset")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):  # Trainer's call per entry of a dict
+            dataset = self.eval_dataset.get(dataset)
         self._warn_if_lora_trained_on(dataset)
         self._warn_if_group_labels_unread(dataset)
         self._eval_pseudo_groups = None
@@ -421,8 +424,11 @@ class FairTrainer(Trainer):
 
     def _warn_if_group_labels_unread(self, dataset) -> None:
         """A set with known groups evaluated without them (`eval_sensitive_labels`): say so once, and how to read them."""
+        from datasets import Dataset
+
         column = self.args.sensitive_column
-        if self.eval_uses_sensitive or self._warned_unread_groups or column not in getattr(dataset, "column_names", []):
+        if (self.eval_uses_sensitive or self.args.eval_sensitive_labels != "auto" or self._warned_unread_groups
+                or not isinstance(dataset, Dataset) or column not in dataset.column_names):
             return
         known = int((np.asarray(dataset[column]) >= 0).sum())
         if known:
@@ -512,15 +518,34 @@ class FairTrainer(Trainer):
     def _fit_pseudo_labels(self, features: dict) -> np.ndarray:
         """Fit `args.pseudo_labeler` (pseudo_labels.py) on the main process and broadcast the marks. The fitted
         labeler stays on the trainer (`self.pseudo_labeler`) to mark validation rows the same way."""
-        args, marks = self.args, np.zeros(len(features["z"]), dtype=np.int64)
+        args, marks, error = self.args, np.zeros(len(features["z"]), dtype=np.int64), ""
         if self.accelerator.is_main_process:
-            result = pseudo_label(
-                args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
-                labels=features["label"], logits=features["logits"], seed=args.seed, **args.pseudo_labeler_knobs())
-            marks, self.pseudo_labeler = result.labels, result.labeler
-            self.run_state.pseudo_label_details = {
-                "method": result.method, **{k: v for k, v in result.details.items() if _plain(v)}}
+            try:
+                result = pseudo_label(
+                    args.pseudo_labeler, features=np.concatenate([features["z"], features["feat"]], axis=1),
+                    labels=features["label"], logits=features["logits"], seed=args.seed,
+                    **args.pseudo_labeler_knobs())
+            except ValueError as err:  # raised on every process below: the others wait in the broadcast
+                error = str(err)
+            else:
+                marks, self.pseudo_labeler = result.labels, result.labeler
+                self.run_state.pseudo_label_details = {
+                    "method": result.method, **{k: v for k, v in result.details.items() if _plain(v)}}
+                without = result.details.get("classes_without_minority") or []
+                if without:
+                    self.run_state.pseudo_label_details["classes_without_minority"] = ", ".join(map(str, without))
+        error = self._broadcast_object(error)
+        if error:
+            raise ValueError(error)
         return self._broadcast(marks)
+
+    def _broadcast_object(self, value):
+        """The main process's `value` on every process."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value])[0]
+        return value
 
     def _pseudo_labeler(self):
         """The fitted pseudo-labeler; after a resume it is fitted again on the same features (it is seeded, so it
@@ -531,11 +556,7 @@ class FairTrainer(Trainer):
         return self.pseudo_labeler
 
     def _broadcast(self, marks: np.ndarray) -> np.ndarray:
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            marks = np.asarray(broadcast_object_list([marks.tolist()])[0], dtype=np.int64)
-        return marks
+        return np.asarray(self._broadcast_object(marks.tolist()), dtype=np.int64)
 
     def _refuse_whole_class_minority(self, marks: np.ndarray) -> None:
         labels = self.run_state.class_labels
@@ -588,6 +609,12 @@ class FairTrainer(Trainer):
         if args.push_to_hub:
             # no push per checkpoint: it would upload a stage's half-trained adapter and Trainer's pickled arguments;
             # the adapter goes up with save_model() / push_to_hub() after train()
+            if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS) and not self._warned_hub:
+                self._warned_hub = True
+                warnings.warn(f"hub_strategy={args.hub_strategy.value!r}: FairTrainer pushes no checkpoint to the "
+                              "Hub (they hold pickled optimizer states and a stage's half-trained adapter); the "
+                              "adapter goes up when you call save_model() or push_to_hub() after train(). Keep "
+                              "checkpoints for resuming on your machine.", UserWarning, stacklevel=4)
             overrides.setdefault("hub_strategy", HubStrategy.END)
         try:
             self.args = stage_arguments(args, **overrides)
@@ -605,9 +632,9 @@ class FairTrainer(Trainer):
         folder = output_dir if output_dir is not None else self.args.output_dir
         pickled = os.path.join(folder, TRAINING_ARGS_NAME)
         if self.args.should_save and os.path.isfile(pickled):
-            os.remove(pickled)
             with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
-                f.write(self.args.to_json_string())
+                f.write(json.dumps(self.args.to_dict(), indent=2, sort_keys=True, default=str))
+            os.remove(pickled)
 
     def _updates_per_epoch(self, rows: int, processes: int) -> int:
         args = self.args
@@ -759,7 +786,7 @@ class FairTrainer(Trainer):
                                       fingerprint=run_fingerprint(
                                           args, config, self.train_dataset,
                                           None if args.lora_rows == "train" else self._selection_eval_set(),
-                                          base=base_model_digest(self.model)),
+                                          base=self._broadcast_object(base_model_digest(self.model))),
                                       configured={"threshold": float(config.threshold),
                                                   "strength": float(config.adapter_strength)},
                                       world_size=max(int(args.world_size), 1))
