@@ -346,8 +346,9 @@ def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float
                       f"{_percent(closest['worst_group_accuracy'])}, accuracy change "
                       f"{100 * closest['accuracy_change']:+.2f} points), which fails the floor alone,")
         parts.append(f"{which} would pass the floor on about {refused['rows_needed']:.0f} held-out rows at the same "
-                     "accuracy change: a larger eval_dataset lets such a correction through, a looser "
-                     "max_accuracy_drop or floor_standard_errors too, at the risk the floor guards against")
+                     "accuracy change: more held-out rows (a larger eval_dataset; without one, a larger "
+                     "detector_holdout_fraction) let such a correction through, a looser max_accuracy_drop or "
+                     "floor_standard_errors too, at the risk the floor guards against")
     return "; ".join(parts)
 
 
