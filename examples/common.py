@@ -233,6 +233,13 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
                      "train without it, then upload <output-dir>/adapter, e.g. `hf upload <repo> <output-dir>/adapter`")
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error("--label-fraction must be in (0, 1]")
+    data_only = {"--dataset-config": args.dataset_config is not None, "--label-column": args.label_column != "label",
+                 "--sensitive-column": args.sensitive_column != "sensitive",
+                 "--minority-value": args.minority_value is not None}
+    given = [flag for flag, set_ in data_only.items() if set_]
+    if args.dataset is None and given:
+        parser.error(f"{', '.join(given)} apply to a --dataset of your own; without --dataset the example trains on "
+                     "its embedded data (its own columns and group). Add --dataset <file, folder or Hub name>.")
     if args.num_threads is not None:
         import torch
 

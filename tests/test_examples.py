@@ -260,6 +260,18 @@ def test_check_groups_stops_before_erm_and_warns_about_eval_splits_without_a_cel
     assert "[warning] the training split has no minority row of class ['high']" in capsys.readouterr().out
 
 
+def test_data_flags_without_a_dataset_are_an_error(capsys):
+    """--sensitive-column / --minority-value (and the other column flags) only act on a --dataset: without one they
+    would be ignored while the model card named them, so they are refused."""
+    text = _load("train_text")
+    with pytest.raises(SystemExit):
+        text.common.parse_with_preset(text.build_parser(), ["--sensitive-column", "gender", "--minority-value", "F"],
+                                      text.DEMO)
+    assert "--sensitive-column, --minority-value apply to a --dataset of your own" in capsys.readouterr().err
+    args = text.common.parse_with_preset(text.build_parser(), ["--dataset", "my.csv", "--minority-value", "F"], {})
+    assert args.minority_value == "F"
+
+
 def test_the_setting_the_data_made_is_the_one_reported():
     """A --setting full dataset with unknown groups trains as partial: the summary and the card say so, and a warning
     says why."""
