@@ -212,8 +212,7 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     pushed = push_outputs(args=args, model=model, erm_dir=erm_dir, card_path=paths["model_card"]) \
         if args.push_to_hub else {}
     print_summary(setting=setting, name=kind, results=results, timings=timings, paths=paths, pushed=pushed,
-                  memory=memory,
-                  selection=selection_line(train_result.metrics))
+                  memory=memory, selection=selection_line(train_result.metrics))
     dist_state().wait_for_everyone()
     return {"erm": results["ERM"], "fairnet": fair_test, "paths": paths, "pushed": pushed, "timings": timings,
             "label_setting": trainer.label_setting}

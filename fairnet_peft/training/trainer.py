@@ -1075,8 +1075,8 @@ class FairTrainer(Trainer):
             lora, detector = self._checkpoints(self.args.output_dir), self._checkpoints(self._stage_dir())
             others = [p for p in (final,) if FairRunState.load(p) is not None and not self._belongs_to_run(p)]
             if others:
-                warnings.warn(f"{others[0]} was written by another run (other settings, data or base model); it is ignored.",
-                              UserWarning, stacklevel=4)
+                warnings.warn(f"{others[0]} was written by another run (other settings, data or base model); it is "
+                              "ignored.", UserWarning, stacklevel=4)
             point["final"] = final if self._belongs_to_run(final) else None
             point["lora"] = lora[0] if lora and point["final"] else None
             point["detector"] = detector[0] if detector and not point["final"] else None
