@@ -6,6 +6,10 @@ defaults and the same suite with one `--fair-arg` changed. Pairing needs the sam
 ERM test accuracy differs between the runs is refused (other sizes or other data), so the difference is FairNet's.
 
     .venv/bin/python benchmarks/compare_runs.py runs/defaults-quick --vs runs/lora-train --names defaults,train
+
+A run written `FOLDER@NAME` reads the run's selection variant NAME (`SELECTION_VARIANTS`: the same trained models with
+the selection redone) in place of its own choice, e.g. a `--fair-arg lora_cross_fit=true` run against itself without
+cross-fitting: `compare_runs.py 'runs/cf@no cross-fitting' --vs runs/cf --names plain,cross-fit --per-seed`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def per_seed(report: dict) -> dict:
             for setting, res in (run.get("settings") or {}).items():
                 row = {key: res[key]["point"] for key, _ in KEYS}
                 row["erm_accuracy"] = run["erm"]["accuracy"]["point"]
+                row["erm"] = {key: run["erm"].get(key, {}).get("point", float("nan")) for key, _ in KEYS}
                 out.setdefault((task, setting), {})[seed] = row
     return out
 
@@ -75,6 +80,20 @@ def _diff(d: dict) -> str:
     return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
 
 
+def seed_table(a: dict, b: dict, names: tuple) -> str:
+    """Per seed: ERM, A and B as ΔACC / ΔWGA / ΔEOD against ERM (points)."""
+    sa, sb = per_seed(a), per_seed(b)
+    lines = [f"| task | setting | seed | {names[0]} ΔACC / ΔWGA / ΔEOD | {names[1]} ΔACC / ΔWGA / ΔEOD |",
+             "|---|---|---:|---|---|"]
+    for cell in sorted(set(sa) & set(sb), key=lambda c: (list(sa).index(c), c[1])):
+        for seed in sorted(set(sa[cell]) & set(sb[cell]), key=int):
+            erm = sa[cell][seed]["erm"]
+            cells = ["{:+.1f} / {:+.1f} / {:+.1f}".format(*(100 * (run[cell][seed][k] - erm[k]) for k, _ in KEYS))
+                     for run in (sa, sb)]
+            lines.append(f"| {cell[0]} | {cell[1]} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], names: tuple) -> str:
     a, b = names
     head = "| task | setting | seeds | " + " | ".join(
@@ -92,23 +111,39 @@ def main(argv: Optional[list] = None) -> str:
     p.add_argument("run_a", nargs="+", help="results of run A (several folders: their tasks are merged)")
     p.add_argument("--vs", nargs="+", required=True, metavar="RUN_B", help="results of run B (same merging)")
     p.add_argument("--names", default="A,B", help="the two runs' names in the table, e.g. train,train+eval")
+    p.add_argument("--per-seed", action="store_true", help="also each seed's change against ERM in both runs")
     a = p.parse_args(argv)
     names = tuple(a.names.split(","))
     if len(names) != 2:
         p.error(f"--names {a.names!r}: give two names separated by a comma")
-    text = table(compare(_merged(a.run_a), _merged(a.vs)), names)
+    run_a, run_b = _merged(a.run_a), _merged(a.vs)
+    text = table(compare(run_a, run_b), names)
+    if a.per_seed:
+        text += "\n\n" + seed_table(run_a, run_b, names)
     print(text)
     return text
 
 
 def _merged(paths: list) -> dict:
     tasks: dict = {}
-    for path in paths:
+    for spec in paths:
+        path, _, variant = spec.partition("@")
         for task, entry in load(path).get("tasks", {}).items():
             runs = tasks.setdefault(task, {"runs": {}})["runs"]
             for seed, run in (entry.get("runs") or {}).items():
-                runs.setdefault(seed, {"erm": run["erm"], "settings": {}})["settings"].update(run.get("settings") or {})
+                settings = {setting: _variant(res, variant, spec) for setting, res in (run.get("settings") or {}).items()}
+                runs.setdefault(seed, {"erm": run["erm"], "settings": {}})["settings"].update(settings)
     return {"tasks": tasks}
+
+
+def _variant(res: dict, variant: str, spec: str) -> dict:
+    """The run's own result, or its selection variant `variant` (FOLDER@NAME)."""
+    if not variant:
+        return res
+    found = res.get("selection_variants", {})
+    if variant not in found:
+        raise SystemExit(f"{spec}: no selection variant {variant!r} in this run (it has {sorted(found)})")
+    return found[variant]
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ FAIR_KNOBS = (
     ("--lora-rows", "lora_rows", dict(choices=("train", "train+eval", "eval")),
      "Which rows the LoRA stage learns from (FairTrainingArguments.lora_rows; 'train+eval' adds the minority rows of "
      "part of the validation split, which then does not select)."),
+    ("--lora-cross-fit", "lora_cross_fit", dict(action=argparse.BooleanOptionalAction),
+     "Train a second LoRA on the other part of the validation split and select τ and α on all of it, each part read "
+     "through the LoRA that did not train on it (FairTrainingArguments.lora_cross_fit)."),
     ("--pseudo-labeler", "pseudo_labeler", {},
      "How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler)."),
     ("--selection-tie-break", "selection_tie_break", {},
@@ -443,6 +446,24 @@ def predict_args(args):
                              per_device_eval_batch_size=args.eval_batch_size, dataloader_num_workers=0,
                              dataloader_pin_memory=_has_accelerator(), use_cpu=not _has_accelerator(), seed=args.seed,
                              bf16=args.bf16)
+
+
+def erm_test_logits(model_class, erm_dir: str, args, collator, test):
+    """The ERM model's logits on the test rows (group column dropped). The model lives only for this call, so a large
+    base model is not held on the GPU beside the FairNet copy for the rest of the run."""
+    import gc
+
+    import torch
+    from transformers import Trainer
+
+    model = model_class.from_pretrained(erm_dir)
+    logits = Trainer(model=model, args=predict_args(args), data_collator=collator).predict(
+        test.remove_columns("sensitive")).predictions
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return logits
 
 
 def test_metrics(logits, labels, sensitive, *, risk=None, gate=None, threshold: float = 0.5) -> dict:

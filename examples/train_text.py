@@ -109,8 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_with_preset(build_parser(), argv, DEMO)
     common.quiet_libraries()
     from peft import get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              set_seed)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
     from fairnet_peft import FairLoraConfig, FairTrainer  # importing fairnet_peft registers the PEFT type FAIRLORA
     from fairnet_peft.data import hide_group_labels
@@ -157,9 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         eval_ds=data["validation"].remove_columns("sensitive"), save_extra=tokenizer.save_pretrained,
         trainer_kwargs=dict(data_collator=collator, processing_class=tokenizer))
     clock.lap("erm")
-    erm_model = AutoModelForSequenceClassification.from_pretrained(erm_dir)
-    erm_logits = Trainer(model=erm_model, args=common.predict_args(args), data_collator=collator).predict(
-        test.remove_columns("sensitive")).predictions
+    erm_logits = common.erm_test_logits(AutoModelForSequenceClassification, erm_dir, args, collator, test)
     erm_test = common.test_metrics(erm_logits, test["labels"], test["sensitive"])
     clock.lap("erm_test")
 

@@ -171,8 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = common.parse_with_preset(build_parser(), argv, DEMO)
     common.quiet_libraries()
     from peft import get_peft_model
-    from transformers import (AutoModelForImageClassification, Trainer, ViTForImageClassification,
-                              default_data_collator, set_seed)
+    from transformers import (AutoModelForImageClassification, ViTForImageClassification, default_data_collator,
+                              set_seed)
 
     from fairnet_peft import FairLoraConfig, FairTrainer  # importing fairnet_peft registers the PEFT type FAIRLORA
     from fairnet_peft.data import hide_group_labels
@@ -209,9 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         eval_ds=data["validation"].remove_columns("sensitive"), save_extra=processor.save_pretrained,
         trainer_kwargs=dict(data_collator=collator))
     clock.lap("erm")
-    erm_model = AutoModelForImageClassification.from_pretrained(erm_dir)
-    erm_logits = Trainer(model=erm_model, args=common.predict_args(args), data_collator=collator).predict(
-        test.remove_columns("sensitive")).predictions
+    erm_logits = common.erm_test_logits(AutoModelForImageClassification, erm_dir, args, collator, test)
     erm_test = common.test_metrics(erm_logits, test["labels"], test["sensitive"])
     clock.lap("erm_test")
 

@@ -409,6 +409,16 @@ def test_compare_runs_pairs_the_seeds_and_refuses_other_erm_models(tmp_path):
         compare_runs.compare(a, other)
     with pytest.raises(SystemExit, match="no results.json"):
         compare_runs.main([str(tmp_path / "missing"), "--vs", str(tmp_path / "b")])
+    # FOLDER@NAME reads a selection variant of the run (the same trained models, another selection rule)
+    variant = _report(erm, {"0": (0.79, 0.45, 0.12), "1": (0.82, 0.40, 0.20), "2": (0.81, 0.60, 0.10)})
+    for seed, run in b["tasks"]["t"]["runs"].items():
+        run["settings"]["full"]["selection_variants"] = {"rule": variant["tasks"]["t"]["runs"][seed]["settings"]["full"]}
+    (tmp_path / "b" / "results.json").write_text(json.dumps(b))
+    text = compare_runs.main([f"{tmp_path / 'b'}@rule", "--vs", str(tmp_path / "b"), "--names", "rule,own", "--per-seed"])
+    assert "| t | full | 3 | 80.7 → 82.0 | +1.3" in text  # seed 0 of the variant: 79 against the run's 81
+    assert "| t | full | 0 | -1.0 / +nan / +nan | +1.0 / +nan / +nan |" in text  # per seed against ERM (ACC only here)
+    with pytest.raises(SystemExit, match="no selection variant 'other'"):
+        compare_runs.main([f"{tmp_path / 'b'}@other", "--vs", str(tmp_path / "b")])
 
 
 def test_inspect_passes_reads_the_correction_per_strength(tiny, capsys):

@@ -144,11 +144,11 @@ def small_data():
     return make_synthetic_text(seed=0, n_train=256, n_val=64, n_test=8)
 
 
-def _train(model, data, tmp_path, bf16: bool):
+def _train(model, data, tmp_path, bf16: bool, **extra):
     args = FairTrainingArguments(
         str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=bf16, seed=0,
         detector_epochs=2, detector_min_updates=4, detector_learning_rate=1e-2, lora_min_updates=4, max_steps=4,
-        learning_rate=1e-2, per_device_train_batch_size=32, per_device_eval_batch_size=32, logging_steps=2)
+        learning_rate=1e-2, per_device_train_batch_size=32, per_device_eval_batch_size=32, logging_steps=2, **extra)
     trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
     result = trainer.train()
     return trainer, result
@@ -192,3 +192,37 @@ def test_fair_trainer_on_a_bf16_base_trains_and_evaluates(small_data, tmp_path):
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the detector stage trained the detector
     assert trainer.lora_relative_update() > 0
+
+
+def test_bf16_full_eval_leaves_the_adapter_as_the_selection_chose_it(small_data, tmp_path):
+    """`bf16_full_eval`: Trainer casts the model to bf16 for an evaluation outside training and leaves it so; the base
+    stays cast (the user's choice), the adapter's tensors get their fp32 values back."""
+    model = _wrap(_bert())
+    trainer, _ = _train(model, small_data, tmp_path, bf16=False, bf16_full_eval=True)
+    adapter = {k: v.detach().clone() for k, v in model.state_dict().items() if "fairlora_" in k}
+    with expect_warnings("LoRA stage trained on"):
+        metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"])
+    assert model.base_model.model.classifier.weight.dtype == torch.bfloat16  # Trainer's cast of the base
+    after = model.state_dict()
+    for key, value in adapter.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+def test_passes_before_the_first_stage_run_under_the_training_autocast(small_data, tmp_path):
+    """The partial and unlabeled settings pass over the rows before the first stage prepares the model (which adds
+    the autocast): with bf16=True that pass computes in bf16 too, as every later pass does."""
+    from fairnet_peft.training.trainer import _with_row_column
+
+    model = _wrap(_bert())
+    args = FairTrainingArguments(str(tmp_path), report_to=[], use_cpu=True, bf16=True, per_device_eval_batch_size=32)
+    trainer = FairTrainer(model=model, args=args, train_dataset=small_data["train"])
+    rows = _with_row_column(small_data["validation"].remove_columns("sensitive"))
+    logits = trainer.frozen_pass(rows)["logits"]
+    batch = {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.base_model.model(**batch).logits.float().numpy()
+    with torch.no_grad():
+        full = model.base_model.model(**batch).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-6)
+    assert np.abs(logits - full).max() > 1e-4  # it did compute in bf16

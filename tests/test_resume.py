@@ -121,6 +121,32 @@ def test_resume_equals_the_uninterrupted_run(uninterrupted, tmp_path, where):
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
 
 
+@pytest.mark.parametrize("where", ["in the second LoRA's stage", "in the kept LoRA's stage"])
+def test_a_cross_fitted_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch, where):
+    """lora_cross_fit: a crash in the second LoRA's stage redoes that stage; a crash after it never does (its logits
+    are in the saved run state). Either way the result is the uninterrupted run's."""
+    reference, numbers = _run(tmp_path / "straight", lora_cross_fit=True)
+    (weights, config), numbers = _adapter(reference), _numbers(numbers)
+    assert reference.run_state.cross_fit and numbers["train_selection_rows"] == 48  # every eval row selects
+    # the second LoRA's stage saves no checkpoint: the first "lora" save is the kept LoRA's
+    second = where.startswith("in the second")
+    crash = (lambda h: CrashAt(h, "lora", "step", 2)) if second else (lambda h: CrashAt(h, "lora", "save", 6))
+    with pytest.raises(Crash):
+        _run(tmp_path / "run", callbacks=[crash], lora_cross_fit=True)
+    calls = []
+    original = FairTrainer._run_cross_fit_stage
+    monkeypatch.setattr(FairTrainer, "_run_cross_fit_stage", lambda self: calls.append(1) or original(self))
+    trainer, metrics = _run(tmp_path / "run", resume=True, lora_cross_fit=True)
+    assert len(calls) == (1 if second else 0)
+    resumed, resumed_config = _adapter(trainer)
+    for key in weights:
+        torch.testing.assert_close(resumed[key], weights[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed_config == config
+    got = _numbers(metrics)
+    for key, value in numbers.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
 def test_a_finished_detector_stage_is_never_rerun(tmp_path, monkeypatch):
     with pytest.raises(Crash):
         _run(tmp_path, callbacks=[lambda h: CrashAt(h, "lora", "step", 2)])

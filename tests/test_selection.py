@@ -27,6 +27,7 @@ from fairnet_peft.training.prototypes import anchor_weights
 from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, global_correction_warning,
                                              held_back_explanation, mixture_weights, off_explanation, paired_change,
                                              pareto_frontier, select_correction, tau_candidates)
+from fairnet_peft.training.trainer import _with_row_column
 
 from .helpers import expect_warnings
 
@@ -825,6 +826,45 @@ def test_lora_rows_with_eval_trains_on_one_stratified_half_and_selects_on_the_ot
     with expect_warnings() as caught:
         trainer.evaluate(synthetic_data["test"])
     assert not any("eval rows (lora_rows" in str(w.message) for w in caught)
+
+
+def test_lora_cross_fit_selects_on_every_eval_row_and_keeps_the_same_lora(synthetic_data, synthetic_erm_dir, tmp_path):
+    """lora_cross_fit: a second LoRA trains on the selection share's minority; the selection reads every eval row,
+    the LoRA share through that second LoRA; the kept LoRA and the selection share's passes are the plain run's."""
+    val, train = synthetic_data["validation"], synthetic_data["train"]
+    runs = {}
+    for name, extra in (("plain", {}), ("cross", {"lora_cross_fit": True})):
+        args = FairTrainingArguments(str(tmp_path / name), **SHORT, **extra)
+        trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=args, train_dataset=train, eval_dataset=val)
+        runs[name] = (trainer, trainer.train().metrics)
+    (plain, m_plain), (cross, m_cross) = runs["plain"], runs["cross"]
+    lora = {k: v for k, v in cross.model.state_dict().items() if "fairlora_A" in k or "fairlora_B" in k}
+    assert lora and all(torch.equal(v, plain.model.state_dict()[k]) for k, v in lora.items())  # bit for bit
+    split, s = cross.eval_split(), np.array(val["sensitive"])
+    assert split["cross_fit"].tolist() == sorted(split["lora"].tolist())
+    assert plain.eval_split()["cross_fit"] is None and "train_cross_fit_lora_eval_rows" not in m_plain
+    assert m_plain["train_selection_rows"] == len(split["select"]) < m_cross["train_selection_rows"] == len(val)
+    assert m_cross["train_cross_fit_lora_eval_rows"] == int((s[split["select"]] == 1).sum()) > 0
+    assert m_cross["train_lora_eval_rows"] == m_plain["train_lora_eval_rows"]
+    assert "lora_cross_fit" in cross.run_state.selection["on"]
+    assert any(entry.get("stage") == "cross-fit" for entry in cross.state.log_history)
+    # the selection's gated logits: the selection share's are the kept LoRA's; the LoRA share's are the second
+    # LoRA's, which did not train on them (the kept one did: on its minority rows they differ)
+    pooled, own = cross._selection_passes["on"][1.0], plain._selection_passes["on"][1.0]
+    np.testing.assert_array_equal(pooled[split["select"]], own)
+    cross._tuner.set_adapter_strength(cross.adapter_name, 1.0)
+    trained = split["lora"][s[split["lora"]] == 1]
+    kept = cross.passes.outputs(_with_row_column(val).select(trained), ("on",))["logits_on"]
+    assert np.abs(pooled[trained] - kept).max() > 1e-3
+    cross._tuner.set_adapter_strength(cross.adapter_name, cross.adapter_config.adapter_strength)
+    # reselect() reads the same pooled rows, whatever selection_rows says; without the cross-fitted passes it is
+    # the plain run's selection; a strength never read is refused
+    assert cross.reselect(selection_rows="untrained")["train_selection_rows"] == len(val)
+    assert cross.reselect(lora_cross_fit=False) == plain.reselect()
+    with pytest.raises(ValueError, match="lora_cross_fit: the second LoRA was read at the strengths"):
+        cross._gated_logits(_with_row_column(val), 0.3)
+    with pytest.raises(ValueError, match="lora_cross_fit=True with lora_rows='train'"):
+        FairTrainingArguments(str(tmp_path), lora_rows="train", lora_cross_fit=True, **QUIET)
 
 
 def test_lora_rows_without_an_eval_set_trains_on_the_training_anchors(synthetic_data, synthetic_erm_dir, tmp_path):

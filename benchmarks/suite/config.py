@@ -155,6 +155,9 @@ SELECTION_VARIANTS = {
                                                                "tie_break_standard_errors": None},
     "every untrained eval row selects": {"selection_rows": "untrained"},
     "no floor margin on fixes-only corrections": {"floor_admits_harmless": True},
+    # a run trained with lora_cross_fit=True (--fair-arg): the kept LoRA is the plain run's bit for bit, so this is
+    # the selection the run would have made without cross-fitting; elsewhere it changes nothing
+    "no cross-fitting": {"lora_cross_fit": False},
 }
 # Goal per setting: WGA gain over ERM (partial: distance to Full), ACC ≥ ERM − 0.5; only where ERM's worst cell is a
 # minority cell: full + 5, partial within 3 of Full, unlabeled + 5 (Adult + 3).

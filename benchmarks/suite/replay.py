@@ -42,7 +42,8 @@ def dump_passes(trainer, test, path: str, erm_pred: Optional[np.ndarray] = None)
     chosen = (float(config.threshold), float(config.adapter_strength))
     # the passes at every strength (the do-no-harm check may have skipped them) over every held-out row the LoRA did
     # not train on, so that either `selection_rows` replays; then the run's own choice is restored
-    rows_rule = "untrained" if trainer.eval_split() is not None else trainer.args.selection_rows
+    cross = trainer._reads_cross_fit()  # lora_cross_fit: the selection reads every eval row whatever selection_rows says
+    rows_rule = "untrained" if trainer.eval_split() is not None and not cross else trainer.args.selection_rows
     trainer.reselect(force_adapter=True, threshold_selection="auto", selection_rows=rows_rule)
     held, saved = trainer._selection_passes, trainer.args
     trainer.args = stage_arguments(saved, selection_rows=rows_rule)
@@ -52,7 +53,7 @@ def dump_passes(trainer, test, path: str, erm_pred: Optional[np.ndarray] = None)
     finally:
         trainer.args = saved
     trainer.reselect()
-    share = (np.ones(len(groups), dtype=bool) if split is None  # the rows selection_rows='share' reads
+    share = (np.ones(len(groups), dtype=bool) if split is None or cross  # the rows selection_rows='share' reads
              else ~np.isin(split["select"], split["lora"]))
     arrays = {"val_logits_off": held["off"]["logits_off"], "val_risk": _risk(held["off"]["risk_native"]),
               "val_labels": held["off"]["label"], "val_groups": np.asarray(groups),
@@ -72,7 +73,7 @@ def dump_passes(trainer, test, path: str, erm_pred: Optional[np.ndarray] = None)
         arrays["test_erm_pred"] = np.asarray(erm_pred)[off["row"]]
     header = {"format": FORMAT, "configured_tau": run.configured["threshold"],
               "configured_strength": run.configured["strength"], "label_setting": run.label_setting,
-              "selected_on": where, "selection_rows": rows_rule,
+              "selected_on": where, "selection_rows": "cross-fit" if cross else rows_rule,
               "detector_stats": {k: v for k, v in run.detector_stats.items() if isinstance(v, (int, float))},
               "chosen_tau": chosen[0], "chosen_strength": chosen[1]}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

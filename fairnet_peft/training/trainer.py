@@ -13,7 +13,10 @@
      against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates independent of the process count;
      with `lora_rows="train+eval"` (default) the anchors also include the minority rows of a stratified half of the
      eval set (`_eval_halves`), rows the base model never fit;
-  4. selection (selection.py): on held-out rows (the eval set's other half, `selection_rows`), the gate threshold τ
+     With `lora_cross_fit`, a second LoRA first trains on the other half's minority (`_run_cross_fit_stage`), is read
+     on the first half, and is put back to its initial draw, so the kept LoRA trains as it would without it;
+  4. selection (selection.py): on held-out rows (the eval set's other half, `selection_rows`; with `lora_cross_fit`
+     every eval row, each half read through the LoRA that did not train on it), the gate threshold τ
      and the adapter strength α with the best worst-group accuracy under an accuracy floor and an EOD ceiling, or the
      adapter off when the detector cannot see the group; the choice is written into the adapter's config, so the
      saved adapter carries it.
@@ -62,12 +65,13 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import (OFF, detector_blind, global_correction_warning, held_back_explanation, mixture_weights,
+from .selection import (OFF, STRENGTHS, detector_blind, global_correction_warning, held_back_explanation, mixture_weights,
                         off_explanation, searched_strengths, select_with_arguments)
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, base_model_digest, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
 STAGE_DIR = "_fairnet-detector-stage"  # "_": Trainer.push_to_hub skips it (it holds resumable checkpoints)
+CROSS_FIT_DIR = "cross-fit"  # the second LoRA's stage (`lora_cross_fit`), inside STAGE_DIR
 TRAINING_ARGS_JSON = "training_args.json"  # what _save writes in place of Trainer's pickled training_args.bin
 FINAL = "final"
 
@@ -211,14 +215,16 @@ class FairTrainer(Trainer):
     def eval_split(self) -> Optional[dict]:
         """After `train()` with `lora_rows` using the eval set: {"lora": positions of the eval rows in the share the
         LoRA stage drew its minority rows from, "select": positions of the rows the selection used (`selection_rows`),
-        "weights": their weights (None: equal)}; None when the eval set is not split (`lora_rows="train"`, or no
-        eval set)."""
+        "weights": their weights (None: equal), "cross_fit": with `lora_cross_fit`, the "lora" rows the selection
+        also read, through the second LoRA (None otherwise)}; None when the eval set is not split
+        (`lora_rows="train"`, or no eval set). With `lora_cross_fit` the selection reads "select" and "cross_fit"."""
         halves = self._eval_halves() if self._eval_split else None
         if not halves:
             return None
-        weights = halves["weights"]
+        weights, cross = halves["weights"], self.run_state.cross_fit
         return {"lora": halves["lora"].copy(), "select": halves["select"].copy(),
-                "weights": None if weights is None else weights.copy()}
+                "weights": None if weights is None else weights.copy(),
+                "cross_fit": np.asarray(cross["rows"], dtype=np.int64) if cross else None}
 
     def logged_terms(self) -> dict[str, int]:
         """How many values of each loss term wait for the next `log` (e.g. {"contrastive_loss": 3})."""
@@ -243,11 +249,23 @@ class FairTrainer(Trainer):
             loader = self.get_eval_dataloader(dataset)
         finally:
             self.args = saved
+        device = self._pass_device()
         for batch in loader:
             batch = self._prepare_inputs(batch)
+            if device is not None:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             _, rows = self._pop_extras(batch)
             labels = batch.pop("labels")
             yield batch, {"row": rows, "label": labels}
+
+    def _pass_device(self) -> Optional[torch.device]:
+        """Where a pass's batches go when it is not `args.device`: the model's own device while `Trainer` has not
+        placed it yet (FSDP and DeepSpeed place it when the first stage prepares it; the partial and unlabeled
+        settings pass over the rows before that). None when the model is on `args.device`."""
+        param = next((p for p in self.model.parameters() if not p.is_meta), None)
+        if param is None or param.device == torch.device(self.args.device):
+            return None
+        return param.device
 
     def forward_with_representation(self, model, batch: dict):
         """Forward `batch`; return (outputs, z), z being the representation that prototypes and anchors share: by
@@ -364,9 +382,10 @@ class FairTrainer(Trainer):
             self._log_terms(task_loss=task)
             return task
         majority = self._detector.fairlora_prototypes[self.adapter_name][:, 0, :]
+        where = z.device  # a model split over devices (device_map="auto") reads its head on the last one
         contrastive, active = prototype_triplet_loss(
-            z.float(), labels, majority, margin=args.margin, distance=args.distance,
-            negative_strategy=args.negative_strategy, weights=weights,
+            z.float(), labels.to(where), majority.to(where), margin=args.margin, distance=args.distance,
+            negative_strategy=args.negative_strategy, weights=weights.to(where),
         )
         self._log_terms(contrastive_loss=contrastive, task_loss=task, hinge_active=active)
         return args.contrastive_weight * contrastive + args.task_loss_weight * task
@@ -477,7 +496,31 @@ class FairTrainer(Trainer):
         added."""
         if self.compute_metrics is not None and not getattr(self.compute_metrics, "fairnet_ready", False):
             self.compute_metrics = self._with_pseudo_group_metric(_plain_eval_inputs(self.compute_metrics))
-        return super().evaluation_loop(*args, **kwargs)
+        with self._adapter_kept_in_its_dtype():
+            return super().evaluation_loop(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _adapter_kept_in_its_dtype(self):
+        """`bf16_full_eval` / `fp16_full_eval` outside training: `Trainer` casts the whole model to half precision for
+        the evaluation, and leaves it so. The base model stays cast (what the user asked for); the adapter's own
+        tensors (LoRA, detector, prototypes) get their values and dtype back afterwards, so a later selection,
+        `train()` or `save_model()` sees the adapter the selection chose, not a rounded copy."""
+        args = self.args
+        if not (args.fp16_full_eval or args.bf16_full_eval) or self.is_in_train:
+            yield
+            return
+        params = [p for name, p in self.model.named_parameters() if "fairlora_" in name]
+        buffers = [(module, key) for name, module in self.model.named_modules() if "fairlora_" in name
+                   for key, value in module.named_buffers(recurse=False) if value is not None]
+        saved = [p.data for p in params], [module._buffers[key] for module, key in buffers]
+        try:
+            yield
+        finally:  # the values and dtype, on the device the evaluation moved them to (`Module.to` casts parameters
+            # in place but replaces buffers)
+            for param, data in zip(params, saved[0]):
+                param.data = data.to(param.device)
+            for (module, key), data in zip(buffers, saved[1]):
+                module._buffers[key] = data.to(module._buffers[key].device)
 
     def _with_pseudo_group_metric(self, compute_metrics):
         """Add `pseudo_worst_group_accuracy` (the label-free selector of the unlabeled setting) when `evaluate` has
@@ -661,26 +704,71 @@ class FairTrainer(Trainer):
         self._enter("detector")
         if run.holdout.any():
             self.add_callback(self._stopper)
-        # the user's early stopping watches the LoRA stage's evaluations: the detector stage evaluates nothing
-        # (its own held-out rows stop it), and EarlyStoppingCallback refuses a run without evaluations
-        user_stoppers = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)]
-        for callback in user_stoppers:
-            self.remove_callback(callback)
         try:
             if not run.early_stopping.stopped:  # a resumed stage that had stopped early has nothing left to train
-                with self._stage_run(self._all_rows.select(rows), max_steps=max_steps,
-                                     learning_rate=args.detector_learning_rate, eval_strategy="no",
-                                     load_best_model_at_end=False, output_dir=self._stage_dir(), warmup_steps=0):
+                with self._without_user_stoppers(), self._stage_run(
+                        self._all_rows.select(rows), max_steps=max_steps, learning_rate=args.detector_learning_rate,
+                        eval_strategy="no", load_best_model_at_end=False, output_dir=self._stage_dir(),
+                        warmup_steps=0):
                     super().train(resume_from_checkpoint=resume)
                 run.detector_updates = int(self.state.global_step)
         finally:
             if self._stopper in self.callback_handler.callbacks:
                 self.remove_callback(self._stopper)
-            for callback in user_stoppers:
-                self.add_callback(callback)
         self._stopper.restore_best()
         self._stopper = None
         self._enter(None)
+
+    @contextlib.contextmanager
+    def _without_user_stoppers(self):
+        """The user's early stopping watches the LoRA stage's evaluations: a stage that evaluates nothing (the
+        detector's, which its own held-out rows stop; the cross-fitting LoRA's) runs without it, as
+        EarlyStoppingCallback refuses a run without evaluations."""
+        user_stoppers = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)]
+        for callback in user_stoppers:
+            self.remove_callback(callback)
+        try:
+            yield
+        finally:
+            for callback in user_stoppers:
+                self.add_callback(callback)
+
+    def _run_cross_fit_stage(self) -> list[dict]:
+        """`lora_cross_fit`: a LoRA trained, as the kept one is, on the other eval share's minority rows (and the
+        training anchors, as `lora_rows` says), then read with the gate forced on, at every strength a selection may
+        search, on the share the kept LoRA will train on. Its logits go into the run state (`cross_fit`); the LoRA
+        is then put back to its initial draw, so the kept LoRA trains bit for bit as without cross-fitting. Nothing
+        is checkpointed: a run interrupted here redoes this stage. Returns the stage's log entries."""
+        halves, config = self._eval_halves(), self.adapter_config
+        rows = self._lora_dataset("other")
+        if len(rows) < self.args.min_anchors_per_batch:
+            raise ValueError(
+                f"lora_cross_fit: only {len(rows)} anchor rows for the second LoRA. Check the sensitive column, or "
+                "use lora_cross_fit=False.")
+        params = self._tuner.trainable_parameters("lora", self.adapter_name)
+        initial = [p.detach().clone() for p in params]
+        share = np.sort(halves["lora"])
+        saved_strength, logits = float(config.adapter_strength), {}
+        self._enter("lora")
+        try:
+            with self._without_user_stoppers(), self._stage_run(
+                    rows, max_steps=self.lora_updates("other"), eval_strategy="no", save_strategy="no",
+                    load_best_model_at_end=False, output_dir=os.path.join(self._stage_dir(), CROSS_FIT_DIR)):
+                super().train()
+            history = [{**entry, "stage": "cross-fit"} for entry in self.state.log_history]
+            self._enter(None)
+            dataset = halves["dataset"].select(share)
+            for alpha in sorted(set(STRENGTHS) | {float(self.run_state.configured["strength"])}):
+                self._tuner.set_adapter_strength(self.adapter_name, alpha)
+                logits[repr(float(alpha))] = self.passes.outputs(dataset, ("on",))["logits_on"].tolist()
+        finally:
+            self._tuner.set_adapter_strength(self.adapter_name, saved_strength)
+            with torch.no_grad():
+                for param, value in zip(params, initial):
+                    param.copy_(value)
+            self._enter(None)
+        self.run_state.cross_fit = {"rows": share.tolist(), "logits": logits}
+        return history
 
     def _run_prototype_pass(self) -> None:
         """Stage 3 (passes.prototype_pass); the prototypes go into the adapter, the rest into the run state."""
@@ -699,21 +787,23 @@ class FairTrainer(Trainer):
             warn_if_detector_failed(run.detector_stats, feats["risk"][known], run.groups[known])
         self.log({f"prototype_stage_{k}": v for k, v in run.detector_stats.items()})
 
-    def lora_updates(self) -> int:
+    def lora_updates(self, share: str = "lora") -> int:
         """Optimizer updates of the LoRA stage: `max_steps` if set, else max(lora_min_updates, ⌈epochs × LoRA rows /
-        (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates."""
+        (per-device batch × accumulation)⌉), counted as if on one process so N processes make the same updates.
+        `share="other"`: of the cross-fitting LoRA's stage (`lora_cross_fit`)."""
         args = self.args
         if args.max_steps > 0:
             return int(args.max_steps)
-        rows = len(self._lora_eval_rows()) + (0 if self._eval_only() else len(self.anchor_rows()))
+        rows = len(self._lora_eval_rows(share)) + (0 if self._eval_only() else len(self.anchor_rows()))
         per_epoch = self._updates_per_epoch(rows, 1)
         return max(args.lora_min_updates, math.ceil(args.num_train_epochs * per_epoch))
 
-    def _lora_dataset(self):
+    def _lora_dataset(self, share: str = "lora"):
         """The rows the LoRA stage trains on (`lora_rows`): the training anchors, and/or the minority rows of the eval
-        set's LoRA half (`_eval_halves`), with the training rows' columns (`fairnet_row` numbers them after those)."""
+        set's LoRA half (`_eval_halves`; `share="other"`: of the other half, for `lora_cross_fit`), with the training
+        rows' columns (`fairnet_row` numbers them after those)."""
         train = self._all_rows.select(self.anchor_rows())
-        minority = self._lora_eval_rows()
+        minority = self._lora_eval_rows(share)
         if len(minority) == 0:  # none (and `datasets` cannot add a column to 0 rows)
             return train.select([]) if self._eval_only() else train
         extra = self._eval_halves()["dataset"].select(minority)
@@ -736,12 +826,18 @@ class FairTrainer(Trainer):
                          **form["format_kwargs"])
         return extra
 
-    def _lora_eval_rows(self) -> np.ndarray:
-        """Positions (in the eval set) of the minority rows of its LoRA share that the LoRA stage trains on."""
+    def _lora_eval_rows(self, share: str = "lora") -> np.ndarray:
+        """Positions (in the eval set) of the minority rows of its LoRA share that the LoRA stage trains on
+        (`share="other"`: of the other share, which the cross-fitting LoRA trains on)."""
         halves = self._eval_halves()
         if halves is None:
             return np.zeros(0, dtype=np.int64)
-        return halves["lora"][halves["groups"][halves["lora"]] == 1]
+        rows = halves["lora"] if share == "lora" else np.setdiff1d(np.arange(len(halves["dataset"])), halves["lora"])
+        return rows[halves["groups"][rows] == 1]
+
+    def _cross_fits(self) -> bool:
+        """`lora_cross_fit` with an eval set to split."""
+        return bool(self.args.lora_cross_fit) and self._eval_halves() is not None
 
     def _eval_only(self) -> bool:
         """`lora_rows="eval"` with an eval set to split: the training anchors are left out."""
@@ -793,6 +889,10 @@ class FairTrainer(Trainer):
         self.pseudo_labeler, self._pseudo_group_cache, self._selection_passes = None, {}, {}
         self._selection_cache = {}
         self._eval_split = None
+        if (args.fp16_full_eval or args.bf16_full_eval) and not self.is_model_parallel and self.model_init is None:
+            # Trainer leaves such a model where it was loaded until its own train(), i.e. the first stage: move it
+            # now, as that would, so the passes before it (partial and unlabeled settings) run on args.device
+            self._move_model_to_device(self.model, args.device)
         point = self._resume_point(resume_from_checkpoint)
         self._warn_if_other_world_size(point)
         if self._tuner.is_fresh(self.adapter_name):
@@ -821,6 +921,9 @@ class FairTrainer(Trainer):
             self._run_prototype_pass()
             run.stage = "lora"
             self._save_final()
+        if self._cross_fits() and not run.cross_fit:  # a resumed run whose final state holds it has it already
+            log_history += self._run_cross_fit_stage()
+            self._save_final()
         lora_rows = self._lora_dataset()
         if len(lora_rows) < args.min_anchors_per_batch:
             raise ValueError(
@@ -848,6 +951,8 @@ class FairTrainer(Trainer):
         result.metrics["train_skipped_batches"] = self.skipped_batches
         result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
         result.metrics["train_lora_eval_rows"] = float(len(self._lora_eval_rows()))
+        if run.cross_fit:  # the second LoRA's eval rows (`lora_cross_fit`)
+            result.metrics["train_cross_fit_lora_eval_rows"] = float(len(self._lora_eval_rows("other")))
         result.metrics["train_lora_relative_update"] = self.lora_relative_update()
         result.metrics.update(self._select_correction())
         run.stage = "done"
@@ -886,6 +991,10 @@ class FairTrainer(Trainer):
         selected on: the held-out rows, or with `lora_rows` using the eval set, the eval rows the LoRA did not train
         on (`selection_rows`), weighted to the eval set's (class × group) mix where they over-represent a cell."""
         halves = self._eval_halves()
+        if halves is not None and self._reads_cross_fit():  # every row, each share through the other share's LoRA
+            return (halves["dataset"], halves["groups"],
+                    f"{halves['where']}, every row, each half read through the LoRA that did not train on it "
+                    "(lora_cross_fit)", None)
         if halves is not None:
             rows = halves["select"]
             share = "rows" if halves["weights"] is not None else "share"
@@ -1031,7 +1140,7 @@ class FairTrainer(Trainer):
     def _search(self, dataset, groups, weights=None) -> dict:
         args, config = self.args, self.adapter_config
         strengths = searched_strengths(args, config.adapter_strength)
-        key = getattr(dataset, "_fingerprint", None)
+        key = (getattr(dataset, "_fingerprint", None), self._reads_cross_fit())
         if key not in self._selection_cache:  # the passes over these rows, kept for reselect() (per selection_rows)
             self._selection_cache[key] = {"key": key, "off": self.passes.outputs(dataset, ("off",)), "on": {}}
         self._selection_passes = self._selection_cache[key]
@@ -1040,12 +1149,36 @@ class FairTrainer(Trainer):
             for alpha in strengths:
                 if alpha not in logits_on:
                     self._tuner.set_adapter_strength(self.adapter_name, alpha)
-                    logits_on[alpha] = self.passes.outputs(dataset, ("on",))["logits_on"]
+                    logits_on[alpha] = self._gated_logits(dataset, alpha)
         finally:
             self._tuner.set_adapter_strength(self.adapter_name, saved)
         return select_with_arguments(args, out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
                                      configured_tau=float(config.threshold), configured_strength=saved,
                                      weights=weights)
+
+    def _reads_cross_fit(self) -> bool:
+        """The selection reads the cross-fitted passes: the run trained the second LoRA, and the arguments still
+        ask for it (`reselect(lora_cross_fit=False)` selects on the share the kept LoRA did not train on, exactly
+        as a run without cross-fitting would have)."""
+        return bool(self.args.lora_cross_fit and self.run_state.cross_fit)
+
+    def _gated_logits(self, dataset, alpha: float) -> np.ndarray:
+        """Logits of `dataset`'s rows with the gate forced on at the strength set (`alpha`). With cross-fitting
+        (`run_state.cross_fit`, `dataset` the whole eval set) the rows the kept LoRA trained on come from the second
+        LoRA's pass instead."""
+        cross = self.run_state.cross_fit
+        if not self._reads_cross_fit():
+            return self.passes.outputs(dataset, ("on",))["logits_on"]
+        saved = {float(k): v for k, v in cross["logits"].items()}
+        if float(alpha) not in saved:
+            raise ValueError(f"lora_cross_fit: the second LoRA was read at the strengths {sorted(saved)}, not at "
+                             f"{alpha}; select among those, or train again.")
+        rows = np.asarray(cross["rows"], dtype=np.int64)
+        own = np.setdiff1d(np.arange(len(dataset)), rows)
+        kept = self.passes.outputs(dataset.select(own), ("on",))["logits_on"]
+        out = np.empty((len(dataset), kept.shape[1]), dtype=kept.dtype)
+        out[own], out[rows] = kept, np.asarray(saved[float(alpha)], dtype=kept.dtype)
+        return out
 
     # ------------------------------------------------------------------ resuming and checkpoints
     def _checkpoints(self, folder: str) -> list[str]:
