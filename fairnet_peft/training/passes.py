@@ -74,10 +74,10 @@ class RowPasses:
 
     def _run(self, dataset, modes, forward=None) -> dict[str, np.ndarray]:
         trainer = self.trainer
-        with trainer.accelerator.autocast():  # the training's mixed precision, also before the first stage prepares
-            result = gated_pass(trainer.model, trainer.eval_batches(dataset), modes,  # the model (which adds it)
-                                adapter_name=trainer.adapter_name, forward=forward,
-                                gather=trainer.accelerator.gather_for_metrics)
+        # the training's mixed precision, also before the first stage prepares the model (which is what adds it)
+        with trainer.accelerator.autocast():
+            result = gated_pass(trainer.model, trainer.eval_batches(dataset), modes, adapter_name=trainer.adapter_name,
+                                forward=forward, gather=trainer.accelerator.gather_for_metrics)
         native = result.pop("risk_native", None)
         order = np.argsort(result["row"], kind="stable")
         result = {k: v[order] for k, v in result.items()}

@@ -65,8 +65,8 @@ from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_
 from .losses import class_balanced_bce, prototype_triplet_loss
 from .passes import ROW_COLUMN, RowPasses, anchor_threshold, detector_targets, every_row, prototype_pass
 from .pseudo_labels import pseudo_group_worst_accuracy, pseudo_label
-from .selection import (OFF, STRENGTHS, detector_blind, global_correction_warning, held_back_explanation, mixture_weights,
-                        off_explanation, searched_strengths, select_with_arguments)
+from .selection import (OFF, STRENGTHS, detector_blind, global_correction_warning, held_back_explanation,
+                        mixture_weights, off_explanation, searched_strengths, select_with_arguments)
 from .state import EARLY_STOPPING_WEIGHTS, FairRunState, base_model_digest, run_fingerprint
 from .validation import check_eval_dataset, check_pseudo_labeler_rows, check_selection_metric, validate_train_dataset
 
