@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 import fairnet_peft  # noqa: F401  (registers FairLoRA)
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments, force_gate, gate_record
 from fairnet_peft.tuner.detector import as_tokens
+from fairnet_peft.tuner.layer import FairLoraLayer
 from fairnet_peft.tuner.representation import capture_head_input, find_head
 
 from .helpers import TINY_RUN_FILTERS  # noqa: E402
@@ -229,10 +230,22 @@ def build_text(kind: str, seed: int = 0) -> torch.nn.Module:
         return T.DebertaV2ForSequenceClassification(cfg).eval()
     if kind == "albert":
         return T.AlbertForSequenceClassification(T.AlbertConfig(**small, embedding_size=16)).eval()
+    if kind in MOE_FAMILIES:
+        config = MOE_FAMILIES[kind](**{**small, "num_attention_heads": 4}, num_key_value_heads=4, head_dim=8,
+                                    num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=32, kv_channels=8,
+                                    n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+                                    kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                                    v_head_dim=8, max_position_embeddings=64)
+        return T.AutoModelForSequenceClassification.from_config(config).eval()
     raise ValueError(kind)
 
 
-TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert"]
+#: Mixture-of-experts decoders: their blocks flatten the tokens to (B·T, d) for the router and the experts (and,
+#: in Qwen2-MoE, for the shared expert), so a per-example gate can follow only the shared parts.
+MOE_FAMILIES = {"mixtral": T.MixtralConfig, "qwen2-moe": T.Qwen2MoeConfig, "deepseek-v2": T.DeepseekV2Config,
+                "phimoe": T.PhimoeConfig, "jetmoe": T.JetMoeConfig, "hunyuan-moe": T.HunYuanMoEV1Config}
+TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert", *MOE_FAMILIES]
 
 
 @torch.no_grad()
@@ -243,6 +256,11 @@ def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
     if kind.startswith("deberta"):  # the batch-shared table's projections are not adapted
         assert not targets & {"pos_key_proj", "pos_query_proj"} and "value_proj" in targets
         assert ({"query_proj", "key_proj"} & targets) == (set() if kind == "deberta-v3" else {"query_proj", "key_proj"})
+    if kind in MOE_FAMILIES:  # no router and no routed expert is adapted; the shared expert is, row by row
+        adapted = [key for key, module in model.named_modules() if isinstance(module, FairLoraLayer)]
+        assert adapted and not [key for key in adapted if {"router", "gate", "experts"} & set(key.split("."))]
+        shared = [key for key in adapted if "shared_expert" in key.split(".")]
+        assert bool(shared) == (kind == "qwen2-moe") and all(model.get_submodule(k).windowed for k in shared)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 64, (4, 7), generator=g)
     mask = torch.ones_like(ids)

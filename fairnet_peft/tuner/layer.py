@@ -175,6 +175,8 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             "input, tokens flattened to (B·T, d)) or reads an input shared by the whole batch (a position table): "
             "exclude it from FairLoraConfig.target_modules (or exclude_modules); if its rows are example-major (B·k "
             "rows, k consecutive rows per example), set `windowed = True` on this layer instead;\n"
+            "  - it is a mixture-of-experts router or routed expert (its rows are the tokens routed to it): leave it "
+            "out of target_modules (the default targets do);\n"
             "  - an inner module of the wrapped model is called on another batch while a forward of the wrapped "
             "model runs in the same thread (a hook or custom forward calling a submodule on other inputs): run that "
             "call outside the forward, or through the wrapped model.\n"

@@ -115,10 +115,51 @@ _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
 
 def _example_major_rows(model: nn.Module, key: str) -> bool:
     """Whether module `key`'s input rows are B · k, k consecutive rows per example (the layer's `windowed`): inside a
-    windowed-attention block (`_in_windowed_block`), or a module its model feeds flattened tokens
-    (`_FLATTENED_TOKENS`)."""
+    windowed-attention block (`_in_windowed_block`), a module its model feeds flattened tokens (`_FLATTENED_TOKENS`),
+    or a module of a mixture-of-experts block outside its routing (`moe_role` "shared": such a block flattens its
+    (B, T, d) input to B · T token rows, example-major, as Qwen2-MoE does for its shared expert; a module there
+    that gets the (B, T, d) tensor itself has B rows, which needs no flag)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return (model_type, key.rpartition(".")[2]) in _FLATTENED_TOKENS or _in_windowed_block(model, key)
+    return ((model_type, key.rpartition(".")[2]) in _FLATTENED_TOKENS or _in_windowed_block(model, key)
+            or moe_role(model, key) == "shared")
+
+
+#: A mixture-of-experts block is a module with an `experts` or a `router` child (Mixtral, Qwen2-MoE, DeepSeek,
+#: Phi-MoE, HunYuan; JetMoE's MLP has only the router, its experts being the block's own parameters).
+_MOE_EXPERTS = "experts"
+#: Path components, below such a block, of the module that scores the experts (Phi-MoE `router`, HunYuan `gate.wg`,
+#: JetMoE `router.layer`, Mixtral-style `gate`).
+_MOE_ROUTERS = {"gate", "router"}
+
+
+def moe_role(model: nn.Module, key: str) -> Optional[str]:
+    """Where module `key` sits in a mixture-of-experts block (its nearest ancestor with an `experts` or `router`
+    child):
+    "routed" for the routed experts and the router (their rows are the tokens routed to an expert, or every token
+    to be routed, in no order a per-example gate can follow once the block has flattened them), "shared" for the
+    block's other modules (a shared expert and its gate), None outside such a block. The default targets leave the
+    "routed" ones out."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        ancestor = model.get_submodule(".".join(parts[:i]))
+        children = getattr(ancestor, "_modules", {})
+        if any(isinstance(children.get(name), nn.Module) for name in (_MOE_EXPERTS, "router")):
+            below = parts[i:]
+            return "routed" if below[0] == _MOE_EXPERTS or _MOE_ROUTERS & set(below) else "shared"
+    return None
+
+
+def _distinct_suffix(key: str, others: list[str]) -> str:
+    """The shortest dotted suffix of `key` that names it as a target (PEFT matches a name against a key's end) and
+    matches none of `others`: the leaf name (a bare ModuleList index keeps its parent's name: 'experts.0'), longer
+    only where a leaf name is shared with a module left out (e.g. a router named like an adapted layer)."""
+    parts = key.split(".")
+    start = 2 if parts[-1].isdigit() and len(parts) > 1 else 1
+    for n in range(start, len(parts) + 1):
+        name = ".".join(parts[-n:])
+        if not any(other == name or other.endswith("." + name) for other in others):
+            return name
+    return key
 
 
 def _in_windowed_block(model: nn.Module, key: str) -> bool:
@@ -263,20 +304,21 @@ class FairLoraModel(BaseTuner):
         stack = find_layer_stack(model)
         if stack is None or config.layers_to_transform is None:
             return set()
-        blocks = [stack[1][i] for i in config.layers_to_transform if 0 <= i < len(stack[1])]
-        names, linear = set(), (nn.Linear, Conv1D, nn.Conv2d)
-        for block in blocks:
+        kept, routed, linear = [], [], (nn.Linear, Conv1D, nn.Conv2d)
+        for i in config.layers_to_transform:
+            if not 0 <= i < len(stack[1]):
+                continue
+            prefix = f"{stack[0]}.{i}."
             wrapped: list[str] = []  # tuner layers of an earlier adapter: count the layer itself, not its insides
-            for name, module in block.named_modules():
+            for name, module in stack[1][i].named_modules():
                 if not name or any(name.startswith(w + ".") for w in wrapped):
                     continue
                 if isinstance(module, BaseTunerLayer):
                     wrapped.append(name)
                     module = module.get_base_layer()
-                if isinstance(module, linear):  # a bare index ('1' in a ModuleList) keeps its parent's name
-                    parts = name.split(".")
-                    names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
-        return names
+                if isinstance(module, linear):
+                    (routed if moe_role(model, prefix + name) == "routed" else kept).append(prefix + name)
+        return {_distinct_suffix(key, routed) for key in kept}
 
     @staticmethod
     def _check_layer_selection(model: nn.Module, config: FairLoraConfig, stack) -> None:
