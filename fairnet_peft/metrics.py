@@ -420,7 +420,8 @@ def evaluate_predictions(
     * ``logits`` ``(N, K)``, K ≥ 2 → argmax, class set ``range(K)`` (multiclass: macro one-vs-rest);
       ``(N,)`` or ``(N, 1)`` → ``logit > 0``, class set {0, 1}. Labels outside that set: classes from the data.
     * ``labels`` ``(N,)``: rows labelled -100 (ignore index) are dropped from everything; integral floats → ints.
-    * ``sensitive_features`` ``(N,)``: -1/None/NaN = unknown, left out of group metrics. None (or all unknown):
+    * ``sensitive_features`` ``(N,)``: -1/None/NaN or an empty-cell text ("", "?", "NA", "unknown", ...) = unknown,
+      left out of group metrics. None (or all unknown):
       only the label-only keys (``accuracy``, ``worst_class_accuracy``) and ``gate_rate``.
     * ``gates`` (hard, {0, 1}) and/or ``risk`` ([0, 1]), ``(N,)`` or ``(N, n_adapters)`` (column 0): add
       ``gate_rate`` and per group ``gate_rate_s{g}`` from ``gates`` (else ``risk > threshold``); with sensitive

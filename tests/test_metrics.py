@@ -301,6 +301,16 @@ def test_unknown_sensitive_rows_are_excluded(seed):
         assert M.worst_group_accuracy(y, p, sensitive_features=alt) == M.worst_group_accuracy(
             y, p, sensitive_features=s
         )
+    # so do the texts the data loaders read as an empty cell ("", "?", "NA", "unknown", ...), in str and object
+    # arrays alike, as with `load_group_dataset`; any other text is a group of its own
+    names = np.array(["men", "women", "other"])[np.maximum(s, 0)]
+    blanks = np.array(["", " ", "?", "NA", "n/a", "Unknown", "nan", "None"])
+    s_text = np.where(known, names, blanks[np.arange(len(s)) % len(blanks)])
+    expected = M.group_accuracies(y, p, sensitive_features=np.where(known, names, None).astype(object))
+    for alt in (s_text, s_text.astype(object), s_text.tolist()):
+        got = M.group_accuracies(y, p, sensitive_features=alt)
+        assert got == expected and sum(c["count"] for c in got.values()) == known.sum()
+    assert "y=0,s=-" in M.group_accuracies(y, p, sensitive_features=np.where(known, names, "-"))
 
 
 def test_single_group_gives_zero_difference():

@@ -8,7 +8,6 @@ partial and unlabeled settings (docs/label-settings.md). Arrays in, arrays (or a
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from decimal import Decimal
@@ -16,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from ..evaluation.counting import MISSING_TEXTS, is_missing  # noqa: F401  (the loaders' names for them)
 
 __all__ = ["LABEL_SETTINGS", "encode_sensitive", "group_strata", "hide_group_labels", "partial_group_labels",
            "stratified_subsample"]
@@ -25,19 +26,7 @@ LABEL_SETTINGS = ("full", "partial", "unlabeled")
 
 
 # ----------------------------------------------------------------------------- raw values
-#: Cell texts that mean "no value" (compared case-insensitively, after stripping spaces): pandas' usual NA spellings
-#: plus '?' (UCI files) and 'unknown'.
-MISSING_TEXTS = frozenset({"", "?", "nan", "none", "null", "na", "n/a", "<na>", "unknown"})
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def is_missing(value: Any) -> bool:
-    """True for None, NaN and the usual spellings of an empty cell ('', '?', 'nan', 'None', 'NA', 'unknown', ...)."""
-    if value is None:
-        return True
-    if isinstance(value, (float, np.floating)) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in MISSING_TEXTS
 
 
 def normalize_value(value: Any) -> str:

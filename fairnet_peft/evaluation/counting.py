@@ -9,6 +9,7 @@ per-group accuracies and one-vs-rest rates from it. Cells and groups are keyed `
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -49,17 +50,31 @@ def as_1d(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+#: Cell texts that mean "no value" (compared case-insensitively, after stripping spaces): pandas' usual NA spellings
+#: plus '?' (UCI files) and 'unknown'. The data loaders read them as a missing group, and the metrics as unknown.
+MISSING_TEXTS = frozenset({"", "?", "nan", "none", "null", "na", "n/a", "<na>", "unknown"})
+
+
+def is_missing(value: Any) -> bool:
+    """True for None, NaN and the usual spellings of an empty cell ('', '?', 'nan', 'None', 'NA', 'unknown', ...)."""
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in MISSING_TEXTS
+
+
 def unknown_mask(s: np.ndarray) -> np.ndarray:
-    """True where the sensitive value is unknown: -1, None or NaN."""
+    """True where the sensitive value is unknown: -1, None, NaN, or a text that spells an empty cell ('', '?',
+    'NA', 'unknown', ...: `MISSING_TEXTS`), as the data loaders read a missing group."""
     if s.dtype.kind in "iu":
         return s == -1
     if s.dtype.kind == "f":
         return (s == -1) | np.isnan(s)
-    if s.dtype.kind == "O":
-        return np.array(
-            [v is None or (isinstance(v, (int, float, np.number)) and (v == -1 or v != v)) for v in s],
-            dtype=bool,
-        )
+    if s.dtype.kind in "OUS":
+        return np.array([is_missing(v.decode(errors="replace") if isinstance(v, bytes) else v)
+                         or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v == -1)
+                         for v in s.tolist()], dtype=bool).reshape(s.shape)
     return np.zeros(s.shape, dtype=bool)
 
 
