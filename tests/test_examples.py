@@ -134,6 +134,10 @@ def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None
         if "train_selection_threshold" in train:
             rows_line = f"selection on {train['train_selection_rows']:.0f} held-out rows: "
             assert rows_line + ("the adapter is off (" if train["train_selection_adapter_off"] else "tau = ") in stdout
+    if "train_selection_threshold" in metrics.get("fairnet_train", {}):  # the card says how τ and α were chosen
+        chosen = f"chosen on {metrics['fairnet_train']['train_selection_rows']:.0f} "
+        assert ("**The adapter is off** (τ = 1; " + chosen in card) or ("Correction chosen after training on "
+                                                                       + chosen[len("chosen on "):] in card), card
     return metrics
 
 

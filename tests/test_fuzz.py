@@ -75,6 +75,7 @@ BAD = {
     "representation_dim": [lambda g: -g.randint(1, 64), lambda g: 15.5, lambda g: "16"],
     "representation_pooling": [lambda g: None, lambda g: g.choice(["max", "pooler", _word(g)]), lambda g: 0],
     "representation_module": [lambda g: g.randint(0, 9), lambda g: "", lambda g: [_word(g)]],
+    "selection_report": [lambda g: _word(g), lambda g: [g.random()], lambda g: g.random()],
 }
 # valid values, mixed into some corruptions so that a bad field is caught next to other non-default fields
 GOOD = {

@@ -681,6 +681,31 @@ def test_selection_end_to_end_in_every_setting(setting, synthetic_data, syntheti
     loaded = PeftModel.from_pretrained(T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir),
                                        str(tmp_path / "adapter"))
     np.testing.assert_array_equal(_predict(loaded, val), pred)  # the saved adapter reproduces the chosen model
+    _check_the_choice_survives_a_reload(card, loaded, tmp_path)
+
+
+def _check_the_choice_survives_a_reload(card: str, loaded, tmp_path) -> None:
+    """How τ and α were chosen is saved in adapter_config.json (`selection_report`), so a loaded adapter evaluated
+    and saved again, or a folder whose card is rewritten, keeps that text; a τ set by hand drops it."""
+    from fairnet_peft.evaluation.model_card import attach_fairness_report, write_model_card
+
+    chosen = [line for line in card.splitlines()
+              if line.startswith(("Correction chosen after training", "**The adapter is off**", "| "))]
+    frontier = [line for line in chosen if line.startswith("| ") and line.count("|") == 9]
+    assert frontier, card  # the searched frontier's table rows (τ, α, ACC, WGA, EOD, loss, gated, majority gated)
+    choice = next(line for line in chosen if not line.startswith("| "))
+    attach_fairness_report(loaded, {"eval_accuracy": 0.5, "eval_worst_group_accuracy": 0.25}, split="eval")
+    loaded.save_pretrained(str(tmp_path / "again"))
+    again = (tmp_path / "again" / "README.md").read_text()
+    assert choice in again and all(row in again for row in frontier), again
+    rewritten = tmp_path / "adapter"
+    (rewritten / "README.md").write_text("# my card\n")
+    write_model_card(rewritten, {"eval_accuracy": 0.5}, split="eval")
+    assert choice in (rewritten / "README.md").read_text()
+    loaded.peft_config["default"].threshold = 0.123  # by hand: the saved words no longer describe the adapter
+    loaded.save_pretrained(str(tmp_path / "by-hand"))
+    by_hand = (tmp_path / "by-hand" / "README.md").read_text()
+    assert "τ = 0.123" in by_hand and choice not in by_hand and "Searched frontier" not in by_hand
 
 
 def test_without_an_eval_set_the_held_out_training_rows_select_and_are_not_trained_on(

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from .report import SECTION_TITLE, clean_metrics, render_fairness_section, render_fairness_table, section_markers
+from .report import (SECTION_TITLE, clean_metrics, current_selection_report, render_fairness_section,
+                     render_fairness_table, section_markers)
 
 __all__ = [
     "SECTION_TITLE",
@@ -56,22 +57,34 @@ def _update_readme(directory: Union[str, os.PathLike], sections: Mapping[str, st
     return path
 
 
-def _threshold_from_dir(directory: Path, adapter_name: str) -> Optional[float]:
-    """τ from the saved adapter_config.json (non-default adapters are saved in a sub-folder named after them)."""
+def _config_from_dir(directory: Path, adapter_name: str) -> dict:
+    """The saved adapter_config.json as a dict (non-default adapters are saved in a sub-folder named after them);
+    {} when there is none or it cannot be read."""
     for candidate in (directory / adapter_name / "adapter_config.json", directory / "adapter_config.json"):
         if candidate.exists():
             try:
-                value = json.loads(candidate.read_text(encoding="utf-8")).get("threshold")
+                config = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                return None
-            return float(value) if isinstance(value, (int, float)) else None
-    return None
+                return {}
+            return config if isinstance(config, dict) else {}
+    return {}
 
 
-def _threshold_from_model(model, adapter_name: str) -> Optional[float]:
+def _threshold(config: Mapping[str, Any]) -> Optional[float]:
+    value = config.get("threshold")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _saved_selection(config: Mapping[str, Any]) -> Optional[dict]:
+    """The config's `selection_report` (how FairTrainer chose τ and α) while τ and α are still the chosen ones."""
+    return current_selection_report(config.get("selection_report"), config.get("threshold"),
+                                    config.get("adapter_strength", 1.0))
+
+
+def _model_config(model, adapter_name: str) -> dict:
     config = getattr(model, "peft_config", {}).get(adapter_name)
-    value = getattr(config, "threshold", None)
-    return float(value) if isinstance(value, (int, float)) else None
+    return {k: getattr(config, k) for k in ("threshold", "adapter_strength", "selection_report")
+            if hasattr(config, k)}
 
 
 # ---------------------------------------------------------------------- attached reports
@@ -89,7 +102,10 @@ def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
     / `Trainer.evaluate` dict (`eval_`/`test_`/`{split}_` prefixes are fine, non-metric entries are ignored). A new
     report for the same adapter replaces the old one. The table is rendered now, so bad input fails here and not
     at save time. The report lives on this model instance only: it is not saved in adapter_config.json.
-    `selection` (FairTrainer's `run_state.selection`) adds how τ and the strength were chosen, and the frontier.
+    The card also says how τ and the strength were chosen, and the searched frontier: from `selection` (a
+    FairTrainer `run_state.selection`) when given, else from the adapter config's `selection_report`, which
+    FairTrainer writes and `save_pretrained` saves, so an adapter loaded and evaluated again keeps that text (not
+    once τ or α has been changed by hand: the text would no longer describe the adapter).
     """
     if not _is_peft_model(model):
         raise TypeError(
@@ -103,8 +119,8 @@ def attach_fairness_report(model, metrics: Mapping[str, Any], *, split: str,
     clean = clean_metrics(metrics)
     render_fairness_table(clean, split=split)  # validates split and that some known metric is present
     _hook_instance(model)
-    model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {"metrics": clean, "split": split,
-                                                               "selection": dict(selection or {})}
+    model.__dict__.setdefault(REPORT_ATTR, {})[adapter_name] = {
+        "metrics": clean, "split": split, "selection": None if selection is None else dict(selection)}
 
 
 def fairness_report(model, adapter_name: Optional[str] = None) -> Optional[dict]:
@@ -128,13 +144,15 @@ def detach_fairness_report(model, adapter_name: Optional[str] = None) -> None:
 
 def _attached_sections(model) -> dict[str, str]:
     reports = model.__dict__.get(REPORT_ATTR) or {}
-    return {
-        name: render_fairness_section(report["metrics"], split=report["split"], adapter_name=name,
-                                      threshold=_threshold_from_model(model, name),
-                                      selection=report.get("selection"))
-        for name, report in reports.items()
-        if name in model.peft_config
-    }
+    sections = {}
+    for name, report in reports.items():
+        if name in model.peft_config:
+            config = _model_config(model, name)
+            selection = report.get("selection")
+            sections[name] = render_fairness_section(
+                report["metrics"], split=report["split"], adapter_name=name, threshold=_threshold(config),
+                selection=_saved_selection(config) if selection is None else selection)
+    return sections
 
 
 # ---------------------------------------------------------------------- writing a folder
@@ -143,8 +161,9 @@ def write_model_card(model_or_dir, metrics: Mapping[str, Any], *, split: str,
     """Write or update the "Fairness evaluation" section of a model card.
 
     * `model_or_dir` a folder (`str`/`PathLike`, e.g. what `save_pretrained` wrote): its README.md gets the section
-      (created if missing; an existing section of the same adapter is replaced, the rest of the card is kept). τ is
-      read from the folder's adapter_config.json. Returns the README path.
+      (created if missing; an existing section of the same adapter is replaced, the rest of the card is kept). τ,
+      and how FairTrainer chose it (`selection_report`), are read from the folder's adapter_config.json. Returns
+      the README path.
     * `model_or_dir` a `PeftModel`: same as `attach_fairness_report(model, metrics, split=..., adapter_name=...)`;
       the section is written by its next `save_pretrained`/`push_to_hub`. Returns None.
     """
@@ -154,8 +173,9 @@ def write_model_card(model_or_dir, metrics: Mapping[str, Any], *, split: str,
     directory = Path(model_or_dir)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"write_model_card: {directory} is a file; pass the adapter folder")
-    section = render_fairness_section(metrics, split=split, adapter_name=adapter_name,
-                                      threshold=_threshold_from_dir(directory, adapter_name))
+    config = _config_from_dir(directory, adapter_name)
+    section = render_fairness_section(metrics, split=split, adapter_name=adapter_name, threshold=_threshold(config),
+                                      selection=_saved_selection(config))
     return _update_readme(directory, {adapter_name: section})
 
 

@@ -9,6 +9,7 @@ README.md). Only the standard library is imported: no numpy, no torch.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Mapping, Optional
 
@@ -112,6 +113,58 @@ def _about(adapter_name: str, threshold: Optional[float]) -> str:
     return about + "; metrics computed with `fairnet_peft.metrics`."
 
 
+# What `render_selection` reads: the part of FairTrainer's selection that `FairLoraConfig.selection_report` keeps
+_SELECTION_KEYS = ("selected", "threshold", "strength", "rows", "on", "reason", "accuracy", "accuracy_off",
+                   "worst_group_accuracy", "worst_group_accuracy_off", "worst_group_loss", "worst_group_loss_off",
+                   "held_back_reason")
+_FRONTIER_KEYS = ("threshold", "strength", "accuracy", "worst_group_accuracy", "equalized_odds_difference",
+                  "worst_group_loss", "gate_rate", "majority_gate_rate")
+
+
+def _json_value(value: Any) -> Any:
+    """A number as a plain int/float, None where JSON cannot carry it (NaN, ±inf); strings and bools as they are."""
+    if isinstance(value, bool) or isinstance(value, str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):  # row counts stay counts
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def selection_report(selection: Optional[Mapping[str, Any]]) -> Optional[dict]:
+    """The JSON part of a FairTrainer selection the model card renders (`FairLoraConfig.selection_report`), or None
+    when nothing was selected."""
+    if not selection or not selection.get("selected"):
+        return None
+    report = {k: _json_value(selection[k]) for k in _SELECTION_KEYS if k in selection}
+    report["frontier"] = [{k: _json_value(row[k]) for k in _FRONTIER_KEYS if k in row}
+                          for row in selection.get("frontier") or []]
+    return report
+
+
+def current_selection_report(report: Optional[Mapping[str, Any]], threshold: Any, strength: Any) -> Optional[dict]:
+    """`report` (a saved `selection_report`) if it still describes an adapter with this τ and strength, else None: a
+    τ or α set by hand after the selection makes its words wrong."""
+    if not isinstance(report, Mapping) or not report.get("selected"):
+        return None
+    try:
+        same = all(math.isclose(float(report[k]), float(v), rel_tol=1e-9, abs_tol=1e-12)
+                   for k, v in (("threshold", threshold), ("strength", strength)))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return dict(report) if same else None
+
+
+def _number(row: Mapping[str, Any], key: str) -> float:
+    value = row.get(key)
+    return math.nan if value is None else float(value)
+
+
+def _percent(row: Mapping[str, Any], key: str) -> str:
+    value = _number(row, key)
+    return f"{100 * value:.1f} %" if math.isfinite(value) else "n/a"
+
+
 def render_selection(selection: Mapping[str, Any]) -> list[str]:
     """Markdown lines saying how τ and the strength α were chosen after training, and the searched frontier."""
     if not selection or not selection.get("selected"):
@@ -122,9 +175,9 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
         lines = [f"**The adapter is off** (τ = 1; chosen on {where}): {selection.get('reason', 'no candidate beat it')}."]
     else:
         lines = [f"Correction chosen after training on {where}: τ = {tau:.4g}, strength α = {alpha:g} "
-                 f"(accuracy {100 * selection['accuracy']:.1f} % against {100 * selection['accuracy_off']:.1f} % with "
-                 f"the adapter off; worst-group accuracy {100 * selection['worst_group_accuracy']:.1f} % against "
-                 f"{100 * selection['worst_group_accuracy_off']:.1f} %{_loss_clause(selection)})."]
+                 f"(accuracy {_percent(selection, 'accuracy')} against {_percent(selection, 'accuracy_off')} with "
+                 f"the adapter off; worst-group accuracy {_percent(selection, 'worst_group_accuracy')} against "
+                 f"{_percent(selection, 'worst_group_accuracy_off')}{_loss_clause(selection)})."]
         if selection.get("held_back_reason"):
             lines += ["", f"Held back by the selection's limits: {selection['held_back_reason']}."]
     frontier = selection.get("frontier") or []
@@ -134,18 +187,18 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
                   "| τ | α | ACC | WGA | EOD | worst-group loss | gated | majority gated |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in frontier:
-            loss = row.get("worst_group_loss", math.nan)
-            lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row['accuracy'])} | "
-                         f"{_cell(row['worst_group_accuracy'])} | {_cell(row['equalized_odds_difference'])} | "
+            loss = _number(row, "worst_group_loss")
+            lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row.get('accuracy'))} | "
+                         f"{_cell(row.get('worst_group_accuracy'))} | {_cell(row.get('equalized_odds_difference'))} | "
                          f"{f'{loss:.3f}' if math.isfinite(loss) else 'n/a'} | "
-                         f"{_cell(row['gate_rate'])} | {_cell(row.get('majority_gate_rate', math.nan))} |")
+                         f"{_cell(row.get('gate_rate'))} | {_cell(row.get('majority_gate_rate'))} |")
     return lines
 
 
 def _loss_clause(selection: Mapping[str, Any]) -> str:
     """'; worst-group loss a against b' when the selection reported it (the tie-break, `selection_tie_break`)."""
-    loss, off = selection.get("worst_group_loss", math.nan), selection.get("worst_group_loss_off", math.nan)
-    if not (isinstance(loss, float) and isinstance(off, float) and math.isfinite(loss) and math.isfinite(off)):
+    loss, off = _number(selection, "worst_group_loss"), _number(selection, "worst_group_loss_off")
+    if not (math.isfinite(loss) and math.isfinite(off)):
         return ""
     return f"; worst-group loss {loss:.3f} against {off:.3f}"
 

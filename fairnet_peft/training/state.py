@@ -176,8 +176,8 @@ def run_fingerprint(args, adapter_config, dataset, eval_dataset=None, base: str 
             continue
         fields[f.name] = _plain(getattr(args, f.name, None))
     config = {k: _plain(v) for k, v in sorted(adapter_config.to_dict().items())
-              if k not in ("threshold", "adapter_strength", "num_classes", "representation_dim", "runtime_config",
-                           "revision", "base_model_name_or_path", "inference_mode")}
+              if k not in ("threshold", "adapter_strength", "selection_report", "num_classes", "representation_dim",
+                           "runtime_config", "revision", "base_model_name_or_path", "inference_mode")}
     data = {"fingerprint": getattr(dataset, "_fingerprint", None), "rows": len(dataset),
             "columns": sorted(getattr(dataset, "column_names", []) or [])}
     if eval_dataset is not None:

@@ -56,6 +56,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, enabl
 from transformers.training_args import ParallelMode
 
 from ..data.sampling import stratified_subsample
+from ..evaluation.report import selection_report
 from ..tuner.early_exit import stop_at_detector
 from ..tuner.gate import find_gate_state, force_gate, gate_record
 from ..tuner.representation import capture_head_input, resolve_pooling
@@ -412,8 +413,9 @@ class FairTrainer(Trainer):
 
             detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
                         if k in self.detector_stats}
+            # how τ and α were chosen comes from the adapter config's selection_report, saved with the adapter
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
-                                   adapter_name=self.adapter_name, selection=self.run_state.selection or None)
+                                   adapter_name=self.adapter_name)
         return metrics
 
     def _may_replace_card_report(self, metrics: dict, prefix: str) -> bool:
@@ -874,6 +876,7 @@ class FairTrainer(Trainer):
         args, config = self.args, self.adapter_config
         if args.gate_threshold is not None:
             config.threshold = args.gate_threshold
+        config.selection_report = None  # a previous run's choice describes another adapter
         self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
         self._check_eval_columns()  # before any stage trains
         given = self.run_state  # a new run state per train(): only what the data validation found carries over
@@ -1088,6 +1091,7 @@ class FairTrainer(Trainer):
                 and args.resolved_max_majority_gate_rate() is None)):
             run.selection = {"threshold": float(config.threshold), "strength": float(config.adapter_strength),
                              "selected": False}
+            config.selection_report = None
             return {}
         if self._selection_eval_set() is None and not self._selects_on_holdout():
             warnings.warn(
@@ -1122,6 +1126,7 @@ class FairTrainer(Trainer):
         self._tuner.set_threshold(self.adapter_name, info["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, info["strength"])
         run.selection = {**info, "rows": len(dataset), "on": where, "selected": True}
+        config.selection_report = selection_report(run.selection)  # saved with the adapter, for its model card
         metrics = {f"train_selection_{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))}
         metrics["train_selection_adapter_off"] = float(info["threshold"] >= OFF)
         metrics["train_selection_rows"] = float(len(dataset))

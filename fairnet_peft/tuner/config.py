@@ -54,6 +54,7 @@ _SCALARS = {
     float: (_is_number, "a number (int or float)"),
     bool: (lambda v: isinstance(v, bool), "True or False"),
     str: (lambda v: isinstance(v, str), "a string"),
+    dict: (lambda v: isinstance(v, dict), "a dict"),
 }
 _CONTAINERS = {list: ((list, tuple), "a list of {}"), set: ((set, frozenset), "a set of {}")}
 _PLURALS = {int: "ints", float: "numbers", str: "strings", bool: "booleans"}
@@ -208,6 +209,17 @@ class FairLoraConfig(PeftConfig):
                 "Strength α in [0, 1] of the correction on gated rows: the update is α · (lora_alpha / r) · B A, so "
                 "α = 0 is the base model and α = 1 the trained LoRA. FairTrainer chooses it (with τ) after training "
                 "on held-out rows (FairTrainingArguments.threshold_selection)."
+            )
+        },
+    )
+    selection_report: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Written by FairTrainer, not an input: how it chose `threshold` and `adapter_strength` on held-out "
+                "rows (rows, accuracy and worst-group accuracy with the adapter on and off, why the adapter is off, "
+                "the searched frontier), so that a loaded adapter's model card still says it. None before a "
+                "FairTrainer selection; ignored by the card once `threshold` or `adapter_strength` is changed."
             )
         },
     )
