@@ -5,7 +5,8 @@ The LoRA math lives in `FairLoraLayer.lora_delta` only; `forward` picks the rows
 at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the graph), every row gated → one dense
 update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and added with
 `index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example; in OPT's MLP, which
-flattens the tokens to (B·T, d), the rows of every token of one). Counting the gated rows
+flattens the tokens to (B·T, d), the rows of every token of one; where the model feeds (T, B, d), as Longformer's
+self-attention does, `sequence_first` gates dim 1). Counting the gated rows
 reads the gate once per pass (a device→host sync). Under torch.compile the gate is not read: the update is computed
 for every row and added through the gate as a 0/1 mask (`_add_masked`), one graph with no sync. Outside a forward of
 the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
@@ -48,6 +49,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.windowed = False  # set by the tuner inside windowed-attention blocks (rows = B · windows)
+        self.sequence_first = False  # set by the tuner where the model feeds (T, B, d) (Longformer self-attention)
         self.__dict__[STATE_ATTR] = gate_state
         if isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -124,6 +126,12 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if self.sequence_first and x.dim() == 3:  # (T, B, d): gate the batch dim as dim 0, then lay it back
+            return self._gate_rows(result.transpose(0, 1), x.transpose(0, 1)).transpose(0, 1)
+        return self._gate_rows(result, x)
+
+    def _gate_rows(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result` (the base layer's output for `x`, rows first) plus the update on the gated rows."""
         state = self.__dict__[STATE_ATTR]
         for adapter in self.active_adapters:
             if adapter not in self.fairlora_A:

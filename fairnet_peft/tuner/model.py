@@ -111,6 +111,11 @@ def _batch_shared_inputs(model: nn.Module) -> set[str]:
 #: Named per model, not inferred from a 2-D input: a mixture-of-experts layer's experts also get 2-D inputs, whose
 #: rows are the tokens routed to them, in no per-example order.
 _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
+#: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
+#: encoder's) self-attention projections. Their layer gates dim 1 (`sequence_first`). (XLNet runs every block
+#: sequence first, so its detector would read one too: not supported.)
+_SEQUENCE_FIRST = {(kind, name) for kind in ("longformer", "led")
+                   for name in ("query", "key", "value", "query_global", "key_global", "value_global")}
 
 
 def _example_major_rows(model: nn.Module, key: str) -> bool:
@@ -543,6 +548,8 @@ class FairLoraModel(BaseTuner):
             return
         new_module = dispatch(target, adapter_name, config, state)
         new_module.windowed = _example_major_rows(self.model, current_key)
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        new_module.sequence_first = (model_type, current_key.rpartition(".")[2]) in _SEQUENCE_FIRST
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
