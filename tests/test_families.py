@@ -230,6 +230,9 @@ def build_text(kind: str, seed: int = 0) -> torch.nn.Module:
         return T.DebertaV2ForSequenceClassification(cfg).eval()
     if kind == "albert":
         return T.AlbertForSequenceClassification(T.AlbertConfig(**small, embedding_size=16)).eval()
+    if kind == "mobilebert":  # the block's first module reads the bottleneck (32), the block reads 64
+        return T.MobileBertForSequenceClassification(T.MobileBertConfig(
+            **{**small, "hidden_size": 64}, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32)).eval()
     if kind == "longformer":  # its self-attention transposes to (T, B, d) before the projections
         return T.LongformerForSequenceClassification(T.LongformerConfig(**small, attention_window=4,
                                                                         max_position_embeddings=80)).eval()
@@ -248,7 +251,7 @@ def build_text(kind: str, seed: int = 0) -> torch.nn.Module:
 #: in Qwen2-MoE, for the shared expert), so a per-example gate can follow only the shared parts.
 MOE_FAMILIES = {"mixtral": T.MixtralConfig, "qwen2-moe": T.Qwen2MoeConfig, "deepseek-v2": T.DeepseekV2Config,
                 "phimoe": T.PhimoeConfig, "jetmoe": T.JetMoeConfig, "hunyuan-moe": T.HunYuanMoEV1Config}
-TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert", "longformer", *MOE_FAMILIES]
+TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert", "mobilebert", "longformer", *MOE_FAMILIES]
 
 
 @torch.no_grad()
@@ -259,6 +262,8 @@ def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
     if kind.startswith("deberta"):  # the batch-shared table's projections are not adapted
         assert not targets & {"pos_key_proj", "pos_query_proj"} and "value_proj" in targets
         assert ({"query_proj", "key_proj"} & targets) == (set() if kind == "deberta-v3" else {"query_proj", "key_proj"})
+    if kind == "mobilebert":  # measured by a probe forward: the width the block reads, not its first module's
+        assert model.peft_config["default"].detector_input_dim == 64
     if kind == "longformer":  # the projections fed (T, B, d) gate dim 1; the others get (B, T, d)
         first = {k.rpartition(".")[2] for k, m in model.named_modules()
                  if isinstance(m, FairLoraLayer) and m.sequence_first}

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import check_loaded_state_dict
 from .config import FairLoraConfig
-from .detector import FairBiasDetector, FairTunerLayer, detector_size
+from .detector import FairBiasDetector, FairTunerLayer, as_tokens, detector_size
 from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
                    root_pre_hook)
 from .layer import MERGE_REFUSED, FairLoraLayer, dispatch
@@ -65,6 +65,62 @@ def declared_width(module: Optional[nn.Module], descend: bool = True) -> Optiona
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+class _Probed(Exception):
+    """Stops the probe's forward once the read module has been reached."""
+
+
+def _probe_inputs(model: nn.Module) -> Optional[dict]:
+    """The smallest input of the model's main kind (four token ids, or one image of its configured size) on its
+    device, or None when its weights are not materialised or its input kind is another."""
+    params = list(model.parameters())
+    if not params or any(p.is_meta for p in params):
+        return None
+    config, device = getattr(model, "config", None), params[0].device
+    kind = getattr(model, "main_input_name", "input_ids")
+    if kind == "input_ids":
+        vocab = int(getattr(config, "vocab_size", None) or 5)
+        ids = torch.arange(1, 5, device=device).clamp_max(max(vocab - 1, 0)).unsqueeze(0)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    vision = getattr(config, "vision_config", None) or config
+    size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", 3)
+    if kind == "pixel_values" and size is not None:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        return {"pixel_values": torch.zeros(1, int(channels), int(height), int(width), device=device, dtype=dtype)}
+    return None
+
+
+def probe_read_width(model: nn.Module, module_name: str) -> Optional[int]:
+    """The width of the hidden state module `module_name` reads, measured: one forward of `_probe_inputs` in eval
+    mode without autograd, stopped at that module. None when the model cannot run such an input (the caller then
+    keeps the width the module declares)."""
+    inputs = _probe_inputs(model)
+    if inputs is None:
+        return None
+    seen: dict = {}
+
+    def stop(module, args, kwargs):
+        hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+        if torch.is_tensor(hidden) and 2 <= hidden.dim() <= 4:
+            seen["width"] = int(as_tokens(hidden).shape[-1])
+        raise _Probed
+
+    handle = model.get_submodule(module_name).register_forward_pre_hook(stop, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Probed:
+        pass
+    except Exception:  # noqa: BLE001 - any input this model rejects: no measurement
+        return None
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen.get("width")
 
 
 def _adaptable_leaves(model: nn.Module) -> list[str]:
@@ -442,7 +498,10 @@ class FairLoraModel(BaseTuner):
         width = declared_width(module, descend=False)
         stack = find_layer_stack(model)
         if width is None and stack is not None and config.detector_module.rpartition(".")[0] == stack[0]:
-            width = declared_width(module) or _model_config(model).get("hidden_size")
+            hidden_size = _model_config(model).get("hidden_size")
+            width = declared_width(module) or hidden_size
+            if hidden_size is not None and width != hidden_size:  # a stage width, or a first module that reads
+                width = probe_read_width(model, config.detector_module) or width  # something else (MobileBERT)
         return width
 
     @staticmethod
