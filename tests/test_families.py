@@ -319,3 +319,32 @@ def test_albert_detector_trains_on_the_read_that_gates(tmp_path):
     assert not torch.allclose(first, second, atol=1e-2)
     np.testing.assert_allclose(passed["feat"], first.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(passed["risk"], gate_record(model).risk.numpy(), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_xlnet_defaults_name_the_read_point_that_works_and_it_gates_row_by_row():
+    """XLNet's blocks read (T, B, d): the default read point (a block's input) is refused with the settings that
+    work, and with them (the head's input, backtracking; the feed-forward layers, gated along dim 1) each row of a
+    mixed batch gives what it gives alone."""
+    torch.manual_seed(0)
+    xlnet = T.XLNetForSequenceClassification(T.XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4,
+                                                           d_inner=64, num_labels=2, pad_token_id=0)).eval()
+    with pytest.raises(ValueError, match=r"detector_module='sequence_summary'.*target_modules=\['layer_1', 'layer_2'\]"):
+        get_peft_model(xlnet, FairLoraConfig(task_type="SEQ_CLS"))
+    model = get_peft_model(xlnet, FairLoraConfig(task_type="SEQ_CLS", init_weights=False,
+                                                 detector_module="sequence_summary",
+                                                 target_modules=["layer_1", "layer_2"])).eval()
+    assert all(m.sequence_first for m in model.modules() if isinstance(m, FairLoraLayer))
+    ids = torch.randint(1, 64, (4, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    model(input_ids=ids, attention_mask=mask)
+    risk = gate_record(model).risk
+    assert risk.shape == (4,)
+    model.peft_config["default"].threshold = float(risk.median())
+    batch, gate = model(input_ids=ids, attention_mask=mask).logits, gate_record(model).gate
+    assert 0 < int(gate.sum()) < 4
+    forced = model(input_ids=ids, attention_mask=mask, fair_gate=torch.ones(4)).logits
+    assert not torch.allclose(forced[~gate], batch[~gate], atol=1e-4)  # the adapter changes the rows it skips
+    for row in range(4):
+        alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
+        torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)

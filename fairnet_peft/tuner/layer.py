@@ -6,7 +6,7 @@ at all (while autograd is on, a zero-weighted term keeps a trainable LoRA in the
 update (identical to PEFT LoRA), some rows → the update is computed for the gated rows only and added with
 `index_add` (in windowed attention, e.g. Swin, the rows of every window of a gated example; in OPT's MLP, which
 flattens the tokens to (B·T, d), the rows of every token of one; where the model feeds (T, B, d), as Longformer's
-self-attention does, `sequence_first` gates dim 1). Counting the gated rows
+self-attention and XLNet's feed-forward do, `sequence_first` gates dim 1). Counting the gated rows
 reads the gate once per pass (a device→host sync). Under torch.compile the gate is not read: the update is computed
 for every row and added through the gate as a 0/1 mask (`_add_masked`), one graph with no sync. Outside a forward of
 the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
@@ -49,7 +49,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.windowed = False  # set by the tuner inside windowed-attention blocks (rows = B · windows)
-        self.sequence_first = False  # set by the tuner where the model feeds (T, B, d) (Longformer self-attention)
+        self.sequence_first = False  # set by the tuner where the model feeds (T, B, d) (Longformer, XLNet)
         self.__dict__[STATE_ATTR] = gate_state
         if isinstance(base_layer, nn.Linear):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features

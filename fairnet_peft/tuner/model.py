@@ -168,10 +168,13 @@ def _batch_shared_inputs(model: nn.Module) -> set[str]:
 #: rows are the tokens routed to them, in no per-example order.
 _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
 #: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
-#: encoder's) self-attention projections. Their layer gates dim 1 (`sequence_first`). (XLNet runs every block
-#: sequence first, so its detector would read one too: not supported.)
-_SEQUENCE_FIRST = {(kind, name) for kind in ("longformer", "led")
-                   for name in ("query", "key", "value", "query_global", "key_global", "value_global")}
+#: encoder's) self-attention projections, XLNet's feed-forward. Their layer gates dim 1 (`sequence_first`).
+#: model_type → a module whose input is (B, T, d), for models whose every block reads (T, B, d): the default read
+#: point (a block's input) cannot work there, and the error names this one.
+_SEQUENCE_FIRST_BLOCKS = {"xlnet": "sequence_summary"}
+_SEQUENCE_FIRST = ({(kind, name) for kind in ("longformer", "led")
+                    for name in ("query", "key", "value", "query_global", "key_global", "value_global")}
+                   | {("xlnet", "layer_1"), ("xlnet", "layer_2")})
 
 
 def _example_major_rows(model: nn.Module, key: str) -> bool:
@@ -325,6 +328,15 @@ class FairLoraModel(BaseTuner):
                 "module whose input the detector should read, e.g. one block of the layer stack "
                 f"({', '.join(list(module_names)[1:6])}, ...)."
             )
+        if config.detector_module == f"{stack[0] if stack else ''}.{config.detector_layer}" and \
+                model_config.get("model_type") in _SEQUENCE_FIRST_BLOCKS:
+            raise ValueError(
+                f"FairLoraConfig.detector_module: {model_config['model_type']} runs its blocks sequence first (their "
+                "input is (T, B, d)), so the detector cannot read a block's input per example. Name a module whose "
+                f"input is (B, T, d), e.g. detector_module={_SEQUENCE_FIRST_BLOCKS[model_config['model_type']]!r} "
+                "(the head's input: the gate then backtracks, two passes per forward), and the layers to adapt, e.g. "
+                "target_modules=['layer_1', 'layer_2'] (the feed-forward layers; its attention weights are not "
+                "nn.Linear modules).")
         self._check_layer_selection(model, config, stack)
         if config.target_modules is None:
             config.target_modules = self._default_targets(model, config, model_config.get("model_type"))
