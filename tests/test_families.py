@@ -348,3 +348,43 @@ def test_xlnet_defaults_name_the_read_point_that_works_and_it_gates_row_by_row()
     for row in range(4):
         alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
         torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- vision layouts a gate must handle
+VISION_LAYOUTS = {  # default configs at 64 px: each layout below failed at the defaults before it was handled
+    "pvt_v2": T.PvtV2Config,  # a wrapper module named like the Conv2d it holds (`dwconv.dwconv`)
+    "segformer": T.SegformerConfig,  # the same, for its sequence reduction
+    "mobilenet_v2": T.MobileNetV2Config,  # model code reads the wrapped convolution's `stride`
+    "mobilevit": T.MobileViTConfig,  # stages of two block types; its transformer reads unfolded patches
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", sorted(VISION_LAYOUTS))
+def test_vision_layouts_gate_row_by_row_and_each_row_as_alone(kind):
+    torch.manual_seed(0)
+    base = T.AutoModelForImageClassification.from_config(VISION_LAYOUTS[kind](image_size=64, num_labels=2)).eval()
+    model = get_peft_model(base, FairLoraConfig(init_weights=False)).eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    gate = torch.tensor([1, 0, 1, 0])
+    on, off, mixed = (model(pixel_values=x, fair_gate=g).logits for g in (torch.ones(4), torch.zeros(4), gate))
+    assert not torch.equal(on, off)
+    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=1e-4, atol=1e-6)
+    for row in range(4):  # each row of the mixed batch as alone (the untrained detector of a random CNN may
+        alone = model(pixel_values=x[row:row + 1], fair_gate=gate[row:row + 1].float()).logits  # give one risk)
+        torch.testing.assert_close(alone[0], mixed[row], rtol=1e-4, atol=1e-6)
+    model(pixel_values=x)
+    assert gate_record(model).risk.shape == (4,)  # one risk per image: read where the input is one row per image
+    if kind == "mobilevit":
+        assert model.peft_config["default"].detector_module.endswith("encoder.layer.2")
+        assert all(m.windowed for k, m in model.named_modules() if isinstance(m, FairLoraLayer) and ".transformer." in k)
+
+
+def test_stages_held_as_lists_are_no_stack_and_the_error_asks_for_target_modules():
+    """PoolFormer keeps each stage's blocks in a ModuleList inside `encoder.block`: a list is never called, so its
+    input cannot be read; the defaults stop and name the field with modules of the model."""
+    torch.manual_seed(0)
+    base = T.PoolFormerForImageClassification(T.PoolFormerConfig(image_size=64, num_labels=2)).eval()
+    with pytest.raises(ValueError, match=r"Pass target_modules=\[\.\.\.\].*e\.g\. target_modules=\["):
+        get_peft_model(base, FairLoraConfig())

@@ -59,6 +59,17 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.update_layer(adapter_name, config)
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's public attributes (a Conv2d's `stride`, `padding`, ...) for model code that reads
+        them from the module it called (MobileNet's padding computes from its convolution's stride and kernel)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if name.startswith("_") or base is None:
+                raise
+            return getattr(base, name)
+
     # ------------------------------------------------------------------ construction
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         base = self.get_base_layer()

@@ -39,14 +39,24 @@ def find_layer_stack(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
     'blocks', 'stages'). Outermost: in hierarchical models (Swin `encoder.layers[i].blocks`, ConvNeXt
     `encoder.stages[i].layers`) the stages are the stack, whatever the depth of one stage."""
     found = []
+    mixed = _MIXED_STAGES.get(getattr(getattr(model, "config", None), "model_type", None))
     for name, module in model.named_modules():
+        if mixed and isinstance(module, nn.ModuleList) and (name == mixed or name.endswith("." + mixed)):
+            return name, module
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if name.rpartition(".")[2] not in _STACK_NAMES or len({type(m) for m in module}) != 1:
             continue
+        if isinstance(module[0], (nn.ModuleList, nn.ModuleDict)):  # stages held as lists (PVT, PoolFormer): a list
+            continue  # is never called, so its input cannot be read; no block stack here
         if not any(name.startswith(outer + ".") for outer, _ in found):
             found.append((name, module))
     return max(found, key=lambda item: len(item[1]), default=None)
+
+
+#: model_type → its stack of stages of more than one block type (the same-type rule would pick a list inside a stage,
+#: whose input is not one row per example: MobileViT's transformer reads unfolded patches).
+_MIXED_STAGES = {"mobilevit": "encoder.layer"}
 
 
 def declared_width(module: Optional[nn.Module], descend: bool = True) -> Optional[int]:
@@ -167,6 +177,9 @@ def _batch_shared_inputs(model: nn.Module) -> set[str]:
 #: Named per model, not inferred from a 2-D input: a mixture-of-experts layer's experts also get 2-D inputs, whose
 #: rows are the tokens routed to them, in no per-example order.
 _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
+#: model_type → the name of the submodules whose input is the image unfolded into B · patch_area rows, example-major
+#: (MobileViT's transformer).
+_UNFOLDED_PATCHES = {"mobilevit": "transformer"}
 #: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
 #: encoder's) self-attention projections, XLNet's feed-forward. Their layer gates dim 1 (`sequence_first`).
 #: model_type → a module whose input is (B, T, d), for models whose every block reads (T, B, d): the default read
@@ -179,13 +192,14 @@ _SEQUENCE_FIRST = ({(kind, name) for kind in ("longformer", "led")
 
 def _example_major_rows(model: nn.Module, key: str) -> bool:
     """Whether module `key`'s input rows are B · k, k consecutive rows per example (the layer's `windowed`): inside a
-    windowed-attention block (`_in_windowed_block`), a module its model feeds flattened tokens (`_FLATTENED_TOKENS`),
-    or a module of a mixture-of-experts block outside its routing (`moe_role` "shared": such a block flattens its
-    (B, T, d) input to B · T token rows, example-major, as Qwen2-MoE does for its shared expert; a module there
-    that gets the (B, T, d) tensor itself has B rows, which needs no flag)."""
+    windowed-attention block (`_in_windowed_block`), a module its model feeds flattened tokens (`_FLATTENED_TOKENS`)
+    or unfolded patches (`_UNFOLDED_PATCHES`), or a module of a mixture-of-experts block outside its routing
+    (`moe_role` "shared": such a block flattens its (B, T, d) input to B · T token rows, example-major, as Qwen2-MoE
+    does for its shared expert; a module there that gets the (B, T, d) tensor itself has B rows, which needs no
+    flag)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return ((model_type, key.rpartition(".")[2]) in _FLATTENED_TOKENS or _in_windowed_block(model, key)
-            or moe_role(model, key) == "shared")
+            or moe_role(model, key) == "shared" or _UNFOLDED_PATCHES.get(model_type) in key.split("."))
 
 
 #: A mixture-of-experts block is a module with an `experts` or a `router` child (Mixtral, Qwen2-MoE, DeepSeek,
@@ -216,7 +230,8 @@ def moe_role(model: nn.Module, key: str) -> Optional[str]:
 def _distinct_suffix(key: str, others: list[str]) -> str:
     """The shortest dotted suffix of `key` that names it as a target (PEFT matches a name against a key's end) and
     matches none of `others`: the leaf name (a bare ModuleList index keeps its parent's name: 'experts.0'), longer
-    only where a leaf name is shared with a module left out (e.g. a router named like an adapted layer)."""
+    only where a leaf name is shared with a module left out (a router, or a wrapper module named like the layer it
+    holds: PVT-v2's `dwconv.dwconv`)."""
     parts = key.split(".")
     start = 2 if parts[-1].isdigit() and len(parts) > 1 else 1
     for n in range(start, len(parts) + 1):
@@ -377,7 +392,7 @@ class FairLoraModel(BaseTuner):
         stack = find_layer_stack(model)
         if stack is None or config.layers_to_transform is None:
             return set()
-        kept, routed, linear = [], [], (nn.Linear, Conv1D, nn.Conv2d)
+        kept, left_out, linear = [], [], (nn.Linear, Conv1D, nn.Conv2d)
         for i in config.layers_to_transform:
             if not 0 <= i < len(stack[1]):
                 continue
@@ -389,9 +404,9 @@ class FairLoraModel(BaseTuner):
                 if isinstance(module, BaseTunerLayer):
                     wrapped.append(name)
                     module = module.get_base_layer()
-                if isinstance(module, linear):
-                    (routed if moe_role(model, prefix + name) == "routed" else kept).append(prefix + name)
-        return {_distinct_suffix(key, routed) for key in kept}
+                adaptable = isinstance(module, linear) and moe_role(model, prefix + name) != "routed"
+                (kept if adaptable else left_out).append(prefix + name)
+        return {_distinct_suffix(key, left_out) for key in kept}
 
     @staticmethod
     def _check_layer_selection(model: nn.Module, config: FairLoraConfig, stack) -> None:
