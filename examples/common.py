@@ -145,6 +145,9 @@ FAIR_KNOBS = (
      "through the LoRA that did not train on it (FairTrainingArguments.lora_cross_fit)."),
     ("--pseudo-labeler", "pseudo_labeler", {},
      "How the minority is found in the unlabeled setting (FairTrainingArguments.pseudo_labeler)."),
+    ("--max-majority-gate-rate", "max_majority_gate_rate", {},
+     "The most of the held-out majority rows the chosen correction may gate, e.g. 0.5, or none "
+     "(FairTrainingArguments.max_majority_gate_rate)."),
     ("--selection-tie-break", "selection_tie_break", {},
      "How the selection after training breaks ties on held-out WGA and accuracy "
      "(FairTrainingArguments.selection_tie_break)."),

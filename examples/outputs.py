@@ -158,7 +158,22 @@ def selection_line(train_metrics: dict) -> str:
         return f"selection on {rows}: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
     held = train_metrics.get("train_selection_held_back")
     return (f"selection on {rows}: tau = {train_metrics['train_selection_threshold']:.4g}, "
-            f"strength = {train_metrics['train_selection_strength']:g}" + (f" (held back: {held})" if held else ""))
+            f"strength = {train_metrics['train_selection_strength']:g}{_held_out_change(train_metrics)}"
+            + (f" (held back: {held})" if held else ""))
+
+
+def _held_out_change(m: dict) -> str:
+    """', held-out ACC a → b, WGA c → d' (%), or that the correction moved neither and won on the worst-group loss;
+    empty when the metrics do not say."""
+    keys = ("accuracy", "accuracy_off", "worst_group_accuracy", "worst_group_accuracy_off")
+    values = [m.get(f"train_selection_{k}") for k in keys]
+    if any(v is None for v in values):
+        return ""
+    acc, acc_off, wga, wga_off = (100 * float(v) for v in values)
+    if acc == acc_off and (wga == wga_off or wga != wga and wga_off != wga_off):
+        return (f"; held-out ACC and WGA as with the adapter off ({acc:.1f} / {wga:.1f} %), kept for a lower "
+                "worst-group loss")
+    return f"; held-out ACC {acc_off:.1f} → {acc:.1f} %, WGA {wga_off:.1f} → {wga:.1f} %"
 
 
 def print_summary(*, setting: str, name: str, results: dict, timings: dict, paths: dict, pushed: dict,

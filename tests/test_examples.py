@@ -225,6 +225,14 @@ def test_selection_line_says_what_was_kept_and_what_was_held_back():
     assert held.endswith("strength = 0.25 (held back: a fairer candidate, τ = 0.5 at strength 1)")
     off = outputs.selection_line({**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"})
     assert off == "selection on 150 held-out rows: the adapter is off (why)"
+    # with the selection's held-out numbers: what the kept correction did there, or that it won on the loss alone
+    scores = {"train_selection_accuracy": 0.86, "train_selection_accuracy_off": 0.85,
+              "train_selection_worst_group_accuracy": 0.6, "train_selection_worst_group_accuracy_off": 0.5}
+    assert outputs.selection_line({**kept, **scores}).endswith(
+        "strength = 0.25; held-out ACC 85.0 → 86.0 %, WGA 50.0 → 60.0 %")
+    tied = {**scores, "train_selection_accuracy": 0.85, "train_selection_worst_group_accuracy": 0.5}
+    assert outputs.selection_line({**kept, **tied}).endswith(
+        "; held-out ACC and WGA as with the adapter off (85.0 / 50.0 %), kept for a lower worst-group loss")
 
 def test_describe_split_counts_unknown_groups_per_label():
     """The [data] log line of the unlabeled setting (every group hidden) names each class's rows."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -266,7 +267,12 @@ def test_a_kept_correction_on_most_of_the_majority_is_reported_as_global():
     on = {"threshold": 1e-7, "strength": 0.25, "majority_gate_rate": 0.95}
     text = global_correction_warning(on)
     assert text.startswith("FairNet kept a correction (τ = 1e-07 at strength 0.25) that acts on 95 % of the held-out")
-    assert "max_majority_gate_rate=0.5" in text
+    assert "max_majority_gate_rate=0.5" in text and "--max-majority-gate-rate 0.5" in text
+    assert "kept for a lower worst-group loss" not in text  # nothing said about what it did to held-out rows
+    tied = {**on, "accuracy": 0.8, "accuracy_off": 0.8, "worst_group_accuracy": 0.5, "worst_group_accuracy_off": 0.5}
+    assert "It moved no held-out accuracy or worst-group accuracy and was kept for a lower worst-group loss" in \
+        global_correction_warning(tied)
+    assert "kept for a lower" not in global_correction_warning({**tied, "accuracy": 0.81})
     assert global_correction_warning({**on, "majority_gate_rate": 0.8}) is None  # at the bound: not global
     assert global_correction_warning({**on, "majority_gate_rate": math.nan}) is None  # no majority row held out
     assert global_correction_warning({**on, "threshold": OFF}) is None
@@ -559,6 +565,24 @@ def test_tau_candidates_and_frontier():
     # of rows equal on ACC and WGA, the frontier shows the one with the lower worst-group loss
     tied = [dict(rows[0], worst_group_loss=0.7), dict(rows[0], threshold=0.2, worst_group_loss=0.4)]
     assert [r["threshold"] for r in pareto_frontier(tied)] == [0.2]
+    # or the one a given rank puts first (the selection passes its own order)
+    assert [r["threshold"] for r in pareto_frontier(tied, rank=lambda r: r["worst_group_loss"])] == [0.1]
+
+
+@pytest.mark.parametrize("tie_break", ["worst_group_loss_bound", "worst_group_loss", "weakest"])
+def test_the_chosen_correction_is_the_row_its_frontier_lists(tie_break):
+    """The card's frontier lists, of candidates equal on ACC and WGA, the one the selection ranks first: so the chosen
+    (τ, α) is always one of its rows (under the bound tie-break a candidate of lower point loss used to be listed)."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        n = 40
+        y, g = rng.integers(0, 2, n), (rng.random(n) < 0.3).astype(int)
+        off = rng.normal(size=(n, 2))
+        on = {a: off + a * rng.normal(size=(n, 2)) for a in (0.25, 0.5, 1.0)}
+        out = select_correction(off, on, rng.random(n), y, g, configured_tau=0.5, max_accuracy_drop=0.05,
+                                max_eod_increase=0.1, tie_break=tie_break, floor_standard_errors=1.0)
+        listed = {(r["threshold"], r["strength"]) for r in out["frontier"]}
+        assert (out["threshold"], out["strength"]) in listed, (seed, out["threshold"], out["strength"], listed)
 
 
 def test_detector_blind_names_the_auc():
@@ -717,6 +741,27 @@ def test_without_an_eval_set_the_held_out_training_rows_select_and_are_not_train
     assert metrics["train_selection_rows"] == len(holdout) > 0
     assert not set(holdout) & set(trainer.anchor_rows().tolist())
     assert trainer.run_state.selection["on"] == "held-out training rows"
+
+
+def test_a_base_model_that_predicts_one_class_everywhere_is_named(synthetic_data, synthetic_erm_dir, tmp_path):
+    """An ERM model that predicts one class for every held-out row makes WGA 0 and EOD 0 whatever the adapter
+    does: the trainer says so (it still trains and selects), and does not for a base that predicts both."""
+    base = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
+    with torch.no_grad():
+        base.classifier.bias.copy_(torch.tensor([50.0, -50.0]))  # class 0 for every row
+    args = FairTrainingArguments(str(tmp_path / "one"), **SHORT)
+    trainer = FairTrainer(model=get_peft_model(base, FairLoraConfig(task_type="SEQ_CLS")), args=args,
+                          train_dataset=synthetic_data["train"], eval_dataset=synthetic_data["validation"])
+    with expect_warnings(r"The base model predicts class 0 for every one of the \d+ held-out rows",
+                         allow=(r"adapter off", r"FairNet",)):
+        metrics = trainer.train().metrics
+    assert "train_selection_threshold" in metrics  # the selection ran all the same
+    trainer = FairTrainer(model=_fresh(synthetic_erm_dir), args=FairTrainingArguments(str(tmp_path / "two"), **SHORT),
+                          train_dataset=synthetic_data["train"], eval_dataset=synthetic_data["validation"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "predicts class" in str(w.message)]
 
 
 def test_without_an_eval_set_and_too_few_rows_to_hold_out_the_configured_correction_stays_and_says_so(

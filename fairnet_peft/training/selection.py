@@ -221,7 +221,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound")}
     out = {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
-           "admissible": len(admissible), "frontier": pareto_frontier(admissible)}
+           "admissible": len(admissible), "frontier": pareto_frontier(admissible, rank=key)}
     if best is off:  # what the limits stopped: candidates better than off (with keep_if_admissible: the one)
         beaten = [r for r in rows if r is not off and (refused_by(r) if keep_if_admissible else key(r) > key(off))]
         out["worst_cell_rows"] = _worst_cell_rows(pred_off, labels, groups)
@@ -309,11 +309,16 @@ def global_correction_warning(info: dict) -> Optional[str]:
     rate = info.get("majority_gate_rate", math.nan)
     if info.get("threshold", OFF) >= OFF or not (rate > GLOBAL_GATE_RATE):
         return None
+    same = ("accuracy" in info and info["accuracy"] == info.get("accuracy_off")
+            and _finite(info.get("worst_group_accuracy", math.nan))
+            == _finite(info.get("worst_group_accuracy_off", math.nan)))
+    why = (" It moved no held-out accuracy or worst-group accuracy and was kept for a lower worst-group loss "
+           "(the tie-break, FairTrainingArguments.selection_tie_break)." if same else "")
     return (f"FairNet kept a correction (τ = {_tau(info['threshold'])} at strength {info['strength']:g}) that acts on "
             f"{100 * rate:.0f} % of the held-out majority rows: it passed the accuracy floor and the EOD ceiling, but "
-            "it works as an adapter for nearly everyone rather than a correction for the minority. To keep it to the "
-            "rows the detector rates as minority, bound it: trainer.reselect(max_majority_gate_rate=0.5), or "
-            "FairTrainingArguments(max_majority_gate_rate=0.5)")
+            f"it works as an adapter for nearly everyone rather than a correction for the minority.{why} To keep it "
+            "to the rows the detector rates as minority, bound it: trainer.reselect(max_majority_gate_rate=0.5), "
+            "FairTrainingArguments(max_majority_gate_rate=0.5), or --max-majority-gate-rate 0.5 in the examples")
 
 
 def held_back_explanation(info: dict, floor_standard_errors: float) -> Optional[str]:
@@ -416,12 +421,15 @@ def mixture_weights(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray) ->
     return np.array([everywhere[c] / here[c] for c in chosen], dtype=np.float64)
 
 
-def pareto_frontier(rows: list[dict]) -> list[dict]:
+def pareto_frontier(rows: list[dict], rank=None) -> list[dict]:
     """The rows no other row matches or beats on both accuracy and worst-group accuracy (a row with another's
-    accuracy and WGA, or less of one and no more of the other, is left out), by accuracy descending (of rows equal
-    on both, the one with the lower worst-group loss)."""
-    ordered = sorted(rows, key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"]),
-                                          -_finite(-r.get("worst_group_loss", math.nan))))
+    accuracy and WGA, or less of one and no more of the other, is left out), by accuracy descending. Of rows equal
+    on both, the one `rank` puts highest (the selection's own order, so the chosen row is the one listed), else the
+    one with the lower worst-group loss."""
+    if rank is None:
+        rank = lambda r: _finite(-r.get("worst_group_loss", math.nan))  # noqa: E731
+    ordered = sorted(sorted(rows, key=rank, reverse=True),  # stable: within equal ACC and WGA, rank order stays
+                     key=lambda r: (-r["accuracy"], -_finite(r["worst_group_accuracy"])))
     frontier, best_wga = [], -math.inf
     for row in ordered:
         wga = _finite(row["worst_group_accuracy"])

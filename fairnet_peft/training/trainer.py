@@ -1157,6 +1157,14 @@ class FairTrainer(Trainer):
                     logits_on[alpha] = self._gated_logits(dataset, alpha)
         finally:
             self._tuner.set_adapter_strength(self.adapter_name, saved)
+        predicted = np.unique(np.asarray(out["logits_off"]).argmax(-1))
+        if len(predicted) == 1 and len(np.unique(out["label"])) > 1:
+            warnings.warn(
+                f"The base model predicts class {int(predicted[0])} for every one of the {len(out['label'])} held-out "
+                "rows the selection reads: every other class has accuracy 0 in both groups, so worst-group accuracy "
+                "is 0 whatever the adapter does and an EOD of 0 only means no row gets another class. Train the "
+                "base (ERM) model further, or with class weights, before FairNet corrects it.", UserWarning,
+                stacklevel=4)
         return select_with_arguments(args, out["logits_off"], logits_on, out["risk_native"], out["label"], groups,
                                      configured_tau=float(config.threshold), configured_strength=saved,
                                      weights=weights)
