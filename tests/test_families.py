@@ -356,6 +356,7 @@ VISION_LAYOUTS = {  # default configs at 64 px: each layout below failed at the 
     "segformer": T.SegformerConfig,  # the same, for its sequence reduction
     "mobilenet_v2": T.MobileNetV2Config,  # model code reads the wrapped convolution's `stride`
     "mobilevit": T.MobileViTConfig,  # stages of two block types; its transformer reads unfolded patches
+    "swinv2": T.Swinv2Config,  # its position-bias MLP (renamed in transformers 5) reads a table the batch shares
 }
 
 

@@ -166,7 +166,9 @@ def _batch_shared_inputs(model: nn.Module) -> set[str]:
     per-example gate cannot split: DeBERTa's relative-position projections (v1 `pos_proj` / `pos_q_proj`, v2
     `pos_key_proj` / `pos_query_proj`; with `share_att_key`, as DeBERTa-v3 sets it, the query and key projections
     read that table too) and Swin-v2's continuous position-bias MLP. The default targets leave them out."""
-    names = {"pos_proj", "pos_q_proj", "pos_key_proj", "pos_query_proj", "cpb_mlp.0", "cpb_mlp.2"}
+    # Swin-v2's MLP is `cpb_mlp` before transformers 5, `continuous_position_bias_mlp` since
+    names = {"pos_proj", "pos_q_proj", "pos_key_proj", "pos_query_proj", "cpb_mlp.0", "cpb_mlp.2",
+             "continuous_position_bias_mlp.0", "continuous_position_bias_mlp.2"}
     config = getattr(model, "config", None)
     if getattr(config, "share_att_key", False) and getattr(config, "relative_attention", False):
         names |= {"query_proj", "key_proj"}
