@@ -182,11 +182,11 @@ _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
 #: model_type → the name of the submodules whose input is the image unfolded into B · patch_area rows, example-major
 #: (MobileViT's transformer).
 _UNFOLDED_PATCHES = {"mobilevit": "transformer"}
-#: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
-#: encoder's) self-attention projections, XLNet's feed-forward. Their layer gates dim 1 (`sequence_first`).
 #: model_type → a module whose input is (B, T, d), for models whose every block reads (T, B, d): the default read
 #: point (a block's input) cannot work there, and the error names this one.
 _SEQUENCE_FIRST_BLOCKS = {"xlnet": "sequence_summary"}
+#: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
+#: encoder's) self-attention projections, XLNet's feed-forward. Their layer gates dim 1 (`sequence_first`).
 _SEQUENCE_FIRST = ({(kind, name) for kind in ("longformer", "led")
                     for name in ("query", "key", "value", "query_global", "key_global", "value_global")}
                    | {("xlnet", "layer_1"), ("xlnet", "layer_2")})
@@ -214,11 +214,9 @@ _MOE_ROUTERS = {"gate", "router"}
 
 def moe_role(model: nn.Module, key: str) -> Optional[str]:
     """Where module `key` sits in a mixture-of-experts block (its nearest ancestor with an `experts` or `router`
-    child):
-    "routed" for the routed experts and the router (their rows are the tokens routed to an expert, or every token
-    to be routed, in no order a per-example gate can follow once the block has flattened them), "shared" for the
-    block's other modules (a shared expert and its gate), None outside such a block. The default targets leave the
-    "routed" ones out."""
+    child): "routed" for the routed experts and the router (their rows are the tokens routed to an expert, or every
+    token to be routed, in no order a per-example gate can follow), "shared" for the block's other modules (a shared
+    expert and its gate), None outside such a block. The default targets leave the "routed" ones out."""
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         ancestor = model.get_submodule(".".join(parts[:i]))
