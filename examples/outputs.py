@@ -170,7 +170,7 @@ def _held_out_change(m: dict) -> str:
     if any(v is None for v in values):
         return ""
     acc, acc_off, wga, wga_off = (100 * float(v) for v in values)
-    if acc == acc_off and (wga == wga_off or wga != wga and wga_off != wga_off):
+    if acc == acc_off and (wga == wga_off or math.isnan(wga) and math.isnan(wga_off)):
         return (f"; held-out ACC and WGA as with the adapter off ({acc:.1f} / {wga:.1f} %), kept for a lower "
                 "worst-group loss")
     return f"; held-out ACC {acc_off:.1f} → {acc:.1f} %, WGA {wga_off:.1f} → {wga:.1f} %"

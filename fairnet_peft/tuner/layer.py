@@ -33,6 +33,11 @@ MERGE_REFUSED = (
 )
 
 
+#: A wrapped Conv2d's public geometry, copied onto its FairLoRA layer (plain attributes: no lookup on the hot path).
+_CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode")
+
+
 class FairLoraLayer(nn.Module, FairTunerLayer):
     adapter_layer_names = ("fairlora_A", "fairlora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "fairlora_dropout")
@@ -55,20 +60,11 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         elif isinstance(base_layer, Conv1D):
             self.in_features, self.out_features = base_layer.weight.shape
-        else:  # Conv2d
+        else:  # Conv2d, with its geometry for model code that reads it (MobileNet's padding reads the stride)
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+            for name in _CONV_GEOMETRY:
+                setattr(self, name, getattr(base_layer, name))
         self.update_layer(adapter_name, config)
-
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped layer's public attributes (a Conv2d's `stride`, `padding`, ...) for model code that reads
-        them from the module it called (MobileNet's padding computes from its convolution's stride and kernel)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self._modules.get("base_layer")
-            if name.startswith("_") or base is None:
-                raise
-            return getattr(base, name)
 
     # ------------------------------------------------------------------ construction
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
