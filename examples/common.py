@@ -254,9 +254,14 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
 
 
 def cap_validation(ds, args):
-    """--max-val: a seeded cap on the validation split (it only serves per-epoch evaluation)."""
-    if args.max_val is not None and args.max_val < len(ds["validation"]):
-        ds["validation"] = ds["validation"].shuffle(seed=args.seed + 3).select(range(args.max_val))
+    """--max-val: a seeded cap on the validation split, stratified on its (class, group) cells as the loaders'
+    caps are: the selection after training reads these rows, and its worst cell is often a small one."""
+    from fairnet_peft.data import stratified_subsample
+
+    val = ds["validation"]
+    if args.max_val is not None and args.max_val < len(val):
+        ds["validation"] = val.select(stratified_subsample(val["labels"], val["sensitive"], args.max_val,
+                                                           seed=args.seed + 3)).flatten_indices()
     return ds
 
 

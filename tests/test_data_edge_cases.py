@@ -186,3 +186,57 @@ def test_eval_sensitive_column_error_names_the_values():
     with pytest.raises(ValueError, match=r"eval_dataset column 'sensitive' has values \[2\] outside"):
         check_eval_dataset(Dataset.from_dict({"sensitive": [1, 2, 0]}), "sensitive")
     check_eval_dataset(Dataset.from_dict({"sensitive": [1.0, 0.0, -1.0]}), "sensitive")  # floats 1.0 / 0.0 are fine
+
+
+def test_stratified_split_keeps_every_cell_on_both_sides_and_singletons_in_train():
+    import numpy as np
+
+    from fairnet_peft.data import stratified_split
+
+    rng = np.random.default_rng(0)
+    cells = [("pos" if rng.random() < 0.3 else "neg", int(rng.random() < 0.1)) for _ in range(997)] + [("rare", 1)]
+    train, test = stratified_split(cells, 100, seed=5)
+    assert len(test) == 100 and len(train) == 898 and not set(train) & set(test)
+    assert (np.diff(test) > 0).all() and (np.diff(train) > 0).all()
+    for cell in set(cells) - {("rare", 1)}:  # each cell's share of the test part is its share of the rows, ± 1 row
+        share = sum(c == cell for c in cells) / len(cells)
+        assert abs(sum(cells[i] == cell for i in test) - 100 * share) <= 1, cell
+    assert 997 in train  # the one-row cell stays where the model can learn it
+    again, _ = stratified_split(cells, 100, seed=5)
+    assert (again == train).all() and not np.array_equal(stratified_split(cells, 100, seed=6)[1], test)
+    # a minority cell of 3 rows in 300: 10 % proportional rounding would leave it out of the test part
+    small = [("a", 0)] * 297 + [("a", 1)] * 3
+    for seed in range(5):
+        train, test = stratified_split(small, 30, seed)
+        assert sum(small[i] == ("a", 1) for i in test) == 1 and sum(small[i] == ("a", 1) for i in train) == 2
+    # every cell a single row: nothing to stratify on, a plain seeded split of the same size
+    train, test = stratified_split([(i, 0) for i in range(6)], 2, seed=0)
+    assert len(train) == 4 and len(test) == 2
+    with pytest.raises(ValueError, match="test_rows must be between 1 and 5"):
+        stratified_split([(i, 0) for i in range(6)], 6, seed=0)
+
+
+def test_carved_splits_keep_the_minority_share_of_every_class(tmp_path):
+    """A single file whose minority "yes" cell is 12 % of the rows: an unstratified 80/10/10 carve gives validation
+    and test 24 ± 5 of its rows by chance; stratified, each holds its share, 24 of 200, in every seed, and a cap
+    keeps the share too."""
+    rows = [(f"r{i}", "yes" if i % 5 == 0 else "no", "F" if i % 10 < 2 or i % 50 == 5 else "M")
+            for i in range(2000)]
+    path = _write_csv(tmp_path / "one.csv", "text,label,group", rows)
+    counts = {}
+    for seed in (0, 1, 2):
+        ds, names = load_group_dataset(path, sensitive_column="group", minority_value="F", keep_columns=["text"],
+                                       seed=seed)
+        assert names == ["no", "yes"] and [len(ds[s]) for s in ("train", "validation", "test")] == [1600, 200, 200]
+        for split in ("validation", "test"):
+            y, s = ds[split]["labels"], ds[split]["sensitive"]
+            counts[seed, split] = sum(a == 1 and b == 1 for a, b in zip(y, s))
+        texts = [set(ds[s]["text"]) for s in ("train", "validation", "test")]
+        assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+        assert len(set().union(*texts)) == 2000
+    minority_yes = sum(1 for _, label, group in rows if label == "yes" and group == "F")
+    assert minority_yes == 240 and set(counts.values()) == {24}  # 12 % of 2000 rows; 10 % of them in each split
+    capped, _ = load_group_dataset(path, sensitive_column="group", minority_value="F", keep_columns=["text"],
+                                   max_train=500, max_eval=50)
+    y, s = capped["train"]["labels"], capped["train"]["sensitive"]
+    assert len(y) == 500 and sum(a == 1 and b == 1 for a, b in zip(y, s)) == 60  # 12 % of the cap, exactly

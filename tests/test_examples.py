@@ -566,3 +566,20 @@ def test_vision_example_with_a_pretrained_model_and_a_local_image_parquet(tmp_pa
     assert T.AutoConfig.from_pretrained(str(tmp_path / "erm")).num_labels == 2
     assert (tmp_path / "erm" / "preprocessor_config.json").is_file()
     assert "cat, dog" in (tmp_path / "out" / "adapter" / "README.md").read_text()
+
+
+def test_max_val_caps_validation_keeping_every_cells_share():
+    """--max-val draws the validation rows stratified on the (class, group) cells: the selection's worst cell keeps
+    its share of the cap in every seed (a shuffle gave it 10 ± 3 of 100 rows)."""
+    from argparse import Namespace
+
+    from datasets import Dataset, DatasetDict
+
+    common = _load("train_text").common
+    val = Dataset.from_dict({"labels": [i % 2 for i in range(1000)],
+                             "sensitive": [int(i % 10 < 2) for i in range(1000)], "row": list(range(1000))})
+    for seed in range(4):
+        capped = common.cap_validation(DatasetDict(validation=val), Namespace(max_val=100, seed=seed))["validation"]
+        assert len(capped) == 100 and len(set(capped["row"])) == 100
+        assert sum(y == 0 and s == 1 for y, s in zip(capped["labels"], capped["sensitive"])) == 10
+    assert len(common.cap_validation(DatasetDict(validation=val), Namespace(max_val=None, seed=0))["validation"]) == 1000

@@ -6,7 +6,8 @@ unknown); each split's ``info.description`` says what it is. ``text``: ``load_ad
 sentences), ``load_bug_professions_text`` (real BUG sentences, gender shift), ``make_synthetic_text`` (tiny tokenised
 task for tests). ``vision``: ``load_digits_backgrounds`` and ``load_waterbirds_style`` (digits on photos).
 ``files``: ``load_group_dataset`` (your own CSV/JSON/Parquet/Hub data). ``sampling``: ``encode_sensitive``,
-``stratified_subsample``, ``partial_group_labels`` and ``hide_group_labels`` (the partial/unlabeled settings).
+``stratified_subsample``, ``stratified_split``, ``partial_group_labels`` and ``hide_group_labels`` (the
+partial/unlabeled settings).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .sampling import (
     group_strata,
     hide_group_labels,
     partial_group_labels,
+    stratified_split,
     stratified_subsample,
 )
 from .text import (
@@ -56,5 +58,6 @@ __all__ = [
     "load_waterbirds_style",
     "make_synthetic_text",
     "partial_group_labels",
+    "stratified_split",
     "stratified_subsample",
 ]

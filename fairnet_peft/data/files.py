@@ -2,10 +2,12 @@
 directory, or a Hub dataset name.
 
 ``load_group_dataset`` reads it (``_read``: a path that looks local must exist, and a file must have data rows), picks
-or carves the train/validation/test splits (``_splits``: too few rows to carve is an error naming the minimum), encodes
-the label column to class ids (``_class_encoder``: number-looking labels such as "1" and "1.0" are one class) and the
-group column with ``sampling.encode_sensitive``, and subsamples (seeded). The result has the kept input columns plus
-``labels`` and ``sensitive``, as the shipped loaders do.
+the splits it has (``_named_splits``) and carves the missing validation/test splits out of train (``_carve``, stratified
+on the (label, group) cells so that every split keeps the minority's share of each class; too few rows to carve is an
+error naming the minimum), encodes the label column to class ids (``_class_encoder``: number-looking labels such as "1"
+and "1.0" are one class) and the group column with ``sampling.encode_sensitive``, and subsamples (seeded, stratified
+on the same cells, as the shipped loaders do). The result has the kept input columns plus ``labels`` and
+``sensitive``, as the shipped loaders' have.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import math
 import os
 from typing import Optional, Sequence
 
-from .sampling import encode_sensitive, is_missing, normalize_value
+from .sampling import encode_sensitive, is_missing, normalize_value, stratified_split, stratified_subsample
 
 _FILE_KINDS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 _COMPRESSED = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open, "zst": None}
 _OTHER_DATA_EXTENSIONS = ("txt", "arrow", "xlsx", "xls", "pkl", "feather", "zip", "tar")
 _SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-# train_test_split fractions used to carve the missing splits out of train: one missing split, two missing splits
+# held-out fractions used to carve the missing splits out of train: one missing split, two missing splits
 _CARVE_FRACTIONS = {1: (0.1,), 2: (0.2, 0.5)}
 
 
@@ -93,8 +95,9 @@ def _read(spec: str, config: Optional[str]):
 
 
 def _rows_needed(missing: int) -> int:
-    """The fewest rows from which `datasets.train_test_split` (⌈test_size·n⌉ test rows, ⌊(1 − test_size)·n⌋ train
-    rows) carves `missing` non-empty splits with `_CARVE_FRACTIONS`, leaving train non-empty."""
+    """The fewest rows from which `_carve` (⌈test_size·n⌉ held-out rows, the rest train, as
+    `datasets.train_test_split` rounds) carves `missing` non-empty splits with `_CARVE_FRACTIONS`, leaving train
+    non-empty."""
     def carves(n: int, fractions) -> bool:
         if not fractions:
             return n >= 1
@@ -106,9 +109,8 @@ def _rows_needed(missing: int) -> int:
     return next(n for n in range(1, 1000) if carves(n, _CARVE_FRACTIONS[missing]))
 
 
-def _splits(raw, seed: int, spec: str) -> dict:
-    """train/validation/test: the existing splits ('valid'/'val'/'dev' count as validation); the missing ones are
-    carved out of train (seeded; 80/10/10 or 90/10)."""
+def _named_splits(raw) -> dict:
+    """train and the validation/test splits ``raw`` already has ('valid'/'val'/'dev' count as validation)."""
     from datasets import DatasetDict
 
     raw = raw if isinstance(raw, DatasetDict) else DatasetDict(train=raw)
@@ -117,25 +119,31 @@ def _splits(raw, seed: int, spec: str) -> dict:
         found = [name for name in names if name in raw]
         if found:
             splits[split] = raw[found[0]]
-    missing = [s for s in ("validation", "test") if s not in splits]
-    if missing:
-        n, needed = len(splits["train"]), _rows_needed(len(missing))
-        if n < needed:
-            raise ValueError(
-                f"dataset {spec!r} has {n} row{'s' if n != 1 else ''} and no {' or '.join(missing)} split; carving "
-                f"{' and '.join(missing)} out of it ({' / '.join(['80', '10', '10'] if len(missing) == 2 else ['90', '10'])}"
-                f" %) needs at least {needed} rows. Add rows (FairNet needs both groups of every class in each split, "
-                "so in practice hundreds), or provide the splits yourself: a folder with train/validation/test files, "
-                "or a DatasetDict saved with save_to_disk."
-            )
-        parts = splits["train"].train_test_split(test_size=_CARVE_FRACTIONS[len(missing)][0], seed=seed)
-        splits["train"] = parts["train"]
-        if len(missing) == 2:
-            rest = parts["test"].train_test_split(test_size=_CARVE_FRACTIONS[2][1], seed=seed)
-            splits["validation"], splits["test"] = rest["train"], rest["test"]
-        else:
-            splits[missing[0]] = parts["test"]
     return splits
+
+
+def _carve(splits: dict, cells, seed: int, spec: str) -> dict:
+    """Carve the missing validation/test splits out of train (seeded; 80/10/10 or 90/10, `datasets`' rounding),
+    stratified on ``cells(train)``, one (label, group) key per row (`sampling.stratified_split`)."""
+    missing = [s for s in ("validation", "test") if s not in splits]
+    if not missing:
+        return splits
+    n, needed = len(splits["train"]), _rows_needed(len(missing))
+    if n < needed:
+        raise ValueError(
+            f"dataset {spec!r} has {n} row{'s' if n != 1 else ''} and no {' or '.join(missing)} split; carving "
+            f"{' and '.join(missing)} out of it ({' / '.join(['80', '10', '10'] if len(missing) == 2 else ['90', '10'])}"
+            f" %) needs at least {needed} rows. Add rows (FairNet needs both groups of every class in each split, "
+            "so in practice hundreds), or provide the splits yourself: a folder with train/validation/test files, "
+            "or a DatasetDict saved with save_to_disk."
+        )
+    train, keys = splits["train"], cells(splits["train"])
+    kept, held = stratified_split(keys, math.ceil(_CARVE_FRACTIONS[len(missing)][0] * n), seed)
+    if len(missing) == 1:
+        return {**splits, "train": train.select(kept), missing[0]: train.select(held)}
+    val, test = stratified_split([keys[i] for i in held], math.ceil(_CARVE_FRACTIONS[2][1] * len(held)), seed)
+    return {**splits, "train": train.select(kept), "validation": train.select(held[val]),
+            "test": train.select(held[test])}
 
 
 def _class_order(name: str):
@@ -183,9 +191,10 @@ def _check_minority_value(splits: dict, column: str, minority_value) -> None:
 
 
 def _subsample(ds, n: Optional[int], seed: int):
+    """``n`` rows of ``ds`` (all when None), seeded and stratified on its (labels, sensitive) cells."""
     if n is None or n >= len(ds):
         return ds
-    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+    return ds.select(stratified_subsample(ds["labels"], ds["sensitive"], n, seed)).flatten_indices()
 
 
 def load_group_dataset(path: str, *, label_column: str = "label", sensitive_column: str = "sensitive",
@@ -196,7 +205,9 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     Rows without a label are dropped. ``labels``: class ids (see the returned class names; number-looking labels
     such as 1, "1" and "1.0" are one class). ``sensitive``: ``encode_sensitive(column, minority_value)`` (1 minority /
     0 majority / -1 unknown; ``minority_value`` 1, "1", 1.0 and "1.0" all match a cell "1.0"). ``max_train`` caps
-    train and ``max_eval`` validation and test (seeded shuffles with seeds ``seed``, ``seed + 1``, ``seed + 2``).
+    train and ``max_eval`` validation and test (seeded draws stratified on the (label, group) cells, seeds ``seed``,
+    ``seed + 1``, ``seed + 2``). Missing validation/test splits are carved out of train (80/10/10, or 90/10 when one
+    exists), stratified on the same cells, with seed ``seed``.
     Returns ``(DatasetDict, class_names)``. A local-looking path that does not exist is a ``FileNotFoundError``; an
     empty file, or too few rows to carve the missing splits, a ``ValueError`` that says how many rows are needed; a
     ``minority_value`` that matches no row, or a validation/test label no training row has, a ``ValueError`` naming
@@ -208,11 +219,17 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     if clash:
         raise ValueError(f"keep_columns={list(keep_columns)} includes {clash}, which load_group_dataset writes itself "
                          "(the encoded label and group); pass the source columns as label_column / sensitive_column.")
-    splits = _splits(_read(path, config), seed, path)
+    splits = _named_splits(_read(path, config))
     for col in list(keep_columns) + [label_column, sensitive_column]:
         if col not in splits["train"].column_names:
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
                              "pass the right column name.")
+
+    def cells(ds):  # the (label, group) cell of each row, as the splits are stratified on them
+        labels = [None if is_missing(v) else normalize_value(v) for v in ds[label_column]]
+        return list(zip(labels, encode_sensitive(ds[sensitive_column], minority_value)))
+
+    splits = _carve(splits, cells, seed, path)
     if minority_value is not None:
         _check_minority_value(splits, sensitive_column, minority_value)
     class_names, encode = _class_encoder(splits, label_column)

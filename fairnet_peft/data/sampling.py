@@ -2,8 +2,9 @@
 
 A dataset here has a ``labels`` column and a ``sensitive`` column coded 1 (minority) / 0 (majority) / -1 (unknown).
 ``encode_sensitive`` turns a raw group column into that code; ``stratified_subsample`` draws seeded row indices that
-keep every (label, group) cell; ``partial_group_labels`` / ``hide_group_labels`` hide group labels to simulate the
-partial and unlabeled settings (docs/label-settings.md). Arrays in, arrays (or a new ``DatasetDict``) out.
+keep every (label, group) cell, and ``stratified_split`` carves a held-out part that keeps them;
+``partial_group_labels`` / ``hide_group_labels`` hide group labels to simulate the partial and unlabeled settings
+(docs/label-settings.md). Arrays in, arrays (or a new ``DatasetDict``) out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from ..evaluation.counting import MISSING_TEXTS, is_missing  # noqa: F401  (the loaders' names for them)
 
 __all__ = ["LABEL_SETTINGS", "encode_sensitive", "group_strata", "hide_group_labels", "partial_group_labels",
-           "stratified_subsample"]
+           "stratified_split", "stratified_subsample"]
 
 #: Which group labels FairNet sees in training: all, a fraction, or none.
 LABEL_SETTINGS = ("full", "partial", "unlabeled")
@@ -78,8 +79,9 @@ def encode_sensitive(values: Sequence[Any], minority_value: Optional[Any] = None
 
 # ----------------------------------------------------------------------------- subsampling
 def group_strata(labels: Sequence[int], sensitive: Sequence[int]) -> np.ndarray:
-    """One stratum id per (label, group) cell: ``labels * 2 + sensitive`` (unknown groups -1 get their own ids)."""
-    return np.asarray(labels, dtype=np.int64) * 2 + np.asarray(sensitive, dtype=np.int64)
+    """One stratum id per (label, group) cell: ``labels * 3 + sensitive + 1``, so unknown groups (-1) get ids of their
+    own (ordered as (label, group) pairs: a split stratified on these ids draws as on the pairs)."""
+    return np.asarray(labels, dtype=np.int64) * 3 + np.asarray(sensitive, dtype=np.int64) + 1
 
 
 def _restore_empty_cells(keep: np.ndarray, strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -95,6 +97,21 @@ def _restore_empty_cells(keep: np.ndarray, strata: np.ndarray, rng: np.random.Ge
     return keep
 
 
+def _stratified_draw(strata: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Positions of ``n`` of the rows (0 < n < len), drawn stratified on ``strata`` where scikit-learn can (every
+    cell has two rows, and both the draw and the rest have room for a row of each cell), else plain seeded sampling;
+    then, when ``n`` is at least the number of cells, a row of every cell the draw missed (`_restore_empty_cells`)."""
+    positions = np.arange(len(strata))
+    cells, counts = np.unique(strata, return_counts=True)
+    if counts.min() >= 2 and min(n, len(strata) - n) >= len(cells):
+        keep, _ = train_test_split(positions, train_size=n, stratify=strata, random_state=seed)
+    else:
+        keep = np.random.default_rng(seed).choice(positions, size=n, replace=False)
+    if n >= len(cells):
+        keep = _restore_empty_cells(np.asarray(keep), strata, np.random.default_rng([seed, 1]))
+    return np.asarray(keep)
+
+
 def stratified_subsample(labels: Sequence[int], sensitive: Sequence[int], n: Optional[int], seed: int) -> np.ndarray:
     """Sorted positions of a seeded subsample of ``n`` rows, stratified on the (label, group) cells.
 
@@ -108,15 +125,30 @@ def stratified_subsample(labels: Sequence[int], sensitive: Sequence[int], n: Opt
         return np.arange(len(strata))
     if n <= 0:
         raise ValueError(f"stratified_subsample: n must be positive, got {n}; pass None to keep every row.")
+    return np.sort(_stratified_draw(strata, n, seed))
+
+
+def stratified_split(strata: Sequence[Any], test_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train positions, test positions), sorted, with exactly ``test_rows`` test rows, stratified on
+    ``strata`` (any hashable cell ids, e.g. (label, group) pairs).
+
+    Each cell keeps its share on both sides, and a cell of two rows or more has a row in the test part when
+    ``test_rows`` allows (`_stratified_draw`). A cell of a single row stays on the train side: a class or group the
+    model never trains on cannot be learned, and one held-out row measures nothing. Where the cells of two rows or
+    more cannot fill the test part, the split is plain seeded sampling.
+    """
+    keys = {}
+    strata = np.array([keys.setdefault(cell, len(keys)) for cell in strata], dtype=np.int64)
+    if not 0 < test_rows < len(strata):
+        raise ValueError(f"stratified_split: test_rows must be between 1 and {len(strata) - 1}, got {test_rows}.")
     positions = np.arange(len(strata))
     cells, counts = np.unique(strata, return_counts=True)
-    if n >= len(cells) and counts.min() >= 2:
-        keep, _ = train_test_split(positions, train_size=n, stratify=strata, random_state=seed)
+    pool = positions[np.isin(strata, cells[counts >= 2])]
+    if test_rows < len(pool):
+        test = pool[_stratified_draw(strata[pool], test_rows, seed)]
     else:
-        keep = np.random.default_rng(seed).choice(positions, size=n, replace=False)
-    if n >= len(cells):
-        keep = _restore_empty_cells(keep, strata, np.random.default_rng([seed, 1]))
-    return np.sort(keep)
+        test = np.random.default_rng(seed).choice(positions, size=test_rows, replace=False)
+    return np.setdiff1d(positions, test), np.sort(test)
 
 
 # ----------------------------------------------------------------------------- label settings
