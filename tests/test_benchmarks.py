@@ -499,11 +499,11 @@ def test_quality_set_fair_overrides_adds_to_the_presets_own():
 
 
 def test_family_scan_passes_a_layout_that_works_and_names_one_that_does_not():
-    """benchmarks/family_scan.py: BERT and ViT pass at the defaults; SqueezeBERT (nn.Conv1d layers) fails with the
+    """benchmarks/family_scan.py: BERT and ViT pass at the defaults; I-BERT (QuantLinear layers) fails with the
     library's own error; a base that gives every row the same logits is a skip, not a finding."""
     scan = _load("family_scan")
     assert scan.scan_one("bert", text=True) == ("OK", "")
     assert scan.scan_one("vit", text=False) == ("OK", "")
-    status, detail = scan.scan_one("squeezebert", text=True)
-    assert status == "FAIL" and "cannot adapt Conv1d modules" in detail and "target_modules" in detail
+    status, detail = scan.scan_one("ibert", text=True)
+    assert status == "FAIL" and "cannot adapt QuantLinear modules" in detail and "target_modules" in detail
     assert scan._close(torch.ones(3), torch.ones(3) * (1 + 1e-6)) and not scan._close(torch.ones(3), torch.zeros(3))

@@ -236,6 +236,11 @@ def build_text(kind: str, seed: int = 0) -> torch.nn.Module:
     if kind == "longformer":  # its self-attention transposes to (T, B, d) before the projections
         return T.LongformerForSequenceClassification(T.LongformerConfig(**small, attention_window=4,
                                                                         max_position_embeddings=80)).eval()
+    if kind == "squeezebert":  # its blocks are nn.Conv1d layers over (B, d, T), grouped
+        return T.SqueezeBertForSequenceClassification(T.SqueezeBertConfig(
+            **{k: v for k, v in small.items() if k != "num_attention_heads"}, num_attention_heads=4, embedding_size=32,
+            q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=4,
+            output_groups=4)).eval()
     if kind in MOE_FAMILIES:
         config = MOE_FAMILIES[kind](**{**small, "num_attention_heads": 4}, num_key_value_heads=4, head_dim=8,
                                     num_local_experts=4, num_experts=4, num_experts_per_tok=2,
@@ -348,6 +353,49 @@ def test_xlnet_defaults_name_the_read_point_that_works_and_it_gates_row_by_row()
     for row in range(4):
         alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
         torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_squeezebert_conv1d_layers_adapt_and_the_defaults_name_a_read_point_its_encoder_calls():
+    """SqueezeBERT: its layers are nn.Conv1d over (B, d, T), which FairLoRA adapts (A with the base's geometry, one
+    group); its encoder calls each block's forward directly, so no hook on a block runs: the default read point is
+    refused with the module that works (the pooler's input, backtracking), and a read point that is never called is
+    a warning on the first forward, not a silent adapter off. With the named read point each row of a mixed batch
+    gives what it gives alone."""
+    with pytest.raises(ValueError, match=r"calls its blocks' forward method directly.*"
+                                         r"detector_module='transformer.pooler'"):
+        get_peft_model(build_text("squeezebert"), FairLoraConfig(task_type="SEQ_CLS"))
+    missed = get_peft_model(build_text("squeezebert"), FairLoraConfig(
+        task_type="SEQ_CLS", detector_module="transformer.encoder.layers.1", target_modules=["query", "value"]))
+    ids = torch.randint(1, 64, (4, 7), generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match=r"detector of adapter\(s\) \['default'\] did not run in this forward: "
+                                            r"its read module \(transformer.encoder.layers.1\)"):
+        missed(input_ids=ids)
+    model = get_peft_model(build_text("squeezebert"), FairLoraConfig(
+        task_type="SEQ_CLS", init_weights=False, detector_module="transformer.pooler",
+        target_modules=["query", "value", "conv1d"])).eval()  # 2 layers: query, value and three Conv1d of 1x1
+    convs = [m for m in model.modules() if isinstance(m, FairLoraLayer)]
+    assert len(convs) == 2 * (2 + 3) and all(isinstance(m.get_base_layer(), torch.nn.Conv1d) for m in convs)
+    assert {m.groups for m in convs} == {2, 4} and all(m.fairlora_A["default"].groups == 1 for m in convs)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0
+    gate = torch.tensor([1, 0, 1, 0])
+    on, off, mixed = (model(input_ids=ids, attention_mask=mask, fair_gate=x).logits
+                      for x in (torch.ones(4), torch.zeros(4), gate))
+    assert not torch.allclose(on, off, atol=1e-4)
+    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    model(input_ids=ids, attention_mask=mask)
+    risk = gate_record(model).risk.sort().values  # τ in the middle of the widest gap: no row sits at the threshold
+    widest = int(torch.argmax(risk.diff()))
+    model.peft_config["default"].threshold = float(risk[widest:widest + 2].mean())
+    batch, gated = model(input_ids=ids, attention_mask=mask).logits, gate_record(model).gate
+    assert 0 < int(gated.sum()) < 4
+    for row in range(4):
+        alone = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
+        torch.testing.assert_close(alone[0], batch[row], rtol=0, atol=1e-5)
+        assert bool(gate_record(model).gate[0]) == bool(gated[row])
 
 
 # ---------------------------------------------------------------------------- vision layouts a gate must handle

@@ -47,6 +47,7 @@ import contextvars
 import inspect
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Union
 
@@ -487,6 +488,20 @@ def detector_pre_hook(module: nn.Module, args, kwargs, adapter_name: str):
     return None
 
 
+def _warn_if_detector_missed(state: GateState, live: Optional[_Pass]) -> None:
+    """A pass that ends with an adapter still waiting for its gate ran no read of its detector: the adapter was off
+    for every row, silently, unless this says so (a model that calls its blocks' `forward` directly runs no hook)."""
+    if live is None or not live.pending or live.replay or live.device is None:
+        return
+    reads = {a: config.detector_module for a, config in state.configs.items() if a in live.pending}
+    warnings.warn(
+        f"FairLoRA: the bias detector of adapter(s) {sorted(reads)} did not run in this forward: its read module "
+        f"({', '.join(sorted({str(m) for m in reads.values()}))}) was not called through its __call__, so the adapter "
+        "was off for every row. If the model calls that module's forward method directly, or skips it for these "
+        "inputs, set FairLoraConfig.detector_module to a module every forward calls (e.g. the head's input module; "
+        "the gate then backtracks).", RuntimeWarning, stacklevel=2)
+
+
 def root_post_hook(module: nn.Module, args, kwargs, output):
     """End of a pass: backtrack if needed, then close the pass and publish its gates. Registered with
     `always_call=True`, so a forward that raises closes its pass too (`output` is then None: nothing is published)."""
@@ -494,6 +509,7 @@ def root_post_hook(module: nn.Module, args, kwargs, output):
     merged = None
     try:
         if output is not None:
+            _warn_if_detector_missed(state, state.live)
             merged = rerun_gated_rows(module, state.live, args, kwargs, output)
     finally:
         state.close_pass(publish=output is not None)

@@ -10,7 +10,7 @@ self-attention and XLNet's feed-forward do, `sequence_first` gates dim 1). Count
 reads the gate once per pass (a device→host sync). Under torch.compile the gate is not read: the update is computed
 for every row and added through the gate as a 0/1 mask (`_add_masked`), one graph with no sync. Outside a forward of
 the wrapped model (e.g. `model.bert(ids)`) the layer is the base layer.
-Supported bases: `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv2d`.
+Supported bases (`ADAPTABLE`): `nn.Linear`, GPT-2 style `Conv1D`, `nn.Conv1d` (SqueezeBERT), `nn.Conv2d`.
 Merging is refused: the gate depends on the input, so no single merged weight exists.
 """
 
@@ -33,7 +33,10 @@ MERGE_REFUSED = (
 )
 
 
-#: A wrapped Conv2d's public geometry, copied onto its FairLoRA layer (plain attributes: no lookup on the hot path).
+#: The module types FairLoRA can wrap: each has rows (examples) first in its input.
+ADAPTABLE = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d)
+#: A wrapped convolution's public geometry, copied onto its FairLoRA layer (plain attributes: no lookup on the hot
+#: path).
 _CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                   "padding_mode")
 
@@ -60,7 +63,7 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         elif isinstance(base_layer, Conv1D):
             self.in_features, self.out_features = base_layer.weight.shape
-        else:  # Conv2d, with its geometry for model code that reads it (MobileNet's padding reads the stride)
+        else:  # Conv1d / Conv2d, with its geometry for model code that reads it (MobileNet's padding reads the stride)
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
             for name in _CONV_GEOMETRY:
                 setattr(self, name, getattr(base_layer, name))
@@ -69,9 +72,10 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
     # ------------------------------------------------------------------ construction
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         base = self.get_base_layer()
-        if isinstance(base, nn.Conv2d):
-            a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
-            return a, nn.Conv2d(r, base.out_channels, 1, bias=False)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):  # A sees the base's receptive field, B mixes per position
+            conv = type(base)
+            a = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+            return a, conv(r, base.out_channels, 1, bias=False)
         return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
 
     def update_layer(self, adapter_name: str, config) -> None:
@@ -221,9 +225,9 @@ class FairLoraLayer(nn.Module, FairTunerLayer):
 
 def dispatch(target: nn.Module, adapter_name: str, config, gate_state) -> FairLoraLayer:
     base = target.get_base_layer() if isinstance(target, FairTunerLayer) else target
-    if isinstance(base, (nn.Linear, Conv1D, nn.Conv2d)):
+    if isinstance(base, ADAPTABLE):
         return FairLoraLayer(target, adapter_name, config, gate_state)
     raise ValueError(
-        f"FairLoRA cannot adapt {type(base).__name__} modules; supported are torch.nn.Linear, transformers Conv1D "
-        "and torch.nn.Conv2d. Change FairLoraConfig.target_modules to name only such modules."
+        f"FairLoRA cannot adapt {type(base).__name__} modules; supported are torch.nn.Linear, transformers Conv1D, "
+        "torch.nn.Conv1d and torch.nn.Conv2d. Change FairLoraConfig.target_modules to name only such modules."
     )

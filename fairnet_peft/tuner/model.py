@@ -25,7 +25,7 @@ from .config import FairLoraConfig
 from .detector import FairBiasDetector, FairTunerLayer, as_tokens, detector_size
 from .gate import (DETECTOR_ATTR, STATE_ATTR, GateState, detector_pre_hook, release_checkpointing, root_post_hook,
                    root_pre_hook)
-from .layer import MERGE_REFUSED, FairLoraLayer, dispatch
+from .layer import ADAPTABLE, MERGE_REFUSED, FairLoraLayer, dispatch
 from .representation import find_head, resolve_pooling
 
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks", "stages")
@@ -134,8 +134,8 @@ def probe_read_width(model: nn.Module, module_name: str) -> Optional[int]:
 
 
 def _adaptable_leaves(model: nn.Module) -> list[str]:
-    """Leaf names of the modules FairLoRA can adapt (nn.Linear, Conv1D, nn.Conv2d), in model order, for messages."""
-    names = [k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))]
+    """Leaf names of the modules FairLoRA can adapt (`layer.ADAPTABLE`), in model order, for messages."""
+    names = [k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, ADAPTABLE)]
     return list(dict.fromkeys(names))
 
 
@@ -143,8 +143,8 @@ def _check_rank(config: FairLoraConfig, target: nn.Module, key: str) -> None:
     """`r` may not exceed the larger width of a module it adapts (A is r × in, B is out × r): the update B·A has rank
     at most min(in, out) anyway, and a larger r only allocates memory. Checked before the module's A and B exist."""
     base = target.get_base_layer() if isinstance(target, FairTunerLayer) else target
-    if isinstance(base, nn.Conv2d):
-        width_in = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        width_in = base.in_channels * math.prod(base.kernel_size)
         width_out = base.out_channels
     elif isinstance(base, Conv1D):
         width_in, width_out = base.weight.shape
@@ -182,9 +182,16 @@ _FLATTENED_TOKENS = {("opt", "fc1"), ("opt", "fc2")}
 #: model_type → the name of the submodules whose input is the image unfolded into B · patch_area rows, example-major
 #: (MobileViT's transformer).
 _UNFOLDED_PATCHES = {"mobilevit": "transformer"}
-#: model_type → a module whose input is (B, T, d), for models whose every block reads (T, B, d): the default read
-#: point (a block's input) cannot work there, and the error names this one.
-_SEQUENCE_FIRST_BLOCKS = {"xlnet": "sequence_summary"}
+#: model_type → (why the default read point, a block's input, cannot work there; the leaf name of a module whose
+#: input is (B, T, d), which the error names instead; what else to set). XLNet feeds its blocks (T, B, d);
+#: SqueezeBERT's encoder calls its blocks' `forward` directly, so no hook on a block runs, and feeds them (B, d, T).
+_UNREADABLE_BLOCKS = {
+    "xlnet": ("runs its blocks sequence first (their input is (T, B, d)), so the detector cannot read a block's "
+              "input per example", "sequence_summary", ", and the layers to adapt, e.g. target_modules=['layer_1', "
+              "'layer_2'] (the feed-forward layers; its attention weights are not nn.Linear modules)"),
+    "squeezebert": ("calls its blocks' forward method directly, which runs no hook, so the detector never sees a "
+                    "block's input (which is (B, d, T), channels first)", "pooler", ""),
+}
 #: (model_type, leaf name) of modules whose model feeds them (T, B, d), sequence first: Longformer's (and LED's
 #: encoder's) self-attention projections, XLNet's feed-forward. Their layer gates dim 1 (`sequence_first`).
 _SEQUENCE_FIRST = ({(kind, name) for kind in ("longformer", "led")
@@ -344,14 +351,13 @@ class FairLoraModel(BaseTuner):
                 f"({', '.join(list(module_names)[1:6])}, ...)."
             )
         if config.detector_module == f"{stack[0] if stack else ''}.{config.detector_layer}" and \
-                model_config.get("model_type") in _SEQUENCE_FIRST_BLOCKS:
+                model_config.get("model_type") in _UNREADABLE_BLOCKS:
+            why, leaf, extra = _UNREADABLE_BLOCKS[model_config["model_type"]]
+            read = next((name for name in module_names if name.rpartition(".")[2] == leaf), leaf)
             raise ValueError(
-                f"FairLoraConfig.detector_module: {model_config['model_type']} runs its blocks sequence first (their "
-                "input is (T, B, d)), so the detector cannot read a block's input per example. Name a module whose "
-                f"input is (B, T, d), e.g. detector_module={_SEQUENCE_FIRST_BLOCKS[model_config['model_type']]!r} "
-                "(the head's input: the gate then backtracks, two passes per forward), and the layers to adapt, e.g. "
-                "target_modules=['layer_1', 'layer_2'] (the feed-forward layers; its attention weights are not "
-                "nn.Linear modules).")
+                f"FairLoraConfig.detector_module: {model_config['model_type']} {why}. Name a module whose input is "
+                f"(B, T, d), e.g. detector_module={read!r} (near the head: the gate then backtracks, two passes per "
+                f"forward){extra}.")
         self._check_layer_selection(model, config, stack)
         if config.target_modules is None:
             config.target_modules = self._default_targets(model, config, model_config.get("model_type"))
@@ -386,13 +392,13 @@ class FairLoraModel(BaseTuner):
 
     @staticmethod
     def _block_linear_names(model: nn.Module, config: FairLoraConfig) -> set[str]:
-        """Leaf names of every nn.Linear / Conv1D / Conv2d inside the adapted blocks (e.g. BERT: query, key, value,
-        dense; Llama: q_proj … down_proj; ConvNeXt: dwconv, pwconv1, pwconv2, downsampling_layer.1). Empty without a
-        layer stack."""
+        """Leaf names of every module of `layer.ADAPTABLE` (nn.Linear, Conv1D, Conv1d, Conv2d) inside the adapted
+        blocks (e.g. BERT: query, key, value, dense; Llama: q_proj … down_proj; ConvNeXt: dwconv, pwconv1, pwconv2,
+        downsampling_layer.1; SqueezeBERT: the Conv1d layers). Empty without a layer stack."""
         stack = find_layer_stack(model)
         if stack is None or config.layers_to_transform is None:
             return set()
-        kept, left_out, linear = [], [], (nn.Linear, Conv1D, nn.Conv2d)
+        kept, left_out = [], []
         for i in config.layers_to_transform:
             if not 0 <= i < len(stack[1]):
                 continue
@@ -404,7 +410,7 @@ class FairLoraModel(BaseTuner):
                 if isinstance(module, BaseTunerLayer):
                     wrapped.append(name)
                     module = module.get_base_layer()
-                adaptable = isinstance(module, linear) and moe_role(model, prefix + name) != "routed"
+                adaptable = isinstance(module, ADAPTABLE) and moe_role(model, prefix + name) != "routed"
                 (kept if adaptable else left_out).append(prefix + name)
         return {_distinct_suffix(key, left_out) for key in kept}
 
@@ -452,7 +458,7 @@ class FairLoraModel(BaseTuner):
                          if not any(key == name or key.endswith(f".{name}") for key in keys))
         if missing:
             leaves = sorted({key.rpartition(".")[2] for key, m in model.named_modules()
-                             if isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))})[:12]
+                             if isinstance(m, ADAPTABLE)})[:12]
             raise ValueError(
                 f"FairLoraConfig.target_modules={sorted(config.target_modules)}: {missing} matches no module of "
                 f"this model (misspelt?). Module names of linear layers in this model: {leaves}."
@@ -501,7 +507,7 @@ class FairLoraModel(BaseTuner):
         raise ValueError(
             f"FairLoraConfig.target_modules: could not find the attention query/value projections of model type "
             f"{model_type!r} (tried {[list(c) for c in candidates]}) and found no layer stack (a ModuleList named "
-            f"{'/'.join(_STACK_NAMES)}). Pass target_modules=[...] with the names of the nn.Linear/Conv2d modules to "
+            f"{'/'.join(_STACK_NAMES)}). Pass target_modules=[...] with the names of the nn.Linear/Conv modules to "
             f"adapt, e.g. target_modules={_adaptable_leaves(model)[:3]}, or target_modules='all-linear'."
         )
 
@@ -513,7 +519,7 @@ class FairLoraModel(BaseTuner):
         raise ValueError(
             f"FairLoraConfig.target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
             f"matches no module of this model (layers_to_transform={config.layers_to_transform}). Valid targets are "
-            f"nn.Linear/Conv1D/Conv2d module names (suffix match) such as {linear}, or 'all-linear'."
+            f"nn.Linear/Conv1D/Conv1d/Conv2d module names (suffix match) such as {linear}, or 'all-linear'."
         )
 
     @staticmethod
