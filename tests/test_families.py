@@ -259,6 +259,22 @@ MOE_FAMILIES = {"mixtral": T.MixtralConfig, "qwen2-moe": T.Qwen2MoeConfig, "deep
 TEXT_FAMILIES = ["opt", "deberta-v2", "deberta-v3", "albert", "mobilebert", "longformer", *MOE_FAMILIES]
 
 
+def padded_batch_gates_row_by_row(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four seeded rows of 7 tokens (row 1 padded after 5): the gate forced on and off changes the logits, and a
+    mixed gate gives each row what the forced gate gives it. Returns the batch (ids, attention mask)."""
+    ids = torch.randint(1, 64, (4, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # a padded row
+    ids[1, 5:] = 0
+    gate = torch.tensor([1, 0, 1, 0])
+    on, off, mixed = (model(input_ids=ids, attention_mask=mask, fair_gate=x).logits
+                      for x in (torch.ones(4), torch.zeros(4), gate))
+    assert not torch.allclose(on, off, atol=1e-4)
+    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    return ids, mask
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("kind", TEXT_FAMILIES)
 def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
@@ -278,17 +294,7 @@ def test_text_layouts_gate_row_by_row_and_each_row_as_alone(kind):
         assert adapted and not [key for key in adapted if {"router", "gate", "experts"} & set(key.split("."))]
         shared = [key for key in adapted if "shared_expert" in key.split(".")]
         assert bool(shared) == (kind == "qwen2-moe") and all(model.get_submodule(k).windowed for k in shared)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 64, (4, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0  # a padded row
-    ids[1, 5:] = 0
-    gate = torch.tensor([1, 0, 1, 0])
-    on, off, mixed = (model(input_ids=ids, attention_mask=mask, fair_gate=x).logits
-                      for x in (torch.ones(4), torch.zeros(4), gate))
-    assert not torch.allclose(on, off, atol=1e-4)
-    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    ids, mask = padded_batch_gates_row_by_row(model)
     # the detector's gate: a τ between the rows' risks gives a mixed gate, each row scored as when it is alone
     risk = (model(input_ids=ids, attention_mask=mask), gate_record(model).risk)[1]
     model.peft_config["default"].threshold = float(risk.median())
@@ -377,15 +383,7 @@ def test_squeezebert_conv1d_layers_adapt_and_the_defaults_name_a_read_point_its_
     convs = [m for m in model.modules() if isinstance(m, FairLoraLayer)]
     assert len(convs) == 2 * (2 + 3) and all(isinstance(m.get_base_layer(), torch.nn.Conv1d) for m in convs)
     assert {m.groups for m in convs} == {2, 4} and all(m.fairlora_A["default"].groups == 1 for m in convs)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    ids[1, 5:] = 0
-    gate = torch.tensor([1, 0, 1, 0])
-    on, off, mixed = (model(input_ids=ids, attention_mask=mask, fair_gate=x).logits
-                      for x in (torch.ones(4), torch.zeros(4), gate))
-    assert not torch.allclose(on, off, atol=1e-4)
-    torch.testing.assert_close(mixed[gate == 1], on[gate == 1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(mixed[gate == 0], off[gate == 0], rtol=0, atol=1e-5)
+    ids, mask = padded_batch_gates_row_by_row(model)
     model(input_ids=ids, attention_mask=mask)
     risk = gate_record(model).risk.sort().values  # τ in the middle of the widest gap: no row sits at the threshold
     widest = int(torch.argmax(risk.diff()))
