@@ -248,9 +248,15 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
     if args.dataset is None and given:
         parser.error(f"{', '.join(given)} apply to a --dataset of your own; without --dataset the example trains on "
                      "its embedded data (its own columns and group). Add --dataset <file, folder or Hub name>.")
-    if args.num_threads is not None:
-        import torch
+    import torch
 
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        parser.error(f"{gpus} GPUs are visible to one process: transformers would split every batch over them with "
+                     "torch.nn.DataParallel, which FairLoRA does not support. Run on one GPU "
+                     "(CUDA_VISIBLE_DEVICES=0 python ...) or on all of them, one process each "
+                     f"(accelerate launch --num_processes {gpus} ...).")
+    if args.num_threads is not None:
         torch.set_num_threads(max(1, args.num_threads))
     return args
 

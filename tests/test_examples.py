@@ -284,6 +284,24 @@ def test_data_flags_without_a_dataset_are_an_error(capsys):
     assert args.minority_value == "F"
 
 
+def test_several_gpus_without_a_launcher_are_an_error_that_names_both_ways(capsys, monkeypatch):
+    """One process that sees two GPUs would train ERM under nn.DataParallel and then stop at FairTrainer's refusal of
+    it; the example stops before anything runs and says how to use one GPU or all."""
+    import torch
+
+    text = _load("train_text")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        text.common.parse_with_preset(text.build_parser(), [], text.DEMO)
+    err = capsys.readouterr().err
+    assert "2 GPUs are visible to one process" in err and "CUDA_VISIBLE_DEVICES=0" in err
+    assert "accelerate launch --num_processes 2" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher each process uses its own GPU
+    assert text.common.parse_with_preset(text.build_parser(), [], text.DEMO).max_val == 1000  # the defaults
+
+
 def test_the_setting_the_data_made_is_the_one_reported():
     """A --setting full dataset with unknown groups trains as partial: the summary and the card say so, and a warning
     says why."""

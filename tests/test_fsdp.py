@@ -25,6 +25,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -344,3 +345,52 @@ if __name__ == "__main__":
         _accelerate_fsdp_on_cpu(sys.argv[2:])
     else:
         _worker(sys.argv[1])
+
+
+def test_passes_on_several_processes_gather_on_the_accelerator_device_and_run_whole_forwards(monkeypatch):
+    """Under FSDP or DeepSpeed the partial and unlabeled settings pass over the rows before the model is placed, so
+    their batches are on the CPU, and NCCL gathers device tensors only: each batch goes to the accelerator's device
+    before `gather_for_metrics`. The risk-only pass runs the whole forward there (an exception that ends a forward
+    early would skip FSDP2's end-of-forward bookkeeping), and its risks equal the early-exit pass's."""
+    from datasets import Dataset
+
+    from fairnet_peft.training.passes import ROW_COLUMN, RowPasses
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertForSequenceClassification(cfg), FairLoraConfig(task_type="SEQ_CLS")).eval()
+    data = Dataset.from_dict({"input_ids": torch.randint(1, 32, (6, 5)).tolist(), "labels": [0, 1] * 3,
+                              ROW_COLUMN: list(range(6))})
+    gathered = []
+
+    def gather(step):
+        gathered.append({k: v.device for k, v in step.items()})
+        return {k: v.to("cpu") for k, v in step.items()}
+
+    accelerator = types.SimpleNamespace(num_processes=1, device=torch.device("meta"), gather_for_metrics=gather,
+                                        autocast=lambda: torch.autocast("cpu", enabled=False))
+
+    def batches(dataset):
+        for row in range(0, len(dataset), 3):
+            part = dataset[row:row + 3]
+            yield {"input_ids": torch.tensor(part["input_ids"])}, {"row": torch.tensor(part[ROW_COLUMN]),
+                                                                    "label": torch.tensor(part["labels"])}
+
+    trainer = types.SimpleNamespace(model=model, accelerator=accelerator, adapter_name="default", eval_batches=batches)
+    passes = RowPasses(trainer)
+    early = passes.risk(data)
+    assert gathered and all(device.type == "cpu" for step in gathered for device in step.values())
+    accelerator.num_processes, accelerator.device = 2, torch.device("cpu")  # as if on two processes
+    whole = passes.risk(data)
+    np.testing.assert_array_equal(whole["row"], early["row"])
+    np.testing.assert_allclose(whole["risk"], early["risk"], rtol=0, atol=1e-6)
+    assert "logits_off" not in whole and "logits" not in whole
+    accelerator.device = torch.device("meta")  # stands for the GPU: every tensor is moved there before the gather
+
+    def gather_on_device(step):
+        raise StopIteration({k: v.device.type for k, v in step.items()})
+
+    accelerator.gather_for_metrics = gather_on_device
+    with pytest.raises(StopIteration) as sent:
+        passes.risk(data)
+    assert sent.value.args[0] == {"logits_off": "meta", "risk": "meta", "row": "meta", "label": "meta"}

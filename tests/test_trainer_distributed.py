@@ -51,6 +51,16 @@ def test_two_process_statistics_equal_one_process(tmp_path, setting):
     assert any(np.abs(np.asarray(v)).sum() > 0 for k, v in rank0.items() if k != "threshold")
     for key in rank0:
         np.testing.assert_allclose(rank0[key], rank1[key], rtol=1e-5, atol=1e-7)
+    if setting == "unlabeled":  # crashed after the LoRA stage and resumed on 2 processes: the same selection
+        resumed = tmp_path / "resumed.json"
+        proc = subprocess.run(torchrun + [SCRIPT, str(resumed), "unlabeled-resumed"], env=_env(), timeout=300,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = json.loads(resumed.read_text())
+        assert again["steps"] == 0 and two["steps"] > 0  # nothing retrained: the selection's refit came from resuming
+        assert again["pseudo"] == two["pseudo"] and again["selection"] == pytest.approx(two["selection"])
+        np.testing.assert_allclose(json.loads((tmp_path / "resumed.json.rank1").read_text())["threshold"],
+                                   rank1["threshold"])
 
 
 GAIN_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fair_gain.py")

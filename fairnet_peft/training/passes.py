@@ -65,7 +65,13 @@ class RowPasses:
         return result
 
     def risk(self, dataset) -> dict[str, np.ndarray]:
-        """row, label and risk of every row; the forward stops at the detector's layer."""
+        """row, label and risk of every row; on one process the forward stops at the detector's layer. Under
+        DDP/FSDP the whole model runs (the gate off), as in the detector stage: a forward ended by an exception would
+        skip the wrapper's own end-of-forward bookkeeping (FSDP2 would keep the read block unsharded)."""
+        if self.trainer.accelerator.num_processes > 1:
+            result = self._run(dataset, ("off",))
+            result.pop("logits_off")
+            return result
         return self._run(dataset, ("risk",))
 
     def outputs(self, dataset, modes) -> dict[str, np.ndarray]:
@@ -77,13 +83,21 @@ class RowPasses:
         # the training's mixed precision, also before the first stage prepares the model (which is what adds it)
         with trainer.accelerator.autocast():
             result = gated_pass(trainer.model, trainer.eval_batches(dataset), modes, adapter_name=trainer.adapter_name,
-                                forward=forward, gather=trainer.accelerator.gather_for_metrics)
+                                forward=forward, gather=self._gather)
         native = result.pop("risk_native", None)
         order = np.argsort(result["row"], kind="stable")
         result = {k: v[order] for k, v in result.items()}
         if native is not None:
             result["risk_native"] = native[torch.as_tensor(order)]
         return _checked(result, dataset)
+
+    def _gather(self, step: dict) -> dict:
+        """One batch's tensors from every process (`gather_for_metrics`), sent to the accelerator's device first:
+        NCCL gathers device tensors only, and a pass before FSDP or DeepSpeed places the model runs on the CPU."""
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            step = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in step.items()}
+        return accelerator.gather_for_metrics(step)
 
     def _features_forward(self, model, batch: dict) -> tuple:
         trainer, captured = self.trainer, {}

@@ -551,9 +551,9 @@ class FairTrainer(Trainer):
         key = getattr(dataset, "_fingerprint", id(dataset))
         if key not in self._pseudo_group_cache:  # every process runs the pass (it gathers); the main one marks
             feats = self.frozen_pass(_with_row_column(dataset))
+            labeler = self._pseudo_labeler()  # on every process: a refit after a resume gathers and broadcasts
             marks = np.zeros(len(dataset), dtype=np.int64)
             if self.accelerator.is_main_process:
-                labeler = self._pseudo_labeler()
                 marks = np.asarray(labeler.predict(np.concatenate([feats["z"], feats["feat"]], axis=1),
                                                    feats["label"], feats["logits"]), dtype=np.int64)
             self._pseudo_group_cache[key] = self._broadcast(marks)
@@ -593,9 +593,11 @@ class FairTrainer(Trainer):
         return value
 
     def _pseudo_labeler(self):
-        """The fitted pseudo-labeler; after a resume it is fitted again on the same features (it is seeded, so it
-        marks the training rows as the interrupted run did)."""
-        if self.pseudo_labeler is None:
+        """The fitted pseudo-labeler (on the main process; None on the others); after a resume it is fitted again on
+        the same features (it is seeded, so it marks the training rows as the interrupted run did). Every process
+        calls it: only the main one holds the labeler, so whether to refit is its decision, and the refit's pass and
+        broadcast then run on every process."""
+        if self._broadcast_object(self.pseudo_labeler is None):
             with self.passes.caching():
                 self._fit_pseudo_labels(self.frozen_pass())
         return self.pseudo_labeler
