@@ -6,8 +6,8 @@ the splits it has (``_named_splits``) and carves the missing validation/test spl
 on the (label, group) cells so that every split keeps the minority's share of each class; too few rows to carve is an
 error naming the minimum), encodes the label column to class ids (``_class_encoder``: number-looking labels such as "1"
 and "1.0" are one class) and the group column with ``sampling.encode_sensitive``, and subsamples (seeded, stratified
-on the same cells, as the shipped loaders do). The result has the kept input columns plus ``labels`` and
-``sensitive``, as the shipped loaders' have.
+on the same cells). The result has the kept input columns plus ``labels`` and ``sensitive``, like the shipped
+loaders' results.
 """
 
 from __future__ import annotations
