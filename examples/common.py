@@ -178,8 +178,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
     data.add_argument("--max-eval", type=int, default=defaults.get("max_eval"),
                       help="Subsample the validation and test splits to this many rows (seeded).")
     data.add_argument("--max-val", type=int, default=defaults.get("max_val"),
-                      help="Further cap the validation split (used for per-epoch evaluation only). Default: "
-                           "--max-eval.")
+                      help="Further cap the validation split (seeded, stratified). Its rows serve the per-epoch "
+                           "evaluation and FairTrainer's held-out rows: half train the LoRA, the other half choose "
+                           "the correction's threshold and strength, whose accuracy floor needs many rows to pass a "
+                           "real gain. Default: no cap beyond --max-eval.")
     data.add_argument("--setting", choices=("full", "partial", "unlabeled"), default="full",
                       help="Which sensitive labels FairNet may see in training: all (full), a fraction of them "
                            "(partial) or none (unlabeled: pseudo-labels, FairTrainingArguments.pseudo_labeler). "

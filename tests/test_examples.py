@@ -299,7 +299,7 @@ def test_several_gpus_without_a_launcher_are_an_error_that_names_both_ways(capsy
     assert "2 GPUs are visible to one process" in err and "CUDA_VISIBLE_DEVICES=0" in err
     assert "accelerate launch --num_processes 2" in err
     monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher each process uses its own GPU
-    assert text.common.parse_with_preset(text.build_parser(), [], text.DEMO).max_val == 1000  # the defaults
+    assert text.common.parse_with_preset(text.build_parser(), [], text.DEMO).max_eval == 2000  # the defaults
 
 
 def test_the_setting_the_data_made_is_the_one_reported():
