@@ -40,7 +40,7 @@ DEFAULTS = dict(
 )
 
 # `make demo`: sizes and epochs only. FairNet runs with FairTrainingArguments' defaults.
-DEMO = dict(max_train=2000, max_eval=1000, max_val=500, erm_epochs=1, epochs=2, output_dir="outputs/demo-text")
+DEMO = dict(max_train=2000, max_eval=1000, erm_epochs=1, epochs=2, output_dir="outputs/demo-text")
 
 
 def build_parser() -> argparse.ArgumentParser:
