@@ -340,14 +340,7 @@ def test_text_example_under_accelerate_fsdp_in_bf16(tmp_path):
     assert gate_record(reloaded).risk.shape == (1,)
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--accelerate-fsdp-on-cpu":
-        _accelerate_fsdp_on_cpu(sys.argv[2:])
-    else:
-        _worker(sys.argv[1])
-
-
-def test_passes_on_several_processes_gather_on_the_accelerator_device_and_run_whole_forwards(monkeypatch):
+def test_passes_on_several_processes_gather_on_the_accelerator_device_and_run_whole_forwards():
     """Under FSDP or DeepSpeed the partial and unlabeled settings pass over the rows before the model is placed, so
     their batches are on the CPU, and NCCL gathers device tensors only: each batch goes to the accelerator's device
     before `gather_for_metrics`. The risk-only pass runs the whole forward there (an exception that ends a forward
@@ -394,3 +387,11 @@ def test_passes_on_several_processes_gather_on_the_accelerator_device_and_run_wh
     with pytest.raises(StopIteration) as sent:
         passes.risk(data)
     assert sent.value.args[0] == {"logits_off": "meta", "risk": "meta", "row": "meta", "label": "meta"}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--accelerate-fsdp-on-cpu":
+        _accelerate_fsdp_on_cpu(sys.argv[2:])
+    else:
+        _worker(sys.argv[1])
+

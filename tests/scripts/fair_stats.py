@@ -89,9 +89,8 @@ def build(out_path: str, train, data, save: bool, holder=None) -> FairTrainer:
     saving = dict(save_strategy="steps", save_steps=1) if save else dict(save_strategy="no")
     args = FairTrainingArguments(
         f"{out_path}.run" if save else "/tmp/fair_stats_unused", report_to=[], **saving, disable_tqdm=True,
-        detector_epochs=1,
-        detector_learning_rate=0.0, num_train_epochs=1, max_steps=2, learning_rate=1e-2, per_device_train_batch_size=16,
-        per_device_eval_batch_size=16, seed=0, use_cpu=True,
+        detector_epochs=1, detector_learning_rate=0.0, num_train_epochs=1, max_steps=2, learning_rate=1e-2,
+        per_device_train_batch_size=16, per_device_eval_batch_size=16, seed=0, use_cpu=True,
         pseudo_labeler="lof",  # the model is untrained: its error set is a whole class, which `auto` would fall back to
         max_accuracy_drop=0.0,  # the selection's accuracy floor: its passes gather the 50 eval rows over ranks
         force_adapter=True,  # the untrained detector would switch the adapter off before any selection pass
