@@ -203,6 +203,29 @@ def test_the_base_model_digest_reads_the_base_weights_only():
     assert base_model_digest(model) != digest
 
 
+def test_the_base_model_digest_reads_weights_kept_in_buffers():
+    """GPTQ/AWQ-style layers keep their weights in persistent buffers (packed int32 `qweight`): a base exported
+    again must give another digest, while the adapter's prototype buffers and non-persistent buffers (derived from
+    the config) do not count."""
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    base = T.BertForSequenceClassification(cfg)
+    packed = base.bert.encoder.layer[1].output
+    packed.register_buffer("qweight", torch.randint(0, 2**31 - 1, (8, 64), dtype=torch.int32))
+    packed.register_buffer("derived", torch.arange(64.0), persistent=False)
+    model = get_peft_model(base, FairLoraConfig(task_type="SEQ_CLS"))
+    digest = base_model_digest(model)
+    prototypes = [b for name, b in model.named_buffers() if "fairlora_prototypes" in name]
+    assert prototypes
+    with torch.no_grad():
+        for buffer in prototypes:
+            buffer.add_(1.0)  # the prototype pass fills them: not part of the base
+        packed.derived.add_(1.0)
+    assert base_model_digest(model) == digest
+    packed.qweight[0, 0] ^= 1  # one bit of a packed weight (float32 would not tell these apart)
+    assert base_model_digest(model) != digest
+
+
 def test_resuming_on_another_number_of_processes_continues_with_a_warning(tmp_path):
     with pytest.raises(Crash):
         _run(tmp_path, callbacks=[CRASHES["lora, after a checkpoint"]])

@@ -186,13 +186,26 @@ def run_fingerprint(args, adapter_config, dataset, eval_dataset=None, base: str 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _saved_tensors(model):
+    """(name, tensor) of the model's parameters and persistent buffers: what its state dict holds. Buffers count
+    because some bases keep their weights there (GPTQ/AWQ `QuantLinear`: packed `qweight`, `scales`; BatchNorm
+    statistics); non-persistent ones (rotary frequencies, position ids) are derived from the config."""
+    yield from model.named_parameters()
+    for module_name, module in model.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in skip:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
 def base_model_digest(model, samples: int = 64) -> str:
-    """A hash of the base model's own weights (the adapter's `fairlora_` tensors left out): each one's name, shape,
-    dtype and `samples` values at an even stride. A checkpoint written on another base (an ERM model trained again,
-    another seed) then belongs to another run. Sharded or not-yet-loaded weights (DTensor, DeepSpeed ZeRO-3, meta)
-    count by name and shape only; the trainer uses the main process's digest on every process."""
+    """A hash of the base model's own weights, parameters and persistent buffers (the adapter's `fairlora_` tensors
+    left out): each one's name, shape, dtype and `samples` values at an even stride. A checkpoint written on another
+    base (an ERM model trained again, another seed, another quantized export) then belongs to another run. Sharded
+    or not-yet-loaded weights (DTensor, DeepSpeed ZeRO-3, meta) count by name and shape only; the trainer uses the
+    main process's digest on every process."""
     digest = hashlib.sha256()
-    for name, weight in model.named_parameters():
+    for name, weight in _saved_tensors(model):
         if "fairlora_" in name:
             continue
         digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
@@ -200,7 +213,8 @@ def base_model_digest(model, samples: int = 64) -> str:
             continue
         try:
             flat = weight.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // samples)][:samples].float().cpu().numpy()
+            sample = flat[::max(1, flat.numel() // samples)][:samples]
+            sample = (sample.float() if sample.is_floating_point() else sample.double()).cpu().numpy()  # ints: exact
         except (RuntimeError, TypeError, NotImplementedError):  # a tensor subclass without strided views
             continue
         digest.update(sample.tobytes())
