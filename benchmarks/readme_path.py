@@ -28,13 +28,14 @@ BLOCK = DocBlock("## README path", *block_markers("readme_path.py"))
 KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference")
 
 
-def run_seed(seed: int, out: str, extra: list, reuse: bool = False) -> dict:
-    """One example run (its own process); with `reuse`, a seed whose metrics.json a finished run left is read back."""
+def run_seed(seed: int, out: str, extra: list, reuse: bool = False, example: str = "train_text.py") -> dict:
+    """One run of `examples/<example>` (its own process); with `reuse`, a seed whose metrics.json a finished run left
+    is read back."""
     folder = os.path.join(out, f"seed{seed}")
     if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
         with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
             return json.load(f)
-    command = [sys.executable, os.path.join(REPO_ROOT, "examples", "train_text.py"), "--seed", str(seed),
+    command = [sys.executable, os.path.join(REPO_ROOT, "examples", example), "--seed", str(seed),
                "--output-dir", folder, *extra]
     subprocess.run(command, check=True, cwd=REPO_ROOT)
     with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:

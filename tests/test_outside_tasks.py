@@ -44,10 +44,11 @@ def _raw(tmp_path) -> str:
     return str(raw)
 
 
-@pytest.mark.parametrize("name", sorted(outside_tasks.TASKS))
+@pytest.mark.parametrize("name", sorted(n for n, t in outside_tasks.TASKS.items() if t.needs_raw))
 def test_task_csv_loads_with_the_flags_the_script_passes(tmp_path, name):
     task = outside_tasks.TASKS[name]
-    frame = task.frame(_raw(tmp_path))
+    assert task.example == "train_text.py" and task.flags[:4] == ("--text-column", "text", "--label-column", "label")
+    frame = task.data.frame(_raw(tmp_path))
     path = tmp_path / f"{name}.csv"
     frame.to_csv(path, index=False)
     flags = dict(zip(task.flags[::2], task.flags[1::2]))
@@ -67,6 +68,33 @@ def test_task_csv_loads_with_the_flags_the_script_passes(tmp_path, name):
         assert "female" in text and "felony" in text and "misdemeanor" in text and "race Hispanic" in text
     else:
         assert "owns a home" in text and "no checking account" in text and "Applicant aged 19" in text
+
+
+def test_the_image_folder_task_loads_as_the_vision_example_reads_it(tmp_path):
+    """`shapes`: one folder with metadata.csv, no split; the loader carves train/validation/test stratified, the
+    named group is the minority, the images decode at their size, and drawing it again changes no file."""
+    from PIL import Image
+
+    task = outside_tasks.TASKS["shapes"]
+    assert task.example == "train_vision.py" and not task.needs_raw
+    folder = outside_tasks.shapes_folder(str(tmp_path / "shapes"), rows=80)
+    meta = pd.read_csv(os.path.join(folder, "metadata.csv"))
+    assert len(meta) == 80 and set(meta["label"]) == {"cat", "dog"} and set(meta["group"]) == {"indoor", "outdoor"}
+    outdoor = meta[meta["group"] == "outdoor"]
+    assert 0.05 < len(outdoor) / len(meta) < 0.3 and (outdoor["label"] == "dog").mean() > 0.6
+    flags = dict(zip(task.flags[::2], task.flags[1::2]))
+    ds, classes = load_group_dataset(folder, label_column=flags["--label-column"],
+                                     sensitive_column=flags["--sensitive-column"],
+                                     minority_value=flags["--minority-value"], keep_columns=("image",))
+    assert list(classes) == ["cat", "dog"]
+    assert sum(len(ds[s]) for s in ("train", "validation", "test")) == 80
+    assert sum(v == 1 for s in ds for v in ds[s]["sensitive"]) == len(outdoor)
+    image = ds["train"][0]["image"]
+    image = image if isinstance(image, Image.Image) else Image.open(os.path.join(folder, str(image)))
+    assert image.size == (32, 32)
+    stamps = {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)}
+    outside_tasks.shapes_folder(folder, rows=80)
+    assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)} == stamps
 
 
 def _run(erm: tuple, fair: tuple) -> dict:
@@ -94,7 +122,7 @@ def test_unknown_task_or_setting_is_an_error_that_names_the_valid_ones(capsys, t
         with pytest.raises(SystemExit):
             outside_tasks.main(["--tasks", spec, "--doc", "none", "--out", str(tmp_path)])
         err = capsys.readouterr().err
-        assert "compas, compas-race, german" in err and "full, partial, unlabeled" in err
+        assert "compas, compas-race, german, shapes" in err and "full, partial, unlabeled" in err
         assert ("'adult'" if spec == "adult" else "'biased'") in err
 
 
@@ -103,8 +131,8 @@ def test_each_task_runs_its_own_settings(monkeypatch, tmp_path):
     recorded, and the report holds one entry per task × setting × seed."""
     calls = []
 
-    def fake_run(seed, folder, flags, reuse):
-        calls.append((os.path.relpath(folder, tmp_path), flags[flags.index("--setting") + 1], seed))
+    def fake_run(seed, folder, flags, reuse, example):
+        calls.append((os.path.relpath(folder, tmp_path), flags[flags.index("--setting") + 1], seed, example))
         return _run((0.8, 0.5, 0.1), (0.8, 0.5, 0.1))
 
     monkeypatch.setattr(outside_tasks, "run_seed", fake_run)
@@ -112,9 +140,15 @@ def test_each_task_runs_its_own_settings(monkeypatch, tmp_path):
     report = outside_tasks.main(["--tasks", "compas:full+unlabeled,german", "--settings", "partial", "--seeds", "0,1",
                                  "--out", str(tmp_path / "out"), "--doc", "none"])
     assert {k: set(v) for k, v in report["tasks"].items()} == {"compas": {"full", "unlabeled"}, "german": {"partial"}}
-    assert sorted(calls) == sorted((os.path.join("out", t, s), s, seed) for t, ss in
+    assert sorted(calls) == sorted((os.path.join("out", t, s), s, seed, "train_text.py") for t, ss in
                                    (("compas", ("full", "unlabeled")), ("german", ("partial",)))
                                    for s in ss for seed in (0, 1))
+    # the image task runs the vision example on its folder, and needs no raw tables
+    calls.clear()
+    monkeypatch.setattr(outside_tasks, "raw_dir", lambda cache: pytest.fail("the image task needs no raw tables"))
+    monkeypatch.setattr(outside_tasks, "shapes_folder", lambda folder, **kw: folder)
+    outside_tasks.main(["--tasks", "shapes", "--seeds", "0", "--out", str(tmp_path / "out"), "--doc", "none"])
+    assert calls == [(os.path.join("out", "shapes", "full"), "full", 0, "train_vision.py")]
 
 
 def test_a_task_csv_is_rewritten_only_when_its_contents_change(tmp_path):
