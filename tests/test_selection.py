@@ -413,6 +413,42 @@ def test_a_loss_gain_within_the_noise_does_not_break_a_tie():
     assert select_correction(off, {1.0: on[1.0]}, risk, y, g, floor_standard_errors=2.0, **kw)["threshold"] < OFF
 
 
+def test_a_loss_gain_that_needs_a_gate_on_most_of_the_majority_does_not_break_a_tie():
+    """The worst cell's rows (18-19) move toward their class, as in `_tied_case`, but the detector rates them like the
+    majority: only a τ below the majority's risk gates them. Such a candidate moved no held-out WGA or ACC, and its
+    gate changes the model for nearly every row: under `tie_break_max_majority_gate_rate` (FairTrainer's 0.1) it ties
+    with the adapter off, which stays off and says why; without the bound it wins, and where the detector marks those
+    rows the same gain wins under the bound too."""
+    y, g, off, on, _ = _tied_case()
+    blind = np.array([0.3, 0.3] + [0.1] * 14 + [0.9, 0.9, 0.05, 0.05], dtype=np.float32)
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=None, floor_standard_errors=2.0)
+    free = select_correction(off, {1.0: on[1.0]}, blind, y, g, **kw)
+    assert free["threshold"] < 0.05 and free["majority_gate_rate"] == 1.0
+    assert free["worst_group_loss"] < free["worst_group_loss_off"] and free["accuracy"] == free["accuracy_off"]
+    bounded = select_correction(off, {1.0: on[1.0]}, blind, y, g, tie_break_max_majority_gate_rate=0.5, **kw)
+    assert bounded["threshold"] == OFF and bounded["tie_break_bounded"] == 1.0
+    reason = off_explanation(bounded, 2.0)
+    assert "gate at least 100 % of the held-out majority rows (above tie_break_max_majority_gate_rate)" in reason
+    marked = np.where(np.arange(len(y)) >= 16, 0.9, blind).astype(np.float32)
+    kept = select_correction(off, {1.0: on[1.0]}, marked, y, g, tie_break_max_majority_gate_rate=0.5, **kw)
+    assert kept["threshold"] < OFF and kept["majority_gate_rate"] == 0.0 and "tie_break_bounded" not in kept
+    # a candidate that raises held-out WGA is not bounded by it (max_majority_gate_rate bounds every candidate)
+    y2, g2, _, _, _ = _case()
+    off2 = y2.copy()
+    off2[[18, 19]] = 0
+    fixes = select_correction(EYE[off2], {1.0: EYE[y2]}, blind, y2, g2, tie_break_max_majority_gate_rate=0.5,
+                              **{**kw, "max_accuracy_drop": None})  # two fixes in 20 rows: within the floor's margin
+    assert fixes["threshold"] < 0.05 and fixes["worst_group_accuracy"] == 1.0
+    with tempfile.TemporaryDirectory() as tmp:  # the argument reaches the search; 0.1 by default, 'none' lifts it
+        from fairnet_peft.training.selection import select_with_arguments
+        for value, is_off in ((None, True), ("none", False)):
+            extra = {} if value is None else {"tie_break_max_majority_gate_rate": value}
+            args = FairTrainingArguments(tmp, threshold_selection="threshold", **extra, **QUIET)
+            got = select_with_arguments(args, off, {1.0: on[1.0]}, blind, y, g, configured_tau=0.5,
+                                        configured_strength=1.0)
+            assert (got["threshold"] == OFF) == is_off, value
+
+
 def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
     """The correction works: the minority's class-1 rows (the off model's worst cell) stay wrong but move so far
     toward class 1 that the majority's class-1 cell (three rows confidently wrong, never gated) becomes the worst.
@@ -607,7 +643,8 @@ def test_anchor_weightings():
                                          ("max_eod_increase", 2.0), ("threshold_selection", "pseudo_group"),
                                          ("min_detector_auc", 1.5), ("anchor_weighting", "inverse"),
                                          ("max_majority_gate_rate", 1.5), ("max_majority_gate_rate", "most"),
-                                         ("tie_break_standard_errors", -1.0), ("floor_admits_harmless", "yes")])
+                                         ("tie_break_standard_errors", -1.0), ("floor_admits_harmless", "yes"),
+                                         ("tie_break_max_majority_gate_rate", 2.0)])
 def test_bad_selection_knobs_name_the_knob(tmp_path, name, value):
     with pytest.raises(ValueError, match=name):
         FairTrainingArguments(str(tmp_path), **{name: value}, **QUIET)

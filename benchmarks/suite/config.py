@@ -153,6 +153,7 @@ SELECTION_VARIANTS = {
     "ties to the weaker correction": {"selection_tie_break": "weakest"},
     "ties by the loss estimate at 2 SE (the default before)": {"selection_tie_break": "worst_group_loss",
                                                                "tie_break_standard_errors": None},
+    "tie-break without its majority gate bound (the default before)": {"tie_break_max_majority_gate_rate": "none"},
     "every untrained eval row selects": {"selection_rows": "untrained"},
     "no floor margin on fixes-only corrections": {"floor_admits_harmless": True},
     # a run trained with lora_cross_fit=True (--fair-arg): the kept LoRA is the plain run's bit for bit, so this is

@@ -308,6 +308,20 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    tie_break_max_majority_gate_rate: Union[float, str] = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "The most of the held-out majority rows a correction that ties with the adapter off on held-out WGA "
+                "and accuracy may gate and still win the worst-group-loss tie-break (selection_tie_break); 'none' = "
+                "no bound. 0.1 (default): such a candidate's only evidence is one cell's loss, and a gate on many "
+                "majority rows makes it a change of the model that a few held-out rows cannot vouch for (on 50 "
+                "held-out rows the tie-break kept gates on 46 % and 93 % of the majority that cost 3 and 1 test rows "
+                "of 100); the tie-break's winners on the suite's tasks gate none. Candidates that raise held-out WGA "
+                "or accuracy are not bounded (max_majority_gate_rate bounds every candidate; docs/method.md §7)."
+            )
+        },
+    )
     max_eod_increase: Union[float, str] = field(
         default=0.01,
         metadata={
@@ -423,7 +437,8 @@ class FairTrainingArguments(TrainingArguments):
             raise ValueError(f"FairTrainingArguments.anchor_threshold={self.anchor_threshold!r}: 'auto' or a number in "
                              "[0, 1).")
         for name, hint in (("max_accuracy_drop", "0.005 = half a point"), ("max_eod_increase", "0.01 = one point"),
-                           ("max_majority_gate_rate", "0.5 = half of the majority rows")):
+                           ("max_majority_gate_rate", "0.5 = half of the majority rows"),
+                           ("tie_break_max_majority_gate_rate", "0.5 = half of the majority rows")):
             value = getattr(self, name)
             if isinstance(value, str) and value != "none":
                 with contextlib.suppress(ValueError):  # "0.01" from a command line
@@ -484,6 +499,10 @@ class FairTrainingArguments(TrainingArguments):
 
     def resolved_max_majority_gate_rate(self) -> Optional[float]:
         return None if self.max_majority_gate_rate in ("none", None) else float(self.max_majority_gate_rate)
+
+    def resolved_tie_break_max_majority_gate_rate(self) -> Optional[float]:
+        value = self.tie_break_max_majority_gate_rate
+        return None if value in ("none", None) else float(value)
 
     def pseudo_labeler_knobs(self) -> dict:
         """The knobs `pseudo_labeler` takes (pseudo_labels.pseudo_label), from these arguments."""

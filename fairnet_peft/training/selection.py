@@ -22,7 +22,9 @@ GroupDRO's objective, read from the same logits. Held-out cells are small (Adult
 the WGA and ACC of many candidates tie with the adapter off even where the correction moves those rows toward their
 class; the loss sees that. A candidate's loss counts only where it is a real gain over the adapter off: its
 worst-group loss, each cell's loss raised by z_tie standard errors of that cell's paired per-row change, is below the
-adapter-off worst-group loss; else it ties with off. Among real gains, tie_break "worst_group_loss_bound" (FairTrainer's
+adapter-off worst-group loss; else it ties with off. A candidate that ties with off on WGA and ACC has no other
+evidence than that loss, so its loss counts only where its gate fires on at most `tie_break_max_majority_gate_rate`
+of the majority rows (a correction of the rows the detector marks, not a change of the model for many rows). Among real gains, tie_break "worst_group_loss_bound" (FairTrainer's
 default) ranks by that raised worst-group loss, the gain a candidate shows at worst, so that the luckiest of many
 noisy estimates does not win; "worst_group_loss" ranks by the estimate. Then the weaker correction (smaller α, then
 larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break
@@ -138,6 +140,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       min_threshold: float = 0.0, max_majority_gate_rate: Optional[float] = None,
                       tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None,
                       tie_break_standard_errors: Optional[float] = None,
+                      tie_break_max_majority_gate_rate: Optional[float] = None,
                       floor_admits_harmless: bool = False) -> dict:
     """Choose (τ, α) as the module docstring says.
 
@@ -146,7 +149,9 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     `keep_if_admissible`: no search, the one candidate (τ, α) is kept when admissible, else the adapter goes off.
     `floor_standard_errors` (z): the floor holds for the accuracy change minus z standard errors of the paired
     difference (`paired_change`), and with `floor_admits_harmless` not where no held-out row goes from right to
-    wrong; `tie_break_standard_errors` the loss tie-break's margin (None: the same z).
+    wrong; `tie_break_standard_errors` the loss tie-break's margin (None: the same z), and
+    `tie_break_max_majority_gate_rate` the most of the group-0 rows a candidate may gate and still win it (None: no
+    bound; a candidate above it ties with off).
     `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
     no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. `weights` (per row, e.g.
     `mixture_weights`): ACC, its paired change and the gate rate are weighted means; WGA, EOD, the loss and the
@@ -168,6 +173,8 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     ceiling = math.inf if max_eod_increase is None or not math.isfinite(eod_off) else eod_off + max_eod_increase + 1e-12
     majority = groups == 0
     widest = math.inf if max_majority_gate_rate is None or not majority.any() else max_majority_gate_rate + 1e-12
+    widest_tie = (math.inf if tie_break_max_majority_gate_rate is None or not majority.any()
+                  else tie_break_max_majority_gate_rate + 1e-12)
     off = {"threshold": OFF, "strength": 0.0, "accuracy": acc_off, "worst_group_accuracy": wga_off,
            "equalized_odds_difference": eod_off, "worst_group_loss": loss_off, "gate_rate": 0.0,
            "majority_gate_rate": 0.0}
@@ -189,11 +196,15 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             # every flip a fix: no harm to allow for (module docstring)
             harmless = floor_admits_harmless and not np.any((pred != labels) & (pred_off == labels))
             cell_loss = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
+            majority_rate = float(gate[majority].mean()) if majority.any() else math.nan
+            # a tie with off whose gate takes most of the majority: its loss gain does not count (module docstring)
+            wide = majority_rate > widest_tie and acc == acc_off and _finite(wga) == _finite(wga_off)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
-                         "worst_group_loss": cell_loss.loss, "loss_gain": cell_loss.gain, "loss_bound": cell_loss.bound,
+                         "worst_group_loss": cell_loss.loss, "loss_bound": cell_loss.bound,
+                         "loss_gain": cell_loss.gain and not wide, "wide_gain": cell_loss.gain and wide,
                          "gate_rate": float(np.average(gate, weights=weights)),
-                         "majority_gate_rate": float(gate[majority].mean()) if majority.any() else math.nan,
+                         "majority_gate_rate": majority_rate,
                          "accuracy_change": change, "accuracy_standard_error": se,
                          "accuracy_bound": acc_off + change - (0.0 if harmless else z * se)})
     def refused_by(r) -> list:
@@ -218,7 +229,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
-    chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound")}
+    chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound", "wide_gain")}
     out = {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
            "admissible": len(admissible), "frontier": pareto_frontier(admissible, rank=key)}
@@ -230,6 +241,9 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         # worst-group loss lower beyond the noise (not an accuracy gain alone)
         fairer = [r for r in beaten if _finite(r["worst_group_accuracy"]) > _finite(wga_off) or (
             r["worst_group_accuracy"] == wga_off and r.get("loss_gain"))]
+        wide = [r for r in admissible if r.get("wide_gain")]
+        if wide:  # a loss gain the tie-break's majority bound set aside: the narrowest such gate
+            out["tie_break_bounded"] = min(r["majority_gate_rate"] for r in wide)
         if beaten:
             out["refused"] = _refusal(max(fairer or beaten, key=key), fairer, refused_by, rows=len(labels), z=z,
                                       max_accuracy_drop=max_accuracy_drop)
@@ -293,6 +307,12 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
     if not refused:
         cell = info.get("worst_cell_rows", 0)
         where = f" (the adapter-off model's worst cell holds {cell} of these rows)" if cell else ""
+        wide = info.get("tie_break_bounded")
+        if wide is not None:
+            return (f"no candidate raised the held-out worst-group accuracy{where}; those that lowered the worst-group "
+                    f"loss beyond the noise gate at least {100 * wide:.0f} % of the held-out majority rows (above "
+                    "tie_break_max_majority_gate_rate): a change of the model for most rows, on the evidence of one "
+                    "cell's loss alone")
         return ("no candidate raised the held-out worst-group accuracy, or lowered the worst-group loss beyond the "
                 f"noise{where}: the trained correction did not help these rows, or too few of them show it")
     return _refusal_sentence("the best refused candidate", refused, info, info["worst_group_accuracy_off"],
@@ -313,7 +333,8 @@ def global_correction_warning(info: dict) -> Optional[str]:
             and _finite(info.get("worst_group_accuracy", math.nan))
             == _finite(info.get("worst_group_accuracy_off", math.nan)))
     why = (" It moved no held-out accuracy or worst-group accuracy and was kept for a lower worst-group loss "
-           "(the tie-break, FairTrainingArguments.selection_tie_break)." if same else "")
+           "(the tie-break, FairTrainingArguments.selection_tie_break, whose own majority bound, "
+           "tie_break_max_majority_gate_rate, was raised or lifted)." if same else "")
     return (f"FairNet kept a correction (τ = {_tau(info['threshold'])} at strength {info['strength']:g}) that acts on "
             f"{100 * rate:.0f} % of the held-out majority rows: it passed the accuracy floor and the EOD ceiling, but "
             f"it works as an adapter for nearly everyone rather than a correction for the minority.{why} To keep it "
@@ -390,6 +411,7 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              taus=(float(configured_tau),) if fixed else None, keep_if_admissible=fixed,
                              tie_break=args.selection_tie_break, weights=weights,
                              tie_break_standard_errors=args.tie_break_standard_errors,
+                             tie_break_max_majority_gate_rate=args.resolved_tie_break_max_majority_gate_rate(),
                              floor_admits_harmless=args.floor_admits_harmless)
 
 
