@@ -155,6 +155,9 @@ FAIR_KNOBS = (
      "(FairTrainingArguments.selection_tie_break)."),
     ("--tie-break-standard-errors", "tie_break_standard_errors", dict(type=float),
      "Margin of that tie-break in standard errors (FairTrainingArguments.tie_break_standard_errors)."),
+    ("--tie-break-max-majority-gate-rate", "tie_break_max_majority_gate_rate", {},
+     "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.5, or none "
+     "(FairTrainingArguments.tie_break_max_majority_gate_rate)."),
 )
 
 
@@ -205,6 +208,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, defaults: dict) -> 
                       help="Epochs of the contrastive LoRA stage (over the anchor rows; at least lora_min_updates).")
     fair.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r).")
     fair.add_argument("--threshold", type=float, default=0.5, help="Gate threshold τ (LoRA on when risk > τ).")
+    fair.add_argument("--detector-layer", type=int, default=None,
+                      help="Block whose input the detector reads, the LoRA adapting it and the blocks after it "
+                           "(FairLoraConfig.detector_layer). Default: the middle block.")
     for flag, _, options, help_text in FAIR_KNOBS:
         fair.add_argument(flag, default=None, help=help_text, **options)
 
@@ -308,8 +314,9 @@ def check_groups(ds, class_names) -> None:
         if cells:
             why = ("the selection cannot see a worst-group gain in a cell it does not have, so it may keep the "
                    "adapter off" if split == "validation" else "its worst-group accuracy covers only the cells it has")
-            log(f"[warning] the {split} split has no row in {', '.join(cells)}: {why}. Give a {split} split with "
-                "rows of every class in both groups (a data folder with train/validation/test files).")
+            log(f"[warning] the {split} split has no row in {', '.join(cells)}: {why}. Give it rows of every class "
+                f"in both groups: add such rows to your {split} file, or, where the loader carves the {split} split "
+                "from your data (stratified on the class x group cells), give more rows of those cells.")
 
 
 def describe_split(ds, name: str) -> str:

@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 4. FairNet: a FairLoRA adapter on the ERM model, trained by FairTrainer (detector → prototypes → LoRA)
     config = FairLoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, threshold=args.threshold,
-                            base_model_name_or_path=erm_dir)
+                            detector_layer=args.detector_layer, base_model_name_or_path=erm_dir)
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(erm_dir), config)
     trainer = FairTrainer(model=model, args=common.fair_training_args(args), train_dataset=data["train"],
                           eval_dataset=data["validation"], data_collator=collator)

@@ -395,11 +395,14 @@ def test_text_example_runs_offline_on_the_embedded_data(tmp_path, tiny_text_mode
 def test_vision_example_runs_offline_unlabeled(tmp_path):
     out = tmp_path / "out"
     stdout = _run([sys.executable, os.path.join(EXAMPLES, "train_vision.py"), *TINY, "--setting", "unlabeled",
-                   "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
+                   "--detector-layer", "0", "--output-dir", str(out), "--erm-cache", str(tmp_path / "erm")], tmp_path)
     metrics = _check_outputs(out, stdout, n_test=100)
     assert metrics["label_setting_inferred"] == "unlabeled"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} and config["task_type"] is None
+    # --detector-layer reaches the adapter: the detector reads block 0's input, and every block from it is adapted
+    assert config["detector_layer"] == 0 and config["layers_to_transform"][0] == 0
+    assert "the detector reads the input of block 0" in stdout
 
     # The saved adapter loads back onto the cached ERM model (after `import fairnet_peft`) and gates examples.
     import torch

@@ -159,5 +159,6 @@ def warn_if_detector_failed(stats: dict, risk: np.ndarray, labelled: np.ndarray)
             f"The bias detector could not learn to find the minority (AUC {auc:.2f}; probe AUC "
             f"{stats.get('probe_auc', float('nan')):.2f}): its risk stays near the class-balanced base "
             "rate 0.5, so the gate is close to random. Check the sensitive column, FairLoraConfig.detector_layer "
-            "(features the group is visible in) or, without labels, FairTrainingArguments.pseudo_labeler.",
+            "(--detector-layer in the examples: features the group is visible in) or, without labels, "
+            "FairTrainingArguments.pseudo_labeler.",
             UserWarning, stacklevel=4)

@@ -1106,7 +1106,8 @@ class FairTrainer(Trainer):
             info = {"threshold": OFF, "strength": float(config.adapter_strength), "reason": off_reason}
             warnings.warn(
                 f"FairNet switched the adapter off (τ = 1): {off_reason}. The model behaves as the base model. Check "
-                "the sensitive column and FairLoraConfig.detector_layer, give group labels, or set "
+                "the sensitive column and FairLoraConfig.detector_layer (--detector-layer in the examples), give "
+                "group labels, or set "
                 "FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.", UserWarning, stacklevel=3)
         else:
             info = self._search(dataset, groups, weights)
