@@ -156,7 +156,7 @@ FAIR_KNOBS = (
     ("--tie-break-standard-errors", "tie_break_standard_errors", dict(type=float),
      "Margin of that tie-break in standard errors (FairTrainingArguments.tie_break_standard_errors)."),
     ("--tie-break-max-majority-gate-rate", "tie_break_max_majority_gate_rate", {},
-     "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.5, or none "
+     "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.1, or none "
      "(FairTrainingArguments.tie_break_max_majority_gate_rate)."),
 )
 

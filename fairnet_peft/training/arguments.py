@@ -438,7 +438,7 @@ class FairTrainingArguments(TrainingArguments):
                              "[0, 1).")
         for name, hint in (("max_accuracy_drop", "0.005 = half a point"), ("max_eod_increase", "0.01 = one point"),
                            ("max_majority_gate_rate", "0.5 = half of the majority rows"),
-                           ("tie_break_max_majority_gate_rate", "0.5 = half of the majority rows")):
+                           ("tie_break_max_majority_gate_rate", "0.1 = a tenth of the majority rows")):
             value = getattr(self, name)
             if isinstance(value, str) and value != "none":
                 with contextlib.suppress(ValueError):  # "0.01" from a command line
@@ -492,23 +492,27 @@ class FairTrainingArguments(TrainingArguments):
 
 
     def resolved_max_accuracy_drop(self) -> Optional[float]:
-        return None if self.max_accuracy_drop in ("none", None) else float(self.max_accuracy_drop)
+        return _bound(self.max_accuracy_drop)
 
     def resolved_max_eod_increase(self) -> Optional[float]:
-        return None if self.max_eod_increase in ("none", None) else float(self.max_eod_increase)
+        return _bound(self.max_eod_increase)
 
     def resolved_max_majority_gate_rate(self) -> Optional[float]:
-        return None if self.max_majority_gate_rate in ("none", None) else float(self.max_majority_gate_rate)
+        return _bound(self.max_majority_gate_rate)
 
     def resolved_tie_break_max_majority_gate_rate(self) -> Optional[float]:
-        value = self.tie_break_max_majority_gate_rate
-        return None if value in ("none", None) else float(value)
+        return _bound(self.tie_break_max_majority_gate_rate)
 
     def pseudo_labeler_knobs(self) -> dict:
         """The knobs `pseudo_labeler` takes (pseudo_labels.pseudo_label), from these arguments."""
         lof = dict(n_neighbors=self.lof_n_neighbors, contamination=self.lof_contamination)
         clusters = dict(n_clusters=self.pseudo_clusters)
         return {"lof": lof, "gmm": clusters, "kmeans": clusters, "auto": {**lof, **clusters}}.get(self.pseudo_labeler, {})
+
+
+def _bound(value) -> Optional[float]:
+    """A selection limit as a number, or None where it is 'none' (no limit)."""
+    return None if value in ("none", None) else float(value)
 
 
 def stage_arguments(args: TrainingArguments, **overrides) -> TrainingArguments:

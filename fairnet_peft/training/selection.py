@@ -24,9 +24,9 @@ class; the loss sees that. A candidate's loss counts only where it is a real gai
 worst-group loss, each cell's loss raised by z_tie standard errors of that cell's paired per-row change, is below the
 adapter-off worst-group loss; else it ties with off. A candidate that ties with off on WGA and ACC has no other
 evidence than that loss, so its loss counts only where its gate fires on at most `tie_break_max_majority_gate_rate`
-of the majority rows (a correction of the rows the detector marks, not a change of the model for many rows). Among real gains, tie_break "worst_group_loss_bound" (FairTrainer's
-default) ranks by that raised worst-group loss, the gain a candidate shows at worst, so that the luckiest of many
-noisy estimates does not win; "worst_group_loss" ranks by the estimate. Then the weaker correction (smaller α, then
+of the majority rows (a correction of the rows the detector marks, not a change of the model for many rows). Among
+real gains, tie_break "worst_group_loss_bound" (FairTrainer's default) ranks by that raised worst-group loss, the
+gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win; "worst_group_loss" ranks by the estimate. Then the weaker correction (smaller α, then
 larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break
 "weakest" (the rule before) ties go straight to the weaker correction. When off
 wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
@@ -197,7 +197,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             harmless = floor_admits_harmless and not np.any((pred != labels) & (pred_off == labels))
             cell_loss = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
             majority_rate = float(gate[majority].mean()) if majority.any() else math.nan
-            # a tie with off whose gate takes most of the majority: its loss gain does not count (module docstring)
+            # a tie with off whose gate takes more of the majority than the bound: its loss gain does not count
             wide = majority_rate > widest_tie and acc == acc_off and _finite(wga) == _finite(wga_off)
             rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
@@ -311,8 +311,8 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
         if wide is not None:
             return (f"no candidate raised the held-out worst-group accuracy{where}; those that lowered the worst-group "
                     f"loss beyond the noise gate at least {100 * wide:.0f} % of the held-out majority rows (above "
-                    "tie_break_max_majority_gate_rate): a change of the model for most rows, on the evidence of one "
-                    "cell's loss alone")
+                    "tie_break_max_majority_gate_rate): a change of the model for many majority rows, on the evidence "
+                    "of one cell's loss alone")
         return ("no candidate raised the held-out worst-group accuracy, or lowered the worst-group loss beyond the "
                 f"noise{where}: the trained correction did not help these rows, or too few of them show it")
     return _refusal_sentence("the best refused candidate", refused, info, info["worst_group_accuracy_off"],
