@@ -56,6 +56,9 @@ def main(argv=None) -> None:
 
     with open(os.path.join(a.run, "metrics.json"), encoding="utf-8") as f:
         run = json.load(f)
+    if run.get("fairnet_train", {}).get("train_lora_skipped"):
+        sys.exit(f"{a.run}: this run skipped its LoRA stage (its detector could not find the group), so its adapter "
+                 "holds no correction to read. Run the example again with --train-lora-when-blind.")
     tokenizer = AutoTokenizer.from_pretrained(run["erm_dir"])
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(run["erm_dir"]),
                                       os.path.join(a.run, "adapter")).eval()

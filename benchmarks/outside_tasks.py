@@ -14,7 +14,8 @@ with a 95 % t-interval, and issue 19's limits per seed.
 
 Tasks (`TASKS`): COMPAS (ProPublica two-year recidivism; the group: sex, women 19 % of the rows; `compas-race`: the
 same rows with race as the group, Hispanic 9 %) and German credit (good or bad credit risk; the group: age under 25,
-15 %). The group is written in the text in all of them, as in Adult. `shapes`: 1,000 drawn images of circles ("cat")
+15 %). The group is written in the text in all of them, as in Adult, except `german-sex`: the German rows with sex
+as the group (women 31 %), which the text never states (issue 19's task whose group is not in the input). `shapes`: 1,000 drawn images of circles ("cat")
 and squares ("dog") on two background colours, the group ("outdoor", 15 %, mostly squares) visible in the
 background, in the layout of HF's `imagefolder` with a `metadata.csv`: a user's image folder, no split given.
 """
@@ -105,6 +106,16 @@ def german_frame(raw: str):
                          "age_group": (g["age"] < 25).map({True: "young", False: "older"})})
 
 
+def german_sex_frame(raw: str):
+    """The German credit text with sex as the group (women 31 %: Statlog's personal-status codes A92, A95), which
+    the text never states: a group not written in the input, seen at most through what correlates with it."""
+    frame = german_frame(raw).drop(columns="age_group")
+    import pandas as pd
+
+    status = pd.read_csv(os.path.join(raw, "german.csv"))["personal_status"]
+    return frame.assign(sex=status.isin(["A92", "A95"]).map({True: "female", False: "male"}))
+
+
 def shapes_folder(folder: str, rows: int = 1000, size: int = 32, seed: int = 0) -> str:
     """`rows` images drawn into `folder` with a `metadata.csv` (file_name, label, group): a circle ("cat") or a square
     ("dog") of a random grey on a background whose colour is the group (beige "indoor"; blue "outdoor", 15 % of the
@@ -167,6 +178,8 @@ TASKS = {
                         "COMPAS two-year recidivism as text (7,214 rows; group: race, Hispanic 9 %)"),
     "german": Task(_table(german_frame), (*_TEXT, "--sensitive-column", "age_group", "--minority-value", "young"),
                    "German credit as text (1,000 rows; group: age under 25, 15 %)"),
+    "german-sex": Task(_table(german_sex_frame), (*_TEXT, "--sensitive-column", "sex", "--minority-value", "female"),
+                       "German credit as text (1,000 rows; group: sex, women 31 %, not written in the text)"),
     "shapes": Task(lambda raw, out, name: shapes_folder(os.path.join(out, "data", name)),
                    ("--label-column", "label", "--sensitive-column", "group", "--minority-value", "outdoor"),
                    "a user's image folder: circles and squares on two backgrounds, one folder with metadata.csv "

@@ -158,6 +158,9 @@ FAIR_KNOBS = (
     ("--tie-break-max-majority-gate-rate", "tie_break_max_majority_gate_rate", {},
      "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.1, or none "
      "(FairTrainingArguments.tie_break_max_majority_gate_rate)."),
+    ("--train-lora-when-blind", "train_lora_when_blind", dict(action=argparse.BooleanOptionalAction),
+     "Train the LoRA stage even when the detector cannot find the group and the adapter stays off, e.g. to read it "
+     "with benchmarks/example_ceiling.py (FairTrainingArguments.train_lora_when_blind)."),
 )
 
 
@@ -319,11 +322,13 @@ def check_groups(ds, class_names) -> None:
                 "from your data (stratified on the class x group cells), give more rows of those cells.")
 
 
-def describe_split(ds, name: str) -> str:
-    """One log line: rows per (label, group) cell, the group unknown (s=?) counted per label."""
+def describe_split(ds, name: str, class_names=None) -> str:
+    """One log line: rows per (label, group) cell, the group unknown (s=?) counted per label; each class by its name
+    when `class_names` are given (as the warnings of `check_groups` name them)."""
     y, s = np.asarray(ds["labels"]), np.asarray(ds["sensitive"])
     s = np.where(s < 0, -1, s)  # every unknown code counts as one
-    counts = [(f"y={k},s={'?' if g < 0 else g}", int(((y == k) & (s == g)).sum()))
+    label = (lambda k: k) if class_names is None else (lambda k: class_names[k])
+    counts = [(f"y={label(k)},s={'?' if g < 0 else g}", int(((y == k) & (s == g)).sum()))
               for k in np.unique(y) for g in (0, 1, -1)]
     return f"{name}: {len(ds)} rows (" + ", ".join(f"{cell}: {n}" for cell, n in counts if n) + ")"
 

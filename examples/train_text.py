@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        batched=True, remove_columns=["text"])
     check_token_ids(data, tokenizer, model_path)
     for split in common.SPLITS:
-        common.log("[data] " + common.describe_split(visible[split], split))
+        common.log("[data] " + common.describe_split(visible[split], split, class_names))
     collator, test = DataCollatorWithPadding(tokenizer), data["test"]
     clock.lap("data")
 

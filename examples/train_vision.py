@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     visible = hide_group_labels(ds, args.setting, args.label_fraction, args.seed)
     data = visible.with_format("numpy")  # much faster to batch than the "torch" format for Array3D columns
     for split in common.SPLITS:
-        common.log("[data] " + common.describe_split(visible[split], split))
+        common.log("[data] " + common.describe_split(visible[split], split, class_names))
     collator, test = default_data_collator, data["test"]
     clock.lap("data")
 

@@ -288,7 +288,8 @@ def test_afr_split_is_stratified_on_the_class_label_only():
 
 def test_fairnet_rows_get_the_default_arguments(monkeypatch, tmp_path):
     """`train_at_defaults` (both suites) sets only output dir, epochs, batch sizes, seed, logging and the data
-    plumbing it is given: every other FairTrainingArguments field is the library default."""
+    plumbing it is given, and `train_lora_when_blind` (a LoRA trained for the suites' oracle and replays where the
+    adapter stays off anyway): every other FairTrainingArguments field is the library default."""
     import fairnet_peft
     from peft import PeftModel
 
@@ -318,13 +319,14 @@ def test_fairnet_rows_get_the_default_arguments(monkeypatch, tmp_path):
     default = fairnet_peft.FairTrainingArguments(output_dir=str(tmp_path), use_cpu=args.use_cpu)
     allowed = {"output_dir", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "seed",
                "report_to", "save_strategy", "logging_strategy", "disable_tqdm", "dataloader_num_workers", "use_cpu",
-               "remove_unused_columns", "logging_dir"}
+               "remove_unused_columns", "logging_dir", "train_lora_when_blind"}
     import dataclasses
 
     changed = {f.name for f in dataclasses.fields(default)
                if f.name not in allowed and getattr(args, f.name) != getattr(default, f.name)}
     assert not changed, changed
     assert (args.num_train_epochs, args.per_device_train_batch_size, args.seed) == (2.0, 8, 3)
+    assert args.train_lora_when_blind and not default.train_lora_when_blind
     assert seen["kwargs"]["eval_dataset"] == "eval-ds" and seen["kwargs"]["train_dataset"] == "train-ds"
 
 

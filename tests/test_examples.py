@@ -243,6 +243,8 @@ def test_describe_split_counts_unknown_groups_per_label():
     assert common.describe_split(ds, "train") == "train: 5 rows (y=0,s=0: 1, y=0,s=?: 1, y=1,s=1: 1, y=1,s=?: 2)"
     hidden = Dataset.from_dict({"labels": [0, 1, 1], "sensitive": [-1, -1, -1]})
     assert common.describe_split(hidden, "validation") == "validation: 3 rows (y=0,s=?: 1, y=1,s=?: 2)"
+    named = common.describe_split(hidden, "validation", ["<=50K", ">50K"])  # as the warnings name the classes
+    assert named == "validation: 3 rows (y=<=50K,s=?: 1, y=>50K,s=?: 2)"
 
 
 def test_check_groups_stops_before_erm_and_warns_about_eval_splits_without_a_cell(capsys):

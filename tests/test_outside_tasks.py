@@ -39,7 +39,7 @@ def _raw(tmp_path) -> str:
         "purpose": ["A40", "A43", "A410"] * (ROWS // 3), "credit_amount": 1000 + 10 * i,
         "savings": ["A61", "A65"] * (ROWS // 2), "employment": ["A71", "A72", "A73", "A74", "A75"] * (ROWS // 5),
         "housing": ["A151", "A152", "A153"] * (ROWS // 3), "age": 19 + i % 30, "number_of_credits": 1 + i % 3,
-        "credit": 1 + (i // 3) % 2,
+        "credit": 1 + (i // 3) % 2, "personal_status": ["A91", "A92", "A93", "A94", "A95"] * (ROWS // 5),
     }).to_csv(raw / "german.csv", index=False)
     return str(raw)
 
@@ -61,13 +61,16 @@ def test_task_csv_loads_with_the_flags_the_script_passes(tmp_path, name):
     expected = int((frame[flags["--sensitive-column"]] == flags["--minority-value"]).sum())
     assert sum(sum(1 for v in ds[s]["sensitive"] if v == 1) for s in ds) == expected
     assert all(v in (0, 1) for s in ds for v in ds[s]["sensitive"])
-    # the codes are spelled out, and the group is written in the text
+    # the codes are spelled out, and the group is written in the text, except in german-sex (never in it)
     text = " ".join(frame["text"])
     assert "nan" not in text and " A1" not in text and " A4" not in text
     if name.startswith("compas"):
         assert "female" in text and "felony" in text and "misdemeanor" in text and "race Hispanic" in text
     else:
         assert "owns a home" in text and "no checking account" in text and "Applicant aged 19" in text
+    if name == "german-sex":  # A92 and A95 are the women: 2 of the 5 codes
+        assert expected == 2 * ROWS // 5 and list(frame.columns) == ["text", "label", "sex"]
+        assert not any(word in text.lower() for word in ("female", "male", "woman", "women", " man ", "sex"))
 
 
 def test_the_image_folder_task_loads_as_the_vision_example_reads_it(tmp_path):
@@ -122,7 +125,7 @@ def test_unknown_task_or_setting_is_an_error_that_names_the_valid_ones(capsys, t
         with pytest.raises(SystemExit):
             outside_tasks.main(["--tasks", spec, "--doc", "none", "--out", str(tmp_path)])
         err = capsys.readouterr().err
-        assert "compas, compas-race, german, shapes" in err and "full, partial, unlabeled" in err
+        assert "compas, compas-race, german, german-sex, shapes" in err and "full, partial, unlabeled" in err
         assert ("'adult'" if spec == "adult" else "'biased'") in err
 
 

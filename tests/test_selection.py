@@ -850,25 +850,57 @@ def test_a_harmful_adapter_is_switched_off_and_the_saved_model_is_the_base(synth
     np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
 
 
+class _CountSteps(T.TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
 def test_a_blind_detector_switches_the_adapter_off_unless_forced(synthetic_erm_dir, tmp_path):
     """The group drawn independently of the input: the detector cannot find it, so the default turns the adapter
-    off, says so, and gives back the base model; force_adapter=True keeps it."""
+    off, says so, gives back the base model and skips the LoRA stage (it would train for nothing); a reselect() that
+    would switch that untrained LoRA on is refused and changes nothing. train_lora_when_blind=True trains it (still
+    off), so reselect(force_adapter=True) can switch it on; force_adapter=True keeps it on from the start."""
     data = make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=300, group_in_input=False)
     args = FairTrainingArguments(str(tmp_path), **SHORT)
-    model = _fresh(synthetic_erm_dir)
-    trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"])
-    with expect_warnings("switched the adapter off", allow=("could not learn to find the minority",
-                                                           "gate is on for only")):
+    model, steps = _fresh(synthetic_erm_dir), _CountSteps()
+    trainer = FairTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+                          callbacks=[steps])
+    with expect_warnings("switched the adapter off.*cannot find the group.*LoRA stage was skipped.*"
+                         "train_lora_when_blind", allow=("could not learn to find the minority",)):
         metrics = trainer.train().metrics
     assert metrics["train_detector_auc"] < 0.65
     assert metrics["train_selection_adapter_off"] == 1.0 and "cannot find the group" in metrics["train_selection_reason"]
+    assert metrics["train_lora_skipped"] == 1.0 and metrics["train_lora_rows"] == 0
+    assert metrics["train_lora_relative_update"] == 0.0 and trainer.run_state.lora_skipped
+    assert steps.steps == trainer.run_state.detector_updates > 0  # the detector's updates, none of the LoRA's
     erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
     np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
+    for overrides in ({"force_adapter": True}, {"min_detector_auc": 0.0}):
+        with pytest.raises(ValueError, match="skipped the LoRA stage.*train_lora_when_blind=True.*Nothing was changed"):
+            trainer.reselect(**overrides)
+        assert model.peft_config["default"].threshold == OFF
+    with expect_warnings("switched the adapter off.*LoRA stage was skipped"):  # still off: allowed
+        assert trainer.reselect(max_accuracy_drop=0.01)["train_selection_adapter_off"] == 1.0
+    trained = FairTrainingArguments(str(tmp_path / "trained"), train_lora_when_blind=True, **SHORT)
+    kept = FairTrainer(model=_fresh(synthetic_erm_dir), args=trained, train_dataset=data["train"],
+                       eval_dataset=data["validation"])
+    with expect_warnings("switched the adapter off", allow=("could not learn to find the minority",
+                                                           "gate is on for only")):
+        metrics = kept.train().metrics
+    assert metrics["train_selection_adapter_off"] == 1.0 and "train_lora_skipped" not in metrics
+    assert metrics["train_lora_relative_update"] > 0 and "skipped" not in metrics["train_selection_reason"]
+    np.testing.assert_array_equal(_predict(kept.model, data["test"]), _predict(erm, data["test"]))
+    with expect_warnings(allow=("gate is on for only", "selected a correction", "kept the adapter off")):
+        kept.reselect(force_adapter=True)  # a trained LoRA: the selection runs
     forced = FairTrainingArguments(str(tmp_path / "forced"), force_adapter=True, **SHORT)
-    with expect_warnings("could not learn to find the minority", allow=("gate is on for only",)):
+    with expect_warnings("could not learn to find the minority", allow=("gate is on for only", "kept the adapter off")):
         metrics = FairTrainer(model=_fresh(synthetic_erm_dir), args=forced, train_dataset=data["train"],
                               eval_dataset=data["validation"]).train().metrics
     assert "cannot find the group" not in str(metrics.get("train_selection_reason", ""))
+    assert metrics["train_lora_relative_update"] > 0
 
 
 def test_torch_compile_training_is_refused_with_the_reason(tmp_path):

@@ -171,13 +171,18 @@ def train_at_defaults(erm, train, eval_dataset, fair_config: dict, out: str, see
     below its frozen blocks the block that is the full model's default detector layer) and `FairTrainer` at default
     `FairTrainingArguments`: only output dir, epochs, batch sizes, seed and logging are set (`common.run_args`), plus
     `plumbing`: data-loading fields such as `remove_unused_columns`, and in the tiny test presets only the capped
-    update floors (`config.TINY_FAIR_OVERRIDES`). Returns (trainer, train metrics)."""
+    update floors (`config.TINY_FAIR_OVERRIDES`). One field departs from the defaults and changes no model handed
+    back: `train_lora_when_blind=True`, so that where the detector cannot find the group (the adapter is off either
+    way) the LoRA still trains, for the rows that read it: the oracle gate, the selection variants and the saved
+    passes (`replay.dump_passes`) that `reselect.py` replays with other `min_detector_auc` values. Returns (trainer,
+    train metrics)."""
     from peft import get_peft_model
 
     from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 
     model = get_peft_model(copy.deepcopy(erm), FairLoraConfig(**fair_config))
-    args = FairTrainingArguments(**run_args(out, seed, epochs, batch, eval_batch), **plumbing)
+    args = FairTrainingArguments(**run_args(out, seed, epochs, batch, eval_batch), train_lora_when_blind=True,
+                                 **plumbing)
     trainer = quiet(FairTrainer(model, args, train_dataset=train, eval_dataset=eval_dataset, data_collator=collate))
     return trainer, trainer.train().metrics
 

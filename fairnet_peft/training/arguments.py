@@ -385,6 +385,17 @@ class FairTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Keep the adapter even when the detector cannot find the group (see min_detector_auc)."},
     )
+    train_lora_when_blind: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Train the LoRA stage even when the detector cannot find the group (min_detector_auc), so that "
+                "trainer.reselect(force_adapter=True) can switch that LoRA on later. By default the stage is skipped "
+                "then: the adapter stays off (τ = 1) whatever it learns, so its training would be time spent for "
+                "nothing. force_adapter=True trains it too."
+            )
+        },
+    )
     # ------------------------------------------------------------------ model selection
     eval_sensitive_labels: str = field(
         default="auto",

@@ -66,6 +66,8 @@ class FairRunState:
         selection: the correction chosen after training (selection.py): τ, strength, the reason and the frontier.
         configured: the adapter's τ and strength before the selection (what it starts from, also in `reselect`).
         world_size: the processes the run trains on (a resumed run warns when they differ).
+        lora_skipped: the LoRA stage was skipped because the detector cannot find the group (`train_lora_when_blind`):
+            the LoRA is its initial draw, a no-op.
         cross_fit: with `lora_cross_fit`, what the second LoRA gave on the eval share the kept one trained on:
             {"rows": positions in the eval set, "logits": {strength: logits per row}}; empty otherwise.
     """
@@ -91,6 +93,7 @@ class FairRunState:
     configured: dict = field(default_factory=lambda: {"threshold": 0.5, "strength": 1.0})
     world_size: Optional[int] = None
     cross_fit: dict = field(default_factory=dict)
+    lora_skipped: bool = False
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:

@@ -12,7 +12,9 @@
   3. LoRA stage: `Trainer`'s loop over the anchor rows trains only the LoRA, gate forced on, with the triplet loss
      against the prototypes (Eq. 2) + λ_T × the task loss, for a number of updates independent of the process count;
      with `lora_rows="train+eval"` (default) the anchors also include the minority rows of a stratified half of the
-     eval set (`_eval_halves`), rows the base model never fit;
+     eval set (`_eval_halves`), rows the base model never fit. Skipped (the LoRA stays its no-op initial draw) when
+     the detector cannot find the group: the selection then switches the adapter off whatever the LoRA learns
+     (`train_lora_when_blind` trains it anyway);
      With `lora_cross_fit`, a second LoRA first trains on the other half's minority (`_run_cross_fit_stage`), is read
      on the first half, and is put back to its initial draw, so the kept LoRA trains as it would without it;
   4. selection (selection.py): on held-out rows (the eval set's other half, `selection_rows`; with `lora_cross_fit`
@@ -52,7 +54,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, enable_full_determinism
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, TrainOutput, enable_full_determinism
 from transformers.training_args import ParallelMode
 
 from ..data.sampling import stratified_subsample
@@ -926,11 +928,37 @@ class FairTrainer(Trainer):
             self._run_prototype_pass()
             run.stage = "lora"
             self._save_final()
-        if self._cross_fits() and not run.cross_fit:  # a resumed run whose final state holds it has it already
-            log_history += self._run_cross_fit_stage()
-            self._save_final()
-        lora_rows = self._lora_dataset()
-        if len(lora_rows) < args.min_anchors_per_batch:
+        # do no harm: a blind detector switches the adapter off in the selection, so its LoRA would train for nothing
+        run.lora_skipped = bool(self._broadcast_object(
+            not (args.force_adapter or args.train_lora_when_blind)
+            and detector_blind(run.detector_stats, args.min_detector_auc) is not None))
+        if run.lora_skipped:
+            result, lora_rows = TrainOutput(0, math.nan, {"train_lora_skipped": 1.0}), []
+            self.state.log_history = log_history
+        else:
+            if self._cross_fits() and not run.cross_fit:  # a resumed run whose final state holds it has it already
+                log_history += self._run_cross_fit_stage()
+                self._save_final()
+            lora_rows = self._lora_dataset()
+            result = self._run_lora_stage(lora_rows, point["lora"], trial, ignore_keys_for_eval, **kwargs)
+            # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
+            self.state.log_history = log_history + self.state.log_history
+        run.stage = "selection"
+        result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
+        result.metrics["train_skipped_batches"] = self.skipped_batches
+        result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
+        result.metrics["train_lora_eval_rows"] = float(0 if run.lora_skipped else len(self._lora_eval_rows()))
+        if run.cross_fit:  # the second LoRA's eval rows (`lora_cross_fit`)
+            result.metrics["train_cross_fit_lora_eval_rows"] = float(len(self._lora_eval_rows("other")))
+        result.metrics["train_lora_relative_update"] = self.lora_relative_update()
+        result.metrics.update(self._select_correction())
+        run.stage = "done"
+        self._warn_if_no_op(result.metrics)
+        return result
+
+    def _run_lora_stage(self, lora_rows, resume: Optional[str], trial, ignore_keys_for_eval, **kwargs):
+        """Stage 3 (module docstring): `Trainer`'s loop over `lora_rows`; returns its `TrainOutput`."""
+        if len(lora_rows) < self.args.min_anchors_per_batch:
             raise ValueError(
                 f"Only {len(lora_rows)} anchor rows (ŝ = 1) for the LoRA stage: nothing to correct. Check the sensitive "
                 "column (1 = minority), anchor_source/anchor_threshold, the pseudo-labeler in the unlabeled setting, "
@@ -944,25 +972,11 @@ class FairTrainer(Trainer):
             self.eval_dataset = full_eval.select(split["select"])
         try:
             with self._stage_run(lora_rows, max_steps=self.lora_updates()):
-                result = super().train(resume_from_checkpoint=point["lora"], trial=trial,
-                                       ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+                return super().train(resume_from_checkpoint=resume, trial=trial,
+                                     ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:
             self.eval_dataset = full_eval
             self._enter(None)
-        run.stage = "selection"
-        # Trainer starts a fresh state per stage: keep the detector stage's logs in the final history too.
-        self.state.log_history = log_history + self.state.log_history
-        result.metrics.update({f"train_{k}": v for k, v in run.detector_stats.items()})
-        result.metrics["train_skipped_batches"] = self.skipped_batches
-        result.metrics["train_lora_rows"] = float(len(lora_rows))  # of which from the eval set (`lora_rows`):
-        result.metrics["train_lora_eval_rows"] = float(len(self._lora_eval_rows()))
-        if run.cross_fit:  # the second LoRA's eval rows (`lora_cross_fit`)
-            result.metrics["train_cross_fit_lora_eval_rows"] = float(len(self._lora_eval_rows("other")))
-        result.metrics["train_lora_relative_update"] = self.lora_relative_update()
-        result.metrics.update(self._select_correction())
-        run.stage = "done"
-        self._warn_if_no_op(result.metrics)
-        return result
 
     # ------------------------------------------------------------------ selection after training
     def _selects_on_holdout(self) -> bool:
@@ -1063,10 +1077,19 @@ class FairTrainer(Trainer):
                              "rows with fairnet_peft.threshold_sweep.")
         from ..evaluation.model_card import fairness_report
 
+        run = self.run_state
+        asked = stage_arguments(self.args, **overrides)
+        if run.lora_skipped and (asked.force_adapter
+                                 or detector_blind(run.detector_stats, asked.min_detector_auc) is None):
+            raise ValueError(
+                "reselect() cannot switch the adapter on here: train() skipped the LoRA stage because "
+                f"{detector_blind(run.detector_stats, self.args.min_detector_auc)}, so there is no trained correction "
+                "to choose. Train again with FairTrainingArguments(train_lora_when_blind=True) (or force_adapter=True)."
+                " Nothing was changed.")
         attached = isinstance(self.model, PeftModel) and fairness_report(self.model, self.adapter_name) is not None
         saved = self.args
         try:
-            self.args = stage_arguments(saved, **overrides)
+            self.args = asked
             metrics = self._select_correction()
         finally:
             self.args = saved
@@ -1103,6 +1126,9 @@ class FairTrainer(Trainer):
             return {}
         dataset, groups, where, weights = self._selection_rows()
         if off_reason is not None:
+            if run.lora_skipped:
+                off_reason += (", so the LoRA stage was skipped (FairTrainingArguments.train_lora_when_blind=True "
+                               "trains it)")
             info = {"threshold": OFF, "strength": float(config.adapter_strength), "reason": off_reason}
             warnings.warn(
                 f"FairNet switched the adapter off (τ = 1): {off_reason}. The model behaves as the base model. Check "
@@ -1299,6 +1325,8 @@ class FairTrainer(Trainer):
         return self._tuner.lora_relative_update(self.adapter_name)
 
     def _warn_if_no_op(self, metrics: dict) -> None:
+        if self.run_state.lora_skipped:  # the adapter is off, and the warning that switched it off says why
+            return
         rate, update = metrics.get("train_gate_rate_s1", float("nan")), metrics["train_lora_relative_update"]
         if np.isfinite(rate) and rate < 0.1 and not metrics.get("train_selection_adapter_off"):
             warnings.warn(
