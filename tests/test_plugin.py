@@ -367,6 +367,18 @@ def test_save_load_round_trips_give_identical_logits(kind, tmp_path):
         assert torch.equal(loaded_det.fairlora_prototypes[adapter], det.fairlora_prototypes["default"]), name
 
 
+def test_saved_config_lists_the_module_names_sorted(tmp_path):
+    """adapter_config.json is the same bytes in every process: the target modules are a set in memory (whose order
+    follows the hash seed), saved sorted; they load back as the same set."""
+    names = ["value", "query", "key", "dense", "output"]
+    config = FairLoraConfig(task_type="SEQ_CLS", target_modules=names, exclude_modules=["pooler", "classifier"])
+    assert isinstance(config.target_modules, set) and config.to_dict()["target_modules"] == sorted(names)
+    config.save_pretrained(str(tmp_path))
+    saved = json.load(open(tmp_path / "adapter_config.json"))
+    assert saved["target_modules"] == sorted(names) and saved["exclude_modules"] == ["classifier", "pooler"]
+    assert FairLoraConfig.from_pretrained(str(tmp_path)).target_modules == set(names)
+
+
 def test_push_to_hub_goes_through_peft_with_a_local_fake(tmp_path, monkeypatch):
     api = install_fake_hub(monkeypatch, str(tmp_path / "hub"))
     model = wrap("bert")

@@ -169,14 +169,17 @@ def _with(ds, column, values):
     "mutate, message",
     [
         (lambda ds: ds.remove_columns("sensitive"), "no sensitive column 'sensitive'"),
-        (lambda ds: _with(ds, "sensitive", [2] * len(ds)), r"values \[2\] outside"),
+        (lambda ds: _with(ds, "sensitive", [2] * len(ds)), r"values \[2\] outside.*encode_sensitive"),
         (lambda ds: _with(ds, "sensitive", [0] * len(ds)), "No minority rows"),
         (lambda ds: _with(ds, "labels", [1] * len(ds)), "single class"),
         (lambda ds: _with(ds.select(range(15)), "sensitive", [-1] * 15), r"lof_n_neighbors='auto'.*more than 20 per class"),
         (lambda ds: ds.add_column("embedding", [[0.5, float("nan")] if i == 3 else [0.5, 0.5] for i in range(len(ds))]),
          r"'embedding' has NaN/inf values in rows \[3\]"),
+        (lambda ds: ds.select_columns(["labels", "sensitive"]).add_column("text", ["a review"] * len(ds)),
+         r"none of the columns the model takes as input \(input_ids.*'text'.*Tokenize the text first"),
     ],
-    ids=["missing-column", "bad-values", "no-minority", "single-class", "too-few-rows-for-lof", "nan-features"],
+    ids=["missing-column", "bad-values", "no-minority", "single-class", "too-few-rows-for-lof", "nan-features",
+         "not-tokenized"],
 )
 def test_bad_input_raises_clear_errors_before_training(data, mutate, message, tmp_path):
     model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
@@ -199,6 +202,34 @@ def test_bad_eval_labels_and_token_ids_are_refused_before_training(data, tmp_pat
     big = _with(val, "input_ids", [[40] + row[1:] if i == 2 else row for i, row in enumerate(val["input_ids"])])
     with pytest.raises(ValueError, match=r"eval_dataset column 'input_ids' has token ids outside 0\.\.31 .* rows \[2\]"):
         FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=big)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopWhenTrainingBegins(T.TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        raise _Stop
+
+
+def test_full_setting_with_eval_rows_of_unknown_group_warns_before_training(data, erm_dir, tmp_path):
+    """Every training group known, but the eval rows' groups not (no column, or some -1): the selection would read
+    the detector's estimate of them, so say so before the first stage trains; with every eval group known, nothing."""
+    val = data["validation"]
+    cases = ((val.remove_columns("sensitive"), "eval_dataset has no 'sensitive' column"),
+             (_with(val, "sensitive", [-1, -1] + val["sensitive"][2:]), f"2 of the {len(val)} eval_dataset rows"),
+             (val, None))
+    for eval_set, what in cases:
+        trainer = FairTrainer(model=get_peft_model(erm(erm_dir), FairLoraConfig(task_type="SEQ_CLS")),
+                              args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=eval_set,
+                              callbacks=[_StopWhenTrainingBegins()])
+        assert trainer.label_setting == "full"
+        required = () if what is None else (f"the full setting.*{what}.*detector's estimate.*'sensitive' column",)
+        with expect_warnings(*required) as caught, pytest.raises(_Stop):
+            trainer.train()
+        if what is None:
+            assert not any("the full setting" in str(w.message) for w in caught)
 
 
 def test_selection_on_group_labels_is_refused_without_them(data, tmp_path):

@@ -152,6 +152,7 @@ class FairTrainer(Trainer):
         self._warned_unread_groups = self._warned_hub = False
         self._all_rows = self.train_dataset
         self._stopper: Optional[DetectorEarlyStopping] = None
+        self._check_model_inputs()
         self.add_callback(_RunStateCheckpoint(self))
         check_fsdp_active(self.args, self.accelerator)  # a dropped FSDP request would train N unsharded copies
         wrap_detector_as_fsdp_unit(self.accelerator, self.model)
@@ -167,6 +168,44 @@ class FairTrainer(Trainer):
         run = self.run_state
         run.label_setting, run.given_groups, run.class_labels = setting, sensitive, labels
         return _with_row_column(dataset)
+
+    def _check_model_inputs(self) -> None:
+        """Trainer keeps only the columns the model's forward takes (`remove_unused_columns`): a training set with
+        none of them (text not tokenized yet) would fail deep in the collator, naming our row-index column. Say so
+        now. Datasets read through a transform (`set_transform`) make their inputs on the fly and are not checked."""
+        from datasets import Dataset
+
+        data = self.train_dataset
+        if not self.args.remove_unused_columns or not isinstance(data, Dataset) or data.format["type"] == "custom":
+            return
+        self._set_signature_columns_if_needed()
+        own = {"labels", "label", "label_ids", self.args.sensitive_column, ROW_COLUMN}
+        inputs = [c for c in self._signature_columns if c not in own]
+        if not any(c in data.column_names for c in inputs):
+            raise ValueError(
+                f"train_dataset has none of the columns the model takes as input ({', '.join(inputs[:6])}, ...): its "
+                f"columns are {[c for c in data.column_names if c != ROW_COLUMN]}. Tokenize the text first "
+                "(dataset.map(lambda b: tokenizer(b['text'], truncation=True), batched=True)), or give an image "
+                "model its pixel_values; a collator that builds the inputs itself needs "
+                "FairTrainingArguments(remove_unused_columns=False).")
+
+    def _warn_if_eval_groups_missing(self) -> None:
+        """The full setting (every training row's group known) with eval rows whose group is not: the selection, and
+        the choice of the eval rows the LoRA trains on (`lora_rows`), read the detector's estimate of those rows'
+        groups, not labels. Say so before training."""
+        eval_set, column = self._selection_eval_set(), self.args.sensitive_column
+        if self.label_setting != "full" or not self.eval_uses_sensitive or eval_set is None:
+            return
+        given = np.asarray(eval_set[column]) if column in eval_set.column_names else np.full(len(eval_set), -1)
+        unknown = int((given < 0).sum())
+        if unknown:
+            what = (f"eval_dataset has no {column!r} column" if column not in eval_set.column_names else
+                    f"{unknown} of the {len(eval_set)} eval_dataset rows have no known group (-1)")
+            warnings.warn(
+                f"Every training row has a known group (the full setting), but {what}: for those rows the selection "
+                "of τ and the strength (and which eval rows the LoRA trains on, lora_rows) reads the detector's "
+                f"estimate of the group, as in the partial setting. Give eval_dataset the {column!r} column (1 "
+                "minority, 0 majority) to select on the true groups.", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ what users and benchmarks read
     @property
@@ -883,6 +922,7 @@ class FairTrainer(Trainer):
         config.selection_report = None  # a previous run's choice describes another adapter
         self._all_rows = self.train_dataset  # stages train on subsets of it; passes and row indices refer to it
         self._check_eval_columns()  # before any stage trains
+        self._warn_if_eval_groups_missing()
         given = self.run_state  # a new run state per train(): only what the data validation found carries over
         self.run_state = FairRunState(label_setting=given.label_setting, class_labels=given.class_labels,
                                       given_groups=given.given_groups,

@@ -166,7 +166,10 @@ def _sensitive(dataset, column: str, split: Optional[str] = None) -> np.ndarray:
     values = values.astype(np.int64)
     bad = sorted(set(np.unique(values).tolist()) - {-1, 0, 1})
     if bad:
-        raise ValueError(f"{name} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown).")
+        raise ValueError(f"{name} has values {bad} outside {{-1, 0, 1}} (1 minority, 0 majority, -1 unknown). If "
+                         "the column codes the groups otherwise (e.g. 1 and 2), map it first: "
+                         f"fairnet_peft.data.encode_sensitive(dataset[{column!r}], minority_value=...) gives 1 for "
+                         "the value you name, 0 for the others and -1 for missing ones.")
     return values
 
 

@@ -284,6 +284,15 @@ class FairLoraConfig(PeftConfig):
         self.detector_hidden_sizes = [int(h) for h in self.detector_hidden_sizes]
         self.validate()
 
+    def to_dict(self) -> dict:
+        """PEFT's dict, with the module-name sets as sorted lists, so that `adapter_config.json` is the same bytes from
+        one process to the next (a set of strings iterates in an order that follows the process's hash seed)."""
+        out = super().to_dict()
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(out.get(name), (set, frozenset)):
+                out[name] = sorted(out[name])
+        return out
+
     @classmethod
     @functools.cache
     def _typed_fields(cls) -> dict:
