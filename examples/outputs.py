@@ -51,11 +51,20 @@ def model_card(*, title: str, base_model: str, loader: str, results: dict, detai
                                table=summary_table(results, markdown=True))
 
 
-def _json_default(value):
+def _strict_json(value):
+    """`value` as strict JSON takes it: NaN and ±inf (e.g. a TPR/FPR ratio with no false positives) become null,
+    which every JSON parser reads (Python's NaN literal is not JSON); numpy scalars become Python numbers; anything
+    else without a JSON form becomes its string."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     return str(value)
 
 
@@ -103,7 +112,7 @@ def save_outputs(*, args, model, card: str, fair_test: dict, cells: dict, metric
     _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
     plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell")
     with open(paths["metrics"], "w") as f:
-        json.dump({**metrics, "outputs": paths}, f, indent=2, default=_json_default)
+        json.dump(_strict_json({**metrics, "outputs": paths}), f, indent=2, allow_nan=False)
     return paths
 
 
@@ -150,10 +159,13 @@ def push_outputs(*, args, model, erm_dir: str, card_path: str) -> dict:
 def selection_line(train_metrics: dict) -> str:
     """What the selection after training chose, from FairTrainer's train metrics: τ and α (with the fairer
     correction the limits held back, `train_selection_held_back`), or why the adapter is off
-    (`train_selection_reason`); empty when nothing was selected."""
+    (`train_selection_reason`); empty when nothing was selected. An adapter switched off before any candidate was
+    searched (the detector cannot find the group: no `train_selection_candidates`) is not called a selection."""
     if "train_selection_threshold" not in train_metrics:
         return ""
     rows = f"{train_metrics.get('train_selection_rows', float('nan')):.0f} held-out rows"
+    if train_metrics.get("train_selection_adapter_off") and "train_selection_candidates" not in train_metrics:
+        return f"no selection: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
     if train_metrics.get("train_selection_adapter_off"):
         return f"selection on {rows}: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
     held = train_metrics.get("train_selection_held_back")

@@ -105,8 +105,12 @@ def _check_cells(metrics: dict, n_test: int | None) -> None:
             assert m["equalized_odds_difference"] == pytest.approx(eod, abs=1e-9), (name, m, acc)
 
 
+def _not_json(constant: str):
+    raise AssertionError(f"metrics.json holds {constant}, which strict JSON parsers reject")
+
+
 def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None) -> dict:
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text(), parse_constant=_not_json)
     for name in ("erm", "fairnet"):
         for key in ("accuracy", "worst_group_accuracy", "equalized_odds_difference"):
             assert 0.0 <= metrics[name][key] <= 1.0, (name, key, metrics[name])
@@ -132,12 +136,17 @@ def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None
         assert rows["FairNet"][0][3] == f"{metrics['fairnet']['gate_rate_s0']:.3f}"
         train = metrics["fairnet_train"]  # the selection's choice, or why the adapter is off, under the table
         if "train_selection_threshold" in train:
-            rows_line = f"selection on {train['train_selection_rows']:.0f} held-out rows: "
+            searched = "train_selection_candidates" in train  # else off before any search (the detector is blind)
+            rows_line = (f"selection on {train['train_selection_rows']:.0f} held-out rows: " if searched
+                         else "no selection: ")
             assert rows_line + ("the adapter is off (" if train["train_selection_adapter_off"] else "tau = ") in stdout
-    if "train_selection_threshold" in metrics.get("fairnet_train", {}):  # the card says how τ and α were chosen
-        chosen = f"chosen on {metrics['fairnet_train']['train_selection_rows']:.0f} "
+    train = metrics.get("fairnet_train", {})
+    if "train_selection_threshold" in train:  # the card says how τ and α were chosen, or why the adapter is off
+        chosen = f"chosen on {train['train_selection_rows']:.0f} "
         assert ("**The adapter is off** (τ = 1; " + chosen in card) or ("Correction chosen after training on "
-                                                                       + chosen[len("chosen on "):] in card), card
+                                                                       + chosen[len("chosen on "):] in card) or (
+            "train_selection_candidates" not in train
+            and "**The adapter is off** (τ = 1, before any candidate was searched): " in card), card
     return metrics
 
 
@@ -223,8 +232,11 @@ def test_selection_line_says_what_was_kept_and_what_was_held_back():
     assert outputs.selection_line(kept) == "selection on 150 held-out rows: tau = 0.5, strength = 0.25"
     held = outputs.selection_line({**kept, "train_selection_held_back": "a fairer candidate, τ = 0.5 at strength 1"})
     assert held.endswith("strength = 0.25 (held back: a fairer candidate, τ = 0.5 at strength 1)")
-    off = outputs.selection_line({**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"})
-    assert off == "selection on 150 held-out rows: the adapter is off (why)"
+    off = {**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"}
+    assert outputs.selection_line({**off, "train_selection_candidates": 40.0}) == (
+        "selection on 150 held-out rows: the adapter is off (why)")
+    # switched off before any candidate was searched (a detector that cannot find the group): no selection ran
+    assert outputs.selection_line(off) == "no selection: the adapter is off (why)"
     # with the selection's held-out numbers: what the kept correction did there, or that it won on the loss alone
     scores = {"train_selection_accuracy": 0.86, "train_selection_accuracy_off": 0.85,
               "train_selection_worst_group_accuracy": 0.6, "train_selection_worst_group_accuracy_off": 0.5}

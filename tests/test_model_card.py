@@ -207,6 +207,12 @@ def test_the_selection_lines_name_the_choice_and_the_frontier_with_its_majority_
                              "accuracy": 0.8, "accuracy_off": 0.8, "worst_group_accuracy": 0.6,
                              "worst_group_accuracy_off": 0.5, "held_back_reason": "a fairer candidate, τ = 0.5"})
     assert held[-1] == "Held back by the selection's limits: a fairer candidate, τ = 0.5."
-    off = render_selection({"selected": True, "threshold": 1.0, "reason": "nothing passed", "rows": 9})
-    assert off == ["**The adapter is off** (τ = 1; chosen on 9 held-out rows): nothing passed."]
+    searched = [{"threshold": 1.0, "strength": 0.0, "accuracy": 0.8, "worst_group_accuracy": 0.6}]
+    off = render_selection({"selected": True, "threshold": 1.0, "reason": "nothing passed", "rows": 9,
+                            "frontier": searched})
+    assert off[0] == "**The adapter is off** (τ = 1; chosen on 9 held-out rows): nothing passed."
+    # switched off before any candidate was searched (the detector cannot find the group): no frontier
+    blind = render_selection({"selected": True, "threshold": 1.0, "reason": "the bias detector cannot find it", "rows": 9})
+    assert blind == ["**The adapter is off** (τ = 1, before any candidate was searched): the bias detector cannot "
+                     "find it."]
     assert render_selection({"selected": False, "threshold": 0.5}) == []

@@ -625,6 +625,11 @@ def test_detector_blind_names_the_auc():
     assert detector_blind({"detector_auc": 0.58, "probe_auc": 0.63}, 0.65).startswith("the bias detector cannot")
     assert detector_blind({"detector_auc": 0.9}, 0.65) is None
     assert detector_blind({"detector_auc": float("nan")}, 0.65) is None  # no held-out rows: nothing to judge
+    # unlabeled: the AUC is against the pseudo-labeler's marks, not the sensitive column, and the reason says so
+    assert "cannot find the group:" in detector_blind({"detector_auc": 0.5}, 0.65, "full")
+    unlabeled = detector_blind({"detector_auc": 0.47, "probe_auc": 0.54}, 0.65, "unlabeled")
+    assert unlabeled.startswith("the bias detector cannot find the pseudo-group (the rows the pseudo-labeler marked")
+    assert "0.470" in unlabeled and "0.540" in unlabeled
 
 
 def test_anchor_weightings():

@@ -120,7 +120,8 @@ def replay(data: dict, overrides: Optional[dict] = None, args=None) -> dict:
     args = args if args is not None else selection_arguments(overrides or {})
     head = data["header"]
     on = {a: data[f"val_logits_on_{a:g}"] for a in STRENGTHS}
-    reason = None if args.force_adapter else detector_blind(head["detector_stats"], args.min_detector_auc)
+    reason = None if args.force_adapter else detector_blind(head["detector_stats"], args.min_detector_auc,
+                                                                head.get("label_setting"))
     if reason is None:
         rows, weights = _selection_rows(data, args.selection_rows)
         info = select_with_arguments(args, data["val_logits_off"][rows], {a: v[rows] for a, v in on.items()},

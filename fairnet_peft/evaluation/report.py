@@ -171,7 +171,10 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
         return []
     tau, alpha = float(selection["threshold"]), float(selection.get("strength", 1.0))
     where = f"{selection.get('rows', '?')} {selection.get('on', 'held-out rows')}"
-    if tau >= 1.0:
+    if tau >= 1.0 and not selection.get("frontier"):  # switched off before any candidate was searched (do no harm)
+        lines = [f"**The adapter is off** (τ = 1, before any candidate was searched): "
+                 f"{selection.get('reason', 'the detector cannot find the group')}."]
+    elif tau >= 1.0:
         lines = [f"**The adapter is off** (τ = 1; chosen on {where}): {selection.get('reason', 'no candidate beat it')}."]
     else:
         lines = [f"Correction chosen after training on {where}: τ = {tau:.4g}, strength α = {alpha:g} "

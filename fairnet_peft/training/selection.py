@@ -468,14 +468,17 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def detector_blind(detector_stats: dict, min_detector_auc: float) -> Optional[str]:
+def detector_blind(detector_stats: dict, min_detector_auc: float, setting: Optional[str] = None) -> Optional[str]:
     """The reason to switch the adapter off when the detector cannot find the group, or None.
 
     The held-out detector AUC (rows the detector never trained on) below `min_detector_auc` means its risk barely
-    orders minority above majority: whatever τ, the gate fires on about as many majority rows as minority rows."""
+    orders minority above majority: whatever τ, the gate fires on about as many majority rows as minority rows. In
+    the unlabeled `setting` the AUC is against the pseudo-labels, and the reason says so."""
     auc = detector_stats.get("detector_auc", math.nan)
     if isinstance(auc, (int, float)) and math.isfinite(auc) and auc < min_detector_auc:
         probe = detector_stats.get("probe_auc", math.nan)
-        return (f"the bias detector cannot find the group: held-out AUC {auc:.3f} < min_detector_auc "
+        group = ("the pseudo-group (the rows the pseudo-labeler marked; the AUCs are against its marks)"
+                 if setting == "unlabeled" else "the group")
+        return (f"the bias detector cannot find {group}: held-out AUC {auc:.3f} < min_detector_auc "
                 f"{min_detector_auc:g} (a logistic probe on the same features reaches {probe:.3f})")
     return None

@@ -970,8 +970,7 @@ class FairTrainer(Trainer):
             self._save_final()
         # do no harm: a blind detector switches the adapter off in the selection, so its LoRA would train for nothing
         run.lora_skipped = bool(self._broadcast_object(
-            not (args.force_adapter or args.train_lora_when_blind)
-            and detector_blind(run.detector_stats, args.min_detector_auc) is not None))
+            not (args.force_adapter or args.train_lora_when_blind) and self._blind(args) is not None))
         if run.lora_skipped:
             result, lora_rows = TrainOutput(0, math.nan, {"train_lora_skipped": 1.0}), []
             self.state.log_history = log_history
@@ -1117,15 +1116,12 @@ class FairTrainer(Trainer):
                              "rows with fairnet_peft.threshold_sweep.")
         from ..evaluation.model_card import fairness_report
 
-        run = self.run_state
         asked = stage_arguments(self.args, **overrides)
-        if run.lora_skipped and (asked.force_adapter
-                                 or detector_blind(run.detector_stats, asked.min_detector_auc) is None):
+        if self.run_state.lora_skipped and (asked.force_adapter or self._blind(asked) is None):
             raise ValueError(
-                "reselect() cannot switch the adapter on here: train() skipped the LoRA stage because "
-                f"{detector_blind(run.detector_stats, self.args.min_detector_auc)}, so there is no trained correction "
-                "to choose. Train again with FairTrainingArguments(train_lora_when_blind=True) (or force_adapter=True)."
-                " Nothing was changed.")
+                f"reselect() cannot switch the adapter on here: train() skipped the LoRA stage because "
+                f"{self._blind(self.args)}, so there is no trained correction to choose. Train again with "
+                "FairTrainingArguments(train_lora_when_blind=True) (or force_adapter=True). Nothing was changed.")
         attached = isinstance(self.model, PeftModel) and fairness_report(self.model, self.adapter_name) is not None
         saved = self.args
         try:
@@ -1139,6 +1135,11 @@ class FairTrainer(Trainer):
                           "push_to_hub to put the new choice's metrics in the card.", UserWarning, stacklevel=2)
         return metrics
 
+    def _blind(self, args) -> Optional[str]:
+        """Why the adapter is switched off before any selection (the detector cannot find the group), or None."""
+        run = self.run_state
+        return detector_blind(run.detector_stats, args.min_detector_auc, run.label_setting)
+
     def _select_correction(self) -> dict:
         """Stage 4 (module docstring): choose τ and the adapter strength, write them into the adapter's config,
         return the `train_selection_*` metrics. Starts from the τ and strength configured before training."""
@@ -1149,7 +1150,7 @@ class FairTrainer(Trainer):
             detach_fairness_report(self.model, self.adapter_name)
         self._tuner.set_threshold(self.adapter_name, run.configured["threshold"])
         self._tuner.set_adapter_strength(self.adapter_name, run.configured["strength"])
-        off_reason = None if args.force_adapter else detector_blind(run.detector_stats, args.min_detector_auc)
+        off_reason = None if args.force_adapter else self._blind(args)
         max_drop, max_eod = args.resolved_max_accuracy_drop(), args.resolved_max_eod_increase()
         if off_reason is None and (args.gate_threshold is not None or (
                 args.threshold_selection == "none" and max_drop is None and max_eod is None
@@ -1170,11 +1171,19 @@ class FairTrainer(Trainer):
                 off_reason += (", so the LoRA stage was skipped (FairTrainingArguments.train_lora_when_blind=True "
                                "trains it)")
             info = {"threshold": OFF, "strength": float(config.adapter_strength), "reason": off_reason}
+            if run.label_setting == "unlabeled":  # the marks, not the sensitive column, are what it could not find
+                method = run.pseudo_label_details.get("method", args.pseudo_labeler)
+                advice = (f"The pseudo-labeler ({method!r}) marked {100 * float(np.mean(run.groups == 1)):.1f} % of "
+                          "the training rows as the minority; if those are not your group, try another "
+                          "FairTrainingArguments.pseudo_labeler, or give group labels for some rows (the partial "
+                          "setting), or FairLoraConfig.detector_layer (--detector-layer in the examples)")
+            else:
+                advice = ("Check the sensitive column and FairLoraConfig.detector_layer (--detector-layer in the "
+                          "examples), or give group labels")
             warnings.warn(
-                f"FairNet switched the adapter off (τ = 1): {off_reason}. The model behaves as the base model. Check "
-                "the sensitive column and FairLoraConfig.detector_layer (--detector-layer in the examples), give "
-                "group labels, or set "
-                "FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.", UserWarning, stacklevel=3)
+                f"FairNet switched the adapter off (τ = 1): {off_reason}. The model behaves as the base model. "
+                f"{advice}; or set FairTrainingArguments(force_adapter=True) to keep the adapter on anyway.",
+                UserWarning, stacklevel=3)
         else:
             info = self._search(dataset, groups, weights)
             if info["threshold"] >= OFF:  # off by τ = 1; the strength stays, so raising τ later needs nothing else
