@@ -26,10 +26,10 @@ adapter-off worst-group loss; else it ties with off. A candidate that ties with 
 evidence than that loss, so its loss counts only where its gate fires on at most `tie_break_max_majority_gate_rate`
 of the majority rows (a correction of the rows the detector marks, not a change of the model for many rows). Among
 real gains, tie_break "worst_group_loss_bound" (FairTrainer's default) ranks by that raised worst-group loss, the
-gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win; "worst_group_loss" ranks by the estimate. Then the weaker correction (smaller α, then
-larger τ). So "off" wins whenever nothing beats it on WGA, on ACC, or by a loss gain beyond the noise; with tie_break
-"weakest" (the rule before) ties go straight to the weaker correction. When off
-wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
+gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win; "worst_group_loss" ranks
+by the estimate. Then the weaker correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on
+WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the
+weaker correction. When off wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
 fairer candidate that fails the floor alone, how many held-out rows would let it pass ("rows_needed");
 `off_explanation` words that for the warning, the metrics and the model card. The groups
 are the setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
