@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml setup.cfg
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=$(CURDIR)/.cache/hf \
-	  $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 tests
 
 # The developer loop: everything except the tests marked `slow` (subprocess and multi-process runs).
 test-fast: venv
