@@ -495,6 +495,29 @@ def test_hide_group_labels_per_setting():
         hide_group_labels(ds, "some", 0.2)
 
 
+def test_hide_group_labels_takes_one_dataset_and_a_named_column():
+    """One `Dataset` is treated as training rows; `column=` names the group column; a missing column or a dict
+    without a train split says what it got and what to pass."""
+    from datasets import Dataset, DatasetDict
+
+    from fairnet_peft.data import hide_group_labels, partial_group_labels
+
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 2, 500)
+    one = Dataset.from_dict({"labels": rng.integers(0, 2, 500), "dialect": groups})
+    partial = hide_group_labels(one, "partial", 0.2, seed=3, column="dialect")
+    assert isinstance(partial, Dataset) and partial.column_names == one.column_names
+    assert (np.asarray(partial["dialect"]) == partial_group_labels(groups, 0.2, seed=3)).all()
+    assert set(hide_group_labels(one, "unlabeled", column="dialect")["dialect"]) == {-1}
+    no_validation = hide_group_labels(DatasetDict(train=one), "unlabeled", column="dialect")
+    assert list(no_validation) == ["train"] and set(no_validation["train"]["dialect"]) == {-1}
+    with pytest.raises(ValueError, match=r"no 'sensitive' column.*column=") as err:
+        hide_group_labels(one, "partial")
+    assert "dialect" in str(err.value)  # the columns it has
+    with pytest.raises(ValueError, match=r"'train' split.*splits \['validation'\]"):
+        hide_group_labels(DatasetDict(validation=one), "partial", column="dialect")
+
+
 def test_load_group_dataset_from_a_csv(tmp_path):
     from fairnet_peft.data import load_group_dataset
 

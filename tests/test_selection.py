@@ -289,7 +289,7 @@ def test_an_adapter_nothing_beat_says_so_with_the_worst_cells_size():
     none = select_correction(off[majority], {1.0: EYE[1 - y[majority]]}, risk[majority], y[majority], g[majority],
                              configured_tau=0.5, max_accuracy_drop=0.005, max_eod_increase=0.01)
     assert none["threshold"] == OFF and none["minority_rows"] == 0
-    assert off_explanation(none, 2.0).startswith("these held-out rows hold no minority row (group 1)")
+    assert off_explanation(none, 2.0).startswith("no held-out row is marked minority (group 1")
 
 
 def test_mixture_weights_give_each_cell_its_share_of_all_rows():

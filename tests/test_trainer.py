@@ -204,6 +204,53 @@ def test_bad_eval_labels_and_token_ids_are_refused_before_training(data, tmp_pat
         FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=big)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_decoder_classifier_without_pad_token_id_is_refused_with_the_fix(data, tmp_path, kind):
+    """transformers cannot find a row's last token in a batch without pad_token_id; the detector stage stops before
+    the head, so the trainer says so when it is built, not after the detector has trained."""
+    from .helpers import tiny_model
+
+    base = tiny_model(kind)
+    base.config.pad_token_id = None
+    model = get_peft_model(base, FairLoraConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"no pad_token_id.*model\.config\.pad_token_id = tokenizer\.pad_token_id"):
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"])
+    model.get_base_model().config.pad_token_id = 0
+    FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"])  # the fix is enough
+
+
+def test_a_group_coded_1_on_most_rows_is_named_as_a_likely_swapped_coding(data, tmp_path):
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    s = np.asarray(data["train"]["sensitive"])
+    assert s.mean() < 0.5  # the fixture's minority is coded 1
+    swapped = _with(data["train"], "sensitive", (1 - s).tolist())
+    with pytest.warns(UserWarning, match=rf"coded 1 in 'sensitive' is {1 - s.mean():.0%} .*encode_sensitive"):
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=swapped)
+    with expect_warnings() as caught:
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"])
+    assert not any("is most" in str(w.message) or "coded 1 in" in str(w.message) for w in caught)
+
+
+def test_an_eval_set_the_selection_cannot_read_is_named(data, tmp_path):
+    """Without class labels (or rows) an eval set cannot select the correction; the held-out training rows do,
+    and the user hears it when the trainer is built."""
+    model = get_peft_model(T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+        FairLoraConfig(task_type="SEQ_CLS"))
+    val = data["validation"]
+    for eval_set, what in ((val.remove_columns("labels"), r"has no class labels \(no 'labels' or 'label' column"),
+                           (val.select([]), "has no rows")):
+        with pytest.warns(UserWarning, match=f"eval_dataset {what}.*holds out some training rows"):
+            trainer = FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"],
+                                  eval_dataset=eval_set)
+        assert trainer._selection_eval_set() is None
+    with expect_warnings() as caught:
+        FairTrainer(model=model, args=fair_args(tmp_path), train_dataset=data["train"], eval_dataset=val)
+    assert not any("holds out some training rows" in str(w.message) for w in caught)
+
+
 class _Stop(Exception):
     pass
 

@@ -170,26 +170,44 @@ def partial_group_labels(sensitive: Sequence[int], fraction: float, seed: int) -
     return np.where(keep, sensitive, -1)
 
 
-def _with_sensitive(ds, values) -> Any:
-    return ds.remove_columns("sensitive").add_column("sensitive", [int(v) for v in values])
+def _with_sensitive(ds, values, column: str = "sensitive") -> Any:
+    return ds.remove_columns(column).add_column(column, [int(v) for v in values])
 
 
-def hide_group_labels(ds, setting: str, fraction: float = 0.1, seed: int = 0):
-    """The ``DatasetDict`` a label ``setting`` sees: its train and validation group labels hidden, test untouched.
+def _group_column(ds, column: str, where: str) -> np.ndarray:
+    if column not in ds.column_names:
+        raise ValueError(f"hide_group_labels: {where} has no {column!r} column (its columns: {ds.column_names[:10]}). "
+                         "Name the group column with column=..., or add it (1 minority, 0 majority).")
+    return np.asarray(ds[column], dtype=np.int64)
 
-    full: unchanged. partial: ``partial_group_labels(train, fraction, seed)`` and a wholly unknown validation split.
-    unlabeled: train and validation unknown. The test split keeps its labels (they are only used for reporting).
+
+def hide_group_labels(ds, setting: str, fraction: float = 0.1, seed: int = 0, column: str = "sensitive"):
+    """What a label ``setting`` sees: the group labels (``column``) of the training rows and validation rows hidden.
+
+    ``ds`` is a ``DatasetDict`` with a ``train`` split (its ``validation`` split, if any, hidden wholly; ``test`` and
+    other splits untouched, they are only used for reporting) or one ``Dataset`` (treated as training rows). full:
+    unchanged. partial: ``partial_group_labels(train, fraction, seed)``. unlabeled: every label -1 (unknown).
     """
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
 
     if setting not in LABEL_SETTINGS:
         raise ValueError(f"setting must be one of {LABEL_SETTINGS}, got {setting!r}")
+    single = isinstance(ds, Dataset)
+    if not single and not (hasattr(ds, "keys") and "train" in ds.keys()):
+        raise ValueError("hide_group_labels takes a datasets.DatasetDict with a 'train' split, or one "
+                         f"datasets.Dataset; got {type(ds).__name__}"
+                         + (f" with splits {list(ds.keys())}" if hasattr(ds, "keys") else "") + ".")
+    train = ds if single else ds["train"]
+    train_s = _group_column(train, column, "the dataset" if single else "the 'train' split")
     if setting == "full":
         return ds
-    train_s = np.asarray(ds["train"]["sensitive"], dtype=np.int64)
     hidden = (partial_group_labels(train_s, fraction, seed) if setting == "partial"
               else np.full_like(train_s, -1))
+    if single:
+        return _with_sensitive(ds, hidden, column)
     out = dict(ds)
-    out["train"] = _with_sensitive(ds["train"], hidden)
-    out["validation"] = _with_sensitive(ds["validation"], [-1] * len(ds["validation"]))
+    out["train"] = _with_sensitive(ds["train"], hidden, column)
+    if "validation" in out:
+        _group_column(ds["validation"], column, "the 'validation' split")
+        out["validation"] = _with_sensitive(ds["validation"], [-1] * len(ds["validation"]), column)
     return DatasetDict(out)

@@ -301,9 +301,9 @@ def off_explanation(info: dict, floor_standard_errors: float) -> str:
     selection saw (`select_correction`'s "refused", "worst_cell_rows") and what would change it."""
     refused = info.get("refused")
     if info.get("minority_rows") == 0:
-        return ("these held-out rows hold no minority row (group 1), so no gain for the minority can show; give an "
-                "eval_dataset with minority rows (their group labels, or in the partial and unlabeled settings the "
-                "detector's or the pseudo-labeler's estimate, mark them)")
+        return ("no held-out row is marked minority (group 1: by its group label, or where that is unknown by the "
+                "detector's or the pseudo-labeler's estimate), so no gain for the minority can show; give an "
+                "eval_dataset with minority rows and their group labels")
     if not refused:
         cell = info.get("worst_cell_rows", 0)
         where = f" (the adapter-off model's worst cell holds {cell} of these rows)" if cell else ""

@@ -61,7 +61,7 @@ from ..data.sampling import stratified_subsample
 from ..evaluation.report import selection_report
 from ..tuner.early_exit import stop_at_detector
 from ..tuner.gate import find_gate_state, force_gate, gate_record
-from ..tuner.representation import capture_head_input, resolve_pooling
+from ..tuner.representation import capture_head_input, model_pad_token_id, resolve_pooling
 from .arguments import FairTrainingArguments, stage_arguments
 from .detector_stage import DetectorEarlyStopping, warn_if_detector_failed
 from .distributed import check_fsdp_active, save_adapter, wrap_detector_as_fsdp_unit
@@ -99,6 +99,7 @@ class FairTrainer(Trainer):
                 "FairTrainer needs a PeftModel with a FairLoRA adapter: model = get_peft_model(erm_model, "
                 "FairLoraConfig(task_type=...)), where erm_model is your already task-trained classifier."
             )
+        _check_pad_token(model, args)
         self.adapter_name = adapter_name or model.active_adapter
         self.run_state = FairRunState()
         if train_dataset is not None:
@@ -165,6 +166,7 @@ class FairTrainer(Trainer):
             dataset, sensitive_column=args.sensitive_column, num_labels=bounds["num_labels"],
             vocab_size=bounds["vocab_size"] if "input_ids" in getattr(dataset, "column_names", ()) else None)
         check_pseudo_labeler_rows(setting, labels, args.pseudo_labeler, args.lof_n_neighbors)
+        _warn_if_minority_is_most(sensitive, args.sensitive_column)
         run = self.run_state
         run.label_setting, run.given_groups, run.class_labels = setting, sensitive, labels
         return _with_row_column(dataset)
@@ -1440,7 +1442,17 @@ def _with_labels_column(dataset):
 
 def _warn_which_eval_set(dataset, args) -> None:
     """A dict of eval sets: the first is the one the LoRA stage trains on (half of it) and the selection reads; say
-    which, so a test split placed first is not silently trained on."""
+    which, so a test split placed first is not silently trained on. An eval set the selection cannot read (no class
+    labels, or no rows): say that the held-out training rows select instead."""
+    first = next(iter(dataset.values()), None) if isinstance(dataset, dict) else dataset
+    names = getattr(first, "column_names", None)
+    if names is not None and ("labels" not in names or len(first) == 0):
+        what = "has no rows" if len(first) == 0 else f"has no class labels (no 'labels' or 'label' column: {names[:8]})"
+        warnings.warn(
+            f"eval_dataset {what}, so FairTrainer can neither select τ and the adapter strength on it nor train its "
+            "LoRA on it: it holds out some training rows for that instead (detector_holdout_fraction), and "
+            "evaluate() reports no accuracy. Give the eval set its class labels to select on it.",
+            UserWarning, stacklevel=3)
     if isinstance(dataset, dict) and len(dataset) > 1 and args.lora_rows != "train":
         first = next(iter(dataset))
         warnings.warn(
@@ -1456,6 +1468,35 @@ def _model_bounds(model) -> dict:
     config = getattr(model.get_base_model(), "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"num_labels": getattr(config, "num_labels", None), "vocab_size": getattr(text, "vocab_size", None)}
+
+
+def _warn_if_minority_is_most(sensitive: np.ndarray, column: str) -> None:
+    """FairNet corrects the group coded 1: its detector looks for those rows and its LoRA pulls them toward the
+    group-0 prototypes of their class. A 1 on most rows is more often a swapped coding than a minority."""
+    known = sensitive[sensitive >= 0]
+    share = float((known == 1).mean()) if len(known) else 0.0
+    if share > 0.5:
+        warnings.warn(
+            f"The group coded 1 in {column!r} is {share:.0%} of the training rows with a known group. FairNet corrects "
+            "the group coded 1 (its detector looks for those rows; its LoRA pulls them toward the other group's "
+            "behaviour), so 1 should mark the group that fares worse, usually the minority. If 1 marks your majority, "
+            "recode the column: fairnet_peft.data.encode_sensitive(values, minority_value=...), or 1 - value.",
+            UserWarning, stacklevel=4)
+
+
+def _check_pad_token(model, args) -> None:
+    """A decoder classifier (a per-token `score` head: Llama, GPT-2, Mistral, ...) reads each row's last token that is
+    not padding, and transformers refuses batches of more than one row without `pad_token_id`. The detector stage
+    stops before the head, so without this check the failure would come after it, in words that do not name the
+    fix."""
+    base = model.get_base_model()
+    batch = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    if isinstance(getattr(base, "score", None), torch.nn.Module) and model_pad_token_id(model) is None and batch > 1:
+        raise ValueError(
+            f"The base model ({type(base).__name__}) has no pad_token_id: its head reads each row's last "
+            "non-padding token, and transformers cannot find it in a batch of more than one row. Set it before "
+            "get_peft_model: model.config.pad_token_id = tokenizer.pad_token_id (for a tokenizer without one: "
+            "tokenizer.pad_token = tokenizer.eos_token first).")
 
 
 def _with_row_column(dataset):

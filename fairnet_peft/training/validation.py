@@ -103,7 +103,7 @@ def _rows(mask: np.ndarray) -> str:
 
 #: why an eval row needs a class id too: FairTrainer reads eval rows, not only Trainer's metrics
 _EVAL_ROWS = ("FairTrainer selects the correction on the eval rows and trains its LoRA on some of them (lora_rows), "
-              "so every eval row needs its class id. ")
+              "so ")
 
 
 def _labels(dataset, column: str, num_labels: Optional[int], split: str = "train_dataset") -> np.ndarray:

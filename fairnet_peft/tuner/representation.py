@@ -110,7 +110,8 @@ def last_token_index(batch_size: int, seq_len: int, device, input_ids: Optional[
     return (keep * positions).argmax(dim=1)
 
 
-def _pad_token_id(model: nn.Module) -> Optional[int]:
+def model_pad_token_id(model: nn.Module) -> Optional[int]:
+    """The base model's (text config's) `pad_token_id`, None where it has none."""
     config = getattr(_base_model(model), "config", None)
     if config is None:
         return None
@@ -251,5 +252,5 @@ def capture_head_input(model: nn.Module, batch: Optional[dict] = None, *, poolin
     batch = batch or {}
     ids = input_ids if input_ids is not None else batch.get("input_ids")
     mask = attention_mask if attention_mask is not None else batch.get("attention_mask")
-    pad = pad_token_id if pad_token_id is not None else _pad_token_id(model)
+    pad = pad_token_id if pad_token_id is not None else model_pad_token_id(model)
     return HeadCapture(model, pooling, head_name, ids, mask, pad, head_dropout)
