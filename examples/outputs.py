@@ -168,8 +168,10 @@ def selection_line(train_metrics: dict) -> str:
         return f"no selection: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
     if train_metrics.get("train_selection_adapter_off"):
         return f"selection on {rows}: the adapter is off ({train_metrics.get('train_selection_reason', 'τ = 1')})"
+    from fairnet_peft.evaluation.report import format_threshold
+
     held = train_metrics.get("train_selection_held_back")
-    return (f"selection on {rows}: tau = {train_metrics['train_selection_threshold']:.4g}, "
+    return (f"selection on {rows}: tau = {format_threshold(train_metrics['train_selection_threshold'])}, "
             f"strength = {train_metrics['train_selection_strength']:g}{_held_out_change(train_metrics)}"
             + (f" (held back: {held})" if held else ""))
 

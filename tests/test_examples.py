@@ -230,6 +230,8 @@ def test_selection_line_says_what_was_kept_and_what_was_held_back():
     kept = {"train_selection_threshold": 0.5, "train_selection_strength": 0.25, "train_selection_rows": 150.0,
             "train_selection_adapter_off": 0.0}
     assert outputs.selection_line(kept) == "selection on 150 held-out rows: tau = 0.5, strength = 0.25"
+    near_one = {**kept, "train_selection_threshold": 0.9999724}  # on for the rows above it: never printed as 1
+    assert outputs.selection_line(near_one).startswith("selection on 150 held-out rows: tau = 0.999972, strength")
     held = outputs.selection_line({**kept, "train_selection_held_back": "a fairer candidate, τ = 0.5 at strength 1"})
     assert held.endswith("strength = 0.25 (held back: a fairer candidate, τ = 0.5 at strength 1)")
     off = {**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"}

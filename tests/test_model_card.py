@@ -216,3 +216,16 @@ def test_the_selection_lines_name_the_choice_and_the_frontier_with_its_majority_
     assert blind == ["**The adapter is off** (τ = 1, before any candidate was searched): the bias detector cannot "
                      "find it."]
     assert render_selection({"selected": False, "threshold": 0.5}) == []
+    # a τ just below 1 keeps the adapter on for the rows above it: it must not print as 1, which reads as off
+    near = render_selection({"selected": True, "threshold": 0.9999724, "strength": 0.25, "rows": 300,
+                             "on": "eval rows", "frontier": [{**row, "threshold": 0.9999724}]})
+    assert "τ = 0.999972, strength α = 0.25" in near[0]
+    assert any(line.startswith("| 0.999972 | 0.5 |") for line in near)
+
+
+def test_format_threshold_never_prints_a_threshold_below_one_as_one():
+    from fairnet_peft.evaluation.report import format_threshold
+
+    assert [format_threshold(t) for t in (0.5, 0.123456, 1.0, 0.99994, 0.99996, 1 - 4e-8)] == [
+        "0.5", "0.1235", "1", "0.9999", "0.99996", "1 - 4e-08"]
+    assert format_threshold(0.9996, digits=3) == "0.9996" and format_threshold(0.9994, digits=3) == "0.999"

@@ -106,10 +106,23 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def format_threshold(value: float, digits: int = 4) -> str:
+    """τ in `digits` significant digits; a τ below 1 that would print as 1 (which reads as the adapter off) gets six
+    digits (0.9999724 → '0.999972'), or its distance from 1 where even those round to 1 ('1 - 4e-08')."""
+    value = float(value)
+    text = f"{value:.{digits}g}"
+    if value < 1.0 and float(text) >= 1.0:
+        text = f"{value:.6g}"
+        if float(text) >= 1.0:
+            return f"1 - {1.0 - value:.2g}"
+    return text
+
+
 def _about(adapter_name: str, threshold: Optional[float]) -> str:
     about = f"FairLoRA adapter `{adapter_name}`"
     if threshold is not None and not (isinstance(threshold, float) and math.isnan(threshold)):
-        about += f", detector gate threshold τ = {float(threshold):g} (the LoRA is on for rows with risk > τ)"
+        about += (f", detector gate threshold τ = {format_threshold(threshold)} (the LoRA is on for rows with "
+                  "risk > τ)")
     return about + "; metrics computed with `fairnet_peft.metrics`."
 
 
@@ -177,7 +190,7 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
     elif tau >= 1.0:
         lines = [f"**The adapter is off** (τ = 1; chosen on {where}): {selection.get('reason', 'no candidate beat it')}."]
     else:
-        lines = [f"Correction chosen after training on {where}: τ = {tau:.4g}, strength α = {alpha:g} "
+        lines = [f"Correction chosen after training on {where}: τ = {format_threshold(tau)}, strength α = {alpha:g} "
                  f"(accuracy {_percent(selection, 'accuracy')} against {_percent(selection, 'accuracy_off')} with "
                  f"the adapter off; worst-group accuracy {_percent(selection, 'worst_group_accuracy')} against "
                  f"{_percent(selection, 'worst_group_accuracy_off')}{_loss_clause(selection)})."]
@@ -191,7 +204,8 @@ def render_selection(selection: Mapping[str, Any]) -> list[str]:
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in frontier:
             loss = _number(row, "worst_group_loss")
-            lines.append(f"| {row['threshold']:.3g} | {row['strength']:g} | {_cell(row.get('accuracy'))} | "
+            lines.append(f"| {format_threshold(row['threshold'], 3)} | {row['strength']:g} | "
+                         f"{_cell(row.get('accuracy'))} | "
                          f"{_cell(row.get('worst_group_accuracy'))} | {_cell(row.get('equalized_odds_difference'))} | "
                          f"{f'{loss:.3f}' if math.isfinite(loss) else 'n/a'} | "
                          f"{_cell(row.get('gate_rate'))} | {_cell(row.get('majority_gate_rate'))} |")

@@ -49,6 +49,7 @@ import torch
 
 from ..metrics import accuracy, equalized_odds_difference, group_accuracies, worst_group_accuracy
 from ..evaluation.counting import to_numpy
+from ..evaluation.report import format_threshold
 from ..evaluation.sweep import gate_rate_thresholds
 
 OFF = 1.0  # risk ≤ 1 and the gate is `risk > τ`: τ = 1 is the adapter off
@@ -335,7 +336,8 @@ def global_correction_warning(info: dict) -> Optional[str]:
     why = (" It moved no held-out accuracy or worst-group accuracy and was kept for a lower worst-group loss "
            "(the tie-break, FairTrainingArguments.selection_tie_break, whose own majority bound, "
            "tie_break_max_majority_gate_rate, was raised or lifted)." if same else "")
-    return (f"FairNet kept a correction (τ = {_tau(info['threshold'])} at strength {info['strength']:g}) that acts on "
+    tau = format_threshold(info["threshold"], 3)
+    return (f"FairNet kept a correction (τ = {tau} at strength {info['strength']:g}) that acts on "
             f"{100 * rate:.0f} % of the held-out majority rows: it passed the accuracy floor and the EOD ceiling, but "
             f"it works as an adapter for nearly everyone rather than a correction for the minority.{why} To keep it "
             "to the rows the detector rates as minority, bound it: trainer.reselect(max_majority_gate_rate=0.5), "
@@ -354,7 +356,7 @@ def held_back_explanation(info: dict, floor_standard_errors: float) -> Optional[
 def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float, floor_standard_errors: float) -> str:
     """`what` (τ, strength, WGA from `reference_wga`) fails these limits, by how much, and the rows that would let
     it pass the floor (`_refusal`)."""
-    parts = [f"{what}, τ = {_tau(refused['threshold'])} at strength {refused['strength']:g} "
+    parts = [f"{what}, τ = {format_threshold(refused['threshold'], 3)} at strength {refused['strength']:g} "
              f"(worst-group accuracy {_percent(reference_wga)} → "
              f"{_percent(refused['worst_group_accuracy'])}), fails the {' and the '.join(refused['limits'])}"]
     if "accuracy floor" in refused["limits"]:
@@ -368,19 +370,14 @@ def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float
     closest = refused.get("closest")
     if closest is not None:
         which = ("it" if (closest["threshold"], closest["strength"]) == (refused["threshold"], refused["strength"])
-                 else f"τ = {_tau(closest['threshold'])} at strength {closest['strength']:g} (worst-group accuracy "
-                      f"{_percent(closest['worst_group_accuracy'])}, accuracy change "
+                 else f"τ = {format_threshold(closest['threshold'], 3)} at strength {closest['strength']:g} "
+                      f"(worst-group accuracy {_percent(closest['worst_group_accuracy'])}, accuracy change "
                       f"{100 * closest['accuracy_change']:+.2f} points), which fails the floor alone,")
         parts.append(f"{which} would pass the floor on about {refused['rows_needed']:.0f} held-out rows at the same "
                      "accuracy change: more held-out rows (a larger eval_dataset; without one, a larger "
                      "detector_holdout_fraction) let such a correction through, a looser max_accuracy_drop or "
                      "floor_standard_errors too, at the risk the floor guards against")
     return "; ".join(parts)
-
-
-def _tau(value: float) -> str:
-    """τ in three digits, or as many as it takes not to read as 1 (the adapter off) when it is below 1."""
-    return f"{value:.3g}" if value < 0.9995 else f"{value:.6g}"
 
 
 def _percent(value: float) -> str:
