@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 import pytest
 from datasets import Dataset
 
@@ -157,6 +159,39 @@ def test_an_empty_file_says_it_is_empty(tmp_path, name, content, what):
         path.write_text(content)
     with pytest.raises(ValueError, match=rf"dataset file '.*{name}' {what}"):
         load_group_dataset(str(path))
+
+
+def test_an_empty_split_file_in_a_folder_is_named_and_removing_it_carves_the_split(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    rows = [(f"r{i}", i % 2, int(i % 5 == 0)) for i in range(40)]
+    _write_csv(folder / "train.csv", "text,label,sensitive", rows)
+    _write_csv(folder / "test.csv", "text,label,sensitive", rows[:10])
+    (folder / "validation.csv").write_text("text,label,sensitive\n")
+    with pytest.raises(ValueError, match=r"dataset folder '.*splits': 'validation.csv' has a header but no data "
+                                         r"rows\. Fill it, or remove it: a split without a file is carved"):
+        load_group_dataset(str(folder))
+    (folder / "validation.csv").unlink()
+    ds, _ = load_group_dataset(str(folder))
+    assert len(ds["validation"]) > 0 and len(ds["train"]) + len(ds["validation"]) == 40
+
+
+def test_a_rare_training_class_absent_from_the_other_splits_warns_as_a_likely_typo(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    classes = ["complaint", "praise", "question"]
+    rows = [(f"r{i}", classes[i % 3], int(i % 5 == 0)) for i in range(600)]
+    _write_csv(folder / "validation.csv", "text,label,sensitive", rows[:60])
+    _write_csv(folder / "test.csv", "text,label,sensitive", rows[60:120])
+    _write_csv(folder / "train.csv", "text,label,sensitive", rows + [("typo", "complaimt", 0)] * 4)
+    with pytest.warns(UserWarning, match=r"class 'complaimt' has 4 of the 604 training rows and no row in the "
+                                         r"validation or test split.* reads like 'complaint': a typo\?"):
+        ds, names = load_group_dataset(str(folder))
+    assert names == ["complaimt", "complaint", "praise", "question"]  # a warning: the user's labels stay as given
+    _write_csv(folder / "train.csv", "text,label,sensitive", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_group_dataset(str(folder))[1] == classes
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])

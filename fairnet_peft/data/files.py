@@ -68,6 +68,16 @@ def _has_data_rows(path: str, ext: str, compression: Optional[str]) -> Optional[
     return False
 
 
+def _empty(path: str) -> str:
+    """Why the data file at `path` holds no rows ('is empty (0 bytes)', 'has a header but no data rows', ...), or ''."""
+    ext, compression = _extension(path)
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    if _has_data_rows(path, ext, compression) is False:
+        return "has a header but no data rows" if ext in ("csv", "tsv") else "has no data rows"
+    return ""
+
+
 def _read(spec: str, config: Optional[str]):
     """The ``datasets`` object behind ``spec`` (a file, a data directory, a save_to_disk directory or a Hub name)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
@@ -78,13 +88,22 @@ def _read(spec: str, config: Optional[str]):
         ext, compression = _extension(spec)
         if ext not in _FILE_KINDS:
             raise ValueError(f"dataset {spec!r}: unsupported file type; use CSV, TSV, JSON(L) or Parquet.")
-        if os.path.getsize(spec) == 0 or _has_data_rows(spec, ext, compression) is False:
-            what = "is empty (0 bytes)" if os.path.getsize(spec) == 0 else (
-                "has a header but no data rows" if ext in ("csv", "tsv") else "has no data rows")
+        what = _empty(spec)
+        if what:
             raise ValueError(f"dataset file {spec!r} {what}: load_group_dataset needs rows with a "
                              "label and a sensitive value. Check that the file was written completely.")
         extra = {"delimiter": "\t"} if ext == "tsv" else {}
         return DatasetDict(load_dataset(_FILE_KINDS[ext], data_files={"train": spec}, **extra))
+    if os.path.isdir(spec):  # a folder of split files: an empty one would fail inside `datasets`, naming no file
+        for folder, dirs, names in sorted(os.walk(spec)):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]  # as `datasets` skips them
+            for name in sorted(n for n in names if not n.startswith((".", "_"))):
+                path = os.path.join(folder, name)
+                what = _extension(path)[0] in _FILE_KINDS and _empty(path)
+                if what:
+                    raise ValueError(
+                        f"dataset folder {spec!r}: {os.path.relpath(path, spec)!r} {what}. Fill it, or remove it: "
+                        "a split without a file is carved from the training rows.")
     if _looks_local(spec) and not os.path.exists(spec):
         raise FileNotFoundError(
             f"dataset {spec!r}: no such file or directory (looked for {os.path.abspath(os.path.expanduser(spec))!r}; "
@@ -172,8 +191,33 @@ def _class_encoder(splits: dict, label_column: str):
                              f"training row has (training labels: {sorted(values, key=_class_order)[:10]}). Fix or "
                              "drop those rows, or move some of them into train.")
     names = sorted(values, key=_class_order)
+    _warn_stray_classes(splits, label_column, names)
     index = {v: i for i, v in enumerate(names)}
     return names, lambda v: index[normalize_value(v)]
+
+
+def _warn_stray_classes(splits: dict, label_column: str, names: list) -> None:
+    """A class with few training rows (under 1 %) and none in the given validation/test files is more often a typo
+    ('complaimt') than a class: it would become one more output of the model. Warn, naming a close spelling."""
+    import difflib
+    import warnings
+    from collections import Counter
+
+    others = [ds for split, ds in splits.items() if split != "train"]
+    if not others:
+        return
+    counts = Counter(normalize_value(v) for v in splits["train"][label_column] if not is_missing(v))
+    elsewhere = {normalize_value(v) for ds in others for v in ds[label_column] if not is_missing(v)}
+    total = sum(counts.values())
+    for name in names:
+        if name not in elsewhere and counts[name] < 0.01 * total:
+            close = difflib.get_close_matches(name, [n for n in names if n != name], n=1, cutoff=0.75)
+            hint = f" It reads like {close[0]!r}: a typo?" if close else ""
+            warnings.warn(
+                f"label column {label_column!r}: class {name!r} has {counts[name]} of the {total} training rows and "
+                f"no row in the {' or '.join(s for s in splits if s != 'train')} split, so the model gets an output "
+                f"for it that nothing evaluates.{hint} Fix or drop those rows if it is not a class.",
+                UserWarning, stacklevel=4)
 
 
 def _check_minority_value(splits: dict, column: str, minority_value) -> None:
