@@ -110,7 +110,8 @@ def save_outputs(*, args, model, card: str, fair_test: dict, cells: dict, metric
     if not main:
         return paths
     _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
-    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell")
+    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell",
+                          class_names=metrics.get("class_names"))
     with open(paths["metrics"], "w") as f:
         json.dump(_strict_json({**metrics, "outputs": paths}), f, indent=2, allow_nan=False)
     return paths
@@ -234,7 +235,8 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
                "erm": results["ERM"], "fairnet": fair_test, "threshold": tau, "adapter_strength": strength,
                "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
-               "cells_test": cells, "timings_s": timings, "peak_gpu_memory_gib": memory or {}, "args": vars(args),
+               "cells_test": cells, "class_names": [str(n) for n in card["class_names"]], "timings_s": timings,
+               "peak_gpu_memory_gib": memory or {}, "args": vars(args),
                "mixed_precision": trainer.accelerator.mixed_precision, "world_size": dist_state().num_processes,
                "distributed_type": str(dist_state().distributed_type).rsplit(".", 1)[-1]}
     paths = save_outputs(args=args, model=model, card=text, fair_test=fair_test, cells=cells, metrics=metrics)

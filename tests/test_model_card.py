@@ -109,6 +109,22 @@ def test_save_pretrained_writes_the_fairness_section_once(tmp_path):
     assert "| ACC (accuracy over all rows) | 0.5000 |" in text
 
 
+def test_the_cell_rows_name_the_classes_of_the_base_models_id2label(tmp_path):
+    cells = {**METRICS, "eval_acc_y0_s1": 0.5, "eval_acc_y1_s1": 0.75}
+    model = _model()
+    attach_fairness_report(model, cells, split="test")
+    model.save_pretrained(tmp_path / "ids")  # transformers' placeholder names (LABEL_0, ...): the ids
+    text = (tmp_path / "ids" / "README.md").read_text()
+    assert "| accuracy of cell y=0, s=1 | 0.5000 |" in text and "LABEL_" not in text
+    base = tiny_model("bert")
+    base.config.id2label, base.config.label2id = {0: "<=50K", 1: ">50K"}, {"<=50K": 0, ">50K": 1}
+    named = get_peft_model(base, FairLoraConfig(task_type="SEQ_CLS")).eval()
+    attach_fairness_report(named, cells, split="test")
+    named.save_pretrained(tmp_path / "names")
+    text = (tmp_path / "names" / "README.md").read_text()
+    assert "| accuracy of cell y=<=50K, s=1 | 0.5000 |" in text and "| accuracy of cell y=>50K, s=1 | 0.7500 |" in text
+
+
 def test_no_report_no_section_and_other_models_unaffected(tmp_path):
     install_model_card_hook()
     model = _model()

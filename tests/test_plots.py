@@ -63,6 +63,19 @@ def test_plot_group_accuracies_accepts_flat_metrics_and_missing_cells(tmp_path):
         plots.plot_group_accuracies({"a": {"eval_loss": 0.1}}, tmp_path / "x.png")
 
 
+def test_cells_are_labelled_with_class_names_and_counts(tmp_path):
+    results = _results()
+    per_model = {name: plots._cell_accuracies(r) for name, r in results.items()}
+    cells = sorted(per_model["ERM"])
+    labels = plots._cell_labels(cells, per_model, ["<=50K", ">50K"])
+    counts = [results["ERM"][c]["count"] for c in cells]
+    assert labels == [f"y={name},s={g}\nn={n}" for (name, g), n in
+                      zip([("<=50K", 0), ("<=50K", 1), (">50K", 0), (">50K", 1)], counts)]
+    assert plots._cell_labels(cells, per_model, None)[0] == f"y=0,s=0\nn={counts[0]}"  # no names: the ids
+    out = plots.plot_group_accuracies(results, tmp_path / "named.png", class_names=["<=50K", ">50K"])
+    assert _rgb(out)[0] == (680, 450)
+
+
 def test_plot_threshold_sweep(tmp_path):
     taus = np.linspace(0, 1, 11)[::-1]  # unsorted input is fine
     sweep = [dict(threshold=t, accuracy=0.9 - 0.02 * t, worst_group_accuracy=0.6 + 0.2 * t,

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from .report import (SECTION_TITLE, clean_metrics, current_selection_report, render_fairness_section,
+from .report import (SECTION_TITLE, clean_metrics, current_selection_report, model_class_names, render_fairness_section,
                      render_fairness_table, section_markers)
 
 __all__ = [
@@ -151,7 +151,8 @@ def _attached_sections(model) -> dict[str, str]:
             selection = report.get("selection")
             sections[name] = render_fairness_section(
                 report["metrics"], split=report["split"], adapter_name=name, threshold=_threshold(config),
-                selection=_saved_selection(config) if selection is None else selection)
+                selection=_saved_selection(config) if selection is None else selection,
+                class_names=model_class_names(model))
     return sections
 
 

@@ -18,9 +18,12 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .report import class_name
+
 __all__ = ["plot_group_accuracies", "plot_threshold_sweep"]
 
 _FLAT_CELL = re.compile(r"(?:[a-z]+_)?acc_y(.+)_s(.+)")
+_CELL_KEY = re.compile(r"^y=([^,]+),")
 
 
 def _cell_accuracies(result: Mapping[str, Any]) -> dict[str, tuple[float, int | None]]:
@@ -36,6 +39,17 @@ def _cell_accuracies(result: Mapping[str, Any]) -> dict[str, tuple[float, int | 
     return out
 
 
+def _cell_labels(cells: Sequence[str], per_model: Mapping[str, Mapping[str, tuple]],
+                 class_names: Sequence[str] | None) -> list[str]:
+    """The x tick labels: each cell with its class named ("y=praise,s=1") and the first count found ("n=40")."""
+    labels = []
+    for c in cells:
+        count = next((acc[c][1] for acc in per_model.values() if c in acc and acc[c][1] is not None), None)
+        named = _CELL_KEY.sub(lambda m: f"y={class_name(m.group(1), class_names)},", c)
+        labels.append(named if count is None else f"{named}\nn={count}")
+    return labels
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,13 +63,15 @@ def plot_group_accuracies(
     path: str | Path,
     *,
     title: str = "Accuracy per (label × group) cell",
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Grouped bars of per-cell accuracy, one colour per model; returns the PNG path.
 
     ``results`` maps a model name to :func:`~fairnet_peft.metrics.group_accuracies` output
     (``{"y=1,s=0": {"accuracy": .., "count": ..}}``) or to a flat metrics dict with
     ``acc_y1_s0`` / ``eval_acc_y1_s0`` keys. Cells are the union over models; a dashed line marks
-    each model's worst cell (WGA). Cell counts of the first model that has them go under the labels.
+    each model's worst cell (WGA). Cell counts of the first model that has them go under the labels;
+    ``class_names`` (class id → name) names the classes in them.
     """
     if not results:
         raise ValueError("results is empty")
@@ -80,12 +96,8 @@ def plot_group_accuracies(
         if finite:
             ax.axhline(min(finite), color=colours[i], linestyle="--", linewidth=1, alpha=0.8)
 
-    labels = []
-    for c in cells:
-        count = next((acc[c][1] for acc in per_model.values() if c in acc and acc[c][1] is not None), None)
-        labels.append(c if count is None else f"{c}\nn={count}")
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(_cell_labels(cells, per_model, class_names), fontsize=8)
     ax.set_ylim(0, 1.22)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")

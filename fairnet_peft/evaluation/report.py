@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 __all__ = ["SECTION_TITLE", "clean_metrics", "render_fairness_section", "render_fairness_table", "section_markers"]
 
@@ -55,27 +55,51 @@ def _strip_prefixes(metrics: Mapping[str, Any], split: str) -> dict[str, Any]:
     return clean
 
 
-def _table_rows(clean: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def class_name(y: str, class_names: Optional[Sequence[str]]) -> str:
+    """A cell's class as people read it: `class_names[y]` where `y` (a string from a metric key) is an index of
+    it, else `y` itself."""
+    if class_names is not None and y.isdigit() and int(y) < len(class_names):
+        return str(class_names[int(y)])
+    return y
+
+
+def model_class_names(model) -> Optional[list[str]]:
+    """The base model's `config.id2label` in class order, or None when it holds transformers' placeholder names
+    (LABEL_0, LABEL_1, ...) or no names."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    id2label = getattr(getattr(base, "config", None), "id2label", None) or {}
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
+
+
+def _table_rows(clean: Mapping[str, Any], class_names: Optional[Sequence[str]] = None) -> list[tuple[str, Any]]:
     rows = [(label, clean[k]) for k, label in _TABLE_ROWS if k in clean]
     gate_groups = sorted(k for k in clean if re.fullmatch(r"gate_rate_s.+", k))
     rows += [(f"gate rate, s={k[len('gate_rate_s'):]}", clean[k]) for k in gate_groups]
     rows += [(label, clean[k]) for k, label in _TABLE_TAIL if k in clean]
     for k in sorted(k for k in clean if re.fullmatch(r"acc_y.+_s.+", k)):
         y, s = re.fullmatch(r"acc_y(.+)_s(.+)", k).groups()
-        rows.append((f"accuracy of cell y={y}, s={s}", clean[k]))
+        rows.append((f"accuracy of cell y={class_name(y, class_names)}, s={s}", clean[k]))
     return rows
 
 
-def render_fairness_table(metrics: Mapping[str, Any], *, split: str) -> str:
+def render_fairness_table(metrics: Mapping[str, Any], *, split: str,
+                          class_names: Optional[Sequence[str]] = None) -> str:
     """Markdown table of ACC, WGA, EOD, gate rates per group (and the rest that is present).
 
     ``metrics`` is an ``evaluate_predictions`` / ``make_compute_metrics`` / ``Trainer.evaluate`` dict; keys may
     carry a ``eval_``, ``test_`` or ``{split}_`` prefix. ``split`` names the data split the numbers were measured on
-    and is stated above the table. Values are fractions in [0, 1]; NaN prints "n/a".
+    and is stated above the table. Values are fractions in [0, 1]; NaN prints "n/a". ``class_names`` (class id →
+    name) names the classes of the per-cell rows.
     """
     if not split:
         raise ValueError("split must name the data split the metrics were measured on (e.g. split='test')")
-    rows = _table_rows(_strip_prefixes(metrics, split))
+    rows = _table_rows(_strip_prefixes(metrics, split), class_names)
     if not rows:
         raise ValueError("metrics has no known fairness metric key (e.g. 'accuracy'); pass an evaluate_predictions "
                          "or Trainer.evaluate dict")
@@ -221,11 +245,12 @@ def _loss_clause(selection: Mapping[str, Any]) -> str:
 
 
 def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_name: str = "default",
-                            threshold: Optional[float] = None, selection: Optional[Mapping[str, Any]] = None) -> str:
+                            threshold: Optional[float] = None, selection: Optional[Mapping[str, Any]] = None,
+                            class_names: Optional[Sequence[str]] = None) -> str:
     """The model card's Markdown section (with its markers): a heading, the adapter and τ, the table and, after a
     FairTrainer run, how the correction was chosen (`selection`)."""
     clean = clean_metrics(metrics)
-    table = render_fairness_table(clean, split=split)
+    table = render_fairness_table(clean, split=split, class_names=class_names)
     start, end = section_markers(adapter_name)
     heading = f"## {SECTION_TITLE}" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
     lines = [start, heading, "", _about(adapter_name, threshold), "", table.rstrip("\n")]
