@@ -19,7 +19,7 @@ from peft import get_peft_model
 from fairnet_peft import FairLoraConfig, FairTrainer, FairTrainingArguments
 from fairnet_peft import metrics as M
 from fairnet_peft.training.prototypes import anchor_weights, compute_prototypes
-from fairnet_peft.training.detector_stage import DetectorEarlyStopping, holdout_rows
+from fairnet_peft.training.detector_stage import DetectorEarlyStopping, holdout_rows, propagated_labels
 from fairnet_peft.training.state import EarlyStoppingState
 
 from .helpers import expect_warnings
@@ -138,6 +138,22 @@ def test_holdout_rows_are_stratified_and_leave_small_groups_alone():
     assert holdout_rows(np.array([0] * 900 + [1] * 40), 0.1, 0)[900:].sum() == 5  # at least 5 per group
     assert not holdout_rows(np.array([0] * 900 + [1] * 10), 0.1, 0).any()  # too few to hold any out
     assert not holdout_rows(target, 0.0, 0).any()
+
+
+def test_propagated_labels_keep_the_known_ones_and_label_the_rest_with_the_probe():
+    """partial_label_propagation: the class-balanced probe fitted on the labelled fit rows labels the unknown rows
+    (-1); known labels stay, held-out known rows are not fitted on, and one group among the fit rows changes nothing."""
+    rng = np.random.default_rng(0)
+    groups = (rng.random(600) < 0.2).astype(np.int64)
+    features = np.c_[groups * 5.0 + rng.normal(0, 1, 600), rng.normal(0, 1, (600, 3))]  # the group is visible
+    labels = np.where(rng.random(600) < 0.1, groups, -1)
+    fit = labels >= 0
+    out = propagated_labels(features, labels, fit)
+    assert (out >= 0).all() and (out[fit] == labels[fit]).all()
+    unknown = labels < 0
+    assert (out[unknown] == groups[unknown]).mean() > 0.9  # the probe finds a visible group
+    one_group = np.where(labels == 1, -1, labels)
+    assert (propagated_labels(features, one_group, one_group >= 0) == one_group).all()
 
 
 def test_early_stopping_keeps_the_best_detector_and_waits_for_min_updates():
