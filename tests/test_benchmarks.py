@@ -467,7 +467,7 @@ def test_gpu_run_dry_run(tmp_path):
     proc = subprocess.Popen(command, cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=900)  # above the script's 720 s cap per job: a hung job fails in the script
+        stdout, stderr = proc.communicate(timeout=900)  # above the script's 720 s cap per job
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole script: no orphaned benchmark processes
         stdout, stderr = proc.communicate()
