@@ -29,10 +29,10 @@ real gains, tie_break "worst_group_loss_bound" (FairTrainer's default) ranks by 
 gain a candidate shows at worst, so that the luckiest of many noisy estimates does not win; "worst_group_loss" ranks
 by the estimate. Then the weaker correction (smaller α, then larger τ). So "off" wins whenever nothing beats it on
 WGA, on ACC, or by a loss gain beyond the noise; with tie_break "weakest" (the rule before) ties go straight to the
-weaker correction. When off wins although candidates beat it, the result says which limits refused the best of them ("refused") and, for a
-fairer candidate that fails the floor alone, how many held-out rows would let it pass ("rows_needed");
-`off_explanation` words that for the warning, the metrics and the model card. The groups
-are the setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
+weaker correction. When off wins although candidates beat it, the result says which limits refused the best of
+them ("refused") and, for a fairer candidate that fails the floor alone, how many held-out rows would let it pass
+("rows_needed"); `off_explanation` words that for the warning, the metrics and the model card. The groups are the
+setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
 the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a detector whose
 held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever few held-out
 rows would say.
