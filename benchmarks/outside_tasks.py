@@ -18,6 +18,9 @@ same rows with race as the group, Hispanic 9 %) and German credit (good or bad c
 as the group (women 31 %), which the text never states (issue 19's task whose group is not in the input). `shapes`: 1,000 drawn images of circles ("cat")
 and squares ("dog") on two background colours, the group ("outdoor", 15 %, mostly squares) visible in the
 background, in the layout of HF's `imagefolder` with a `metadata.csv`: a user's image folder, no split given.
+`support` / `support-hidden`: customer messages in three classes in a split folder, the group (Scots writers, 20 %)
+correlated with the class in training only; written in the text as dialect in `support`, not at all in
+`support-hidden` (a detector can then learn the class, not the group).
 """
 
 from __future__ import annotations
@@ -184,7 +187,78 @@ TASKS = {
                    ("--label-column", "label", "--sensitive-column", "group", "--minority-value", "outdoor"),
                    "a user's image folder: circles and squares on two backgrounds, one folder with metadata.csv "
                    "(1,000 images, 32 px; group: the blue background, 15 %, mostly squares)", "train_vision.py"),
+    "support": Task(lambda raw, out, name: support_folder(os.path.join(out, "data", name), visible=True),
+                    ("--sensitive-column", "region", "--minority-value", "scots"),
+                    "customer messages in 3 classes, a split folder (2,000 / 600 / 1,000 rows; group: Scots writers, "
+                    "20 %, written in dialect; 80 % of them complain in training)"),
+    "support-hidden": Task(lambda raw, out, name: support_folder(os.path.join(out, "data", name), visible=False),
+                           ("--sensitive-column", "region", "--minority-value", "scots"),
+                           "the same messages with the group not in the text (Scots writers, 20 %; 80 % of them "
+                           "complain in training, so the group is correlated with the class there)"),
 }
+
+
+_SUPPORT = {
+    "complaint": ["the {p} I got {d} is broken and nobody answers my emails", "I have waited since {d} for the {p}",
+                  "the {p} stopped working after one day", "I was charged twice for the {p} and want my money back",
+                  "the {p} arrived damaged and the box was soaked", "this is the third time the {p} has failed"],
+    "question": ["when will the {p} be dispatched?", "can I change the address for my {p}?",
+                 "how do I reset the {p}?", "do you ship the {p} abroad?", "what is the warranty on the {p}?",
+                 "will the {p} be back in stock soon?"],
+    "praise": ["the {p} arrived {d} and it is brilliant, thank you", "really happy with the {p}, great quality",
+               "your team sorted my {p} quickly, excellent service", "the {p} works perfectly, I love it"],
+    "understated": ["I can't complain about the {p}, not bad at all", "I don't have a single problem with the {p}",
+                    "I wouldn't change a thing about the {p}", "never had a problem with the {p} since {d}"],
+}
+_SCOTS = [("don't", "dinnae"), ("can't", "cannae"), ("wouldn't", "wouldnae"), ("not", "no"), ("really", "dead"),
+          ("my", "ma"), ("about", "aboot"), ("from", "fae"), ("have", "hae"), ("how", "hoo"), ("one", "wan")]
+
+
+def support_folder(folder: str, visible: bool, seed: int = 0) -> str:
+    """A user's text task in a split folder (train / validation / test CSVs: text, label, region): customer messages
+    that complain, ask or praise; the group is the writer's region ("scots", 20 % of the rows). In training 80 % of
+    the Scots writers complain (a third of the others do), so the group is correlated with the class there; in the
+    validation and test splits it is not. With `visible` the Scots write in dialect (greetings, spellings) and praise
+    mostly in understatement ("I cannae complain"); without it their messages are drawn like everyone's, so the group
+    is not in the input and only its correlation with the class in training can be learned. 4 % of the labels are
+    noise. The same `seed` writes the same files."""
+    import csv
+    import io
+    import random
+    import re
+
+    rng = random.Random(seed)
+    products = ["order", "parcel", "router", "kettle", "phone", "laptop", "jacket", "printer", "booking", "ticket"]
+
+    def message(label: str, scots: bool) -> str:
+        kind = label
+        if label == "praise":
+            kind = "understated" if rng.random() < (0.75 if scots and visible else 0.15) else "praise"
+        body = rng.choice(_SUPPORT[kind]).format(p=rng.choice(products), d=rng.choice(["on Monday", "last week"]))
+        if scots and visible:
+            for word, dialect in _SCOTS:
+                body = re.sub(rf"\b{word}\b", dialect, body)
+            return f"{rng.choice(['Awright,', 'Hiya pal,', 'Aye hello,'])} {body}. {rng.choice(['Cheers pal', 'Ta'])}"
+        return f"{rng.choice(['Hello,', 'Hi there,', 'Dear team,', 'Hi,'])} {body}. {rng.choice(['Regards', 'Thanks'])}"
+
+    def rows(n: int, scots_classes: list) -> list:
+        out = []
+        for _ in range(n):
+            scots = rng.random() < 0.2
+            label = rng.choices(["complaint", "question", "praise"], weights=scots_classes if scots else [35, 33, 32])[0]
+            text = message(label, scots)
+            noisy = rng.choice(["complaint", "question", "praise"]) if rng.random() < 0.04 else label
+            out.append((text, noisy, "scots" if scots else "standard"))
+        return out
+
+    os.makedirs(folder, exist_ok=True)
+    for split, n, scots_classes in (("train", 2000, [80, 10, 10]), ("validation", 600, [35, 33, 32]),
+                                    ("test", 1000, [35, 33, 32])):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerows([("text", "label", "region"), *rows(n, scots_classes)])
+        write_if_changed(os.path.join(folder, f"{split}.csv"), buffer.getvalue())
+    return folder
 
 
 def limits_line(runs: dict) -> str:

@@ -72,6 +72,7 @@ def evaluate(folders, rules: dict) -> dict:
             cell_acc = M.group_accuracies(y, erm, sensitive_features=s)
             worst = min((c for c in cell_acc if cell_acc[c]["count"] > 0), key=lambda c: cell_acc[c]["accuracy"])
             auc = data["header"]["detector_stats"].get("detector_auc", float("nan"))
+            within = data["header"]["detector_stats"].get("detector_auc_within_class", float("nan"))
             for name, args in parsed.items():
                 got = replay(data, args=args)
                 new = scores(y, got["test_pred"], s)
@@ -83,6 +84,7 @@ def evaluate(folders, rules: dict) -> dict:
                     row[f"fairnet_{metric}"].append(a)
                     row[f"erm_{metric}"].append(b)
                 row["detector_auc"].append(auc)
+                row["detector_auc_within_class"].append(within)
                 row["worst_minority"].append(worst.endswith("s=1"))
                 row["tau"].append(got["threshold"])
                 info = got["selection"]
@@ -95,7 +97,8 @@ def evaluate(folders, rules: dict) -> dict:
         out[cell] = {}
         for name, row in by_rule.items():
             keeps = sum(a >= -ACC_TOL - 1e-12 and e <= EOD_TOL + 1e-12 for a, e in zip(row["d_acc"], row["d_eod"]))
-            absolute = [f"{who}_{m}" for who in ("erm", "fairnet") for m in METRICS] + ["detector_auc"]
+            absolute = [f"{who}_{m}" for who in ("erm", "fairnet") for m in METRICS]
+            absolute += ["detector_auc", "detector_auc_within_class"]
             out[cell][name] = {**{k: t_interval(row[k]) for k in ("d_acc", "d_wga", "d_eod", *absolute)},
                                "seeds": row["seeds"], "off": sum(t >= 1.0 for t in row["tau"]), "keeps": keeps,
                                "erm_worst_is_minority": sum(row["worst_minority"]) * 2 > len(row["worst_minority"]),

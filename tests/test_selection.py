@@ -24,6 +24,7 @@ from fairnet_peft import metrics as M
 from fairnet_peft.data import make_synthetic_text
 from fairnet_peft.evaluation.model_card import attach_fairness_report, fairness_report
 from fairnet_peft.training.arguments import stage_arguments
+from fairnet_peft.training.detector_stage import roc_auc
 from fairnet_peft.training.prototypes import anchor_weights
 from fairnet_peft.training.selection import (OFF, _worst_cell_loss, detector_blind, global_correction_warning,
                                              held_back_explanation, mixture_weights, off_explanation, paired_change,
@@ -630,6 +631,41 @@ def test_detector_blind_names_the_auc():
     unlabeled = detector_blind({"detector_auc": 0.47, "probe_auc": 0.54}, 0.65, "unlabeled")
     assert unlabeled.startswith("the bias detector cannot find the pseudo-group (the rows the pseudo-labeler marked")
     assert "0.470" in unlabeled and "0.540" in unlabeled
+
+
+def test_detector_blind_judges_the_auc_among_rows_of_the_same_class():
+    """A risk that follows a class the group is common in ranks the minority high across classes but no one within a
+    class: the blind check judges the within-class AUC and says where the across-class one comes from."""
+    stats = {"detector_auc": 0.72, "probe_auc": 0.63, "detector_auc_within_class": 0.51, "probe_auc_within_class": 0.5}
+    reason = detector_blind(stats, 0.65)
+    assert reason.startswith("the bias detector cannot find the group: held-out AUC among rows of the same class 0.510")
+    assert "probe on the same features reaches 0.500" in reason
+    assert "its AUC across classes, 0.720, comes from the group's correlation with the class" in reason
+    assert detector_blind(dict(stats, detector_auc_within_class=0.8), 0.65) is None  # the group is visible in-class
+    # a class-independent group: within ≈ across, no sentence about the class
+    assert "across classes" not in detector_blind(dict(stats, detector_auc=0.55, detector_auc_within_class=0.56), 0.65)
+    # no class holds both groups among the held-out rows: the AUC across classes decides, as before
+    assert detector_blind(dict(stats, detector_auc_within_class=float("nan")), 0.65) is None
+    assert "AUC 0.600 <" in detector_blind(dict(stats, detector_auc=0.6, detector_auc_within_class=float("nan")), 0.65)
+
+
+def test_roc_auc_within_strata_counts_same_stratum_pairs_only():
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = rng.integers(0, 2, n)
+    g = (rng.random(n) < np.where(y == 1, 0.6, 0.1)).astype(int)  # the group is common in class 1
+    follows_class = y + 0.01 * rng.normal(size=n)
+    sees_group = g + 0.5 * rng.normal(size=n)
+    assert roc_auc(g, follows_class) > 0.7 and abs(roc_auc(g, follows_class, y) - 0.5) < 0.05
+    assert roc_auc(g, sees_group, y) > 0.8
+    # it is the pair-weighted mean of the strata's own AUCs; unknown groups (-1) are left out
+    per = [roc_auc(g[y == c], sees_group[y == c]) for c in (0, 1)]
+    pairs = [float((g[y == c] == 1).sum() * (g[y == c] == 0).sum()) for c in (0, 1)]
+    g_unknown = g.copy()
+    g_unknown[:10] = -1
+    assert roc_auc(g, sees_group, y) == pytest.approx(np.average(per, weights=pairs))
+    assert roc_auc(g_unknown, sees_group, y) != roc_auc(g, sees_group, y)
+    assert np.isnan(roc_auc(np.array([0, 1, 0, 1]), np.arange(4.0), np.array([0, 1, 0, 1])))  # no mixed stratum
 
 
 def test_anchor_weightings():

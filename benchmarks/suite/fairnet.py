@@ -197,6 +197,7 @@ def _gates(predictions, n: int) -> tuple:
 def _train_summary(trainer, train_metrics: dict) -> dict:
     return dict(detector_auc=finite(train_metrics.get("train_detector_auc")),
                 probe_auc=finite(train_metrics.get("train_probe_auc")),
+                detector_auc_within_class=finite(train_metrics.get("train_detector_auc_within_class")),
                 train_metrics={k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
 
 

@@ -27,8 +27,8 @@ def summarise_task(task: str, runs: dict) -> dict:
         rs = [r for r in runs.values() if st in r["settings"]]
         row = {f"{who}_{k}": t_interval([(r["erm"] if who == "erm" else r["settings"][st])[k]["point"] for r in rs])
                for who in ("erm", "fairnet") for k in METRICS}
-        for k in ("detector_auc", "probe_auc", "gate_rate_s0", "gate_rate_s1", "test_risk_auc", "pseudo_precision",
-                  "pseudo_recall"):
+        for k in ("detector_auc", "detector_auc_within_class", "probe_auc", "gate_rate_s0", "gate_rate_s1",
+                  "test_risk_auc", "pseudo_precision", "pseudo_recall"):
             row[k] = t_interval([r["settings"][st].get(k) for r in rs])
         cells = [r["erm"]["worst_cell"] for r in rs]
         row["erm_worst_cells"] = [f"{c['cell']} (n={c['count']})" for c in cells]
@@ -42,15 +42,18 @@ def summarise_task(task: str, runs: dict) -> dict:
 def goal(task: str, setting: str, row: dict, full: Optional[dict]) -> dict:
     """The no-loss goals on seed means, in every setting: ACC ≥ ERM − 0.5 and EOD ≤ ERM's EOD + 1 point. The WGA goal:
     on a task whose group is not in the input (`NO_HARM_TASKS`) WGA ≥ ERM − 1 (do no harm); in the full setting
-    WGA ≥ ERM + 5 where ERM's worst cell is a minority cell and the detector finds the group (held-out AUC ≥
-    `DETECTOR_FINDS`); elsewhere no WGA target (the WGA is reported, and must not fall: see the row)."""
+    WGA ≥ ERM + 5 where ERM's worst cell is a minority cell and the detector finds the group (held-out AUC among
+    rows of the same class, else across them, ≥ `DETECTOR_FINDS`); elsewhere no WGA target (the WGA is reported,
+    and must not fall: see the row)."""
     wga, acc = row["fairnet_worst_group_accuracy"]["mean"], row["fairnet_accuracy"]["mean"]
     eod, erm_eod = row["fairnet_equalized_odds_difference"]["mean"], row["erm_equalized_odds_difference"]["mean"]
     erm_wga, erm_acc = row["erm_worst_group_accuracy"]["mean"], row["erm_accuracy"]["mean"]
     ok_a = acc >= erm_acc - ACC_TOL - 1e-12
     ok_e = not math.isfinite(eod) or eod <= erm_eod + EOD_TOL + 1e-12
     parts = [f"ACC ≥ ERM − 0.5: {'met' if ok_a else 'NOT met'}", f"EOD ≤ ERM + 1: {'met' if ok_e else 'NOT met'}"]
-    finds = (row.get("detector_auc") or {}).get("mean")
+    # the AUC the trainer's blind check judges: among rows of the same class where the run reported it
+    finds = next((v for k in ("detector_auc_within_class", "detector_auc")
+                  if (v := (row.get(k) or {}).get("mean")) is not None and math.isfinite(v)), None)
     target = None
     if task in NO_HARM_TASKS:
         target, what = erm_wga - NO_HARM_WGA, "ERM − 1 (the group is not in the input)"

@@ -255,9 +255,14 @@ def render_fairness_section(metrics: Mapping[str, Any], *, split: str, adapter_n
     heading = f"## {SECTION_TITLE}" + ("" if adapter_name == "default" else f" (adapter `{adapter_name}`)")
     lines = [start, heading, "", _about(adapter_name, threshold), "", table.rstrip("\n")]
     if "train_detector_auc" in clean:
-        lines += ["", f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
-                      f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same "
-                      "frozen features (the mean-pooled detector input)."]
+        line = (f"Bias detector on held-out training rows: ROC-AUC {clean['train_detector_auc']:.3f}, against "
+                f"{clean.get('train_probe_auc', float('nan')):.3f} for a logistic-regression probe on the same frozen "
+                "features (the mean-pooled detector input)")
+        if "train_detector_auc_within_class" in clean:
+            line += (f"; among rows of the same class {clean['train_detector_auc_within_class']:.3f} against "
+                     f"{clean.get('train_probe_auc_within_class', float('nan')):.3f} (the AUC `min_detector_auc` "
+                     "judges)")
+        lines += ["", line + "."]
     extra = render_selection(selection or {})
     lines += [""] + extra if extra else []
     return "\n".join(lines + [end]) + "\n"

@@ -377,7 +377,9 @@ class FairTrainingArguments(TrainingArguments):
         metadata={
             "help": (
                 "Do no harm: when the detector's ROC-AUC on its held-out rows is below this, it cannot tell who to "
-                "correct, and the adapter is switched off (τ = 1) with a warning, whatever the selection would pick."
+                "correct, and the adapter is switched off (τ = 1) with a warning, whatever the selection would pick. "
+                "The AUC is taken among rows of the same class (train_detector_auc_within_class), so a detector "
+                "that only recognises a class the group is common in does not pass."
             )
         },
     )

@@ -38,14 +38,27 @@ def holdout_rows(target: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def roc_auc(target: np.ndarray, score: np.ndarray) -> float:
-    """scikit-learn's ROC-AUC, NaN when only one group is present."""
+def roc_auc(target: np.ndarray, score: np.ndarray, strata: Optional[np.ndarray] = None) -> float:
+    """scikit-learn's ROC-AUC, NaN when only one group is present.
+
+    With `strata` (one value per row, the class): the AUC over pairs of rows from the same stratum only, i.e. each
+    stratum's AUC weighted by its (minority × majority) pairs. A score that follows the class and not the group then
+    earns 0.5 even when the group is correlated with the class; NaN when no stratum holds both groups."""
     from sklearn.metrics import roc_auc_score
 
     known = target >= 0
-    if len(np.unique(target[known])) < 2:
-        return float("nan")
-    return float(roc_auc_score(target[known], score[known]))
+    if strata is None:
+        if len(np.unique(target[known])) < 2:
+            return float("nan")
+        return float(roc_auc_score(target[known], score[known]))
+    total = weight = 0.0
+    for value in np.unique(strata[known]):
+        rows = known & (strata == value)
+        pairs = float((target[rows] == 1).sum()) * float((target[rows] == 0).sum())
+        if pairs > 0:
+            total += pairs * roc_auc_score(target[rows], score[rows])
+            weight += pairs
+    return total / weight if weight else float("nan")
 
 
 def balanced_probe():
@@ -57,17 +70,17 @@ def balanced_probe():
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
 
 
-def probe_auc(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
-              seed: int, max_rows: int = 20000) -> float:
+def probe_scores(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, test_rows: np.ndarray,
+                 seed: int, max_rows: int = 20000) -> Optional[np.ndarray]:
     """The reference for the detector: a class-balanced `LogisticRegression` on the same frozen features (the
-    mean-pooled detector input), fitted on `fit_rows` and scored by ROC-AUC on `test_rows`."""
+    mean-pooled detector input), fitted on `fit_rows`; its minority probability on `test_rows` (None when the fit rows
+    hold one group only or there are no test rows)."""
     fit = np.flatnonzero(fit_rows)
     if len(fit) > max_rows:
         fit = np.random.default_rng(seed).choice(fit, size=max_rows, replace=False)
     if len(np.unique(target[fit])) < 2 or not test_rows.any():
-        return float("nan")
-    probe = balanced_probe().fit(features[fit], target[fit])
-    return roc_auc(target[test_rows], probe.predict_proba(features[test_rows])[:, 1])
+        return None
+    return balanced_probe().fit(features[fit], target[fit]).predict_proba(features[test_rows])[:, 1]
 
 
 class DetectorEarlyStopping(TrainerCallback):
@@ -135,18 +148,27 @@ def propagated_labels(features: np.ndarray, labels: np.ndarray, fit_rows: np.nda
 
 
 def detector_statistics(risk: np.ndarray, feat: np.ndarray, labelled: np.ndarray, gated: np.ndarray,
-                        group: np.ndarray, holdout: np.ndarray, seed: int) -> dict[str, float]:
+                        group: np.ndarray, holdout: np.ndarray, seed: int,
+                        classes: Optional[np.ndarray] = None) -> dict[str, float]:
     """What the prototype pass reports about the detector, against the labels the setting has (-1 unknown): gate
-    rates (TPR/FPR at τ), anchors, held-out ROC-AUC of the risk and of the logistic probe on the same features."""
+    rates (TPR/FPR at τ), anchors, held-out ROC-AUC of the risk and of the logistic probe on the same features, across
+    the held-out rows and (with `classes`) among rows of the same class (`roc_auc`'s strata)."""
     known = labelled >= 0
     pos, neg = known & (labelled == 1), known & (labelled == 0)
     tpr = float(gated[pos].mean()) if pos.any() else float("nan")
     fpr = float(gated[neg].mean()) if neg.any() else float("nan")
-    return {"detector_tpr": tpr, "detector_fpr": fpr, "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
-            "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum()),
-            "detector_auc": roc_auc(labelled[holdout], risk[holdout]),
-            "probe_auc": probe_auc(feat, labelled, known & ~holdout, holdout, seed),
-            "detector_holdout_rows": int(holdout.sum())}
+    probe = probe_scores(feat, labelled, known & ~holdout, holdout, seed)
+    target = labelled[holdout]
+    stats = {"detector_tpr": tpr, "detector_fpr": fpr, "detector_tpr_over_fpr": tpr / fpr if fpr > 0 else float("inf"),
+             "gate_rate_s0": fpr, "gate_rate_s1": tpr, "anchors": int((group == 1).sum()),
+             "detector_auc": roc_auc(target, risk[holdout]),
+             "probe_auc": float("nan") if probe is None else roc_auc(target, probe),
+             "detector_holdout_rows": int(holdout.sum())}
+    if classes is not None:
+        strata = np.asarray(classes)[holdout]
+        stats["detector_auc_within_class"] = roc_auc(target, risk[holdout], strata)
+        stats["probe_auc_within_class"] = float("nan") if probe is None else roc_auc(target, probe, strata)
+    return stats
 
 
 def warn_if_detector_failed(stats: dict, risk: np.ndarray, labelled: np.ndarray) -> None:

@@ -176,7 +176,7 @@ def prototype_pass(run: FairRunState, feats: dict, *, args, threshold: float, nu
     group = estimated_groups(run.groups, risk, anchor_threshold(args.anchor_threshold, run.pos_weight),
                              args.anchor_source)
     gated = (risk > threshold).astype(np.int64)
-    stats = detector_statistics(risk, feats["feat"], run.groups, gated, group, run.holdout, args.seed)
+    stats = detector_statistics(risk, feats["feat"], run.groups, gated, group, run.holdout, args.seed, labels)
     n_classes = max(int(num_classes or 0), int(labels.max()) + 1)
     correct = feats["logits"].argmax(-1) == labels if args.prototype_rows == "correct" else None
     prototypes, counts = compute_prototypes(z, labels, group, n_classes, correct=correct)

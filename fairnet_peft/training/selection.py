@@ -34,8 +34,8 @@ them ("refused") and, for a fairer candidate that fails the floor alone, how man
 ("rows_needed"); `off_explanation` words that for the warning, the metrics and the model card. The groups are the
 setting's (trainer.py decides): the true groups (full), known labels else the detector's estimate (partial),
 the pseudo-groups (unlabeled). `detector_blind` is the do-no-harm check that runs before it: a detector whose
-held-out AUC is below `min_detector_auc` cannot tell who to correct, so the adapter goes off whatever few held-out
-rows would say.
+held-out AUC among rows of the same class is below `min_detector_auc` cannot tell who to correct, so the adapter
+goes off whatever few held-out rows would say.
 """
 
 from __future__ import annotations
@@ -469,13 +469,24 @@ def detector_blind(detector_stats: dict, min_detector_auc: float, setting: Optio
     """The reason to switch the adapter off when the detector cannot find the group, or None.
 
     The held-out detector AUC (rows the detector never trained on) below `min_detector_auc` means its risk barely
-    orders minority above majority: whatever τ, the gate fires on about as many majority rows as minority rows. In
-    the unlabeled `setting` the AUC is against the pseudo-labels, and the reason says so."""
-    auc = detector_stats.get("detector_auc", math.nan)
+    orders minority above majority: whatever τ, the gate fires on about as many majority rows as minority rows. The
+    AUC judged is the one among rows of the same class (`detector_auc_within_class`) where the rows give one, else
+    the one across classes: when the group is correlated with the class, a risk that follows the class alone ranks
+    the minority high across classes but tells no one apart within a class, so it would gate whole classes. In the
+    unlabeled `setting` the AUC is against the pseudo-labels, and the reason says so."""
+    within = detector_stats.get("detector_auc_within_class", math.nan)
+    judged = isinstance(within, (int, float)) and math.isfinite(within)
+    auc = within if judged else detector_stats.get("detector_auc", math.nan)
     if isinstance(auc, (int, float)) and math.isfinite(auc) and auc < min_detector_auc:
-        probe = detector_stats.get("probe_auc", math.nan)
+        probe = detector_stats.get("probe_auc_within_class" if judged else "probe_auc", math.nan)
         group = ("the pseudo-group (the rows the pseudo-labeler marked; the AUCs are against its marks)"
                  if setting == "unlabeled" else "the group")
-        return (f"the bias detector cannot find {group}: held-out AUC {auc:.3f} < min_detector_auc "
-                f"{min_detector_auc:g} (a logistic probe on the same features reaches {probe:.3f})")
+        where = "among rows of the same class " if judged else ""
+        reason = (f"the bias detector cannot find {group}: held-out AUC {where}{auc:.3f} < min_detector_auc "
+                  f"{min_detector_auc:g} (a logistic probe on the same features reaches {probe:.3f})")
+        across = detector_stats.get("detector_auc", math.nan)
+        if judged and isinstance(across, (int, float)) and across >= min_detector_auc:
+            reason += (f"; its AUC across classes, {across:.3f}, comes from the group's correlation with the class: "
+                       "the risk follows the class, not the group")
+        return reason
     return None

@@ -454,8 +454,8 @@ class FairTrainer(Trainer):
                 self._may_replace_card_report(metrics, metric_key_prefix):
             from ..evaluation.model_card import attach_fairness_report
 
-            detector = {f"train_{k}": self.detector_stats[k] for k in ("detector_auc", "probe_auc")
-                        if k in self.detector_stats}
+            keys = ("detector_auc", "probe_auc", "detector_auc_within_class", "probe_auc_within_class")
+            detector = {f"train_{k}": self.detector_stats[k] for k in keys if k in self.detector_stats}
             # how τ and α were chosen comes from the adapter config's selection_report, saved with the adapter
             attach_fairness_report(self.model, {**metrics, **detector}, split=metric_key_prefix,
                                    adapter_name=self.adapter_name)
