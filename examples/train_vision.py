@@ -105,6 +105,18 @@ def _renormalise(ds, processor):
     return ds.map(renorm, batched=True, batch_size=256)
 
 
+def readable(value, column: str, base: str, where: str):
+    """`as_image(...)` decoded to RGB; a file or bytes PIL cannot read raise a ValueError naming the row and file."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return as_image(value, column, base).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        raise ValueError(f"{where}: the image in column {column!r} ({name or 'embedded bytes'}) cannot be read: "
+                         f"{err}. Replace or remove that file (or its row) and run again.") from err
+
+
 def as_image(value, column: str, base: str):
     """A PIL image from what an image column may hold: an image, a file path (relative to the dataset's folder), the
     {"bytes", "path"} dict of an undecoded `datasets.Image`, or an H×W(×C) or C×H×W array of pixel values (0-255,
@@ -158,11 +170,20 @@ def load_data(args, processor):
 
             base = args.dataset if os.path.isdir(args.dataset) else os.path.dirname(os.path.abspath(args.dataset))
 
-            def convert(batch):
-                images = [as_image(v, args.image_column, base).convert("RGB") for v in batch[args.image_column]]
+            from datasets import DatasetDict, Image
+
+            def convert(batch, rows, split):
+                images = [readable(v, args.image_column, base, f"{split} row {i}")
+                          for v, i in zip(batch[args.image_column], rows)]
                 return {"pixel_values": processor(images=images, return_tensors="np")["pixel_values"]}
 
-            ds = ds.map(convert, batched=True, batch_size=64, remove_columns=[args.image_column])
+            converted = {}
+            for split, part in ds.items():
+                if isinstance(part.features.get(args.image_column), Image):  # decoded by readable(), which names
+                    part = part.cast_column(args.image_column, Image(decode=False))  # a file that cannot be read
+                converted[split] = part.map(convert, batched=True, batch_size=64, with_indices=True,
+                                            fn_kwargs={"split": split}, remove_columns=[args.image_column])
+            ds = DatasetDict(converted)
     return common.cap_validation(ds, args), names
 
 

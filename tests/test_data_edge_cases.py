@@ -275,3 +275,15 @@ def test_carved_splits_keep_the_minority_share_of_every_class(tmp_path):
                                    max_train=500, max_eval=50)
     y, s = capped["train"]["labels"], capped["train"]["sensitive"]
     assert len(y) == 500 and sum(a == 1 and b == 1 for a, b in zip(y, s)) == 60  # 12 % of the cap, exactly
+
+
+def test_a_missing_column_names_the_argument_and_the_examples_flag(tmp_path):
+    path = tmp_path / "d.csv"
+    _write_csv(path, "text,label,group", [(f"t{i}", i % 2, i % 3 == 0) for i in range(40)])
+    with pytest.raises(ValueError, match=r"no column 'tnt' .* pass the right column name as sensitive_column "
+                                         r"\(--sensitive-column in the examples\)"):
+        load_group_dataset(str(path), sensitive_column="tnt", keep_columns=("text",))
+    with pytest.raises(ValueError, match=r"no column 'y' .* as label_column \(--label-column in the examples\)"):
+        load_group_dataset(str(path), label_column="y", sensitive_column="group", keep_columns=("text",))
+    with pytest.raises(ValueError, match=r"no column 'image' .* as keep_columns \(--text-column / --image-column"):
+        load_group_dataset(str(path), sensitive_column="group", keep_columns=("image",))

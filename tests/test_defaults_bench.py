@@ -378,6 +378,25 @@ def test_reselect_headline_is_the_suites_table_for_the_defaults(tiny):
             assert f"{100 * res['accuracy']['point']:.1f}" in line
 
 
+def test_detector_auc_tables_both_aucs_of_every_saved_run(tiny):
+    """benchmarks/detector_auc.py: one row per task × setting of the run, AUCs in [0, 1] (the hidden task's detector
+    sees nothing either way); the within-class AUC of a run is the trainer's own statistic on the same rows."""
+    _, out, _ = tiny
+    script = _load_script("detector_auc")
+    text = script.main([str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    for task, block in saved["tasks"].items():
+        for setting in block["runs"]["0"]["settings"]:
+            line = next(x for x in text.splitlines() if x.startswith(f"| {task} | {setting} | 1 | "))
+            across, within, alone = (float(v) for v in line.split("|")[4:7])
+            assert all(0.0 <= v <= 1.0 for v in (across, within, alone)), line
+    path = next((out / "passes").glob("synthetic-s0-full.npz"))
+    got = script.aucs(str(path))
+    assert got["within"] > 0.9 and abs(got["class_alone"] - 0.5) < 0.2  # the synthetic group is visible, class-free
+    with pytest.raises(SystemExit):
+        script.main([str(out / "nothing-here")])
+
+
 def _report(erm_acc: dict, fair: dict) -> dict:
     """A minimal defaults.py results.json: task 't', setting 'full', per seed ERM ACC and FairNet ACC/WGA/EOD."""
     point = lambda v: {"point": v}  # noqa: E731

@@ -370,6 +370,35 @@ def test_text_and_image_columns_of_other_types_are_converted(tmp_path):
         vision.as_image(3, "img", folder)
 
 
+def test_an_unreadable_image_is_named_with_its_split_row_and_file(tmp_path):
+    """An image folder with a truncated file: the loader reads labels without decoding images, and the example's
+    conversion stops with the split, row and file, not PIL's bare 'image file is truncated'."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    vision = _load("train_vision")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    lines = ["file_name,label,group"]
+    for i in range(60):
+        Image.fromarray(np.full((8, 8, 3), 40 * (i % 5), np.uint8)).save(folder / f"{i:03d}.png")
+        lines.append(f"{i:03d}.png,{'cat' if i % 2 else 'dog'},{'out' if i % 4 == 0 else 'in'}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    args = SimpleNamespace(dataset=str(folder), dataset_config=None, label_column="label", sensitive_column="group",
+                           minority_value="out", image_column="image", seed=0, max_train=None, max_eval=None,
+                           max_val=None, model=None, image_size=8)
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    ds, names = vision.load_data(args, processor)  # readable files: every split converts
+    assert names == ["cat", "dog"] and ds["train"][0]["pixel_values"] is not None
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "007.png")
+    (folder / "007.png").write_bytes((folder / "007.png").read_bytes()[:100])  # truncated inside the pixel data
+    with pytest.raises(ValueError, match=r"(train|validation|test) row \d+: the image in column 'image' \(.*007\.png\) "
+                                         r"cannot be read: .*Replace or remove that file"):
+        vision.load_data(args, processor)
+
+
 def test_token_ids_outside_the_models_vocabulary_stop_before_erm(tmp_path):
     """A tokenizer that is not the model's (its pad id or a token id past vocab_size) is named before ERM trains."""
     from types import SimpleNamespace

@@ -360,6 +360,18 @@ def test_no_known_rows_gives_nan_with_warning():
         assert math.isnan(M.equalized_odds_difference(y, p, sensitive_features=s))
 
 
+def test_one_known_group_gives_zero_gaps_with_a_warning_that_says_why():
+    """As fairlearn, the gaps between one group and itself are 0; unlike fairlearn, the caller is told."""
+    y, p, _ = make_data(0, n=50)
+    s = np.where(np.arange(len(y)) % 2 == 0, 1, -1)  # the other rows' group is unknown
+    with pytest.warns(EmptyGroupWarning, match=r"one sensitive group among the known rows \(s=1\): every difference"):
+        assert M.equalized_odds_difference(y, p, sensitive_features=s) == 0.0
+    assert flm.equalized_odds_difference(y[s == 1], p[s == 1], sensitive_features=s[s == 1]) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.accuracy(y, p)  # label-only metrics have no groups to compare
+
+
 def test_no_warning_when_all_cells_present():
     y, p, s = make_data(0)
     with warnings.catch_warnings():

@@ -100,6 +100,33 @@ def test_the_image_folder_task_loads_as_the_vision_example_reads_it(tmp_path):
     assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)} == stamps
 
 
+@pytest.mark.parametrize("name", ["support", "support-hidden"])
+def test_the_support_tasks_correlate_the_group_with_the_class_in_training_only(tmp_path, name):
+    """`support` / `support-hidden`: a split folder the text example's loader reads with the script's flags; 80 % of
+    the Scots rows complain in training, about a third in test; the dialect is written in `support` only (the two
+    differ in nothing else a detector could read)."""
+    task = outside_tasks.TASKS[name]
+    assert task.example == "train_text.py" and not task.needs_raw
+    folder = task.data(None, str(tmp_path), name)
+    flags = dict(zip(task.flags[::2], task.flags[1::2]))
+    ds, classes = load_group_dataset(folder, label_column="label", sensitive_column=flags["--sensitive-column"],
+                                     minority_value=flags["--minority-value"], keep_columns=("text",))
+    assert list(classes) == ["complaint", "praise", "question"]
+    assert {s: len(ds[s]) for s in ds} == {"train": 2000, "validation": 600, "test": 1000}
+    complains = {}
+    for split in ("train", "test"):
+        minority = [y for y, g in zip(ds[split]["labels"], ds[split]["sensitive"]) if g == 1]
+        assert 0.15 < len(minority) / len(ds[split]) < 0.25
+        complains[split] = minority.count(0) / len(minority)
+    assert complains["train"] > 0.7 and complains["test"] < 0.45
+    scots = [t for t, g in zip(ds["train"]["text"], ds["train"]["sensitive"]) if g == 1]
+    dialect = sum(any(w in t for w in ("cannae", "dinnae", "Awright", "pal", " ma ")) for t in scots) / len(scots)
+    assert dialect > 0.5 if name == "support" else dialect == 0
+    before = {n: open(os.path.join(folder, n)).read() for n in os.listdir(folder)}
+    task.data(None, str(tmp_path), name)  # the same seed writes the same files
+    assert {n: open(os.path.join(folder, n)).read() for n in os.listdir(folder)} == before
+
+
 def _run(erm: tuple, fair: tuple) -> dict:
     keys = outside_tasks.KEYS
     return {"erm": dict(zip(keys, erm)), "fairnet": dict(zip(keys, fair)), "threshold": 0.5, "adapter_strength": 1.0}

@@ -245,6 +245,11 @@ def test_fair_gate_minus_one_defers_to_detector():
     rec = gate_record(model)
     assert rec.gate.tolist() == [False, True, False, True, True, False] and rec.source == "mixed"
     assert rec.risk is not None and rec.risk.shape == (6,)
+    # every row -1: the detector decides every row, as with no fair_gate, and the record says so
+    batch = tiny_batch("bert")
+    deferred = logits(model, batch, fair_gate=torch.full((6,), -1))
+    assert gate_record(model).source == "detector" and gate_record(model).gate.all()
+    assert torch.equal(deferred, logits(model, batch))
 
 
 # ---------------------------------------------------------------------------- several attributes

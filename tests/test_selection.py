@@ -649,6 +649,35 @@ def test_detector_blind_judges_the_auc_among_rows_of_the_same_class():
     assert "AUC 0.600 <" in detector_blind(dict(stats, detector_auc=0.6, detector_auc_within_class=float("nan")), 0.65)
 
 
+def test_with_no_held_out_rows_a_cross_validated_probe_judges_whether_the_group_is_visible():
+    from fairnet_peft.training.detector_stage import detector_statistics
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    groups = np.full(n, -1)
+    groups[:40] = (np.arange(40) % 4 == 0).astype(int)  # 40 labelled rows, 10 of them minority: too few to hold out
+    hidden = rng.normal(size=(n, 8))  # the group is not in the features
+    visible = hidden + 3.0 * np.maximum(groups, 0)[:, None]
+    none = np.zeros(n, bool)
+    stats = {}
+    for name, feat in (("hidden", hidden), ("visible", visible)):
+        stats[name] = detector_statistics(rng.random(n), feat, groups, np.zeros(n, int), groups, none, 0, y)
+        assert np.isnan(stats[name]["detector_auc"]) and stats[name]["probe_cross_validated_rows"] == 40
+    assert stats["visible"]["probe_auc_cross_validated_within_class"] > 0.9
+    assert detector_blind(stats["visible"], 0.65) is None
+    reason = detector_blind(dict(stats["hidden"], probe_auc_cross_validated_within_class=0.52), 0.65)
+    assert reason.startswith("no labelled rows could be held out from the detector (fewer than 15 in a group), and a "
+                             "logistic probe cross-validated on the 40 labelled rows finds the group with an AUC among "
+                             "rows of the same class of only 0.520 < min_detector_auc 0.65")
+    # held-out rows, when there are any, decide; a probe that cannot be cross-validated decides nothing
+    assert detector_blind(dict(stats["hidden"], detector_auc=0.9, probe_auc_cross_validated_within_class=0.5), 0.65) \
+        is None
+    few = np.where(np.arange(n) < 4, np.arange(n) % 2, -1)  # 2 rows per group: no 3-fold split
+    assert "probe_cross_validated_rows" not in detector_statistics(rng.random(n), hidden, few, np.zeros(n, int), few,
+                                                                   none, 0, y)
+
+
 def test_roc_auc_within_strata_counts_same_stratum_pairs_only():
     rng = np.random.default_rng(0)
     n = 4000
@@ -942,6 +971,27 @@ def test_a_blind_detector_switches_the_adapter_off_unless_forced(synthetic_erm_d
                               eval_dataset=data["validation"]).train().metrics
     assert "cannot find the group" not in str(metrics.get("train_selection_reason", ""))
     assert metrics["train_lora_relative_update"] > 0
+
+
+def test_a_blind_detector_with_too_few_labels_to_hold_out_is_caught_by_the_cross_validated_probe(
+        synthetic_erm_dir, tmp_path):
+    """Partial setting, 3 % of the group labels (too few minority rows to hold any out from the detector), the group
+    not in the input: the detector's AUC cannot be measured, so a probe cross-validated on the labelled rows judges,
+    the adapter goes off and the LoRA stage is skipped; the base model comes back."""
+    from fairnet_peft.data import hide_group_labels
+
+    data = hide_group_labels(make_synthetic_text(seed=0, n_train=1200, n_val=300, n_test=300, group_in_input=False),
+                             "partial", fraction=0.03, seed=0)
+    model = _fresh(synthetic_erm_dir)
+    trainer = FairTrainer(model=model, args=FairTrainingArguments(str(tmp_path), **SHORT),
+                          train_dataset=data["train"], eval_dataset=data["validation"])
+    with expect_warnings("switched the adapter off.*no labelled rows could be held out", allow=(".*",)):
+        metrics = trainer.train().metrics
+    assert metrics["train_detector_holdout_rows"] == 0 and metrics["train_probe_cross_validated_rows"] > 0
+    assert metrics["train_probe_auc_cross_validated_within_class"] < 0.65
+    assert metrics["train_selection_adapter_off"] == 1.0 and metrics["train_lora_skipped"] == 1.0
+    erm = T.BertForSequenceClassification.from_pretrained(synthetic_erm_dir)
+    np.testing.assert_array_equal(_predict(model, data["test"]), _predict(erm, data["test"]))
 
 
 def test_torch_compile_training_is_refused_with_the_reason(tmp_path):

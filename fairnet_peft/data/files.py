@@ -266,8 +266,12 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     splits = _named_splits(_read(path, config))
     for col in list(keep_columns) + [label_column, sensitive_column]:
         if col not in splits["train"].column_names:
+            role = ("label_column" if col == label_column else "sensitive_column" if col == sensitive_column
+                    else "keep_columns")
+            flag = {"label_column": "--label-column", "sensitive_column": "--sensitive-column"}.get(
+                role, "--text-column / --image-column")
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
-                             "pass the right column name.")
+                             f"pass the right column name as {role} ({flag} in the examples).")
 
     def cells(ds):  # the (label, group) cell of each row, as the splits are stratified on them
         labels = [None if is_missing(v) else normalize_value(v) for v in ds[label_column]]
@@ -281,7 +285,7 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
         raise ValueError(f"label column {label_column!r} has fewer than two classes: {class_names}.")
     out = {}
     for split, ds in splits.items():
-        ds = ds.filter(lambda row: not is_missing(row[label_column]))
+        ds = ds.filter(lambda label: not is_missing(label), input_columns=[label_column])  # decodes no image
         if len(ds) == 0:
             raise ValueError(f"dataset {path!r}: the {split} split has no row with a label in {label_column!r}; "
                              "every split needs labelled rows.")

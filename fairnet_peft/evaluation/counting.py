@@ -225,7 +225,7 @@ def confusion_by_group(
       of the max − min spread. fairlearn instead scores such rates 0 (sklearn's ``nan_to_num``).
       No known row at all: every group metric is NaN, with a warning.
     * **Differences** are ``max_g − min_g`` over groups ("between_groups", as fairlearn); a single
-      group (or a single group where the rate is defined) gives 0.
+      group (or a single group where the rate is defined) gives 0, and a single known group warns.
     * **Classes** are ``labels`` if given, else the values of ``y_true`` ∪ ``y_pred``. **Binary**:
       ``{0, 1}`` (positive = 1) or any two values (positive = the larger one, as fairlearn).
       **Multiclass** (> 2 classes, e.g. ``labels=range(3)``): the binary metric is computed with each
@@ -265,6 +265,14 @@ def confusion_by_group(
     if warn:
         if len(yt) == 0:
             warnings.warn("no rows with a known sensitive value", EmptyGroupWarning, stacklevel=3)
+        elif sensitive_features is not None and G == 1:
+            warnings.warn(
+                f"one sensitive group among the known rows ({group_key(groups[0])}): every difference between groups "
+                "(EOD, equal opportunity, demographic parity) is 0 and worst-group accuracy is that group's worst "
+                "cell; pass rows of both groups to compare them",
+                EmptyGroupWarning,
+                stacklevel=3,
+            )
         empty = [cell_key(classes[k], groups[g]) for g, k in stats.cells() if stats.cell_count[g, k] == 0]
         if empty:
             warnings.warn(

@@ -83,6 +83,22 @@ def probe_scores(features: np.ndarray, target: np.ndarray, fit_rows: np.ndarray,
     return balanced_probe().fit(features[fit], target[fit]).predict_proba(features[test_rows])[:, 1]
 
 
+def cross_validated_probe_scores(features: np.ndarray, target: np.ndarray, seed: int, folds: int = 3,
+                                 max_rows: int = 20000) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(rows, scores): `balanced_probe`'s out-of-fold minority probability on the (pseudo-)labelled rows, for when no
+    rows could be held out from the detector; None with fewer than `folds` rows in a group."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rows = np.flatnonzero(target >= 0)
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_rows, replace=False))
+    y = target[rows]
+    if min(int((y == 0).sum()), int((y == 1).sum())) < folds:
+        return None
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return rows, cross_val_predict(balanced_probe(), features[rows], y, cv=cv, method="predict_proba")[:, 1]
+
+
 class DetectorEarlyStopping(TrainerCallback):
     """Every `every` updates: the held-out class-balanced BCE; keeps the best detector, stops after `patience`
     evaluations without improvement, but not before `min_updates` (a fresh detector can sit on a plateau near 0.5 for
@@ -152,7 +168,8 @@ def detector_statistics(risk: np.ndarray, feat: np.ndarray, labelled: np.ndarray
                         classes: Optional[np.ndarray] = None) -> dict[str, float]:
     """What the prototype pass reports about the detector, against the labels the setting has (-1 unknown): gate
     rates (TPR/FPR at τ), anchors, held-out ROC-AUC of the risk and of the logistic probe on the same features, across
-    the held-out rows and (with `classes`) among rows of the same class (`roc_auc`'s strata)."""
+    the held-out rows and (with `classes`) among rows of the same class (`roc_auc`'s strata). With no held-out rows,
+    the probe's AUC cross-validated on the labelled rows instead (`probe_auc_cross_validated[_within_class]`)."""
     known = labelled >= 0
     pos, neg = known & (labelled == 1), known & (labelled == 0)
     tpr = float(gated[pos].mean()) if pos.any() else float("nan")
@@ -168,6 +185,14 @@ def detector_statistics(risk: np.ndarray, feat: np.ndarray, labelled: np.ndarray
         strata = np.asarray(classes)[holdout]
         stats["detector_auc_within_class"] = roc_auc(target, risk[holdout], strata)
         stats["probe_auc_within_class"] = float("nan") if probe is None else roc_auc(target, probe, strata)
+    cross = None if holdout.any() else cross_validated_probe_scores(feat, labelled, seed)
+    if cross is not None:  # no held-out rows (too few labelled rows in a group): whether the group is visible at all
+        rows, scores = cross
+        stats["probe_auc_cross_validated"] = roc_auc(labelled[rows], scores)
+        if classes is not None:
+            stats["probe_auc_cross_validated_within_class"] = roc_auc(labelled[rows], scores,
+                                                                      np.asarray(classes)[rows])
+        stats["probe_cross_validated_rows"] = int(len(rows))
     return stats
 
 

@@ -51,6 +51,7 @@ from ..metrics import accuracy, equalized_odds_difference, group_accuracies, wor
 from ..evaluation.counting import to_numpy
 from ..evaluation.report import format_threshold
 from ..evaluation.sweep import gate_rate_thresholds
+from .detector_stage import MIN_HOLDOUT_PER_GROUP
 
 OFF = 1.0  # risk ≤ 1 and the gate is `risk > τ`: τ = 1 is the adapter off
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(0, 10))
@@ -489,4 +490,15 @@ def detector_blind(detector_stats: dict, min_detector_auc: float, setting: Optio
             reason += (f"; its AUC across classes, {across:.3f}, comes from the group's correlation with the class: "
                        "the risk follows the class, not the group")
         return reason
+    if not (isinstance(auc, (int, float)) and math.isfinite(auc)):  # no held-out rows: is the group visible at all?
+        found = [(k, v) for k in ("probe_auc_cross_validated_within_class", "probe_auc_cross_validated")
+                 if isinstance(v := detector_stats.get(k, math.nan), (int, float)) and math.isfinite(v)]
+        if found and found[0][1] < min_detector_auc:
+            (key, cross), group = found[0], "the pseudo-group" if setting == "unlabeled" else "the group"
+            where = " among rows of the same class" if key.endswith("within_class") else ""
+            return (f"no labelled rows could be held out from the detector (fewer than "
+                    f"{3 * MIN_HOLDOUT_PER_GROUP} in a group), and a logistic probe cross-validated on the "
+                    f"{detector_stats.get('probe_cross_validated_rows', 0)} labelled rows finds {group} with an "
+                    f"AUC{where} of only {cross:.3f} < min_detector_auc {min_detector_auc:g}: it is not visible in "
+                    "the detector's input")
     return None

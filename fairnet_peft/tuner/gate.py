@@ -256,6 +256,8 @@ class GateState:
             elif a in overrides and bool((overrides[a] >= 0).all()):
                 live.records[a] = GateRecord.build(overrides[a] == 1, source="fair_gate")
             else:
+                if a in overrides and not bool((overrides[a] >= 0).any()):
+                    del overrides[a]  # every row -1: the detector decides them all, and the record says "detector"
                 live.pending.add(a)
 
     @contextlib.contextmanager
