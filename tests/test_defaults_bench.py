@@ -390,6 +390,8 @@ def test_detector_auc_tables_both_aucs_of_every_saved_run(tiny):
             line = next(x for x in text.splitlines() if x.startswith(f"| {task} | {setting} | 1 | "))
             across, within, alone = (float(v) for v in line.split("|")[4:7])
             assert all(0.0 <= v <= 1.0 for v in (across, within, alone)), line
+    by_seed = script.main([str(out), "--rows", "validation", "--per-seed"])
+    assert "| synthetic | full s0 | 1 |" in by_seed
     path = next((out / "passes").glob("synthetic-s0-full.npz"))
     got = script.aucs(str(path))
     assert got["within"] > 0.9 and abs(got["class_alone"] - 0.5) < 0.2  # the synthetic group is visible, class-free

@@ -475,30 +475,33 @@ def detector_blind(detector_stats: dict, min_detector_auc: float, setting: Optio
     the one across classes: when the group is correlated with the class, a risk that follows the class alone ranks
     the minority high across classes but tells no one apart within a class, so it would gate whole classes. In the
     unlabeled `setting` the AUC is against the pseudo-labels, and the reason says so."""
-    within = detector_stats.get("detector_auc_within_class", math.nan)
-    judged = isinstance(within, (int, float)) and math.isfinite(within)
-    auc = within if judged else detector_stats.get("detector_auc", math.nan)
-    if isinstance(auc, (int, float)) and math.isfinite(auc) and auc < min_detector_auc:
-        probe = detector_stats.get("probe_auc_within_class" if judged else "probe_auc", math.nan)
-        group = ("the pseudo-group (the rows the pseudo-labeler marked; the AUCs are against its marks)"
-                 if setting == "unlabeled" else "the group")
-        where = "among rows of the same class " if judged else ""
-        reason = (f"the bias detector cannot find {group}: held-out AUC {where}{auc:.3f} < min_detector_auc "
-                  f"{min_detector_auc:g} (a logistic probe on the same features reaches {probe:.3f})")
-        across = detector_stats.get("detector_auc", math.nan)
-        if judged and isinstance(across, (int, float)) and across >= min_detector_auc:
+    def stat(key: str) -> Optional[float]:
+        value = detector_stats.get(key)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    group = ("the pseudo-group (the rows the pseudo-labeler marked; the AUCs are against its marks)"
+             if setting == "unlabeled" else "the group")
+    within, across = stat("detector_auc_within_class"), stat("detector_auc")
+    auc = within if within is not None else across
+    if auc is not None:
+        if auc >= min_detector_auc:
+            return None
+        probe = stat("probe_auc_within_class" if within is not None else "probe_auc")
+        reason = (f"the bias detector cannot find {group}: held-out AUC "
+                  f"{'among rows of the same class ' if within is not None else ''}{auc:.3f} < min_detector_auc "
+                  f"{min_detector_auc:g} (a logistic probe on the same features reaches "
+                  f"{math.nan if probe is None else probe:.3f})")
+        if within is not None and across is not None and across >= min_detector_auc:
             reason += (f"; its AUC across classes, {across:.3f}, comes from the group's correlation with the class: "
                        "the risk follows the class, not the group")
         return reason
-    if not (isinstance(auc, (int, float)) and math.isfinite(auc)):  # no held-out rows: is the group visible at all?
-        found = [(k, v) for k in ("probe_auc_cross_validated_within_class", "probe_auc_cross_validated")
-                 if isinstance(v := detector_stats.get(k, math.nan), (int, float)) and math.isfinite(v)]
-        if found and found[0][1] < min_detector_auc:
-            (key, cross), group = found[0], "the pseudo-group" if setting == "unlabeled" else "the group"
-            where = " among rows of the same class" if key.endswith("within_class") else ""
-            return (f"no labelled rows could be held out from the detector (fewer than "
-                    f"{3 * MIN_HOLDOUT_PER_GROUP} in a group), and a logistic probe cross-validated on the "
-                    f"{detector_stats.get('probe_cross_validated_rows', 0)} labelled rows finds {group} with an "
-                    f"AUC{where} of only {cross:.3f} < min_detector_auc {min_detector_auc:g}: it is not visible in "
-                    "the detector's input")
+    # no held-out rows: whether the group is visible at all, by the probe cross-validated on the labelled rows
+    cross_within, cross = stat("probe_auc_cross_validated_within_class"), stat("probe_auc_cross_validated")
+    judged = cross_within if cross_within is not None else cross
+    if judged is not None and judged < min_detector_auc:
+        rows = detector_stats.get("probe_cross_validated_rows")
+        return (f"no labelled rows could be held out from the detector (fewer than {3 * MIN_HOLDOUT_PER_GROUP} in a "
+                f"group), and a logistic probe cross-validated on the {rows} labelled rows finds {group} with an AUC"
+                f"{' among rows of the same class' if cross_within is not None else ''} of only {judged:.3f} < "
+                f"min_detector_auc {min_detector_auc:g}: it is not visible in the detector's input")
     return None
