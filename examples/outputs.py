@@ -110,8 +110,9 @@ def save_outputs(*, args, model, card: str, fair_test: dict, cells: dict, metric
     if not main:
         return paths
     _add_card_tags(paths["model_card"], ["fairness", "fairnet", "fairlora"])
-    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell",
-                          class_names=metrics.get("class_names"))
+    group = metrics.get("minority_group")
+    plot_group_accuracies(cells, paths["plot"], title="Test accuracy per (label × group) cell"
+                          + (f"; s=1: {group}" if group else ""), class_names=metrics.get("class_names"))
     with open(paths["metrics"], "w") as f:
         json.dump(_strict_json({**metrics, "outputs": paths}), f, indent=2, allow_nan=False)
     return paths
@@ -235,7 +236,8 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     metrics = {"task": kind, "setting": args.setting, "label_setting_inferred": trainer.label_setting,
                "erm": results["ERM"], "fairnet": fair_test, "threshold": tau, "adapter_strength": strength,
                "fairnet_train": dict(train_result.metrics), "erm_train": erm_info, "erm_dir": erm_dir,
-               "cells_test": cells, "class_names": [str(n) for n in card["class_names"]], "timings_s": timings,
+               "cells_test": cells, "class_names": [str(n) for n in card["class_names"]],
+               "minority_group": card["details"].get("minority group (s=1)"), "timings_s": timings,
                "peak_gpu_memory_gib": memory or {}, "args": vars(args),
                "mixed_precision": trainer.accelerator.mixed_precision, "world_size": dist_state().num_processes,
                "distributed_type": str(dist_state().distributed_type).rsplit(".", 1)[-1]}

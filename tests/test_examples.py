@@ -130,6 +130,7 @@ def _check_outputs(out_dir, stdout: str | None = None, n_test: int | None = None
     names = metrics["class_names"]  # the cells' class ids, named: in metrics.json and in the card's cell rows
     assert len(names) >= 2 and all(isinstance(n, str) for n in names)
     assert any(f"| accuracy of cell y={names[1]}, s=1 |" in line for line in card.splitlines()), card
+    assert metrics["minority_group"] and f"| minority group (s=1) | {metrics['minority_group']} |" in card
     if stdout is not None:
         rows = _table_rows(stdout)
         assert set(rows) == {"ERM", "FairNet"} and all(len(v) == 1 for v in rows.values()), rows

@@ -98,7 +98,7 @@ def plot_group_accuracies(
 
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels(_cell_labels(cells, per_model, class_names), fontsize=8)
-    ax.set_ylim(0, 1.22)
+    ax.set_ylim(-0.03, 1.22)  # a worst cell at 0 keeps its dashed line visible above the axis
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")
     ax.set_title(title + " (dashed: worst cell)")
