@@ -120,7 +120,8 @@ def test_one_epoch_moves_lora_and_detector_and_round_trips(kind, tmp_path):
     before = {n: p.detach().clone() for n, p in detector.named_parameters()}
     args = FairTrainingArguments(str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=8,
                                  detector_epochs=1, detector_min_updates=2, lora_min_updates=2,
-                                 detector_holdout_fraction=0.0, report_to=[], save_strategy="no", disable_tqdm=True,
+                                 detector_holdout_fraction=0.0, train_lora_when_blind=True,  # random features: blind
+                                 report_to=[], save_strategy="no", disable_tqdm=True,
                                  seed=0, dataloader_num_workers=0, use_cpu=True)
     FairTrainer(model=model, args=args, train_dataset=dataset(kind)).train()
     assert model.base_model.lora_relative_update("default") > 0  # B started at zero

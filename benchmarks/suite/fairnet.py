@@ -46,8 +46,9 @@ def _fair_args(ctx: Context, name: str, cfg: dict, grid_index: int):
                  anchor_weighting=cfg.get("anchor_weighting", "none"),
                  gate_threshold=0.0 if spec["tau"] == 0.0 else None, weight_decay=0.0,
                  # this benchmark's protocol picks (epoch, τ) on validation: keep its stages epoch-sized, with
-                 # no update floors and no detector early stopping (defaults.py measures the library defaults)
-                 lora_min_updates=0, detector_min_updates=0, detector_holdout_fraction=0.0)
+                 # no update floors and no detector early stopping (defaults.py measures the library defaults),
+                 # and the LoRA trained whatever the blind check says (the grid reads it with its own gate)
+                 lora_min_updates=0, detector_min_updates=0, detector_holdout_fraction=0.0, train_lora_when_blind=True)
     extra.update({key: cfg[key] for key in ("negative_strategy", "distance") if key in cfg})
     return training_args(ctx, f"{name}-{grid_index}", epochs=cfg["fair_epochs"], lr=cfg["fair_lr"],
                          cls=FairTrainingArguments, **extra)
