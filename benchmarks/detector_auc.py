@@ -14,7 +14,6 @@ within-class AUC is below the bound while the AUC across classes is not (where t
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import warnings
@@ -28,7 +27,7 @@ for _p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
         sys.path.insert(0, _p)
 
 from fairnet_peft.training.detector_stage import roc_auc  # noqa: E402
-from reselect import NAME  # noqa: E402
+from reselect import NAME, pass_files  # noqa: E402
 from suite.replay import load  # noqa: E402
 
 BOUND = 0.65  # FairTrainingArguments.min_detector_auc's default
@@ -48,11 +47,7 @@ def aucs(path: str, rows: str = "test") -> dict:
 def table(folders, bound: float = BOUND, rows: str = "test", per_seed: bool = False) -> str:
     cells = defaultdict(list)
     for folder in folders:
-        paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz"))
-                       + glob.glob(os.path.join(folder, "task-*", "passes", "*.npz")))
-        if not paths:
-            raise SystemExit(f"{folder}: no passes (*.npz) found; run benchmarks/defaults.py first")
-        for path in paths:
+        for path in pass_files(folder):
             match = NAME.search(os.path.basename(path))
             if match:
                 key = (match["task"], match["setting"]) + ((f"s{match['seed']}",) if per_seed else ())

@@ -49,6 +49,16 @@ def scores(labels, pred, groups) -> tuple:
             M.equalized_odds_difference(labels, pred, sensitive_features=groups))
 
 
+def pass_files(folder: str) -> list:
+    """The saved passes of one run folder (with --jobs, each task's child saved its own), or a folder of them."""
+    paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz"))
+                   + glob.glob(os.path.join(folder, "task-*", "passes", "*.npz"))
+                   or glob.glob(os.path.join(folder, "*.npz")))
+    if not paths:
+        raise SystemExit(f"{folder}: no passes (*.npz) found; run benchmarks/defaults.py at this version first")
+    return paths
+
+
 def evaluate(folders, rules: dict) -> dict:
     """{(task, setting): {rule: {"seeds", "d_acc", "d_wga", "d_eod" (t-intervals of the change vs ERM), "keeps",
     "off", "erm_<metric>" / "fairnet_<metric>" (t-intervals of the absolute values), "detector_auc",
@@ -56,12 +66,7 @@ def evaluate(folders, rules: dict) -> dict:
     parsed = {name: selection_arguments(overrides) for name, overrides in rules.items()}  # validated once per rule
     cells: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for folder in folders:
-        paths = sorted(glob.glob(os.path.join(folder, "passes", "*.npz"))  # --jobs: each task's child saved its own
-                       + glob.glob(os.path.join(folder, "task-*", "passes", "*.npz"))
-                       or glob.glob(os.path.join(folder, "*.npz")))
-        if not paths:
-            raise SystemExit(f"{folder}: no passes (*.npz) found; run benchmarks/defaults.py at this version first")
-        for path in paths:
+        for path in pass_files(folder):
             match = NAME.search(os.path.basename(path))
             if not match:
                 continue

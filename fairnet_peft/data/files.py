@@ -266,10 +266,9 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
     splits = _named_splits(_read(path, config))
     for col in list(keep_columns) + [label_column, sensitive_column]:
         if col not in splits["train"].column_names:
-            role = ("label_column" if col == label_column else "sensitive_column" if col == sensitive_column
-                    else "keep_columns")
-            flag = {"label_column": "--label-column", "sensitive_column": "--sensitive-column"}.get(
-                role, "--text-column / --image-column")
+            role, flag = {label_column: ("label_column", "--label-column"),
+                          sensitive_column: ("sensitive_column", "--sensitive-column")}.get(
+                col, ("keep_columns", "--text-column / --image-column"))
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
                              f"pass the right column name as {role} ({flag} in the examples).")
 
