@@ -254,7 +254,8 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[Sequence[s
         parser.error("--label-fraction must be in (0, 1]")
     data_only = {"--dataset-config": args.dataset_config is not None, "--label-column": args.label_column != "label",
                  "--sensitive-column": args.sensitive_column != "sensitive",
-                 "--minority-value": args.minority_value is not None}
+                 "--minority-value": args.minority_value is not None,
+                 "--text-pair-column": getattr(args, "text_pair_column", None) is not None}
     given = [flag for flag, set_ in data_only.items() if set_]
     if args.dataset is None and given:
         parser.error(f"{', '.join(given)} apply to a --dataset of your own; without --dataset the example trains on "

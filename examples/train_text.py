@@ -8,6 +8,8 @@ serialised to sentences (embedded in `fairnet_peft`; y = income > 50K, s = 1 for
     python examples/train_text.py --setting partial --label-fraction 0.1
     python examples/train_text.py --dataset my.csv --text-column text --label-column y \\
         --sensitive-column gender --minority-value F
+    python examples/train_text.py --dataset nli.csv --text-column premise --text-pair-column hypothesis \\
+        --label-column gold_label --sensitive-column negation --minority-value 1   # sentence pairs (MultiNLI-style)
     accelerate launch examples/train_text.py --demo
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 examples/train_text.py --demo
 
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_common_arguments(parser, defaults=DEFAULTS)
     text = parser.add_argument_group("text")
     text.add_argument("--text-column", default="text", help="Column with the input text (only for --dataset).")
+    text.add_argument("--text-pair-column", default=None,
+                      help="Second text column of a sentence-pair task (NLI, paraphrase: premise and hypothesis); the "
+                           "tokenizer encodes each row as a pair, e.g. [CLS] text [SEP] pair [SEP] for BERT, and "
+                           "--max-length truncates the longer of the two first (only for --dataset).")
     text.add_argument("--max-length", type=int, default=64, help="Truncate inputs to this many tokens.")
     return parser
 
@@ -86,10 +92,25 @@ def check_token_ids(data, tokenizer, model_path: str) -> None:
                          "with beside it, or resize the model's embeddings (model.resize_token_embeddings).")
 
 
+def text_columns(args) -> dict:
+    """The dataset's text column(s) → the names the example works with: `text`, and `text_pair` for sentence pairs."""
+    columns = {args.text_column: "text"}
+    if args.text_pair_column is not None:
+        columns[args.text_pair_column] = "text_pair"
+    return columns
+
+
+def tokenize(batch, tokenizer, max_length: int) -> dict:
+    """One text per row, or a pair when the data has `text_pair` (truncation shortens the longer text first)."""
+    pairs = as_texts(batch["text_pair"]) if "text_pair" in batch else None
+    return tokenizer(as_texts(batch["text"]), pairs, truncation=True, max_length=max_length)
+
+
 def load_data(args):
-    """DatasetDict with text/labels/sensitive, and the class names."""
+    """DatasetDict with text (and text_pair)/labels/sensitive, and the class names."""
     from fairnet_peft.data import load_adult_text, load_group_dataset
 
+    columns = text_columns(args)
     with common.dist_state().main_process_first():
         if args.dataset is None:
             ds = load_adult_text(seed=args.seed, max_train=args.max_train, max_eval=args.max_eval, progress=False)
@@ -98,15 +119,19 @@ def load_data(args):
             ds, names = load_group_dataset(
                 args.dataset, config=args.dataset_config, label_column=args.label_column,
                 sensitive_column=args.sensitive_column, minority_value=args.minority_value,
-                keep_columns=[args.text_column], seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
-            if args.text_column != "text":
-                ds = ds.rename_column(args.text_column, "text")
+                keep_columns=list(columns), seed=args.seed, max_train=args.max_train, max_eval=args.max_eval)
+            ds = ds.rename_columns({old: new for old, new in columns.items() if old != new})
     return common.cap_validation(ds, args), names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     # 1. Arguments
-    args = common.parse_with_preset(build_parser(), argv, DEMO)
+    parser = build_parser()
+    args = common.parse_with_preset(parser, argv, DEMO)
+    if args.text_pair_column is not None and args.text_pair_column == args.text_column:
+        parser.error(f"--text-pair-column names the same column as --text-column ({args.text_column!r}): a sentence "
+                     "pair needs two columns, e.g. --text-column premise --text-pair-column hypothesis; leave "
+                     "--text-pair-column out for single texts.")
     common.quiet_libraries()
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
@@ -129,8 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              "batches cannot be padded: add one (tokenizer.add_special_tokens({'pad_token': ...}) and "
                              "model.resize_token_embeddings) and save it beside the model.")
         tokenizer.pad_token = tokenizer.eos_token
-    data = visible.map(lambda b: tokenizer(as_texts(b["text"]), truncation=True, max_length=args.max_length),
-                       batched=True, remove_columns=["text"])
+    data = visible.map(tokenize, fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length), batched=True,
+                       remove_columns=[c for c in ("text", "text_pair") if c in visible["train"].column_names])
     check_token_ids(data, tokenizer, model_path)
     for split in common.SPLITS:
         common.log("[data] " + common.describe_split(visible[split], split, class_names))
@@ -151,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    text_column=args.text_column, label_column=args.label_column, max_train=args.max_train,
                    max_length=args.max_length, seed=args.seed, epochs=args.erm_epochs, lr=args.erm_lr,
                    batch_size=args.batch_size)
+    if args.text_pair_column is not None:  # only then, so that the caches of single-text runs keep their keys
+        erm_key["text_pair_column"] = args.text_pair_column
     erm_dir, erm_info = common.train_or_load_erm(
         args=args, key=erm_key, build_model=build_model, train_ds=data["train"].remove_columns("sensitive"),
         eval_ds=data["validation"].remove_columns("sensitive"), save_extra=tokenizer.save_pretrained,
@@ -180,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     details = {"task": "text classification",
                "data": args.dataset or "UCI Adult serialised to text (fairnet_peft.data.load_adult_text)",
                "minority group (s=1)": common.minority_description(args, default="women")}
+    if args.text_pair_column is not None:
+        details["input"] = f"sentence pairs: {args.text_column!r} + {args.text_pair_column!r}"
     return outputs.finish_run(
         args=args, kind="text", model=model, trainer=trainer, train_result=train_result, erm=(erm_dir, erm_info),
         data=data, logits={"ERM": erm_logits, "FairNet": logits}, results={"ERM": erm_test, "FairNet": fair_test},

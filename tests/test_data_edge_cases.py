@@ -285,5 +285,5 @@ def test_a_missing_column_names_the_argument_and_the_examples_flag(tmp_path):
         load_group_dataset(str(path), sensitive_column="tnt", keep_columns=("text",))
     with pytest.raises(ValueError, match=r"no column 'y' .* as label_column \(--label-column in the examples\)"):
         load_group_dataset(str(path), label_column="y", sensitive_column="group", keep_columns=("text",))
-    with pytest.raises(ValueError, match=r"no column 'image' .* as keep_columns \(--text-column / --image-column"):
+    with pytest.raises(ValueError, match=r"no column 'image' .* as keep_columns \(--text-column / --text-pair-column / --image-column"):
         load_group_dataset(str(path), sensitive_column="group", keep_columns=("image",))

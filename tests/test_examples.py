@@ -559,6 +559,55 @@ def test_text_example_with_a_local_csv_partial_labels_and_the_erm_cache(tmp_path
     assert second["erm"] == first["erm"]  # the same cached ERM model gives the same test predictions
 
 
+def _write_pairs_csv(path, n: int, seed: int) -> None:
+    """MultiNLI-style rows: premise, hypothesis, a 3-class gold label, and the group (a negation in the hypothesis)
+    blank for some rows."""
+    rng = np.random.default_rng(seed)
+    subjects, verbs = ["the cat", "a man", "the girl", "two dogs"], ["sleeps", "runs", "eats", "sings"]
+    with open(path, "w") as f:
+        f.write("premise,hypothesis,gold_label,negation\n")
+        for i in range(n):
+            s, v = rng.choice(subjects), rng.choice(verbs)
+            label = ["entailment", "neutral", "contradiction"][int(rng.integers(0, 3))]
+            neg = rng.random() < 0.3
+            hyp = {"entailment": f"{s} {v}", "neutral": f"{s} {v} outside", "contradiction": f"{s} never {v}"}[label]
+            hyp = f"it is not true that {hyp}" if neg else hyp
+            f.write(f"{s} {v} today,{hyp},{label},{'' if i % 13 == 0 else int(neg)}\n")
+
+
+def test_text_example_encodes_sentence_pairs(tmp_path, tiny_text_model, offline):
+    """--text-pair-column: each row is tokenized as a pair (the BERT tokenizer's second segment is there), the ERM cache
+    key and the card name both columns, three classes reach the metrics, and a pair column equal to the text column
+    or without --dataset is an argument error."""
+    text = _load("train_text")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_model)
+    one = text.tokenize({"text": ["a man sleeps"], "text_pair": ["a man never sleeps"]}, tok, max_length=64)
+    assert one["input_ids"][0] == tok("a man sleeps", "a man never sleeps")["input_ids"]
+    assert one["token_type_ids"][0].count(1) == len(tok("a man never sleeps")["input_ids"]) - 1  # the pair's segment
+    assert 1 not in text.tokenize({"text": ["a man sleeps"]}, tok, max_length=64)["token_type_ids"][0]
+    for argv, message in ((["--text-pair-column", "hypothesis"], "--text-pair-column apply to a --dataset"),
+                          (["--dataset", "x.csv", "--text-column", "h", "--text-pair-column", "h"],
+                           "names the same column as --text-column")):
+        with pytest.raises(SystemExit):
+            text.main(argv)
+
+    csv = tmp_path / "nli.csv"
+    _write_pairs_csv(csv, 400, seed=2)
+    argv = ["--model", tiny_text_model, "--dataset", str(csv), "--text-column", "premise", "--text-pair-column",
+            "hypothesis", "--label-column", "gold_label", "--sensitive-column", "negation", "--minority-value", "1",
+            *TINY, "--erm-lr", "1e-3", "--erm-cache", "erm", "--output-dir", str(tmp_path / "run")]
+    result = text.main(argv)
+    metrics = _check_outputs(tmp_path / "run")
+    assert metrics["args"]["text_pair_column"] == "hypothesis" and result["erm"] == metrics["erm"]
+    assert metrics["class_names"] == ["contradiction", "entailment", "neutral"]
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "sentence pairs: 'premise' + 'hypothesis'" in card and "contradiction, entailment, neutral" in card
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "erm").rglob("erm_key.json")]
+    assert [k["text_pair_column"] for k in keys] == ["hypothesis"]
+
+
 def test_text_example_push_to_hub_uses_model_push_to_hub(tmp_path, tiny_text_model, offline, monkeypatch):
     from .helpers import install_fake_hub
 

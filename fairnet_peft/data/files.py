@@ -268,7 +268,7 @@ def load_group_dataset(path: str, *, label_column: str = "label", sensitive_colu
         if col not in splits["train"].column_names:
             role, flag = {label_column: ("label_column", "--label-column"),
                           sensitive_column: ("sensitive_column", "--sensitive-column")}.get(
-                col, ("keep_columns", "--text-column / --image-column"))
+                col, ("keep_columns", "--text-column / --text-pair-column / --image-column"))
             raise ValueError(f"dataset {path!r} has no column {col!r} (columns: {splits['train'].column_names}); "
                              f"pass the right column name as {role} ({flag} in the examples).")
 
