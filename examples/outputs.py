@@ -173,9 +173,20 @@ def selection_line(train_metrics: dict) -> str:
     from fairnet_peft.evaluation.report import format_threshold
 
     held = train_metrics.get("train_selection_held_back")
-    return (f"selection on {rows}: tau = {format_threshold(train_metrics['train_selection_threshold'])}, "
+    return (f"selection on {rows}: tau = {format_threshold(train_metrics['train_selection_threshold'])}"
+            f"{_gate_share(train_metrics)}, "
             f"strength = {train_metrics['train_selection_strength']:g}{_held_out_change(train_metrics)}"
             + (f" (held back: {held})" if held else ""))
+
+
+def _gate_share(m: dict) -> str:
+    """' (gate on a % of them, b % of the majority)': what τ means on the held-out rows, whose risk scale is the
+    detector's own (τ = 0.99997 can gate a tenth of the rows); empty when the metrics do not say."""
+    rate, majority = m.get("train_selection_gate_rate"), m.get("train_selection_majority_gate_rate")
+    if rate is None or math.isnan(rate):
+        return ""
+    return (f" (gate on {100 * rate:.1f} % of them" + ("" if majority is None or math.isnan(majority)
+                                                      else f", {100 * majority:.1f} % of the majority") + ")")
 
 
 def _held_out_change(m: dict) -> str:

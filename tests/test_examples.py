@@ -236,6 +236,12 @@ def test_selection_line_says_what_was_kept_and_what_was_held_back():
     assert outputs.selection_line(kept) == "selection on 150 held-out rows: tau = 0.5, strength = 0.25"
     near_one = {**kept, "train_selection_threshold": 0.9999724}  # on for the rows above it: never printed as 1
     assert outputs.selection_line(near_one).startswith("selection on 150 held-out rows: tau = 0.999972, strength")
+    # what τ means on those rows: the share of them its gate takes (risk is on the detector's own scale)
+    shares = {**near_one, "train_selection_gate_rate": 0.12, "train_selection_majority_gate_rate": 0.04}
+    assert outputs.selection_line(shares).startswith(
+        "selection on 150 held-out rows: tau = 0.999972 (gate on 12.0 % of them, 4.0 % of the majority), strength")
+    no_groups = {**shares, "train_selection_majority_gate_rate": float("nan")}  # unlabeled: no majority to count
+    assert "tau = 0.999972 (gate on 12.0 % of them), strength" in outputs.selection_line(no_groups)
     held = outputs.selection_line({**kept, "train_selection_held_back": "a fairer candidate, τ = 0.5 at strength 1"})
     assert held.endswith("strength = 0.25 (held back: a fairer candidate, τ = 0.5 at strength 1)")
     off = {**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"}
