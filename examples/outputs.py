@@ -208,7 +208,8 @@ def print_summary(*, setting: str, name: str, results: dict, timings: dict, path
     log("")
     log(f"{name}: ERM vs FairNet on the test split ({setting} setting)")
     log(summary_table(results))
-    log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR|; gate rate = P(LoRA on | s).")
+    log("WGA = worst (label x group) cell accuracy; EOD = mean of |dTPR|, |dFPR| (more than two classes: averaged over\n"
+        "the classes, each against the rest); gate rate = P(LoRA on | s).")
     if selection:
         log(selection)
     log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
