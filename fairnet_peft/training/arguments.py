@@ -308,6 +308,20 @@ class FairTrainingArguments(TrainingArguments):
             )
         },
     )
+    accuracy_gain_beyond_noise: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True (default): a correction whose gate takes more of the held-out majority rows than "
+                "tie_break_max_majority_gate_rate beats the adapter off on held-out accuracy only where its paired "
+                "accuracy change exceeds tie_break_standard_errors standard errors; a smaller gain is a tie with the "
+                "adapter off, which that bound then decides. False (the rule before): the estimate ranks, so of "
+                "~100 candidates a gate on a third of the majority that fixes one held-out row more than it breaks "
+                "beats the adapter off; on a user's partial-label task such a choice cost 2 of the worst cell's 22 "
+                "test rows and 2.4 EOD points (docs/method.md §7)."
+            )
+        },
+    )
     tie_break_max_majority_gate_rate: Union[float, str] = field(
         default=0.1,
         metadata={
@@ -462,9 +476,9 @@ class FairTrainingArguments(TrainingArguments):
         if not (isinstance(self.floor_standard_errors, (int, float)) and 0.0 <= self.floor_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.floor_standard_errors={self.floor_standard_errors!r}: a number "
                              "in [0, 5] (2 = the default margin, 0 = the point estimate).")
-        if not isinstance(self.floor_admits_harmless, bool):
-            raise ValueError(f"FairTrainingArguments.floor_admits_harmless={self.floor_admits_harmless!r}: True or "
-                             "False.")
+        for name in ("floor_admits_harmless", "accuracy_gain_beyond_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FairTrainingArguments.{name}={getattr(self, name)!r}: True or False.")
         if self.tie_break_standard_errors is not None and not (
                 isinstance(self.tie_break_standard_errors, (int, float)) and 0.0 <= self.tie_break_standard_errors <= 5.0):
             raise ValueError(f"FairTrainingArguments.tie_break_standard_errors={self.tie_break_standard_errors!r}: a "

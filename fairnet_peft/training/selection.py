@@ -143,7 +143,7 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
                       tie_break: str = "worst_group_loss", weights: Optional[np.ndarray] = None,
                       tie_break_standard_errors: Optional[float] = None,
                       tie_break_max_majority_gate_rate: Optional[float] = None,
-                      floor_admits_harmless: bool = False) -> dict:
+                      floor_admits_harmless: bool = False, accuracy_gain_beyond_noise: bool = False) -> dict:
     """Choose (τ, α) as the module docstring says.
 
     `logits_on` maps each strength α to the (N, K) logits with the gate forced on at α; `strengths` restricts the
@@ -153,7 +153,10 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
     difference (`paired_change`), and with `floor_admits_harmless` not where no held-out row goes from right to
     wrong; `tie_break_standard_errors` the loss tie-break's margin (None: the same z), and
     `tie_break_max_majority_gate_rate` the most of the group-0 rows a candidate may gate and still win it (None: no
-    bound; a candidate above it ties with off).
+    bound; a candidate above it ties with off). `accuracy_gain_beyond_noise`: a candidate whose gate takes more of
+    the group-0 rows than that bound ranks above the adapter off on accuracy only where its paired accuracy change
+    exceeds the tie-break's margin (`tie_break_standard_errors`); a smaller gain is a tie with off on accuracy, so
+    the bound applies to it too (False: the estimate ranks, so one lucky held-out row can carry a wide gate).
     `max_majority_gate_rate`: the most of the group-0 rows the gate may fire on (None:
     no bound; no group-0 row: nothing to bound). `tie_break`: see the module docstring. `weights` (per row, e.g.
     `mixture_weights`): ACC, its paired change and the gate rate are weighted means; WGA, EOD, the loss and the
@@ -199,9 +202,13 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
             harmless = floor_admits_harmless and not np.any((pred != labels) & (pred_off == labels))
             cell_loss = _worst_cell_loss(np.where(gate, ll_on, ll_off), labels, groups, ll_off, z_tie)
             majority_rate = float(gate[majority].mean()) if majority.any() else math.nan
-            # a tie with off whose gate takes more of the majority than the bound: its loss gain does not count
-            wide = majority_rate > widest_tie and acc == acc_off and _finite(wga) == _finite(wga_off)
-            rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc,
+            # a gate on more of the majority than the tie-break's bound: an accuracy gain within the noise ties with
+            # off on accuracy (accuracy_gain_beyond_noise), and a tie with off does not count its loss gain
+            over = majority_rate > widest_tie
+            acc_rank = (acc_off if accuracy_gain_beyond_noise and over and acc > acc_off and change - z_tie * se <= 0
+                        else acc)
+            wide = over and acc_rank == acc_off and _finite(wga) == _finite(wga_off)
+            rows.append({"threshold": float(tau), "strength": float(alpha), "accuracy": acc, "accuracy_rank": acc_rank,
                          "worst_group_accuracy": wga, "equalized_odds_difference": eod,
                          "worst_group_loss": cell_loss.loss, "loss_bound": cell_loss.bound,
                          "loss_gain": cell_loss.gain and not wide, "wide_gain": cell_loss.gain and wide,
@@ -226,12 +233,13 @@ def select_correction(logits_off: np.ndarray, logits_on: dict, risk, labels, gro
         else:
             gained = r.get("loss_bound" if tie_break == "worst_group_loss_bound" else "worst_group_loss")
             fit = _finite(-(gained if r.get("loss_gain") else loss_off))
-        return (_finite(r["worst_group_accuracy"]), r["accuracy"], fit, -r["strength"], r["threshold"])
+        return (_finite(r["worst_group_accuracy"]), r.get("accuracy_rank", r["accuracy"]), fit, -r["strength"],
+                r["threshold"])
 
     best = max(admissible, key=key)
     if keep_if_admissible:
         best = admissible[-1] if len(admissible) > 1 and len(rows) == 2 else off
-    chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound", "wide_gain")}
+    chosen = {k: v for k, v in best.items() if k not in ("loss_gain", "loss_bound", "wide_gain", "accuracy_rank")}
     out = {**chosen, "accuracy_off": acc_off, "worst_group_accuracy_off": wga_off,
            "equalized_odds_difference_off": eod_off, "worst_group_loss_off": loss_off, "candidates": len(rows),
            "admissible": len(admissible), "frontier": pareto_frontier(admissible, rank=key)}
@@ -410,7 +418,8 @@ def select_with_arguments(args, logits_off: np.ndarray, logits_on: dict, risk, l
                              tie_break=args.selection_tie_break, weights=weights,
                              tie_break_standard_errors=args.tie_break_standard_errors,
                              tie_break_max_majority_gate_rate=args.resolved_tie_break_max_majority_gate_rate(),
-                             floor_admits_harmless=args.floor_admits_harmless)
+                             floor_admits_harmless=args.floor_admits_harmless,
+                             accuracy_gain_beyond_noise=args.accuracy_gain_beyond_noise)
 
 
 def paired_change(pred: np.ndarray, pred_off: np.ndarray, labels: np.ndarray,
