@@ -159,8 +159,8 @@ FAIR_KNOBS = (
      "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.1, or none "
      "(FairTrainingArguments.tie_break_max_majority_gate_rate)."),
     ("--accuracy-gain-beyond-noise", "accuracy_gain_beyond_noise", dict(action=argparse.BooleanOptionalAction),
-     "A correction whose gate takes more of the held-out majority than that bound beats the adapter off on accuracy "
-     "only by a gain beyond the tie-break's margin (FairTrainingArguments.accuracy_gain_beyond_noise)."),
+     "A correction beats the adapter off on held-out accuracy only by a gain beyond the tie-break's margin "
+     "(FairTrainingArguments.accuracy_gain_beyond_noise)."),
     ("--train-lora-when-blind", "train_lora_when_blind", dict(action=argparse.BooleanOptionalAction),
      "Train the LoRA stage even when the detector cannot find the group and the adapter stays off, e.g. to read it "
      "with benchmarks/example_ceiling.py (FairTrainingArguments.train_lora_when_blind)."),

@@ -450,6 +450,53 @@ def test_a_loss_gain_that_needs_a_gate_on_most_of_the_majority_does_not_break_a_
             assert (got["threshold"] == OFF) == is_off, value
 
 
+def _wide_accuracy_case(fixes: int, breaks: int, gated_majority: int):
+    """200 rows: 160 majority (class 0/1 alternating), 40 minority whose class-1 rows are the off model's worst cell
+    (half wrong) and which no candidate changes. The one candidate (τ = 0.5, α = 1) gates every minority row and
+    the first `gated_majority` majority rows, where it turns `fixes` wrong predictions right and `breaks` right ones
+    wrong: the held-out WGA ties with off, and the accuracy moves by (fixes − breaks) rows."""
+    y = np.array([i % 2 for i in range(200)])
+    g = np.array([0] * 160 + [1] * 40)
+    off = y.copy()
+    off[[i for i in range(160, 200) if y[i] == 1][:10]] = 0  # the minority's class-1 cell: 10 of 20 right
+    off[:fixes] = 1 - y[:fixes]  # wrong with the adapter off, fixed when gated
+    on = off.copy()
+    on[:fixes] = y[:fixes]
+    on[fixes:fixes + breaks] = 1 - y[fixes:fixes + breaks]
+    risk = np.array([0.9 if (i < gated_majority or i >= 160) else 0.1 for i in range(200)], dtype=np.float32)
+    return EYE[off], {1.0: EYE[on]}, risk, y, g  # select_correction's order
+
+
+def test_a_correction_beats_the_adapter_off_on_accuracy_only_beyond_the_noise():
+    """A correction that nets one held-out row of 200 (2 fixes, 1 break) at the same WGA and worst-group loss has no
+    evidence beyond that row: with `accuracy_gain_beyond_noise` (FairTrainer's default) its gain is a tie with the
+    adapter off, which stays off; the rule before kept it, through a gate on half of the majority or on a few of
+    its rows alike. A gate that fixes eight rows and breaks none still wins."""
+    kw = dict(configured_tau=0.5, max_accuracy_drop=0.02, max_eod_increase=None, taus=(0.5,),
+              floor_standard_errors=2.0, tie_break_standard_errors=1.645, tie_break_max_majority_gate_rate=0.1)
+    lucky = _wide_accuracy_case(fixes=2, breaks=1, gated_majority=80)
+    before = select_correction(*lucky, **kw)
+    assert before["threshold"] == 0.5 and before["accuracy"] == before["accuracy_off"] + 0.005
+    assert before["worst_group_accuracy"] == before["worst_group_accuracy_off"] == 0.5
+    now = select_correction(*lucky, accuracy_gain_beyond_noise=True, **kw)
+    assert now["threshold"] == OFF and now["accuracy"] == now["accuracy_off"]
+    narrow = _wide_accuracy_case(fixes=2, breaks=1, gated_majority=10)  # 10 of 160 majority rows
+    assert select_correction(*narrow, **kw)["threshold"] == 0.5
+    assert select_correction(*narrow, accuracy_gain_beyond_noise=True, **kw)["threshold"] == OFF
+    real = _wide_accuracy_case(fixes=8, breaks=0, gated_majority=80)  # +4 points, 1.645 SE below it still > 0
+    assert select_correction(*real, accuracy_gain_beyond_noise=True, **kw)["threshold"] == 0.5
+    from fairnet_peft.training.selection import select_with_arguments
+    with tempfile.TemporaryDirectory() as tmp:  # the argument reaches the search: True by default
+        for extra, is_off in (({}, True), ({"accuracy_gain_beyond_noise": False}, False)):
+            args = FairTrainingArguments(tmp, threshold_selection="threshold", max_accuracy_drop=0.02,
+                                         max_eod_increase="none", **extra, **QUIET)
+            got = select_with_arguments(args, *lucky, configured_tau=0.5, configured_strength=1.0)
+            assert (got["threshold"] == OFF) == is_off, extra
+    with pytest.raises(ValueError, match="accuracy_gain_beyond_noise=1: True or False"):
+        with tempfile.TemporaryDirectory() as tmp:
+            FairTrainingArguments(tmp, accuracy_gain_beyond_noise=1, **QUIET)
+
+
 def test_a_worst_cell_that_falls_below_another_cell_is_a_real_gain():
     """The correction works: the minority's class-1 rows (the off model's worst cell) stay wrong but move so far
     toward class 1 that the majority's class-1 cell (three rows confidently wrong, never gated) becomes the worst.

@@ -312,13 +312,13 @@ class FairTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": (
-                "True (default): a correction whose gate takes more of the held-out majority rows than "
-                "tie_break_max_majority_gate_rate beats the adapter off on held-out accuracy only where its paired "
-                "accuracy change exceeds tie_break_standard_errors standard errors; a smaller gain is a tie with the "
-                "adapter off, which that bound then decides. False (the rule before): the estimate ranks, so of "
-                "~100 candidates a gate on a third of the majority that fixes one held-out row more than it breaks "
-                "beats the adapter off; on a user's partial-label task such a choice cost 2 of the worst cell's 22 "
-                "test rows and 2.4 EOD points (docs/method.md §7)."
+                "True (default): a correction beats the adapter off on held-out accuracy (at the same held-out WGA) "
+                "only where its paired accuracy change exceeds tie_break_standard_errors standard errors; a smaller "
+                "gain is a tie with the adapter off, which the worst-group-loss tie-break (and "
+                "tie_break_max_majority_gate_rate) then decides. False (the rule before): the estimate ranks, so of "
+                "~100 candidates one that fixes a single held-out row more than it breaks beats the adapter off; on "
+                "a user's task with partly blank group labels such choices cost 1-2 rows of the worst cell's 22 "
+                "test rows, and once 2.4 EOD points (docs/method.md §7)."
             )
         },
     )
