@@ -158,6 +158,10 @@ FAIR_KNOBS = (
     ("--tie-break-max-majority-gate-rate", "tie_break_max_majority_gate_rate", {},
      "The most of the held-out majority rows a correction may gate and still win that tie-break, e.g. 0.1, or none "
      "(FairTrainingArguments.tie_break_max_majority_gate_rate)."),
+    ("--eval-sensitive-labels", "eval_sensitive_labels", dict(choices=("auto", "use", "ignore")),
+     "Whether evaluation and the selection after training read the validation split's groups: 'auto' only in the "
+     "full setting; 'use' also in the partial setting, where the validation rows' known groups are real labels "
+     "(FairTrainingArguments.eval_sensitive_labels)."),
     ("--accuracy-gain-beyond-noise", "accuracy_gain_beyond_noise", dict(action=argparse.BooleanOptionalAction),
      "A correction beats the adapter off on held-out accuracy only by a gain beyond the tie-break's margin "
      "(FairTrainingArguments.accuracy_gain_beyond_noise)."),
@@ -527,11 +531,16 @@ def minority_description(args, *, default: str) -> str:
     return default if args.dataset is None else f"{args.sensitive_column} == 1"
 
 
-def setting_text(args, inferred: str) -> str:
+def setting_text(args, inferred: str, sensitive=None) -> str:
     """The label setting the run trained in, as the summary and the model card give it: the trainer infers it from
-    the training rows' groups, so a `--setting full` dataset with unknown (-1) groups trains as partial."""
-    text = inferred + (f" ({args.label_fraction:g} of the train rows labelled)"
-                       if args.setting == inferred == "partial" else "")
+    the training rows' groups (`sensitive`, -1 unknown), so a `--setting full` dataset with unknown groups trains as
+    partial. Partial: how many training rows kept a group, counted (`--label-fraction` is drawn over every row, so
+    rows the data left blank make it fewer)."""
+    text = inferred
+    if inferred == "partial" and sensitive is not None:
+        known = np.asarray(sensitive) >= 0
+        text += f" ({int(known.sum())} of the {len(known)} training rows labelled"
+        text += f", --label-fraction {args.label_fraction:g})" if args.setting == "partial" else ")"
     return text if inferred == args.setting else f"{text} (--setting {args.setting}; some training groups unknown)"
 
 

@@ -222,9 +222,11 @@ def print_summary(*, setting: str, name: str, results: dict, timings: dict, path
 
 def _card_details(card: dict, *, setting: str, erm_dir: str, n_train: int, n_test: int, tau: float,
                   strength: float) -> dict:
+    off = tau >= 1.0  # the gate is risk > τ and risk ≤ 1: no row is gated
     return {**card["details"], "classes": ", ".join(map(str, card["class_names"])), "label setting": setting,
-            "ERM base model": erm_dir, "train / test rows": f"{n_train} / {n_test}", "gate threshold τ": f"{tau:g}",
-            "adapter strength α": f"{strength:g}"}
+            "ERM base model": erm_dir, "train / test rows": f"{n_train} / {n_test}",
+            "gate threshold τ": f"{tau:g}" + (" (the adapter is off)" if off else ""),
+            "adapter strength α": f"{strength:g}" + (" (unused: no row is gated)" if off else "")}
 
 
 def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, data, logits: dict, results: dict,
@@ -240,7 +242,7 @@ def finish_run(*, args, kind: str, model, trainer, train_result, erm: tuple, dat
     fair_test, tau, strength = results["FairNet"], float(config.threshold), float(config.adapter_strength)
     cells = {name: common.cell_accuracies(pred, test["labels"], test["sensitive"]) for name, pred in logits.items()}
     paths = output_paths(args.output_dir)
-    setting = common.setting_text(args, trainer.label_setting)
+    setting = common.setting_text(args, trainer.label_setting, trainer.train_dataset[trainer.args.sensitive_column])
     details = _card_details(card, setting=setting, erm_dir=erm_dir, n_train=len(data["train"]), n_test=len(test),
                             tau=tau, strength=strength)
     text = model_card(title=card["title"], base_model=erm_dir, loader=card["loader"], results=results,

@@ -173,9 +173,14 @@ def test_demo_preset_keeps_fairnet_knobs_at_the_library_defaults():
 
     fields = {f.name for f in dataclasses.fields(FairTrainingArguments)}
     assert {field for _, field, _, _ in text.common.FAIR_KNOBS} <= fields
-    args = text.common.parse_with_preset(text.build_parser(), ["--margin", "0.7", "--anchor-weighting", "none"], {})
+    args = text.common.parse_with_preset(text.build_parser(), ["--margin", "0.7", "--anchor-weighting", "none",
+                                                               "--eval-sensitive-labels", "use",
+                                                               "--no-accuracy-gain-beyond-noise"], {})
     fair = text.common.fair_training_args(args)
     assert fair.margin == 0.7 and fair.anchor_weighting == "none"
+    assert fair.eval_sensitive_labels == "use" and fair.accuracy_gain_beyond_noise is False
+    assert text.common.fair_training_args(text.common.parse_with_preset(text.build_parser(), [], {})) \
+        .accuracy_gain_beyond_noise is True  # unset: the library default
 
 
 def test_bf16_reaches_every_trainer_and_gets_its_own_erm_cache(monkeypatch, capsys):
@@ -247,6 +252,12 @@ def test_selection_line_says_what_was_kept_and_what_was_held_back():
     off = {**kept, "train_selection_adapter_off": 1.0, "train_selection_reason": "why"}
     assert outputs.selection_line({**off, "train_selection_candidates": 40.0}) == (
         "selection on 150 held-out rows: the adapter is off (why)")
+    card = dict(details={}, class_names=["a", "b"])  # the card's lines for an adapter that is off say so
+    details = outputs._card_details(card, setting="full", erm_dir="erm", n_train=1, n_test=1, tau=1.0, strength=1.0)
+    assert details["gate threshold τ"] == "1 (the adapter is off)"
+    assert details["adapter strength α"] == "1 (unused: no row is gated)"
+    assert outputs._card_details(card, setting="full", erm_dir="erm", n_train=1, n_test=1, tau=0.9997,
+                                 strength=0.5)["gate threshold τ"] == "0.9997"
     # switched off before any candidate was searched (a detector that cannot find the group): no selection ran
     assert outputs.selection_line(off) == "no selection: the adapter is off (why)"
     # with the selection's held-out numbers: what the kept correction did there, or that it won on the loss alone
@@ -338,9 +349,11 @@ def test_the_setting_the_data_made_is_the_one_reported():
     common = _load("train_text").common
     args = SimpleNamespace(setting="full", label_fraction=0.1)
     assert common.setting_text(args, "full") == "full"
-    assert common.setting_text(args, "partial") == "partial (--setting full; some training groups unknown)"
-    assert common.setting_text(SimpleNamespace(setting="partial", label_fraction=0.1), "partial") == \
-        "partial (0.1 of the train rows labelled)"
+    assert common.setting_text(args, "partial", [0, 1, -1, -1]) == (
+        "partial (2 of the 4 training rows labelled) (--setting full; some training groups unknown)")
+    # the rows that kept a group, counted: --label-fraction draws over every row, blank ones included
+    assert common.setting_text(SimpleNamespace(setting="partial", label_fraction=0.1), "partial", [1] + [-1] * 19) \
+        == "partial (1 of the 20 training rows labelled, --label-fraction 0.1)"
     train = Dataset.from_dict({"labels": [0, 1, 0, 1], "sensitive": [0, 1, -1, 0]})
     trainer = SimpleNamespace(label_setting="partial", train_dataset=train, args=SimpleNamespace(sensitive_column="sensitive"))
     model = SimpleNamespace(active_adapter="default", peft_config={"default": SimpleNamespace(

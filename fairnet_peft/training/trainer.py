@@ -502,7 +502,8 @@ class FairTrainer(Trainer):
                 f"EOD, per-group gate rates) are left out: the training set makes this the {self.label_setting} "
                 "setting, where eval_sensitive_labels='auto' reads no eval group labels, so that no model choice "
                 "uses labels the setting lacks. If these groups are real labels you may evaluate with, pass "
-                "FairTrainingArguments(eval_sensitive_labels='use'), or score predict()'s logits with "
+                "FairTrainingArguments(eval_sensitive_labels='use') (the examples' --eval-sensitive-labels use), "
+                "or score predict()'s logits with "
                 "fairnet_peft.metrics.", UserWarning, stacklevel=3)
 
     def _warn_if_lora_trained_on(self, dataset) -> None:
