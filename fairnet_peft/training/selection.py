@@ -384,7 +384,8 @@ def _refusal_sentence(what: str, refused: dict, info: dict, reference_wga: float
                       f"(worst-group accuracy {_percent(closest['worst_group_accuracy'])}, accuracy change "
                       f"{100 * closest['accuracy_change']:+.2f} points), which fails the floor alone,")
         parts.append(f"{which} would pass the floor on about {refused['rows_needed']:.0f} held-out rows at the same "
-                     "accuracy change: more held-out rows (a larger eval_dataset; without one, a larger "
+                     "accuracy change: more held-out rows (a larger eval_dataset, or lora_cross_fit=True, which "
+                     "selects on all of it where half of it trains the LoRA; without one, a larger "
                      "detector_holdout_fraction) let such a correction through, a looser max_accuracy_drop or "
                      "floor_standard_errors too, at the risk the floor guards against")
     return "; ".join(parts)
