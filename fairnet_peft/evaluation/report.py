@@ -30,8 +30,8 @@ _TABLE_ROWS = [
     ("gate_rate", "gate rate, all rows"),
 ]
 _TABLE_TAIL = [
-    ("detector_tpr", "detector TPR at the chosen τ: P(gate on | s=1), 0 when the adapter is off"),
-    ("detector_fpr", "detector FPR at the chosen τ: P(gate on | s=0)"),
+    ("detector_tpr", "detector TPR at τ (share of s=1 rows gated; 0 when the adapter is off)"),
+    ("detector_fpr", "detector FPR at τ (share of s=0 rows gated)"),
     ("detector_tpr_over_fpr", "detector TPR / FPR"),
 ]
 
