@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # 1. Arguments
     parser = build_parser()
     args = common.parse_with_preset(parser, argv, DEMO)
-    if args.text_pair_column is not None and args.text_pair_column == args.text_column:
+    if args.text_pair_column == args.text_column:
         parser.error(f"--text-pair-column names the same column as --text-column ({args.text_column!r}): a sentence "
                      "pair needs two columns, e.g. --text-column premise --text-pair-column hypothesis; leave "
                      "--text-pair-column out for single texts.")
